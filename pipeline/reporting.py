@@ -1,0 +1,271 @@
+"""Run reporting: Weights & Biases logging (rank 0 only), the `results.json` document and a terminal table.
+
+Metric values (`mIoU`, `aAcc`, per-class `IoU`) are fractions in [0, 1]; the table shows them as percentages.
+W&B is optional: it is imported lazily and any failure in it only prints a warning.
+"""
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from pipeline.config import LoggingConfig, WandbConfig
+
+DEFAULT_PROJECT = "dusa-seg-tta"
+DEFAULT_HOST = "api.wandb.ai"
+
+# Legacy $WANDB_MODE spellings that wandb itself still accepts.
+_MODE_ALIASES = {"dryrun": "offline", "run": "online"}
+
+
+def wandb_credentials_configured(env: Mapping[str, str] | None = None) -> bool:
+    """True when an API key is in the environment or the netrc has an entry for the W&B host."""
+    env = os.environ if env is None else env
+    if env.get("WANDB_API_KEY"):
+        return True
+    base_url = env.get("WANDB_BASE_URL")
+    parsed = urlparse(base_url) if base_url else None
+    # `wandb login` writes the host; accept host:port too for self-hosted servers.
+    hosts = {parsed.hostname, parsed.netloc} - {None, ""} if parsed else {DEFAULT_HOST}
+    path = Path(env["NETRC"]) if env.get("NETRC") else Path.home() / ".netrc"
+    try:
+        entries = netrc.netrc(str(path))
+    except (OSError, netrc.NetrcParseError):
+        return False  # missing or unreadable netrc: simply no credentials
+    for host in hosts:
+        auth = entries.authenticators(host)
+        if auth is not None and auth[2]:
+            return True
+    return False
+
+
+def resolve_wandb_mode(cfg: WandbConfig, env: Mapping[str, str] | None = None) -> str:
+    """W&B mode: the config field, else $WANDB_MODE, else online with credentials and offline without."""
+    env = os.environ if env is None else env
+    if cfg.mode:
+        return cfg.mode
+    if env.get("WANDB_MODE"):
+        mode = env["WANDB_MODE"].strip().lower()
+        return _MODE_ALIASES.get(mode, mode)
+    return "online" if wandb_credentials_configured(env) else "offline"
+
+
+class RunLogger:
+    """Logs steps, per-task results and the final summary to W&B. Create it only on the logging rank.
+
+    Without W&B (disabled, or `wandb.init` failed) every method is a cheap no-op.
+    """
+
+    def __init__(self, logging: LoggingConfig, output_dir: str | Path, config: dict,
+                 class_names: Sequence[str]) -> None:
+        self.class_names = list(class_names)
+        self.output_dir = Path(output_dir)
+        self._run: Any = None
+        self._wandb: Any = None
+        self._run_dir: Path | None = None
+        self._global_step = 0
+        self._tasks_defined: set[str] = set()
+        self._task_iou: dict[str, list[float]] = {}
+
+        cfg = logging.wandb
+        if not cfg.enabled:
+            return
+        mode = resolve_wandb_mode(cfg)
+        if mode == "disabled":
+            return
+        env = os.environ
+        tags = list(cfg.tags) + [t.strip() for t in env.get("WANDB_TAGS", "").split(",") if t.strip()]
+        try:
+            import wandb
+
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self._run = wandb.init(
+                project=cfg.project or env.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+                entity=cfg.entity or env.get("WANDB_ENTITY") or None,
+                name=cfg.name or env.get("WANDB_NAME") or None,
+                tags=list(dict.fromkeys(tags)),  # dedupe, keep order
+                config=config,
+                dir=str(self.output_dir),
+                mode=mode,
+            )
+            self._wandb = wandb
+            self._run_dir = Path(self._run.settings.sync_dir)
+            # Per-task charts share one x axis that keeps increasing across tasks.
+            self._run.define_metric("global_step")
+        except Exception as exc:  # W&B must never stop the adaptation run
+            print(f"[reporting] WARNING: W&B disabled, wandb.init failed: {type(exc).__name__}: {exc}")
+            if self._run is not None:  # started but could not be set up: close it, ignore further errors
+                try:
+                    self._run.finish()
+                except Exception:
+                    pass
+            self._run = self._run_dir = None
+            return
+        auto = not cfg.mode and not env.get("WANDB_MODE")
+        if auto and mode == "offline":
+            print(f"[reporting] W&B: no credentials found, logging offline to {self.run_dir}; "
+                  f"upload later with `wandb sync {self.run_dir}`")
+
+    @property
+    def enabled(self) -> bool:
+        return self._run is not None
+
+    @property
+    def run_dir(self) -> Path | None:
+        """The W&B run folder (what `wandb sync` takes), None without W&B; still set after `finish`."""
+        return self._run_dir
+
+    def _log(self, task: str, data: dict[str, Any]) -> None:
+        if self._run is None:
+            return
+        try:
+            if task not in self._tasks_defined:
+                self._run.define_metric(f"{task}/*", step_metric="global_step")
+                self._tasks_defined.add(task)
+            self._run.log({"global_step": self._global_step, **data})
+        except Exception as exc:
+            self._disable(exc)
+
+    def _disable(self, exc: Exception) -> None:
+        print(f"[reporting] WARNING: W&B logging stopped after an error: {type(exc).__name__}: {exc}")
+        self._run = None
+
+    def log_step(self, task: str, step: int, loss: float | None, running_miou: float | None = None,
+                 extra: dict | None = None) -> None:
+        """One adaptation step of `task` (`step` counts within the task; the global step runs across tasks)."""
+        if self._run is None:
+            return
+        self._global_step += 1
+        data: dict[str, Any] = {f"{task}/step": step}
+        if loss is not None:
+            data[f"{task}/loss"] = float(loss)
+        if running_miou is not None:
+            data[f"{task}/running_mIoU"] = float(running_miou)
+        for key, value in (extra or {}).items():
+            data[key if "/" in key else f"{task}/{key}"] = value
+        self._log(task, data)
+
+    def log_task(self, task: str, result: dict) -> None:
+        """Final metrics of one task plus a per-class IoU table."""
+        iou = [float(v) for v in result["IoU"]]
+        self._task_iou[task] = iou
+        if self._run is None:
+            return
+        try:
+            rows = [[name, _finite_or_none(v)] for name, v in zip(self.class_names, iou, strict=True)]
+            table = self._wandb.Table(columns=["class", "IoU"], data=rows)
+        except Exception as exc:
+            self._disable(exc)
+            return
+        self._log(task, {f"{task}/mIoU": float(result["mIoU"]), f"{task}/aAcc": float(result["aAcc"]),
+                         f"{task}/per_class_IoU": table})
+
+    def finish(self, results: dict) -> None:
+        """Write the run summary (averages and per-task mIoU), a class x task IoU table, and close the run."""
+        if self._run is None:
+            return
+        run, self._run = self._run, None  # finish at most once
+        try:
+            summary = run.summary
+            summary["average/mIoU"] = results["average"]["mIoU"]
+            summary["average/aAcc"] = results["average"]["aAcc"]
+            for task, res in results["tasks"].items():
+                summary[f"{task}/mIoU"] = res["mIoU"]
+                summary[f"{task}/aAcc"] = res["aAcc"]
+            if self._task_iou:
+                tasks = list(self._task_iou)
+                rows = [[name, *(_finite_or_none(self._task_iou[t][i]) for t in tasks)]
+                        for i, name in enumerate(self.class_names)]
+                run.log({"global_step": self._global_step,
+                         "summary/per_class_IoU": self._wandb.Table(columns=["class", *tasks], data=rows)})
+            run.finish()
+        except Exception as exc:
+            print(f"[reporting] WARNING: W&B finish failed: {type(exc).__name__}: {exc}")
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _mean(values: list[float]) -> float | None:
+    finite = [v for v in values if v is not None]
+    # A task with an undefined metric makes the average undefined rather than silently biased.
+    if not values or len(finite) != len(values):
+        return None
+    return sum(finite) / len(finite)
+
+
+def summarize(task_results: dict[str, dict], config: dict, class_names: Sequence[str]) -> dict:
+    """The results document: per-task metrics (IoU keyed by class, NaN -> None), averages over tasks, config."""
+    names = list(class_names)
+    tasks: dict[str, dict] = {}
+    for task, res in task_results.items():  # dicts keep insertion order: the task order of the run
+        iou = list(res["IoU"])
+        if len(iou) != len(names):
+            raise ValueError(f"task {task}: {len(iou)} IoU values for {len(names)} classes")
+        tasks[task] = {
+            "mIoU": _finite_or_none(res["mIoU"]),
+            "aAcc": _finite_or_none(res["aAcc"]),
+            "IoU": {name: _finite_or_none(v) for name, v in zip(names, iou)},
+            "images": int(res["images"]),
+            "seconds": float(res["seconds"]),
+        }
+    average = {key: _mean([t[key] for t in tasks.values()]) for key in ("mIoU", "aAcc")}
+    return {"tasks": tasks, "average": average, "config": config}
+
+
+def _json_safe(obj: Any) -> Any:
+    """Replace non-finite floats by None anywhere in the document (JSON has no NaN/Infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def write_results(results: dict, output_dir: str | Path) -> Path:
+    """Write `<output_dir>/results.json` atomically, so readers never see a half-written file."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    target = out / "results.json"
+    text = json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(dir=out, prefix=".results.", suffix=".json.tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def format_results_table(results: dict) -> str:
+    """Plain-text table: one row per task (mIoU %, aAcc %, images, seconds), then the average."""
+    def pct(v: float | None) -> str:
+        return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:.2f}"
+
+    tasks = results["tasks"]
+    width = max([len("average"), len("task"), *(len(t) for t in tasks)])
+    header = f"{'task':<{width}}  {'mIoU %':>8}  {'aAcc %':>8}  {'images':>7}  {'seconds':>9}"
+    lines = [header, "-" * len(header)]
+    for task, res in tasks.items():
+        lines.append(f"{task:<{width}}  {pct(res['mIoU']):>8}  {pct(res['aAcc']):>8}  "
+                     f"{res['images']:>7d}  {res['seconds']:>9.1f}")
+    lines.append("-" * len(header))
+    avg = results["average"]
+    lines.append(f"{'average':<{width}}  {pct(avg['mIoU']):>8}  {pct(avg['aAcc']):>8}")
+    return "\n".join(lines)
