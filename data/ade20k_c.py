@@ -1,0 +1,86 @@
+"""ADE20K-C reader: one corruption at one severity of the ADE20K validation set.
+
+Layout:
+    <root>/images/validation/<corruption>_<severity>/ADE_val_00000001.jpg   (or .jpeg / .png)
+    <root>/annotations/validation/ADE_val_00000001.png
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from data.metrics import ade_label_to_train_id
+
+CORRUPTIONS: tuple[str, ...] = (
+    "gaussian_noise", "shot_noise", "impulse_noise",
+    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+    "snow", "frost", "fog", "brightness",
+    "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+
+def _listing(folder: Path) -> str:
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    return ", ".join(names) if names else "none"
+
+
+class ADE20KC(Dataset):
+    """Items: dict(image=float [3, H, W] in [0, 1] RGB, label=long [H, W] train ids, name=str)."""
+
+    def __init__(self, root: str | Path, corruption: str, severity: int = 5,
+                 limit: int | None = None) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"ADE20K-C root {self.root} does not exist")
+        if limit is not None and limit < 1:
+            raise ValueError(f"limit must be None or >= 1, got {limit}")
+        image_root = self.root / "images" / "validation"
+        self.image_dir = image_root / f"{corruption}_{severity}"
+        self.label_dir = self.root / "annotations" / "validation"
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(f"no folder {self.image_dir}; corruptions under {image_root}: "
+                                    f"{_listing(image_root)}")
+        paths = sorted((p for p in self.image_dir.iterdir()
+                        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.name)
+        if not paths:
+            raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {self.image_dir}")
+        self._images = paths[:limit]
+        # Checked up front so that a missing file fails at start, not hours into a task.
+        self._labels = [self.label_dir / f"{p.stem}.png" for p in self._images]
+        for image, label in zip(self._images, self._labels):
+            if not label.is_file():
+                raise FileNotFoundError(f"image {image} has no annotation {label}")
+        self.corruption, self.severity = corruption, severity
+
+    def __len__(self) -> int:
+        return len(self._images)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.stem for p in self._images]
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        """(H, W) from the file header only: PIL opens lazily and decodes no pixels here."""
+        with Image.open(self._images[i]) as im:
+            w, h = im.size
+        return h, w
+
+    def __getitem__(self, i: int) -> dict:
+        image_path, label_path = self._images[i], self._labels[i]
+        with Image.open(image_path) as im:
+            # convert handles L, LA, RGBA (alpha dropped), P and CMYK alike.
+            rgb = np.asarray(im.convert("RGB"))
+        with Image.open(label_path) as lm:
+            if lm.mode not in ("L", "P", "I", "I;16"):
+                raise ValueError(f"annotation {label_path} has mode {lm.mode}, expected one channel")
+            raw = np.asarray(lm)
+        if raw.shape != rgb.shape[:2]:
+            raise ValueError(f"annotation {label_path} is {raw.shape[0]}x{raw.shape[1]} (HxW) but "
+                             f"image {image_path} is {rgb.shape[0]}x{rgb.shape[1]}")
+        image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)
+        return {"image": image, "label": ade_label_to_train_id(raw), "name": image_path.stem}

@@ -1,0 +1,60 @@
+"""ADE20K (SceneParsing, ADEChallengeData2016) class names and a palette for pictures.
+
+Train id i is annotation value i + 1 (0 in the annotation PNGs is "other"/ignored); the order
+is the one of SegFormer's `id2label` / mmsegmentation's ADE20KDataset.
+"""
+from __future__ import annotations
+
+ADE20K_CLASSES: tuple[str, ...] = (
+    "wall", "building", "sky", "floor", "tree",                                        # 0-4
+    "ceiling", "road", "bed", "windowpane", "grass",                                   # 5-9
+    "cabinet", "sidewalk", "person", "earth", "door",                                  # 10-14
+    "table", "mountain", "plant", "curtain", "chair",                                  # 15-19
+    "car", "water", "painting", "sofa", "shelf",                                       # 20-24
+    "house", "sea", "mirror", "rug", "field",                                          # 25-29
+    "armchair", "seat", "fence", "desk", "rock",                                       # 30-34
+    "wardrobe", "lamp", "bathtub", "railing", "cushion",                               # 35-39
+    "base", "box", "column", "signboard", "chest of drawers",                          # 40-44
+    "counter", "sand", "sink", "skyscraper", "fireplace",                              # 45-49
+    "refrigerator", "grandstand", "path", "stairs", "runway",                          # 50-54
+    "case", "pool table", "pillow", "screen door", "stairway",                         # 55-59
+    "river", "bridge", "bookcase", "blind", "coffee table",                            # 60-64
+    "toilet", "flower", "book", "hill", "bench",                                       # 65-69
+    "countertop", "stove", "palm", "kitchen island", "computer",                       # 70-74
+    "swivel chair", "boat", "bar", "arcade machine", "hovel",                          # 75-79
+    "bus", "towel", "light", "truck", "tower",                                         # 80-84
+    "chandelier", "awning", "streetlight", "booth", "television receiver",             # 85-89
+    "airplane", "dirt track", "apparel", "pole", "land",                               # 90-94
+    "bannister", "escalator", "ottoman", "bottle", "buffet",                           # 95-99
+    "poster", "stage", "van", "ship", "fountain",                                      # 100-104
+    "conveyer belt", "canopy", "washer", "plaything", "swimming pool",                 # 105-109
+    "stool", "barrel", "basket", "waterfall", "tent",                                  # 110-114
+    "bag", "minibike", "cradle", "oven", "ball",                                       # 115-119
+    "food", "step", "tank", "trade name", "microwave",                                 # 120-124
+    "pot", "animal", "bicycle", "lake", "dishwasher",                                  # 125-129
+    "screen", "blanket", "sculpture", "hood", "sconce",                                # 130-134
+    "vase", "traffic light", "tray", "ashcan", "fan",                                  # 135-139
+    "pier", "crt screen", "plate", "monitor", "bulletin board",                        # 140-144
+    "shower", "radiator", "glass", "clock", "flag",                                    # 145-149
+)
+
+
+def _bit_palette(n: int) -> tuple[tuple[int, int, int], ...]:
+    """Generated palette (not the official ADE20K colours): the bits of k = i + 1 are spread
+    over the high bits of R, G and B in turn. This map is injective for k < 2**24, so every
+    colour is distinct; starting at k = 1 keeps pure black out of the palette."""
+    colours = []
+    for i in range(n):
+        k, r, g, b = i + 1, 0, 0, 0
+        for bit in range(8):
+            r |= ((k >> (3 * bit)) & 1) << (7 - bit)
+            g |= ((k >> (3 * bit + 1)) & 1) << (7 - bit)
+            b |= ((k >> (3 * bit + 2)) & 1) << (7 - bit)
+        colours.append((r, g, b))
+    return tuple(colours)
+
+
+ADE20K_PALETTE: tuple[tuple[int, int, int], ...] = _bit_palette(len(ADE20K_CLASSES))
+
+assert len(ADE20K_CLASSES) == 150 and len(set(ADE20K_CLASSES)) == 150
+assert len(set(ADE20K_PALETTE)) == 150

@@ -1,0 +1,109 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from data.metrics import SegmentationMetric, ade_label_to_train_id
+
+# 5 classes; the last target pixel is ignored (255) and its prediction 4 must not count.
+TARGET = torch.tensor([[0, 0, 1, 1],
+                       [1, 2, 2, 255]])
+PRED = torch.tensor([[0, 1, 1, 1],
+                     [3, 2, 0, 4]])
+# Valid (target, pred) pairs: (0,0) (0,1) (1,1) (1,1) (1,3) (2,2) (2,0) -> 7 pixels, 4 correct.
+# class 0: inter 1, gt 2, pred 2 (from (0,0), (2,0)) -> union 3 -> IoU 1/3, Acc 1/2
+# class 1: inter 2, gt 3, pred 3                      -> union 4 -> IoU 1/2, Acc 2/3
+# class 2: inter 1, gt 2, pred 1                      -> union 2 -> IoU 1/2, Acc 1/2
+# class 3: inter 0, gt 0, pred 1                      -> union 1 -> IoU 0,   Acc nan (no gt)
+# class 4: only predicted on the ignored pixel        -> union 0 -> IoU nan, Acc nan
+# mIoU over classes with union > 0: (1/3 + 1/2 + 1/2 + 0) / 4 = 1/3;  aAcc = 4/7.
+EXPECTED_IOU = [1 / 3, 1 / 2, 1 / 2, 0.0, math.nan]
+EXPECTED_ACC = [1 / 2, 2 / 3, 1 / 2, math.nan, math.nan]
+
+
+def assert_list_close(got: list[float], want: list[float]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert (math.isnan(g) and math.isnan(w)) or g == pytest.approx(w), (got, want)
+
+
+def test_hand_computed_example():
+    m = SegmentationMetric(5)
+    m.update(PRED, TARGET)
+    r = m.compute()
+    assert r["mIoU"] == pytest.approx(1 / 3)
+    assert r["aAcc"] == pytest.approx(4 / 7)
+    assert_list_close(r["IoU"], EXPECTED_IOU)
+    assert_list_close(r["Acc"], EXPECTED_ACC)
+    assert isinstance(r["mIoU"], float) and isinstance(r["aAcc"], float)
+
+
+def test_two_updates_equal_one_update_of_concatenation():
+    g = torch.Generator().manual_seed(0)
+    pred = torch.randint(0, 6, (2, 9, 11), generator=g)
+    target = torch.randint(0, 6, (2, 9, 11), generator=g)
+    target[torch.rand(target.shape, generator=g) < 0.2] = 255
+    split = SegmentationMetric(6)
+    split.update(pred[0], target[0])
+    split.update(pred[1], target[1])
+    whole = SegmentationMetric(6)
+    whole.update(torch.cat([pred[0], pred[1]]), torch.cat([target[0], target[1]]))
+    a, b = split.compute(), whole.compute()
+    assert a["mIoU"] == pytest.approx(b["mIoU"]) and a["aAcc"] == pytest.approx(b["aAcc"])
+    assert_list_close(a["IoU"], b["IoU"])
+    assert_list_close(a["Acc"], b["Acc"])
+    assert 0.0 <= a["mIoU"] <= 1.0 and 0.0 <= a["aAcc"] <= 1.0
+
+
+def test_batched_input_and_reset():
+    m = SegmentationMetric(5)
+    m.update(torch.stack([PRED, PRED]), torch.stack([TARGET, TARGET]))
+    r = m.compute()  # doubling every count leaves every ratio unchanged
+    assert r["mIoU"] == pytest.approx(1 / 3) and r["aAcc"] == pytest.approx(4 / 7)
+    m.reset()
+    m.update(TARGET.clamp(max=4), TARGET)  # perfect prediction after reset
+    r = m.compute()
+    assert r["mIoU"] == pytest.approx(1.0) and r["aAcc"] == pytest.approx(1.0)
+    assert_list_close(r["IoU"], [1.0, 1.0, 1.0, math.nan, math.nan])
+
+
+def test_compute_before_update_is_nan():
+    r = SegmentationMetric(3).compute()
+    assert math.isnan(r["mIoU"]) and math.isnan(r["aAcc"]) and len(r["IoU"]) == 3
+
+
+def test_shape_mismatch_names_both_shapes():
+    m = SegmentationMetric(5)
+    with pytest.raises(ValueError, match=r"\(2, 4\).*\(4, 2\)"):
+        m.update(PRED, TARGET.T)
+
+
+def test_invalid_values():
+    m = SegmentationMetric(5)
+    with pytest.raises(ValueError, match="prediction 5"):
+        m.update(torch.full((2, 2), 5), torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="prediction -1"):
+        m.update(torch.full((2, 2), -1), torch.full((2, 2), 255))  # even on ignored pixels
+    with pytest.raises(ValueError, match="target 7"):
+        m.update(torch.zeros(2, 2, dtype=torch.long), torch.full((2, 2), 7))
+    with pytest.raises(ValueError, match="integer"):
+        m.update(torch.zeros(2, 2), torch.zeros(2, 2))
+
+
+def test_ade_label_to_train_id():
+    raw = np.array([[0, 1, 2], [149, 150, 0]], dtype=np.uint8)
+    out = ade_label_to_train_id(raw)
+    assert out.dtype == torch.long
+    assert out.tolist() == [[255, 0, 1], [148, 149, 255]]
+    assert ade_label_to_train_id(torch.from_numpy(raw)).tolist() == out.tolist()
+    with pytest.raises(ValueError, match="151"):
+        ade_label_to_train_id(np.array([[0, 151]], dtype=np.uint8))
+
+
+def test_update_reads_nothing_back_to_the_host():
+    # Meta tensors have no data: any host read (.item(), bool(), nonzero) in update would raise.
+    m = SegmentationMetric(5)
+    m.update(PRED.to("meta"), TARGET.to("meta"))
+    m.update(PRED.to("meta"), TARGET)  # a CPU target joins the prediction's device
+    assert m._hist is not None and m._hist.device.type == "meta"
