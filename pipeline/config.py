@@ -1,0 +1,119 @@
+"""Typed run configuration. `launch/tta.py` turns these dataclasses into a jsonargparse CLI:
+every field is a `--group.field` option and the field docstrings are its help text."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass
+class ModelConfig:
+    segmenter: str = "nvidia/segformer-b5-finetuned-ade-640-640"
+    """SegFormer checkpoint: a hub id or a local folder (transformers layout)."""
+    generator: str = "stabilityai/stable-diffusion-3-medium-diffusers"
+    """SD3 checkpoint: a hub id or a local folder in the diffusers layout (`vae/`, `transformer/`)."""
+    class_embeddings: str = "class_embeddings/sd3-medium-ade20k.safetensors"
+    """Class-embedding cache (safetensors) made from the generator's text encoders."""
+    build_demo_models: bool = False
+    """Build the tiny demo checkpoints at these paths first when they are missing (demo only)."""
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/ade20k_c"
+    """ADE20K-C root holding `images/validation/<corruption>_<severity>/` and `annotations/validation/`."""
+    corruptions: list[str] = field(default_factory=lambda: [
+        "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
+        "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform",
+        "pixelate", "jpeg_compression"])
+    """Corruptions to run, one task each, in this order."""
+    severity: int = 5
+    """Corruption severity (1-5)."""
+    limit: int | None = None
+    """Use only the first N images of each task (None: all)."""
+    window_size: int = 512
+    """Images are resized so the short edge is this; square windows of this size cover them."""
+    window_stride: int = 171
+    """Stride between windows along the long edge; the last window is aligned to the border."""
+    num_workers: int = 2
+    """Background workers that decode and resize the next images (0: in the main process)."""
+    build_demo_data: bool = False
+    """Write the synthetic demo dataset at `root` first when it is missing (demo only)."""
+
+
+@dataclass
+class TTAConfig:
+    forward_mode: Literal["tta", "discriminative_only"] = "tta"
+    """`tta`: adapt with the diffusion loss; `discriminative_only`: the unadapted source model."""
+    continual: bool = False
+    """Keep adapting across tasks (no reset of models and optimizer between corruptions)."""
+    lr: float = 1e-5
+    """AdamW learning rate of every adapted parameter (written into the DeepSpeed optimizer)."""
+    update_segmenter: bool = True
+    """Adapt the segmenter."""
+    update_generator: bool = True
+    """Adapt the SD3 transformer."""
+    norm_only: bool = False
+    """Adapt only normalization layers (LayerNorm/BatchNorm/GroupNorm affine parameters)."""
+    topk: int = 1
+    """Candidate classes: the union of every latent pixel's top-k classes."""
+    max_classes: int = 20
+    """At most this many candidate classes per window (transformer batch size)."""
+    min_classes: int = 2
+    """At least this many candidate classes per window (others sampled by image-level score)."""
+    temperature: float = 1.0
+    """LogitNorm temperature: p = softmax((l / ||l||) / temperature) over the candidates."""
+    timestep_range: tuple[float, float] = (0.25, 0.25)
+    """Flow-matching time t is drawn uniformly from this range (equal bounds: fixed t)."""
+
+
+@dataclass
+class PipelineConfig:
+    num_stages: int = 2
+    """Pipeline stages; the launcher must start exactly this many processes."""
+    partition: list[int] | None = None
+    """Explicit stage boundaries as layer indices, e.g. [0, 14, 28] (None: use `cost`)."""
+    segmenter_cost: float = 10.0
+    """Cost of the stage-0 front (SegFormer + VAE) in units of one SD3 joint block (balances stages)."""
+    activation_checkpoint_interval: int = 0
+    """Recompute activations every N layers in backward (0: off; trades time for memory)."""
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    """Log to Weights & Biases (offline automatically when no credentials are configured)."""
+    project: str | None = None
+    """W&B project (default: $WANDB_PROJECT, else `dusa-seg-tta`)."""
+    entity: str | None = None
+    """W&B entity (default: $WANDB_ENTITY)."""
+    name: str | None = None
+    """Run name (default: $WANDB_NAME, else W&B's own)."""
+    tags: list[str] = field(default_factory=list)
+    """Run tags (added to $WANDB_TAGS)."""
+    mode: Literal["online", "offline", "disabled"] | None = None
+    """Force a W&B mode (default: $WANDB_MODE, else online with credentials and offline without)."""
+
+
+@dataclass
+class LoggingConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    log_every: int = 10
+    """Log the running mIoU every N images (the loss is logged every image)."""
+    progress: bool = True
+    """Show a progress bar per task."""
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tta: TTAConfig = field(default_factory=TTAConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    deepspeed: str | dict = "ds_configs/ds_tta.json"
+    """DeepSpeed engine JSON: a path (relative to the working directory) or an inline dict."""
+    output_dir: str = "runs/tta"
+    """Where results.json, the effective config and W&B's offline files go."""
+    seed: int = 0
+    """Seeds the noise, timesteps and candidate sampling of every image (per image, order-free)."""

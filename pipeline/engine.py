@@ -1,0 +1,102 @@
+"""The DeepSpeed engine around the DUSA pipeline: config, trainable parameters, one step, reset."""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import deepspeed
+import torch
+from torch import nn
+
+from pipeline.config import TTAConfig
+from pipeline.layers import JointBlock, SD3Embed, SD3Head, SegmenterFront
+
+DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
+                                                 "torch_adam": True}}
+
+
+def load_ds_config(ds: str | dict[str, Any], lr: float) -> dict[str, Any]:
+    """The user's DeepSpeed JSON (a path or a dict) with what this program sets per image.
+
+    The micro-batch is one window and the number of windows changes per image, so the batch sizes
+    are set per step; the learning rate is `tta.lr`, one place for it.
+    """
+    if isinstance(ds, (str, Path)):
+        path = Path(ds)
+        if not path.is_file():
+            raise FileNotFoundError(f"DeepSpeed config {path} does not exist (see ds_configs/)")
+        ds = json.loads(path.read_text())
+    config = copy.deepcopy(dict(ds))
+    if config.get("fp16", {}).get("enabled", False):
+        raise ValueError("fp16 is not supported (SD3 overflows in fp16): use bf16 or float32 in the DeepSpeed config")
+    for key in ("train_batch_size", "gradient_accumulation_steps"):
+        config.pop(key, None)  # set per image: one micro-batch per window
+    config["train_micro_batch_size_per_gpu"] = 1
+    config["gradient_accumulation_steps"] = 1
+    optimizer = config.setdefault("optimizer", copy.deepcopy(DEFAULT_OPTIMIZER))
+    params = optimizer.setdefault("params", {})
+    if "lr" in params:
+        raise ValueError("the DeepSpeed config sets optimizer.params.lr: remove it and set tta.lr instead")
+    params["lr"] = lr
+    return config
+
+
+def is_norm_module(module: nn.Module) -> bool:
+    # LayerNorm, BatchNorm, GroupNorm, RMSNorm and SD3's adaptive AdaLayerNorm* (with their modulation).
+    return "Norm" in type(module).__name__
+
+
+def select_trainable(module: nn.Module, tta: TTAConfig) -> list[nn.Parameter]:
+    """Freezes everything, then unfreezes the adapted parameters of the layers on this rank."""
+    module.requires_grad_(False)
+    parts: list[nn.Module] = []
+    for layer in module.modules():
+        if isinstance(layer, SegmenterFront) and tta.update_segmenter:
+            parts.append(layer.segmenter)  # never the VAE
+        elif isinstance(layer, (SD3Embed, JointBlock, SD3Head)) and tta.update_generator:
+            parts.append(layer)  # SD3Embed's class-embedding table is a buffer: fixed
+    for part in parts:
+        targets = [m for m in part.modules() if is_norm_module(m)] if tta.norm_only else [part]
+        for m in targets:
+            m.requires_grad_(True)
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+class TTAEngine:
+    """One DeepSpeed PipelineEngine step per image, and the reset of models and optimizer."""
+
+    def __init__(self, module: nn.Module, ds_config: dict[str, Any], tta: TTAConfig,
+                 optimizer: torch.optim.Optimizer | None = None):
+        params = select_trainable(module, tta)
+        if optimizer is not None:  # a caller-made optimizer (tests) replaces the config's
+            ds_config = {k: v for k, v in ds_config.items() if k != "optimizer"}
+        # Some stage may hold nothing to adapt (e.g. only the segmenter adapts): keep DeepSpeed's
+        # optimizer code paths uniform with one frozen dummy; it never receives a gradient.
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=module, model_parameters=params or [nn.Parameter(torch.zeros(1))], config=ds_config,
+            optimizer=optimizer)
+        self.module = module
+        # Initial state of everything that adapts, after DeepSpeed's dtype cast, kept on the host.
+        self._initial = {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters() if p.requires_grad}
+
+    def step(self, microbatches: Iterable) -> torch.Tensor:
+        """One TTA step: one micro-batch per window, gradients averaged over windows, one update."""
+        microbatches = list(microbatches)
+        self.engine.set_train_batch_size(len(microbatches))
+        return self.engine.train_batch(iter(microbatches))
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Bit-exact initial parameters and fresh optimizer state (fp32 master copies included)."""
+        for name, p in self.module.named_parameters():
+            if name in self._initial:
+                p.copy_(self._initial[name])
+        wrapper = self.engine.optimizer
+        base = getattr(wrapper, "optimizer", wrapper)  # DeepSpeed's bf16/ZeRO wrappers hold the torch one
+        base.state.clear()
+        if hasattr(wrapper, "refresh_fp32_params"):  # master weights <- the restored bf16 weights
+            wrapper.refresh_fp32_params()
+        if hasattr(wrapper, "_hp_optimizer_states_linked"):
+            wrapper._hp_optimizer_states_linked = False  # relink to the new state on the next step

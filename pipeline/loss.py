@@ -1,0 +1,86 @@
+"""The DUSA objective for one window (DESIGN section 2) as pure functions."""
+from __future__ import annotations
+
+import torch
+
+
+def logit_norm(logits: torch.Tensor, temperature: float = 1.0, dim: int = 0) -> torch.Tensor:
+    """LogitNorm: each pixel's logit vector divided by its L2 norm over classes, then by T."""
+    # The small epsilon keeps an all-zero logit vector finite (as in the LogitNorm paper).
+    return logits / (logits.norm(p=2, dim=dim, keepdim=True) + 1e-7) / temperature
+
+
+def dusa_loss(logits: torch.Tensor, classes: torch.Tensor, mask: torch.Tensor, velocity: torch.Tensor,
+              target: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """L_w: masked mean squared error between the class-weighted velocity and the flow target.
+
+    logits   [C, h, w]     raw segmenter logits at latent resolution (all C classes: LogitNorm is over C)
+    classes  long [N]      the candidate classes; velocity[n] is conditioned on classes[n]
+    mask     bool [h, w]   pixels that count in the loss
+    velocity [N, ch, h, w] the generator's prediction for each candidate class
+    target   [ch, h, w]    v = eps - z0
+    """
+    if velocity.shape[0] != classes.shape[0]:
+        raise ValueError(f"velocity has {velocity.shape[0]} samples for {classes.shape[0]} classes")
+    # The loss is computed in float32 whatever the model dtype (bf16 squares lose too much).
+    p = torch.softmax(logit_norm(logits.float(), temperature)[classes], dim=0)  # [N, h, w]
+    v_bar = (p.unsqueeze(1) * velocity.float()).sum(dim=0)  # [ch, h, w]
+    err = (v_bar - target.float()).square()
+    m = mask.to(torch.bool).unsqueeze(0).expand_as(err)
+    return err[m].mean()
+
+
+def select_candidates(logits: torch.Tensor, topk: int = 1, max_classes: int = 20, min_classes: int = 2,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate classes of one window and the pixel mask of the loss (DESIGN section 2).
+
+    logits: [C, h, w]. Returns (classes: sorted long [N] on logits' device, mask: bool [h, w]).
+    - candidates = union of every pixel's top-k classes;
+    - more than `max_classes`: keep every top-1 class, fill with the other candidates that are in
+      the most pixels' top-k (ties: lower class id); if the top-1 classes alone exceed the budget,
+      sample `max_classes` of them uniformly and mask out the pixels whose top-1 class was dropped;
+    - fewer than `min_classes`: add classes sampled without replacement with probability
+      softmax over classes of the logits summed over pixels (Gumbel-top-k).
+    Sampling draws from `generator` (a CPU generator), so a seed fixes the result on any device.
+    """
+    num_classes = logits.shape[0]
+    if not 1 <= topk <= num_classes:
+        raise ValueError(f"topk={topk} must be in [1, {num_classes}]")
+    if not 1 <= min_classes <= max_classes <= num_classes:
+        raise ValueError(f"need 1 <= min_classes ({min_classes}) <= max_classes ({max_classes}) "
+                         f"<= number of classes ({num_classes})")
+    device = logits.device
+    logits = logits.detach().float()
+    ranked = logits.topk(topk, dim=0).indices  # [k, h, w]
+    top1 = ranked[0]
+    # Per-class pixel counts, moved to the host once: the class set decides the batch shape anyway.
+    top1_count = torch.bincount(top1.flatten(), minlength=num_classes).cpu()
+    topk_count = torch.bincount(ranked.flatten(), minlength=num_classes).cpu()
+    top1_set = torch.nonzero(top1_count).flatten()
+    topk_set = torch.nonzero(topk_count).flatten()
+    mask = torch.ones_like(top1, dtype=torch.bool)
+
+    if len(top1_set) > max_classes:
+        keep = top1_set[torch.randperm(len(top1_set), generator=generator)[:max_classes]]
+        classes = keep.sort().values
+        kept = torch.zeros(num_classes, dtype=torch.bool)
+        kept[classes] = True
+        mask = kept.to(device)[top1]
+    elif len(topk_set) > max_classes:
+        others = topk_set[top1_count[topk_set] == 0]
+        # Most pixels first; a stable sort on the ascending ids breaks ties by the lower id.
+        order = torch.sort(topk_count[others], descending=True, stable=True).indices
+        fill = others[order[:max_classes - len(top1_set)]]
+        classes = torch.cat([top1_set, fill]).sort().values
+    else:
+        classes = topk_set
+
+    if len(classes) < min_classes:
+        score = logits.sum(dim=(1, 2)).cpu()
+        score[classes] = float("-inf")  # never a class already chosen
+        # Gumbel-top-k: the same law as drawing one by one without replacement from softmax(score),
+        # and it stays valid where the softmax underflows to exact zeros (pixel sums are large).
+        gumbel = -torch.log(-torch.log(torch.rand(num_classes, generator=generator).clamp(1e-20, 1.0)))
+        extra = (score + gumbel).topk(min_classes - len(classes)).indices
+        classes = torch.cat([classes, extra]).sort().values
+    return classes.to(device), mask
