@@ -33,6 +33,10 @@ def load_ds_config(ds: str | dict[str, Any], lr: float) -> dict[str, Any]:
         raise ValueError("fp16 is not supported (SD3 overflows in fp16): use bf16 or float32 in the DeepSpeed config")
     for key in ("train_batch_size", "gradient_accumulation_steps"):
         config.pop(key, None)  # set per image: one micro-batch per window
+    if config.get("bf16", {}).get("enabled", False):
+        # DeepSpeed casts parameters only; buffers (BatchNorm statistics, the class embeddings)
+        # must follow them, or kernels meet bf16 weights with fp32 statistics.
+        config.setdefault("data_types", {}).setdefault("buffer_dtype", "bf16")
     config["train_micro_batch_size_per_gpu"] = 1
     config["gradient_accumulation_steps"] = 1
     optimizer = config.setdefault("optimizer", copy.deepcopy(DEFAULT_OPTIMIZER))

@@ -1,0 +1,100 @@
+"""Runs TTA steps through the real 2-stage pipeline for tests/test_pipeline.py.
+
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/pipeline_worker.py --mode grads --assets DIR
+
+Each rank writes DIR/<mode>-rank<r>.pt with what the test checks.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from pipeline.engine import TTAEngine, load_ds_config  # noqa: E402
+from pipeline.module import build_pipeline  # noqa: E402
+from tests.tiny_setup import CLASSES, fixed_microbatches, run_configs  # noqa: E402
+
+
+class GradRecorder(torch.optim.SGD):
+    """lr 0: records the gradients DeepSpeed hands to the optimizer, changes nothing."""
+
+    def __init__(self, params):
+        super().__init__(params, lr=0.0)
+        self.recorded: dict[int, torch.Tensor] = {}
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self.recorded[id(p)] = p.grad.detach().clone()
+        return super().step(closure)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=["grads", "reset", "wiring"], required=True)
+    parser.add_argument("--assets", required=True)
+    parser.add_argument("--local_rank", type=int, default=-1)
+    args = parser.parse_args()
+    assets = Path(args.assets)
+
+    deepspeed.init_distributed()
+    rank = dist.get_rank()
+    model, data, tta, pipe = run_configs(assets)
+    module = build_pipeline(model, data, tta, pipe, CLASSES, stage_report=lambda _: None)
+    out: dict = {}
+
+    if args.mode == "grads":
+        ds = load_ds_config({"bf16": {"enabled": False}, "zero_optimization": {"stage": 0}}, lr=0.0)
+        tte = TTAEngine(module, ds, tta, optimizer=GradRecorder)
+        out["loss"] = float(tte.step(fixed_microbatches(assets, seed=0)))
+        names = {id(p): n for n, p in module.named_parameters()}
+        out["grads"] = {names[k]: g for k, g in tte.engine.optimizer.recorded.items()}
+        out["trainable"] = sorted(n for n, p in module.named_parameters() if p.requires_grad)
+
+    elif args.mode == "reset":
+        ds = load_ds_config({"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"},
+                             "zero_optimization": {"stage": 1}}, lr=1e-3)
+        tte = TTAEngine(module, ds, tta)
+        params0 = {n: p.detach().clone() for n, p in module.named_parameters()}
+        masters0 = [t.detach().clone() for t in tte.engine.optimizer.fp32_groups_flat_partition]
+        first = float(tte.step(fixed_microbatches(assets, seed=0)))
+        after_first = {n: p.detach().clone() for n, p in module.named_parameters()}
+        for seed in (1, 2):  # "task A" goes on with other images
+            tte.step(fixed_microbatches(assets, seed=seed))
+        out["moved_before_reset"] = any(not torch.equal(params0[n], p) for n, p in module.named_parameters())
+        tte.reset()
+        out["params_equal"] = all(torch.equal(params0[n], p) for n, p in module.named_parameters())
+        out["masters_equal"] = all(torch.equal(a, b) for a, b in
+                                   zip(masters0, tte.engine.optimizer.fp32_groups_flat_partition))
+        out["state_empty"] = len(tte.engine.optimizer.optimizer.state) == 0
+        out["dtype"] = str(next(module.parameters()).dtype)
+        # The first step of the next task is the first step of a fresh run, bit for bit.
+        again = float(tte.step(fixed_microbatches(assets, seed=0)))
+        out["first_loss"], out["again_loss"] = first, again
+        out["same_update"] = all(torch.equal(after_first[n], p) for n, p in module.named_parameters())
+
+    else:  # wiring
+        ds = load_ds_config({"bf16": {"enabled": False}, "zero_optimization": {"stage": 0}}, lr=2e-3)
+        tte = TTAEngine(module, ds, tta)
+        start = {n: p.detach().clone() for n, p in module.named_parameters()}
+        # The same micro-batches every step: one image, fixed noise, timestep and sampling seed.
+        out["losses"] = [float(tte.step(fixed_microbatches(assets, seed=0))) for _ in range(20)]
+        moved = {n: (p - start[n]).abs().max().item() for n, p in module.named_parameters()}
+        out["segmenter_moved"] = max((v for n, v in moved.items() if ".segmenter." in n), default=None)
+        out["generator_moved"] = max((v for n, v in moved.items() if ".segmenter." not in n
+                                      and ".encoder." not in n), default=None)
+        out["vae_moved"] = max((v for n, v in moved.items() if ".encoder." in n), default=None)
+
+    out["stage"] = tte.engine.stage_id
+    torch.save(out, assets / f"{args.mode}-rank{rank}.pt")
+
+
+if __name__ == "__main__":
+    main()

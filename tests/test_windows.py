@@ -1,0 +1,208 @@
+"""Independent tests of pipeline.windows against DESIGN section 2, steps 1-2.
+
+- resize so the short edge is 512 (bilinear, antialiased), values in [0, 1];
+- square windows of `size` covering the image; top-left positions 0, stride, 2 stride, ... while
+  the window does not reach the far border, then one last window aligned to the far border.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.windows import resize_short_edge, resized_size, window_boxes
+
+
+# ----------------------------------------------------------------------------------------------
+# resized_size
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("h,w,short_edge,expected", [
+    (512, 683, 512, (512, 683)),      # already there
+    (512, 512, 512, (512, 512)),
+    (480, 640, 512, (512, 683)),      # 640 * 512 / 480 = 682.67
+    (640, 480, 512, (683, 512)),      # portrait
+    (1024, 2048, 512, (512, 1024)),   # downscale
+    (2000, 3000, 512, (512, 768)),
+    (300, 300, 512, (512, 512)),      # upscale, square
+    (256, 341, 512, (512, 682)),      # 341 * 2 = 682
+    (375, 500, 512, (512, 683)),      # 500 * 512 / 375 = 682.67
+    (500, 375, 512, (683, 512)),
+    (3, 5, 2, (2, 3)),                # 3.33 -> 3
+    (3, 4, 2, (2, 3)),                # 2.67 -> 3
+    (100, 1000, 64, (64, 640)),
+])
+def test_resized_size(h, w, short_edge, expected):
+    assert tuple(resized_size(h, w, short_edge)) == expected
+
+
+def test_resized_size_properties():
+    for h in range(40, 200, 7):
+        for w in range(40, 200, 11):
+            for s in (16, 32, 64, 100):
+                rh, rw = resized_size(h, w, s)
+                assert min(rh, rw) == s
+                assert isinstance(rh, int) and isinstance(rw, int)
+                # the long edge is the rounded scaled long edge (aspect kept)
+                if h <= w:
+                    assert rh == s and abs(rw - w * s / h) <= 0.5 + 1e-9
+                else:
+                    assert rw == s and abs(rh - h * s / w) <= 0.5 + 1e-9
+
+
+# ----------------------------------------------------------------------------------------------
+# resize_short_edge
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("h,w,short_edge", [(48, 64, 32), (64, 48, 32), (30, 45, 64), (50, 50, 20),
+                                            (20, 70, 24)])
+def test_resize_shapes(h, w, short_edge):
+    g = torch.Generator().manual_seed(h * w)
+    image = torch.rand(3, h, w, generator=g)
+    out = resize_short_edge(image, short_edge)
+    assert tuple(out.shape) == (3, *resized_size(h, w, short_edge))
+    out4 = resize_short_edge(image.unsqueeze(0), short_edge)
+    assert tuple(out4.shape) == (1, 3, *resized_size(h, w, short_edge))
+    assert torch.allclose(out4[0], out, atol=1e-6)
+
+
+@pytest.mark.parametrize("h,w,short_edge", [(48, 64, 32), (30, 45, 64), (41, 37, 13)])
+def test_resize_stays_in_unit_range(h, w, short_edge):
+    g = torch.Generator().manual_seed(7)
+    # extreme content: random 0/1 pixels (worst case for overshoot) and random values
+    for image in ((torch.rand(3, h, w, generator=g) > 0.5).float(), torch.rand(3, h, w, generator=g)):
+        out = resize_short_edge(image, short_edge)
+        assert out.min() >= 0.0 and out.max() <= 1.0
+
+
+@pytest.mark.parametrize("value", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("h,w,short_edge", [(48, 64, 32), (30, 45, 64)])
+def test_resize_constant_image_stays_constant(value, h, w, short_edge):
+    image = torch.full((3, h, w), value)
+    image[1] = value / 2  # per-channel constants
+    out = resize_short_edge(image, short_edge)
+    assert torch.allclose(out[0], torch.full_like(out[0], value), atol=1e-6)
+    assert torch.allclose(out[1], torch.full_like(out[1], value / 2), atol=1e-6)
+    assert torch.allclose(out[2], torch.full_like(out[2], value), atol=1e-6)
+
+
+def test_resize_is_antialiased():
+    # thin lines (one column in four) downscaled by 4: an antialiased filter spreads them to about
+    # their mean 0.25; plain bilinear sampling (2 taps between the lines) would miss them entirely.
+    h, w = 64, 96
+    lines = (torch.arange(w) % 4 == 0).float().expand(3, h, w).contiguous()
+    out = resize_short_edge(lines, 16)
+    assert tuple(out.shape) == (3, 16, 24)
+    assert (out - 0.25).abs().max() < 0.1
+    aliased = F.interpolate(lines[None], size=(16, 24), mode="bilinear", align_corners=False)[0]
+    assert aliased.abs().max() < 1e-6  # sanity: the test would catch a non-antialiased resize
+
+
+def test_resize_matches_bilinear_antialiased_interpolation():
+    g = torch.Generator().manual_seed(3)
+    for (h, w, s) in ((40, 60, 24), (24, 36, 48)):  # down and up
+        image = torch.rand(3, h, w, generator=g)
+        size = resized_size(h, w, s)
+        want = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False,
+                             antialias=True)[0].clamp(0, 1)
+        assert torch.allclose(resize_short_edge(image, s), want, atol=1e-5)
+
+
+def test_resize_upscale_of_a_ramp_is_monotone_and_smooth():
+    ramp = torch.linspace(0, 1, 30).view(1, 1, 30).expand(3, 20, 30).contiguous()
+    out = resize_short_edge(ramp, 40)
+    assert tuple(out.shape) == (3, 40, 60)
+    row = out[0, 5]
+    assert (row[1:] - row[:-1] >= -1e-6).all()  # monotone
+    assert (row[1:] - row[:-1]).max() < 0.025    # no jumps (nearest-neighbour would step by 1/29)
+    assert torch.allclose(out[:, 0], out[:, -1], atol=1e-6)  # rows identical (vertical constancy)
+
+
+def test_resize_same_size_keeps_values():
+    image = torch.rand(3, 32, 40, generator=torch.Generator().manual_seed(1))
+    out = resize_short_edge(image, 32)
+    assert tuple(out.shape) == (3, 32, 40)
+    assert torch.allclose(out, image, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# window_boxes
+# ----------------------------------------------------------------------------------------------
+def test_windows_spec_examples():
+    assert list(window_boxes(512, 683, 512, 171)) == [(0, 0), (0, 171)]
+    assert list(window_boxes(512, 512, 512, 171)) == [(0, 0)]
+    assert list(window_boxes(683, 512, 512, 171)) == [(0, 0), (171, 0)]
+    assert list(window_boxes(512, 700, 512, 171)) == [(0, 0), (0, 171), (0, 188)]
+
+
+def test_windows_more_cases():
+    # width - size an exact multiple of the stride: no duplicate last window
+    assert list(window_boxes(512, 854, 512, 171)) == [(0, 0), (0, 171), (0, 342)]
+    # the first regular position beyond the border is never used
+    assert list(window_boxes(512, 513, 512, 171)) == [(0, 0), (0, 1)]
+    assert list(window_boxes(512, 1024, 512, 512)) == [(0, 0), (0, 512)]
+    assert list(window_boxes(512, 1025, 512, 512)) == [(0, 0), (0, 512), (0, 513)]
+    assert list(window_boxes(10, 10, 4, 3)) == [(t, l) for t in (0, 3, 6) for l in (0, 3, 6)]
+    assert set(window_boxes(700, 700, 512, 171)) == {(t, l) for t in (0, 171, 188) for l in (0, 171, 188)}
+    assert set(window_boxes(6, 9, 4, 2)) == {(t, l) for t in (0, 2) for l in (0, 2, 4, 5)}
+    assert len(window_boxes(6, 9, 4, 2)) == 8
+
+
+def expected_starts(length, size, stride):
+    """Spec rule, written independently: 0, stride, ... while p + size < length, then length - size."""
+    starts = []
+    p = 0
+    while p + size < length:
+        starts.append(p)
+        p += stride
+    starts.append(length - size)
+    return starts
+
+
+@pytest.mark.parametrize("size,stride", [(512, 171), (512, 256), (512, 512), (64, 1), (64, 17),
+                                         (64, 64), (8, 3)])
+def test_windows_cover_and_follow_the_rule(size, stride):
+    for extra in list(range(0, 3 * size // 2 + 3)):
+        for height, width in ((size, size + extra), (size + extra, size),
+                              (size + extra // 2, size + extra)):
+            boxes = list(window_boxes(height, width, size, stride))
+            assert len(boxes) == len(set(boxes))
+            tops = sorted({t for t, _ in boxes})
+            lefts = sorted({l for _, l in boxes})
+            assert tops == expected_starts(height, size, stride)
+            assert lefts == expected_starts(width, size, stride)
+            assert set(boxes) == {(t, l) for t in tops for l in lefts}
+            # all windows inside the image
+            assert all(0 <= t and t + size <= height and 0 <= l and l + size <= width for t, l in boxes)
+            # every pixel covered (1-D coverage per axis suffices for a product grid; check it)
+            rows = torch.zeros(height, dtype=torch.bool)
+            cols = torch.zeros(width, dtype=torch.bool)
+            for t in tops:
+                rows[t:t + size] = True
+            for l in lefts:
+                cols[l:l + size] = True
+            assert rows.all() and cols.all()
+            if height * width <= 40_000:
+                cover = torch.zeros(height, width, dtype=torch.bool)
+                for t, l in boxes:
+                    cover[t:t + size, l:l + size] = True
+                assert cover.all()
+
+
+def test_windows_full_coverage_2d_for_a_range_of_widths():
+    for width in range(512, 1400, 37):
+        cover = torch.zeros(512, width, dtype=torch.bool)
+        boxes = list(window_boxes(512, width, 512, 171))
+        for t, l in boxes:
+            assert t == 0
+            cover[t:t + 512, l:l + 512] = True
+        assert cover.all(), width
+        assert boxes[-1] == (0, width - 512)
+
+
+@pytest.mark.parametrize("height,width", [(511, 683), (683, 511), (100, 100), (511, 511)])
+def test_windows_image_smaller_than_window(height, width):
+    with pytest.raises(ValueError):
+        window_boxes(height, width, 512, 171)
+
+
+@pytest.mark.parametrize("stride", [0, -1, -171])
+def test_windows_invalid_stride(stride):
+    with pytest.raises(ValueError):
+        window_boxes(512, 683, 512, stride)

@@ -1,0 +1,46 @@
+"""Tiny models, one image and the run configs shared by the pipeline tests and their worker."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from data.classes import ADE20K_CLASSES
+from models.tiny import make_random_class_embeddings, make_tiny_sd3, make_tiny_segformer
+from pipeline.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
+from pipeline.tta import microbatches
+from pipeline.windows import resize_short_edge, window_boxes
+
+CLASSES = ADE20K_CLASSES
+NUM_BLOCKS = 3
+WINDOW, STRIDE = 64, 21  # a 64 x 96 image -> 3 windows
+
+
+def make_assets(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    make_tiny_segformer(root / "segformer", CLASSES)
+    make_tiny_sd3(root / "sd3", num_layers=NUM_BLOCKS)
+    make_random_class_embeddings(root / "classes.safetensors", CLASSES, str(root / "sd3"))
+    g = torch.Generator().manual_seed(0)
+    # Smooth structure plus noise, so the segmenter's classes vary across the image.
+    base = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 6, generator=g), size=(80, 120), mode="bilinear")
+    torch.save((0.8 * base + 0.2 * torch.rand(1, 3, 80, 120, generator=g)).clamp(0, 1), root / "image.pt")
+    return root
+
+
+def run_configs(root: Path) -> tuple[ModelConfig, DataConfig, TTAConfig, PipelineConfig]:
+    model = ModelConfig(segmenter=str(root / "segformer"), generator=str(root / "sd3"),
+                        class_embeddings=str(root / "classes.safetensors"))
+    data = DataConfig(root=str(root), window_size=WINDOW, window_stride=STRIDE)
+    # topk 2 with a small budget exercises the fill rule; min 3 the sampling rule; t is random.
+    tta = TTAConfig(topk=2, max_classes=6, min_classes=3, temperature=0.7, timestep_range=(0.2, 0.6))
+    pipe = PipelineConfig(num_stages=2, partition=[0, 3, NUM_BLOCKS + 3])
+    return model, data, tta, pipe
+
+
+def fixed_microbatches(root: Path, seed: int) -> list:
+    """The micro-batches of one step on the saved image (same seed: same noise, t and sampling)."""
+    image = resize_short_edge(torch.load(root / "image.pt"), WINDOW)
+    corners = window_boxes(image.shape[-2], image.shape[-1], WINDOW, STRIDE)
+    return microbatches(image, corners, (16, WINDOW // 8, WINDOW // 8), (0.2, 0.6),
+                        torch.Generator().manual_seed(seed))
