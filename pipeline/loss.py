@@ -46,9 +46,9 @@ def select_candidates(logits: torch.Tensor, topk: int = 1, max_classes: int = 20
     num_classes = logits.shape[0]
     if not 1 <= topk <= num_classes:
         raise ValueError(f"topk={topk} must be in [1, {num_classes}]")
-    if not 1 <= min_classes <= max_classes <= num_classes:
-        raise ValueError(f"need 1 <= min_classes ({min_classes}) <= max_classes ({max_classes}) "
-                         f"<= number of classes ({num_classes})")
+    if not 1 <= min_classes <= max_classes:
+        raise ValueError(f"need 1 <= min_classes ({min_classes}) <= max_classes ({max_classes})")
+    max_classes, min_classes = min(max_classes, num_classes), min(min_classes, num_classes)
     device = logits.device
     logits = logits.detach().float()
     ranked = logits.topk(topk, dim=0).indices  # [k, h, w]

@@ -30,8 +30,8 @@ def _starts(length: int, size: int, stride: int) -> list[int]:
 
 def window_boxes(height: int, width: int, size: int, stride: int) -> list[tuple[int, int]]:
     """Top-left corners (top, left) of the size x size windows covering a height x width image."""
-    if stride < 1:
-        raise ValueError(f"window stride must be >= 1, got {stride}")
+    if not 1 <= stride <= size:
+        raise ValueError(f"window stride must be in [1, window size {size}] so windows cover the image, got {stride}")
     if min(height, width) < size:
         raise ValueError(f"image {height}x{width} is smaller than the {size}x{size} window")
     return [(top, left) for top in _starts(height, size, stride) for left in _starts(width, size, stride)]
