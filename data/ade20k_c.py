@@ -1,8 +1,12 @@
 """ADE20K-C reader: one corruption at one severity of the ADE20K validation set.
 
-Layout:
-    <root>/images/validation/<corruption>_<severity>/ADE_val_00000001.jpg   (or .jpeg / .png)
-    <root>/annotations/validation/ADE_val_00000001.png
+Two layouts, detected from the folders under <root> (images: .jpg / .jpeg / .png):
+    "flat"   (data/make_ade20k_c.py writes this one):
+        <root>/images/validation/<corruption>_<severity>/ADE_val_00000001.jpg
+        <root>/annotations/validation/ADE_val_00000001.png
+    "nested":
+        <root>/<corruption>/<severity>/ADE_val_00000001.jpg
+        <root>/annotations/validation/ADE_val_00000001.png   (or flat: <root>/annotations/)
 """
 from __future__ import annotations
 
@@ -24,9 +28,35 @@ CORRUPTIONS: tuple[str, ...] = (
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
-def _listing(folder: Path) -> str:
-    names = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.name) if folder.is_dir() else []
+
+
+def _listing(names: list[str]) -> str:
     return ", ".join(names) if names else "none"
+
+
+def _locate(root: Path, corruption: str, severity: int) -> tuple[str, Path, Path]:
+    """(layout, image folder, annotation folder); FileNotFoundError listing what exists."""
+    image_root = root / "images" / "validation"
+    if image_root.is_dir():
+        image_dir = image_root / f"{corruption}_{severity}"
+        if not image_dir.is_dir():
+            raise FileNotFoundError(f"no folder {image_dir}; corruptions under {image_root}: "
+                                    f"{_listing([p.name for p in _subdirs(image_root)])}")
+        return "flat", image_dir, root / "annotations" / "validation"
+    image_dir = root / corruption / str(severity)
+    if not image_dir.is_dir():
+        available = [f"{c.name}/{s.name}" for c in _subdirs(root) if c.name not in ("annotations", "images")
+                     for s in _subdirs(c)]
+        raise FileNotFoundError(
+            f"no folder {image_dir} (nor {image_root}); corruptions under {root}: {_listing(available)}")
+    label_dir = root / "annotations" / "validation"
+    if not label_dir.is_dir():
+        label_dir = root / "annotations"
+        if not label_dir.is_dir():
+            raise FileNotFoundError(f"no annotation folder {label_dir}/validation or {label_dir}")
+    return "nested", image_dir, label_dir
 
 
 class ADE20KC(Dataset):
@@ -39,12 +69,8 @@ class ADE20KC(Dataset):
             raise FileNotFoundError(f"ADE20K-C root {self.root} does not exist")
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be None or >= 1, got {limit}")
-        image_root = self.root / "images" / "validation"
-        self.image_dir = image_root / f"{corruption}_{severity}"
-        self.label_dir = self.root / "annotations" / "validation"
-        if not self.image_dir.is_dir():
-            raise FileNotFoundError(f"no folder {self.image_dir}; corruptions under {image_root}: "
-                                    f"{_listing(image_root)}")
+        # layout: "flat" (<corruption>_<severity> folders) or "nested" (<corruption>/<severity>).
+        self.layout, self.image_dir, self.label_dir = _locate(self.root, corruption, severity)
         paths = sorted((p for p in self.image_dir.iterdir()
                         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.name)
         if not paths:

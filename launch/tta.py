@@ -96,8 +96,10 @@ def main(argv=None) -> int:
     engine = segmenter = None
     stage, num_stages = 0, 1
     if tta_mode:
+        bf16 = ds_config.get("bf16", {}).get("enabled", False)
         module = build_pipeline(cfg.model, cfg.data, cfg.tta, cfg.pipeline, class_names,
-                                stage_report=print if rank == 0 else (lambda _: None))
+                                stage_report=print if rank == 0 else (lambda _: None),
+                                dtype=torch.bfloat16 if bf16 else torch.float32)
         engine = TTAEngine(module, ds_config, cfg.tta)
         stage, num_stages = engine.engine.stage_id, engine.engine.num_stages
         if stage == 0 and module.front.segmenter.num_classes != len(class_names):

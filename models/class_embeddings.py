@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -26,12 +26,14 @@ def model_key(name_or_path: str) -> str:
 
 
 def save_class_embeddings(path: str | Path, prompt_embeds: torch.Tensor, pooled: torch.Tensor,
-                          classes: Sequence[str], model: str, template: str) -> Path:
+                          classes: Sequence[str], model: str, template: str,
+                          extra: Mapping[str, str] | None = None) -> Path:
+    """`extra`: more metadata strings (the builder records the T5 length, dtype and T5 presence)."""
     if prompt_embeds.shape[0] != len(classes) or pooled.shape[0] != len(classes):
         raise ValueError(f"{len(classes)} classes but embeddings for {prompt_embeds.shape[0]} / {pooled.shape[0]}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {"model": str(model), "template": template, "classes": json.dumps(list(classes)),
+    metadata = {**(extra or {}), "model": str(model), "template": template, "classes": json.dumps(list(classes)),
                 "classes_hash": class_list_hash(classes), "sequence_length": str(prompt_embeds.shape[1])}
     save_file({"prompt_embeds": prompt_embeds.contiguous(), "pooled": pooled.contiguous()}, str(path), metadata)
     return path

@@ -8,16 +8,26 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import string
+
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
-from transformers import SegformerConfig, SegformerForSemanticSegmentation
+from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, SegformerConfig,
+                          SegformerForSemanticSegmentation, T5Config, T5EncoderModel, T5Tokenizer)
 
 from models.class_embeddings import save_class_embeddings
 
-# Text-embedding widths of the tiny SD3 (the real ones are 4096 and 2048, with 333 tokens).
+# Text-embedding widths of the tiny SD3 (the real ones are 4096 and 2048, with 77 + 256 = 333 tokens).
 TINY_JOINT_DIM = 32
 TINY_POOLED_DIM = 32
-TINY_TEXT_TOKENS = 12
+# CLIP-L / CLIP-G projection widths: their pooled outputs are concatenated into SD3's pooled vector.
+TINY_CLIP_PROJECTION_DIMS = (12, 20)
+# CLIP-L / CLIP-G hidden widths: concatenated (24) and zero-padded to the T5 width, as in SD3 (2048 -> 4096).
+TINY_CLIP_HIDDEN_DIMS = (8, 16)
+CLIP_TOKENS = 77
+TINY_T5_TOKENS = 8  # the demo cache's T5 length (SD3 uses 256); keeps the demo fast
+TINY_TEXT_TOKENS = CLIP_TOKENS + TINY_T5_TOKENS
+assert sum(TINY_CLIP_PROJECTION_DIMS) == TINY_POOLED_DIM and sum(TINY_CLIP_HIDDEN_DIMS) <= TINY_JOINT_DIM
 
 
 def make_tiny_segformer(path: str | Path, class_names: Sequence[str], seed: int = 0) -> Path:
@@ -52,12 +62,46 @@ def make_tiny_sd3(path: str | Path, num_layers: int = 4, seed: int = 0, **transf
     return Path(path)
 
 
-def make_random_class_embeddings(path: str | Path, class_names: Sequence[str], model: str, seed: int = 0) -> Path:
-    """A cache in the real format holding random embeddings (stands in for tiny text encoders)."""
-    g = torch.Generator().manual_seed(seed)
-    prompt = torch.randn(len(class_names), TINY_TEXT_TOKENS, TINY_JOINT_DIM, generator=g)
-    pooled = torch.randn(len(class_names), TINY_POOLED_DIM, generator=g)
-    return save_class_embeddings(path, prompt, pooled, class_names, model, template="random (tiny demo)")
+def _tiny_clip(path: Path, hidden: int, projection: int, act: str, pad_token: str) -> None:
+    """A character-level CLIP tokenizer (BPE without merges) and a 2-layer CLIP text model."""
+    chars = [c for c in string.printable if not c.isspace() and not c.isupper()]  # CLIP lowercases
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    bos, eos = len(vocab), len(vocab) + 1  # special tokens last, as in the real CLIP vocabulary
+    vocab.update({"<|startoftext|>": bos, "<|endoftext|>": eos})
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_TOKENS, pad_token=pad_token)
+    config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=hidden, projection_dim=projection,
+                            intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
+                            max_position_embeddings=CLIP_TOKENS, hidden_act=act, bos_token_id=bos,
+                            eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    tokenizer.save_pretrained(path.parent / path.name.replace("text_encoder", "tokenizer"))
+    CLIPTextModelWithProjection(config).save_pretrained(path)
+
+
+def make_tiny_text_encoders(path: str | Path, seed: int = 0) -> Path:
+    """Adds SD3's three text stacks, tiny, to a diffusers-layout SD3 folder: `text_encoder{,_2,_3}` and
+    `tokenizer{,_2,_3}`, with widths that fit the tiny transformer of `make_tiny_sd3`."""
+    path = Path(path)
+    torch.manual_seed(seed)
+    # CLIP-L pads with its end token, CLIP-G (tokenizer_2) with "!", as the SD3 checkpoints do.
+    _tiny_clip(path / "text_encoder", TINY_CLIP_HIDDEN_DIMS[0], TINY_CLIP_PROJECTION_DIMS[0], "quick_gelu",
+               "<|endoftext|>")
+    _tiny_clip(path / "text_encoder_2", TINY_CLIP_HIDDEN_DIMS[1], TINY_CLIP_PROJECTION_DIMS[1], "gelu", "!")
+    # T5: a character-level Unigram vocabulary behind the real layout <pad>=0, </s>=1, <unk>=2.
+    chars = [c for c in string.printable if not c.isspace()]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [(c, -3.0) for c in chars] + [("\u2581" + c, -3.5) for c in chars]
+    T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512).save_pretrained(path / "tokenizer_3")
+    config = T5Config(vocab_size=len(pieces), d_model=TINY_JOINT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=32,
+                      feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    T5EncoderModel(config).save_pretrained(path / "text_encoder_3")
+    return path
+
+
+def has_text_encoders(path: str | Path) -> bool:
+    return all((Path(path) / f"{kind}{suffix}").is_dir()
+               for kind in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3"))
 
 
 def ensure_demo_models(segmenter: str, generator: str, class_embeddings: str, class_names: Sequence[str]) -> None:
@@ -67,4 +111,17 @@ def ensure_demo_models(segmenter: str, generator: str, class_embeddings: str, cl
     if not (Path(generator) / "transformer" / "config.json").is_file():
         make_tiny_sd3(generator)
     if not Path(class_embeddings).is_file():
-        make_random_class_embeddings(class_embeddings, class_names, generator)
+        make_tiny_class_embeddings(class_embeddings, class_names, generator)
+
+
+def make_tiny_class_embeddings(path: str | Path, class_names: Sequence[str], generator: str | Path) -> Path:
+    """The class-embedding cache of a tiny SD3 folder, made by the real builder (adds the tiny text
+    encoders to the folder first if it has none)."""
+    from launch.embed_classes import DEFAULT_TEMPLATE, build_class_embeddings  # launch imports models
+
+    if not has_text_encoders(generator):
+        make_tiny_text_encoders(generator)
+    prompt, pooled = build_class_embeddings(str(generator), class_names, DEFAULT_TEMPLATE, TINY_T5_TOKENS,
+                                            "cpu", torch.float32, batch_size=len(class_names), progress=False)
+    return save_class_embeddings(path, prompt, pooled, class_names, str(generator), DEFAULT_TEMPLATE,
+                                 extra={"t5_sequence_length": str(TINY_T5_TOKENS), "dtype": "float32"})

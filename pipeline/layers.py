@@ -96,11 +96,12 @@ class SegmenterFront(nn.Module):
 class SD3Embed(nn.Module):
     """SD3's input embeddings for the N candidate classes; the class-embedding table stays fixed."""
 
-    def __init__(self, transformer: nn.Module, prompt_embeds: torch.Tensor, pooled: torch.Tensor):
+    def __init__(self, pos_embed: nn.Module, time_text_embed: nn.Module, context_embedder: nn.Module,
+                 prompt_embeds: torch.Tensor, pooled: torch.Tensor):
         super().__init__()
-        self.pos_embed = transformer.pos_embed
-        self.time_text_embed = transformer.time_text_embed
-        self.context_embedder = transformer.context_embedder
+        self.pos_embed = pos_embed
+        self.time_text_embed = time_text_embed
+        self.context_embedder = context_embedder
         self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)
         self.register_buffer("pooled", pooled, persistent=False)
 
@@ -135,12 +136,12 @@ class JointBlock(nn.Module):
 class SD3Head(nn.Module):
     """SD3's output layers: modulated norm, projection and unpatchify to [N, ch, h, w]."""
 
-    def __init__(self, transformer: nn.Module):
+    def __init__(self, norm_out: nn.Module, proj_out: nn.Module, patch_size: int, out_channels: int):
         super().__init__()
-        self.norm_out = transformer.norm_out
-        self.proj_out = transformer.proj_out
-        self.patch_size = transformer.config.patch_size
-        self.out_channels = transformer.out_channels
+        self.norm_out = norm_out
+        self.proj_out = proj_out
+        self.patch_size = patch_size
+        self.out_channels = out_channels
 
     def forward(self, inputs):
         hidden_states, temb, logits, classes, mask, target = unpack(inputs)

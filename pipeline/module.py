@@ -4,12 +4,12 @@ from __future__ import annotations
 import functools
 from typing import Callable, Sequence
 
+import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
-from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from torch import nn
 
 from models.class_embeddings import load_class_embeddings
-from models.sd3 import LatentEncoder, load_transformer
+from models.sd3 import LatentEncoder, TransformerParts
 from models.segformer import Segmenter
 from pipeline.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
 from pipeline.layers import DusaLoss, JointBlock, SD3Embed, SD3Head, SegmenterFront
@@ -95,11 +95,11 @@ class DusaPipeline(PipelineModule):
 
 
 def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: PipelineConfig,
-                   class_names: Sequence[str], stage_report: Callable[[str], None] = print) -> DusaPipeline:
-    """Layer list -> partition -> module; each rank loads only the layers of its stage."""
-    transformer_config = load_transformer_config(model.generator)
-    num_blocks = transformer_config["num_layers"]
-    transformer = functools.cache(lambda: load_transformer(model.generator))
+                   class_names: Sequence[str], stage_report: Callable[[str], None] = print,
+                   dtype: torch.dtype = torch.float32) -> DusaPipeline:
+    """Layer list -> partition -> module; each rank reads only the weights of its stage's layers."""
+    parts = TransformerParts(model.generator, dtype)
+    num_blocks = parts.num_blocks
 
     def front():
         return SegmenterFront(Segmenter.from_pretrained(model.segmenter), LatentEncoder.from_pretrained(model.generator),
@@ -107,12 +107,14 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
 
     def embed():
         prompt, pooled = load_class_embeddings(model.class_embeddings, class_names, model.generator)
-        return SD3Embed(transformer(), prompt, pooled)
+        return SD3Embed(parts.load("pos_embed"), parts.load("time_text_embed"), parts.load("context_embedder"),
+                        prompt, pooled)
 
     layers = [_BuiltBy(SegmenterFront, front), _BuiltBy(SD3Embed, embed)]
-    layers += [_BuiltBy(JointBlock, functools.partial(lambda i: JointBlock(transformer().transformer_blocks[i]), i))
+    layers += [_BuiltBy(JointBlock, functools.partial(lambda i: JointBlock(parts.load(f"transformer_blocks.{i}")), i))
                for i in range(num_blocks)]
-    layers.append(_BuiltBy(SD3Head, lambda: SD3Head(transformer())))
+    layers.append(_BuiltBy(SD3Head, lambda: SD3Head(parts.load("norm_out"), parts.load("proj_out"),
+                                                    parts.config["patch_size"], parts.out_channels)))
 
     costs = [pipe.segmenter_cost, EMBED_COST] + [1.0] * num_blocks + [HEAD_COST]
     if pipe.partition is not None:
@@ -125,10 +127,5 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
         stage_report(f"stage {s}: layers {a}-{b - 1} ({names[a]} .. {names[b - 1]}), cost {sum(costs[a:b]):.1f}")
     module = DusaPipeline(layers, bounds, DusaLoss(tta.temperature), pipe.num_stages,
                           pipe.activation_checkpoint_interval)
-    transformer.cache_clear()  # drop the blocks that live on other stages
+    module.loaded_keys = parts.loaded_keys
     return module
-
-
-def load_transformer_config(name_or_path: str) -> dict:
-    from diffusers import SD3Transformer2DModel
-    return SD3Transformer2DModel.load_config(name_or_path, subfolder="transformer")

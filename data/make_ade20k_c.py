@@ -1,0 +1,238 @@
+"""Build ADE20K-C: the ADE20K validation set under the 15 common `imagecorruptions` corruptions.
+
+    python data/make_ade20k_c.py --ade_root PATH/ADEChallengeData2016 --out PATH/ade20k_c \
+        [--corruptions gaussian_noise fog ...] [--severities 5] [--workers 8] [--format jpg|png]
+
+Writes the layout `data.ade20k_c.ADE20KC` reads:
+    <out>/images/validation/<corruption>_<severity>/ADE_val_00000001.jpg
+    <out>/annotations/validation/ADE_val_00000001.png   (copied byte for byte)
+
+Deterministic (numpy is seeded per image, corruption and severity from a stable hash) and
+resumable (finished files are skipped; files are written under a temporary name and renamed).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+JPEG_QUALITY = 95
+FORMATS: dict[str, str] = {"jpg": "JPEG", "png": "PNG"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# The 15 benchmark corruptions, in imagecorruptions' order (equal to data.ade20k_c.CORRUPTIONS;
+# not imported from there so that this script and its workers do not load torch).
+CORRUPTIONS: tuple[str, ...] = (
+    "gaussian_noise", "shot_noise", "impulse_noise",
+    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+    "snow", "frost", "fog", "brightness",
+    "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+)
+# These two draw from a fresh unseeded generator unless given `seed=`; seeding numpy's global
+# RNG alone would leave them random.
+_TAKES_SEED = frozenset({"glass_blur", "impulse_noise"})
+_MIN_SIDE = 32  # imagecorruptions refuses smaller images
+_TMP_SUFFIX = ".tmp"  # not an image suffix: the reader and the skip check never see temp files
+
+
+class BuildError(ValueError):
+    """A user error (bad path or argument): reported as one line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Job:
+    source: Path
+    target: Path
+    corruption: str
+    severity: int
+    seed: int
+
+
+def job_seed(seed: int, name: str, corruption: str, severity: int) -> int:
+    """32-bit seed from a stable hash (Python's `hash` of a str is salted per process)."""
+    digest = hashlib.sha256(f"{seed}/{name}/{corruption}/{severity}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def fit_size(image: np.ndarray, h: int, w: int) -> np.ndarray:
+    """uint8 [h, w, 3]: crops a larger result top-left (the library's own convention), resizes a smaller one."""
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    image = image[:h, :w]
+    if image.shape[:2] != (h, w):
+        image = np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    assert image.shape == (h, w, 3), f"corrupted image has shape {image.shape}, expected {(h, w, 3)}"
+    return image
+
+
+def corrupt_image(rgb: np.ndarray, corruption: str, severity: int, seed: int) -> np.ndarray:
+    """uint8 [H, W, 3] -> the corrupted uint8 [H, W, 3] of the same size; numpy's global RNG is restored."""
+    from imagecorruptions import corrupt  # heavy (cv2, skimage, numba): only when used
+
+    h, w = rgb.shape[:2]
+    # Tiny images are padded by reflection to the library's minimum and cropped back.
+    pad = ((0, max(0, _MIN_SIDE - h)), (0, max(0, _MIN_SIDE - w)), (0, 0))
+    src = np.pad(rgb, pad, mode="symmetric") if pad[0][1] or pad[1][1] else rgb
+    kwargs = {"seed": seed} if corruption in _TAKES_SEED else {}
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        out = corrupt(np.ascontiguousarray(src), corruption_name=corruption, severity=severity, **kwargs)
+    finally:
+        np.random.set_state(state)
+    return fit_size(np.asarray(out, dtype=np.uint8), h, w)
+
+
+def _write_atomic(path: Path, write) -> None:
+    """write(tmp_path), then rename: an interrupted write leaves only a temp file, never a short output."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _is_done(path: Path) -> bool:
+    try:
+        return path.stat().st_size > 0
+    except FileNotFoundError:
+        return False
+
+
+def run_job(job: Job) -> None:
+    """Corrupt one image at one severity and save it (format from the target's suffix)."""
+    with Image.open(job.source) as im:
+        # No EXIF transpose: the annotations match the pixels as stored.
+        rgb = np.asarray(im.convert("RGB"))
+    try:
+        out = corrupt_image(rgb, job.corruption, job.severity, job.seed)
+    except Exception as err:  # name the file: a bare library error says nothing about which one
+        raise RuntimeError(f"{job.corruption} severity {job.severity} failed on {job.source}: {err}") from err
+    fmt = FORMATS[job.target.suffix[1:]]
+    options = {"quality": JPEG_QUALITY} if fmt == "JPEG" else {}
+    _write_atomic(job.target, lambda tmp: Image.fromarray(out).save(tmp, format=fmt, **options))
+
+
+def check_ade_root(ade_root: str | Path) -> Path:
+    """The root that holds images/validation, or a BuildError that suggests the right path."""
+    root = Path(ade_root)
+    if (root / "images" / "validation").is_dir():
+        return root
+    hint = ""
+    if root.name == "validation" and root.parent.name == "images":
+        hint = f"; did you mean --ade_root {root.parent.parent}?"
+    elif (root / "validation").is_dir():
+        hint = f"; did you mean --ade_root {root.parent}?"
+    elif root.is_dir():
+        inner = sorted(p for p in root.iterdir() if (p / "images" / "validation").is_dir())
+        if inner:
+            hint = f"; did you mean --ade_root {inner[0]}?"
+    raise BuildError(f"--ade_root {root}: expected the ADEChallengeData2016 folder with "
+                  f"images/validation/ and annotations/validation/ under it{hint}")
+
+
+def check_arguments(corruptions: list[str], severities: list[int], fmt: str) -> None:
+    unknown = [c for c in corruptions if c not in CORRUPTIONS]
+    if unknown:
+        raise BuildError(f"unknown corruption {', '.join(unknown)}; valid: {' '.join(CORRUPTIONS)}")
+    bad = [s for s in severities if not 1 <= s <= 5]
+    if bad:
+        raise BuildError(f"severity must be in 1..5, got {', '.join(map(str, bad))}")
+    if fmt not in FORMATS:
+        raise BuildError(f"format must be one of {', '.join(FORMATS)}, got {fmt}")
+
+
+def plan(ade_root: str | Path, out: str | Path, corruptions: list[str], severities: list[int],
+         fmt: str = "jpg", seed: int = 0) -> tuple[list[Job], list[tuple[Path, Path]]]:
+    """All (image, corruption, severity) jobs and (source, target) annotation copies; checks the inputs."""
+    check_arguments(corruptions, severities, fmt)
+    root = check_ade_root(ade_root)
+    out = Path(out)
+    if out.resolve() == root.resolve():
+        raise BuildError(f"--out must differ from --ade_root ({root})")
+    image_dir, label_dir = root / "images" / "validation", root / "annotations" / "validation"
+    images = sorted((p for p in image_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES),
+                    key=lambda p: p.name)
+    if not images:
+        raise BuildError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {image_dir}")
+    labels = [(label_dir / f"{p.stem}.png", out / "annotations" / "validation" / f"{p.stem}.png") for p in images]
+    missing = [src for src, _ in labels if not src.is_file()]
+    if missing:  # checked before any work: the reader would refuse the output later anyway
+        raise BuildError(f"{len(missing)} of {len(images)} images have no annotation, e.g. {missing[0]}")
+    jobs = [Job(p, out / "images" / "validation" / f"{c}_{s}" / f"{p.stem}.{fmt}", c, s,
+                job_seed(seed, p.stem, c, s))
+            for c in corruptions for s in severities for p in images]
+    return jobs, labels
+
+
+def build(ade_root: str | Path, out: str | Path, corruptions: list[str] | tuple[str, ...] = CORRUPTIONS,
+          severities: list[int] | tuple[int, ...] = (5,), workers: int = 0, fmt: str = "jpg",
+          seed: int = 0, progress: bool = True) -> tuple[int, int]:
+    """Write ADE20K-C under `out`; returns (written, skipped) counts of corrupted images.
+
+    workers 0 or 1 runs in this process. Raises BuildError for bad inputs.
+    """
+    jobs, labels = plan(ade_root, out, list(corruptions), list(severities), fmt, seed)
+    for folder in {j.target.parent for j in jobs} | {labels[0][1].parent}:
+        folder.mkdir(parents=True, exist_ok=True)
+        # Temp files of a killed run are never read, but would pile up.
+        for stale in folder.glob(f".*{_TMP_SUFFIX}"):
+            stale.unlink(missing_ok=True)
+    for src, dst in labels:
+        if not _is_done(dst):
+            _write_atomic(dst, lambda tmp: shutil.copyfile(src, tmp))
+
+    todo = [j for j in jobs if not _is_done(j.target)]
+    skipped = len(jobs) - len(todo)
+    with tqdm(total=len(jobs), initial=skipped, unit="img", disable=not progress) as bar:
+        if workers <= 1:
+            for job in todo:
+                run_job(job)
+                bar.update()
+        else:
+            pool = ProcessPoolExecutor(max_workers=workers)
+            try:
+                for _ in pool.map(run_job, todo, chunksize=4):
+                    bar.update()
+            finally:
+                # On an error, drop the queued jobs instead of finishing them all first.
+                pool.shutdown(wait=True, cancel_futures=True)
+    return len(todo), skipped
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description="Build ADE20K-C from the ADE20K validation set (ADEChallengeData2016) with "
+                    "the 15 common corruptions of imagecorruptions. Reruns skip finished files.")
+    parser.add_argument("--ade_root", required=True,
+                        help="ADEChallengeData2016 folder (holds images/validation and annotations/validation)")
+    parser.add_argument("--out", required=True, help="output folder (ADE20K-C layout)")
+    parser.add_argument("--corruptions", nargs="+", default=list(CORRUPTIONS), metavar="NAME",
+                        help="corruptions to build (default: all 15): " + " ".join(CORRUPTIONS))
+    parser.add_argument("--severities", nargs="+", type=int, default=[5], metavar="S",
+                        help="severities in 1..5 (default: 5)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="worker processes; 0 or 1 runs in process (default: CPU count)")
+    parser.add_argument("--format", default="jpg", choices=list(FORMATS),
+                        help="jpg (JPEG quality %d) or png (lossless); default jpg" % JPEG_QUALITY)
+    parser.add_argument("--seed", type=int, default=0, help="base seed of the corruption noise")
+    args = parser.parse_args(argv)
+    try:
+        written, skipped = build(args.ade_root, args.out, args.corruptions, args.severities,
+                                 args.workers, args.format, args.seed)
+    except BuildError as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    print(f"written {written}, skipped {skipped} corrupted images; ADE20K-C at {Path(args.out)}")
+
+
+if __name__ == "__main__":
+    main()

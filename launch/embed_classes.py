@@ -1,0 +1,213 @@
+#!/usr/bin/env python
+"""Builds the class-embedding cache: SD3's three text encoders run once over one prompt per class.
+
+    python launch/embed_classes.py --model stabilityai/stable-diffusion-3-medium-diffusers \\
+        --out class_embeddings/sd3-medium-ade20k.safetensors [--classes FILE] [--template "a photo of a {}"] \\
+        [--max_sequence_length 256] [--device cuda|cpu] [--dtype bf16|fp16|fp32] [--batch_size 16]
+
+Row c of the cache equals what diffusers' `StableDiffusion3Pipeline.encode_prompt(prompt, None, None,
+do_classifier_free_guidance=False, max_sequence_length=...)` returns for the prompt of class c. The
+encoders (CLIP-L, CLIP-G, T5-XXL) are loaded one at a time, each freed before the next, so the peak
+is the largest of them (T5-XXL: about 9.5 GB in bf16).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+from collections import Counter
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from packaging.version import Version  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast  # noqa: E402
+
+DEFAULT_TEMPLATE = "a photo of a {}"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# transformers renamed `torch_dtype` to `dtype` (4.56) and warns about the old name.
+_DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+# What a hub download fetches: the text stacks and the transformer's config, not its weights.
+_HUB_FILES = ["model_index.json", "transformer/config.json", "tokenizer*/*", "text_encoder*/*.json",
+              "text_encoder*/*.safetensors"]
+
+
+class EmbedError(ValueError):
+    """A user-facing problem (missing subfolder, bad template or class list): one line, exit code 2."""
+
+
+def read_class_list(path: str | Path) -> list[str]:
+    """One class per line; blank lines and lines starting with `#` are skipped."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise EmbedError(f"cannot read class list {path}: {e.strerror}") from None
+    classes = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    check_class_list(classes, str(path))
+    return classes
+
+
+def check_class_list(classes: Sequence[str], source: str) -> None:
+    if not classes:
+        raise EmbedError(f"class list {source} is empty")
+    duplicates = sorted(c for c, n in Counter(classes).items() if n > 1)
+    if duplicates:
+        raise EmbedError(f"class list {source} has duplicates: {', '.join(map(repr, duplicates))}")
+
+
+def make_prompts(template: str, classes: Sequence[str]) -> list[str]:
+    if "{}" not in template:
+        raise EmbedError(f"template {template!r} has no '{{}}' for the class name")
+    return [template.replace("{}", c) for c in classes]  # not str.format: other braces stay literal
+
+
+def resolve_model(model: str) -> tuple[Path, bool]:
+    """(local SD3 folder, whether it has T5). A hub id is fetched (text stacks only) into the HF cache."""
+    folder = Path(model)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(model, allow_patterns=_HUB_FILES))
+        except Exception as e:  # invalid id, no access, offline: all end the run the same way
+            raise EmbedError(f"{model} is neither a local SD3 folder nor a reachable hub model "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    for sub in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
+        if not (folder / sub).is_dir():
+            raise EmbedError(f"{model} has no {sub}/ subfolder: not a diffusers SD3 folder with its text encoders")
+    has_t5 = (folder / "text_encoder_3").is_dir()
+    if has_t5 and not (folder / "tokenizer_3").is_dir():
+        raise EmbedError(f"{model} has text_encoder_3/ but no tokenizer_3/ subfolder")
+    if not has_t5 and not (folder / "transformer" / "config.json").is_file():
+        raise EmbedError(f"{model} has no text_encoder_3/ and no transformer/config.json to size its zero T5 part")
+    return folder, has_t5
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+@torch.no_grad()
+def _run_encoder(load: Callable[[], torch.nn.Module], encode: Callable, batches: list[list[str]],
+                 device: torch.device, desc: str, progress: bool) -> list[torch.Tensor]:
+    """Loads one encoder, runs every batch through it, frees it; outputs go to the CPU per batch."""
+    encoder = load().to(device).eval()
+    try:
+        outs = [tuple(t.cpu() for t in encode(encoder, batch))
+                for batch in tqdm(batches, desc=desc, unit="batch", disable=not progress)]
+    finally:
+        del encoder  # the only reference: the weights go now, before the next encoder loads
+        _free(device)
+    return [torch.cat(parts) for parts in zip(*outs)]
+
+
+def build_class_embeddings(model: str, classes: Sequence[str], template: str = DEFAULT_TEMPLATE,
+                           max_sequence_length: int = 256, device: str | torch.device = "cpu",
+                           dtype: torch.dtype = torch.float32, batch_size: int = 16,
+                           progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt_embeds [C, 77 + max_sequence_length, D_T5], pooled [C, P_L + P_G]) on the CPU, in `dtype`,
+    equal to SD3's `encode_prompt` for `template` filled with each class."""
+    prompts = make_prompts(template, classes)
+    check_class_list(classes, "given")
+    folder, has_t5 = resolve_model(model)
+    device = torch.device(device)
+    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    load_kw = {_DTYPE_KWARG: dtype}
+
+    # Both CLIPs are padded/truncated to CLIP-L's tokenizer length (77), as diffusers does.
+    clip_length = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer").model_max_length
+
+    def clip(sub: str, tok_sub: str, desc: str) -> list[torch.Tensor]:
+        tokenizer = CLIPTokenizer.from_pretrained(folder, subfolder=tok_sub)
+
+        def encode(encoder, batch):
+            ids = tokenizer(batch, padding="max_length", max_length=clip_length, truncation=True,
+                            return_tensors="pt").input_ids
+            out = encoder(ids.to(device), output_hidden_states=True)
+            # SD3 takes the penultimate hidden state per token and the projected pooled output.
+            return out.hidden_states[-2].to(dtype), out.text_embeds
+
+        return _run_encoder(lambda: CLIPTextModelWithProjection.from_pretrained(folder, subfolder=sub, **load_kw),
+                            encode, batches, device, desc, progress)
+
+    hidden_l, pooled_l = clip("text_encoder", "tokenizer", "CLIP-L")
+    hidden_g, pooled_g = clip("text_encoder_2", "tokenizer_2", "CLIP-G")
+
+    if has_t5:
+        tokenizer_3 = T5TokenizerFast.from_pretrained(folder, subfolder="tokenizer_3")
+
+        def encode_t5(encoder, batch):
+            ids = tokenizer_3(batch, padding="max_length", max_length=max_sequence_length, truncation=True,
+                              add_special_tokens=True, return_tensors="pt").input_ids
+            return (encoder(ids.to(device))[0].to(dtype),)  # last hidden state, no attention mask (as SD3)
+
+        (t5,) = _run_encoder(lambda: T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_3", **load_kw),
+                             encode_t5, batches, device, "T5", progress)
+    else:
+        from diffusers import SD3Transformer2DModel
+
+        width = SD3Transformer2DModel.load_config(folder, subfolder="transformer")["joint_attention_dim"]
+        print(f"warning: {model} has no text_encoder_3: its {max_sequence_length} T5 tokens are zeros "
+              f"(what diffusers does without T5)", file=sys.stderr)
+        t5 = torch.zeros(len(prompts), max_sequence_length, width, dtype=dtype)
+
+    clip_hidden = torch.cat([hidden_l, hidden_g], dim=-1)
+    # Zero-pad the CLIP tokens to the T5 width, then CLIP tokens first, T5 tokens after.
+    clip_hidden = torch.nn.functional.pad(clip_hidden, (0, t5.shape[-1] - clip_hidden.shape[-1]))
+    return torch.cat([clip_hidden, t5], dim=-2), torch.cat([pooled_l, pooled_g], dim=-1)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="launch/embed_classes.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="A diffusers SD3 folder or hub id (text encoders are read).")
+    parser.add_argument("--out", required=True, help="The cache file to write (.safetensors).")
+    parser.add_argument("--classes", default=None,
+                        help="A file of class names, one a line (# comments, blank lines skipped); default ADE20K's 150.")
+    parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="The prompt; {} is replaced by the class name.")
+    parser.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens (SD3 trains with 256).")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available).")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="Encoder dtype (default: bf16 on cuda, fp32 on cpu). The cache is stored in it.")
+    parser.add_argument("--batch_size", type=int, default=16, help="Prompts per encoder call.")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    try:
+        if args.max_sequence_length < 1 or args.batch_size < 1:
+            raise EmbedError("--max_sequence_length and --batch_size must be positive")
+        if args.classes is None:
+            from data.classes import ADE20K_CLASSES
+
+            classes = list(ADE20K_CLASSES)
+        else:
+            classes = read_class_list(args.classes)
+        make_prompts(args.template, classes)  # fail on the template before loading anything
+        prompt, pooled = build_class_embeddings(args.model, classes, args.template, args.max_sequence_length,
+                                                device, dtype, args.batch_size)
+    except EmbedError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from models.class_embeddings import save_class_embeddings
+
+    out = save_class_embeddings(args.out, prompt, pooled, classes, args.model, args.template,
+                                extra={"t5_sequence_length": str(args.max_sequence_length),
+                                       "dtype": str(dtype).removeprefix("torch.")})
+    size_mb = out.stat().st_size / 2**20
+    print(f"wrote {out}: prompt_embeds {tuple(prompt.shape)}, pooled {tuple(pooled.shape)}, "
+          f"{str(dtype).removeprefix('torch.')}, {len(classes)} classes, {size_mb:.1f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
