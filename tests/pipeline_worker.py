@@ -40,13 +40,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["grads", "reset", "wiring"], required=True)
     parser.add_argument("--assets", required=True)
+    parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
     assets = Path(args.assets)
 
     deepspeed.init_distributed()
     rank = dist.get_rank()
-    model, data, tta, pipe = run_configs(assets)
+    model, data, tta, pipe = run_configs(assets, args.stages)
     module = build_pipeline(model, data, tta, pipe, CLASSES, stage_report=lambda _: None)
     out: dict = {}
 
@@ -57,6 +58,7 @@ def main() -> None:
         names = {id(p): n for n, p in module.named_parameters()}
         out["grads"] = {names[k]: g for k, g in tte.engine.optimizer.recorded.items()}
         out["trainable"] = sorted(n for n, p in module.named_parameters() if p.requires_grad)
+        out["loaded_keys"] = list(module.loaded_keys)
 
     elif args.mode == "reset":
         ds = load_ds_config({"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"},

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from diffusers import SD3Transformer2DModel
 
 from models.class_embeddings import load_class_embeddings
-from models.sd3 import LatentEncoder
+from models.sd3 import LatentEncoder, TransformerParts
 from models.segformer import Segmenter
 from pipeline.loss import select_candidates
 from tests.tiny_setup import CLASSES, NUM_BLOCKS, WINDOW, fixed_microbatches, make_assets, run_configs
@@ -28,13 +28,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_worker(assets: Path, mode: str) -> list[dict]:
+def run_worker(assets: Path, mode: str, stages: int = 2) -> list[dict]:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "pipeline_worker.py"), "--mode", mode, "--assets", str(assets)]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(stages),
+           "--master_port", str(free_port()), str(ROOT / "tests" / "pipeline_worker.py"), "--mode", mode,
+           "--assets", str(assets), "--stages", str(stages)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [torch.load(assets / f"{mode}-rank{r}.pt") for r in range(2)]
+    return [torch.load(assets / f"{mode}-rank{r}.pt") for r in range(stages)]
 
 
 @pytest.fixture(scope="module")
@@ -89,10 +90,18 @@ def reference_name(pipeline_name: str) -> str:
     return f"transformer.transformer_blocks.{layer - 2}.{rest.removeprefix('block.')}"
 
 
-def test_pipeline_step_equals_single_process_reference(assets):
-    ranks = run_worker(assets, "grads")
+def checkpoint_layer(key: str) -> int:
+    """Pipeline layer index that holds a transformer checkpoint tensor."""
+    if key.startswith("transformer_blocks."):
+        return int(key.split(".")[1]) + 2
+    return NUM_BLOCKS + 2 if key.startswith(("norm_out.", "proj_out.")) else 1
+
+
+@pytest.mark.parametrize("stages", [2, 4])
+def test_pipeline_step_equals_single_process_reference(assets, stages):
+    ranks = run_worker(assets, "grads", stages)
     ref_loss, ref_grads = reference_step(assets, seed=0)
-    assert [r["stage"] for r in ranks] == [0, 1]
+    assert [r["stage"] for r in ranks] == list(range(stages))
     # The loss reaches every stage (DeepSpeed broadcasts it from the last).
     for r in ranks:
         assert r["loss"] == pytest.approx(ref_loss, rel=1e-5)
@@ -114,6 +123,12 @@ def test_pipeline_step_equals_single_process_reference(assets):
             seen.add(reference_name(name))
     # Every parameter of both models is adapted and checked; the VAE is not among them.
     assert seen == set(ref_grads)
+    # Each rank read only transformer tensors of its own layers, and every tensor was read once.
+    read = [key for r in ranks for key in r["loaded_keys"]]
+    assert sorted(read) == sorted(TransformerParts(str(assets / "sd3")).weight_map)
+    for r in ranks:
+        own_layers = {int(n.split(".", 1)[0]) for n in r["trainable"]}
+        assert {checkpoint_layer(k) for k in r["loaded_keys"]} <= own_layers
 
 
 def test_reset_restores_parameters_masters_and_optimizer_state_bf16_zero1(assets):

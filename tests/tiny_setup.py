@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from data.classes import ADE20K_CLASSES
-from models.tiny import make_random_class_embeddings, make_tiny_sd3, make_tiny_segformer
+from models.tiny import make_tiny_class_embeddings, make_tiny_sd3, make_tiny_segformer
 from pipeline.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
 from pipeline.tta import microbatches
 from pipeline.windows import resize_short_edge, window_boxes
@@ -20,7 +20,7 @@ def make_assets(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     make_tiny_segformer(root / "segformer", CLASSES)
     make_tiny_sd3(root / "sd3", num_layers=NUM_BLOCKS)
-    make_random_class_embeddings(root / "classes.safetensors", CLASSES, str(root / "sd3"))
+    make_tiny_class_embeddings(root / "classes.safetensors", CLASSES, root / "sd3")  # tiny text encoders + builder
     g = torch.Generator().manual_seed(0)
     # Smooth structure plus noise, so the segmenter's classes vary across the image.
     base = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 6, generator=g), size=(80, 120), mode="bilinear")
@@ -28,13 +28,17 @@ def make_assets(root: Path) -> Path:
     return root
 
 
-def run_configs(root: Path) -> tuple[ModelConfig, DataConfig, TTAConfig, PipelineConfig]:
+# Stage boundaries over [front, embed, block0, block1, block2, head]; 4 stages: one holds only the head.
+PARTITIONS = {2: [0, 3, NUM_BLOCKS + 3], 4: [0, 2, 3, NUM_BLOCKS + 2, NUM_BLOCKS + 3]}
+
+
+def run_configs(root: Path, num_stages: int = 2) -> tuple[ModelConfig, DataConfig, TTAConfig, PipelineConfig]:
     model = ModelConfig(segmenter=str(root / "segformer"), generator=str(root / "sd3"),
                         class_embeddings=str(root / "classes.safetensors"))
     data = DataConfig(root=str(root), window_size=WINDOW, window_stride=STRIDE)
     # topk 2 with a small budget exercises the fill rule; min 3 the sampling rule; t is random.
     tta = TTAConfig(topk=2, max_classes=6, min_classes=3, temperature=0.7, timestep_range=(0.2, 0.6))
-    pipe = PipelineConfig(num_stages=2, partition=[0, 3, NUM_BLOCKS + 3])
+    pipe = PipelineConfig(num_stages=num_stages, partition=PARTITIONS[num_stages])
     return model, data, tta, pipe
 
 
