@@ -68,6 +68,8 @@ def make_prompts(template: str, classes: Sequence[str]) -> list[str]:
 def resolve_model(model: str) -> tuple[Path, bool]:
     """(local SD3 folder, whether it has T5). A hub id is fetched (text stacks only) into the HF cache."""
     folder = Path(model)
+    if not folder.is_dir() and (folder.exists() or model.startswith((".", "/", "~"))):
+        raise EmbedError(f"{model} is not a folder (expected a diffusers SD3 folder or a hub id)")
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
 
@@ -168,7 +170,8 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="A diffusers SD3 folder or hub id (text encoders are read).")
     parser.add_argument("--out", required=True, help="The cache file to write (.safetensors).")
     parser.add_argument("--classes", default=None,
-                        help="A file of class names, one a line (# comments, blank lines skipped); default ADE20K's 150.")
+                        help="A file of class names, one a line (#-comment and blank lines skipped); "
+                             "default: the 150 ADE20K classes.")
     parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="The prompt; {} is replaced by the class name.")
     parser.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens (SD3 trains with 256).")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available).")
@@ -180,11 +183,16 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     try:
+        try:
+            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        except RuntimeError:
+            raise EmbedError(f"--device {args.device!r} is not a torch device (cuda, cuda:1, cpu)") from None
+        dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
         if args.max_sequence_length < 1 or args.batch_size < 1:
             raise EmbedError("--max_sequence_length and --batch_size must be positive")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise EmbedError("--device cuda but no CUDA device is visible (use --device cpu)")
         if args.classes is None:
             from data.classes import ADE20K_CLASSES
 

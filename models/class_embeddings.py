@@ -28,7 +28,7 @@ def model_key(name_or_path: str) -> str:
 def save_class_embeddings(path: str | Path, prompt_embeds: torch.Tensor, pooled: torch.Tensor,
                           classes: Sequence[str], model: str, template: str,
                           extra: Mapping[str, str] | None = None) -> Path:
-    """`extra`: more metadata strings (the builder records the T5 length, dtype and T5 presence)."""
+    """`extra`: more metadata strings (the builder records the T5 length and the dtype)."""
     if prompt_embeds.shape[0] != len(classes) or pooled.shape[0] != len(classes):
         raise ValueError(f"{len(classes)} classes but embeddings for {prompt_embeds.shape[0]} / {pooled.shape[0]}")
     path = Path(path)
