@@ -59,6 +59,10 @@ def synthetic_image(tiny: bool) -> torch.Tensor:
     return (0.85 * image + 0.15 * torch.rand(1, 3, h, w, generator=g)).clamp(0, 1)
 
 
+def say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -123,8 +127,10 @@ def pipeline_worker(args) -> None:
     bf16 = ds.get("bf16", {}).get("enabled", False)
     module = build_pipeline(model, data, tta, pipe, ADE20K_CLASSES, stage_report=print if rank == 0 else (lambda _: None),
                             dtype=torch.bfloat16 if bf16 else torch.float32)
+    say(f"rank {rank}: stage built")
     engine = TTAEngine(module, ds, tta)
     stage = engine.engine.stage_id
+    say(f"rank {rank}: engine ready")
     front = module.front
 
     # Device time of forward, backward and optimizer work on this stage; optional gradient capture.
@@ -175,6 +181,7 @@ def pipeline_worker(args) -> None:
                 torch.save({"loss": float(loss), "grads": captured.pop("grads")},
                            Path(args.workdir) / f"grads-{args.stages}stage-rank{rank}.pt")
             step_busy = busy.take()
+            say(f"rank {rank}: {c} classes, step {i}: {elapsed:.3f} s, busy {step_busy:.3f} s")
             if i >= args.warmup:
                 times.append(elapsed)
                 busies.append(step_busy)
@@ -214,6 +221,7 @@ def naive_worker(args) -> None:
     second = torch.nn.Sequential(
         *[JointBlock(parts.load(f"transformer_blocks.{i}")) for i in range(split, parts.num_blocks)],
         SD3Head(parts.load("norm_out"), parts.load("proj_out"), parts.config["patch_size"], parts.out_channels)).to(dev1)
+    say("naive: models loaded")
     params = [*segmenter.parameters(), *first.parameters(), *second.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), weight_decay=0.0)
     loss_fn = DusaLoss()
@@ -259,6 +267,7 @@ def naive_worker(args) -> None:
                 t0 = time.perf_counter()
                 step(c, i)
                 sync()
+                say(f"naive: {c} classes, step {i}: {time.perf_counter() - t0:.3f} s")
                 if i >= args.warmup:
                     times.append(time.perf_counter() - t0)
             with FlopCounterMode(display=False) as counter:  # useful FLOPs of one image's step
@@ -288,12 +297,15 @@ def matmul_tflops() -> float | None:
     return 2 * 8192**3 * n / (time.perf_counter() - t0) / 1e12
 
 
-def run(cmd: list[str], log: Path) -> None:
-    print("$", " ".join(cmd), flush=True)
+def run(cmd: list[str], log: Path, timeout: float) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] $", " ".join(cmd), flush=True)
     with open(log, "a") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        print(f"  failed (exit {proc.returncode}); see {log}", flush=True)
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
+            failed = proc.returncode != 0 and f"exit {proc.returncode}"
+        except subprocess.TimeoutExpired:
+            failed = f"timed out after {timeout:.0f} s"
+    print(f"[{time.strftime('%H:%M:%S')}] " + (f"failed ({failed}); see {log}" if failed else "done"), flush=True)
 
 
 def compare_grads(workdir: Path, stages: int) -> dict | None:
@@ -327,6 +339,8 @@ def main() -> None:
     parser.add_argument("--ds_config", help="DeepSpeed JSON of (a) and (b) (default: ds_configs/ds_tta.json)")
     parser.add_argument("--check", action="store_true", help="compare loss and gradients of (a) and (b)")
     parser.add_argument("--tiny", action="store_true", help="tiny models (a dry run that fits a CPU)")
+    parser.add_argument("--log", help="worker output (default: <workdir>/bench.log)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds allowed to each variant")
     parser.add_argument("--worker", choices=["pipeline", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
@@ -347,20 +361,21 @@ def main() -> None:
         old.unlink()
     t0 = time.perf_counter()
     paths = checkpoints(workdir, args.tiny)
-    print(f"checkpoints ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    say(f"checkpoints ready in {time.perf_counter() - t0:.0f} s")
     tflops = matmul_tflops()
     common = ["launch/bench.py", "--workdir", str(workdir), "--paths", json.dumps(paths), "--classes",
               *map(str, args.classes), "--steps", str(args.steps), "--warmup", str(args.warmup),
               "--segmenter_cost", str(args.segmenter_cost)] + (["--tiny"] if args.tiny else []) + \
              (["--check"] if args.check else []) + (["--ds_config", args.ds_config] if args.ds_config else [])
-    log = workdir / "bench.log"
+    log = Path(args.log) if args.log else workdir / "bench.log"
     launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", "29533"]
     if "pipeline" in args.variants:
-        run(launcher + ["--num_gpus", str(args.stages), *common, "--worker", "pipeline", "--stages", str(args.stages)], log)
+        run(launcher + ["--num_gpus", str(args.stages), *common, "--worker", "pipeline", "--stages", str(args.stages)],
+            log, args.timeout)
     if "single" in args.variants:
-        run(launcher + ["--num_gpus", "1", *common, "--worker", "pipeline", "--stages", "1"], log)
+        run(launcher + ["--num_gpus", "1", *common, "--worker", "pipeline", "--stages", "1"], log, args.timeout)
     if "naive" in args.variants:
-        run([sys.executable, *common, "--worker", "naive"], log)
+        run([sys.executable, *common, "--worker", "naive"], log, args.timeout)
 
     def read(name):
         path = workdir / name
