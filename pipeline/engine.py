@@ -8,6 +8,8 @@ from typing import Any, Iterable
 
 import deepspeed
 import torch
+import torch.distributed as dist
+from deepspeed.runtime.pipe import schedule
 from torch import nn
 
 from pipeline.config import TTAConfig
@@ -82,11 +84,40 @@ class TTAEngine:
             model=module, model_parameters=params or [nn.Parameter(torch.zeros(1))], config=ds_config,
             optimizer=optimizer)
         self.module = module
+        self.skipped = False  # whether the last step's update was skipped (non-finite loss)
+        self._guard_optimizer_step()
         # Initial state of everything that adapts, after DeepSpeed's dtype cast, kept on the host.
         self._initial = {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters() if p.requires_grad}
 
+    def _guard_optimizer_step(self) -> None:
+        """Every stage skips the update of a step whose loss is NaN or infinite.
+
+        The last stage knows the loss before its optimizer step; one all-reduce over the pipeline
+        tells every stage, which then drops its gradients instead of stepping. (DeepSpeed's
+        schedule has no hook for this: its instruction table is extended for this engine only.)
+        """
+        engine = self.engine
+        table = dict(type(engine)._INSTRUCTION_MAP)
+        optimizer_step = table[schedule.OptimizerStep]
+
+        def guarded_step(eng, *args, **kwargs):
+            bad = torch.zeros(1, device=eng.device)
+            if eng.is_last_stage() and eng.total_loss is not None:
+                bad = (~torch.isfinite(eng.total_loss.detach().float())).float().reshape(1)
+            if eng.is_pipe_parallel:
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=eng.grid.get_pipe_parallel_group())
+            self.skipped = bool(bad.item())
+            if self.skipped:
+                eng.optimizer.zero_grad()
+                return None
+            return optimizer_step(eng, *args, **kwargs)
+
+        table[schedule.OptimizerStep] = guarded_step
+        engine._INSTRUCTION_MAP = table
+
     def step(self, microbatches: Iterable) -> torch.Tensor:
-        """One TTA step: one micro-batch per window, gradients averaged over windows, one update."""
+        """One TTA step: one micro-batch per window, gradients averaged over windows, one update
+        (skipped, with `self.skipped` set, when the loss is not finite)."""
         microbatches = list(microbatches)
         self.engine.set_train_batch_size(len(microbatches))
         return self.engine.train_batch(iter(microbatches))

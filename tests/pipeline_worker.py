@@ -38,7 +38,7 @@ class GradRecorder(torch.optim.SGD):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["grads", "reset", "wiring"], required=True)
+    parser.add_argument("--mode", choices=["grads", "reset", "wiring", "nan"], required=True)
     parser.add_argument("--assets", required=True)
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--local_rank", type=int, default=-1)
@@ -81,6 +81,21 @@ def main() -> None:
         again = float(tte.step(fixed_microbatches(assets, seed=0)))
         out["first_loss"], out["again_loss"] = first, again
         out["same_update"] = all(torch.equal(after_first[n], p) for n, p in module.named_parameters())
+
+    elif args.mode == "nan":
+        ds = load_ds_config({"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"},
+                             "zero_optimization": {"stage": 1}}, lr=1e-3)
+        tte = TTAEngine(module, ds, tta)
+        before = {n: p.detach().clone() for n, p in module.named_parameters()}
+        poisoned = fixed_microbatches(assets, seed=0)
+        for (image, *_), _ in poisoned:
+            image[..., :4, :4] = float("nan")  # a corrupt pixel block: SegFormer's logits go NaN
+        out["nan_loss"] = float(tte.step(poisoned))
+        out["nan_skipped"] = tte.skipped
+        out["unchanged"] = all(torch.equal(before[n], p) for n, p in module.named_parameters())
+        out["next_loss"] = float(tte.step(fixed_microbatches(assets, seed=0)))
+        out["next_skipped"] = tte.skipped
+        out["moved_after"] = any(not torch.equal(before[n], p) for n, p in module.named_parameters())
 
     else:  # wiring
         ds = load_ds_config({"bf16": {"enabled": False}, "zero_optimization": {"stage": 0}}, lr=2e-3)

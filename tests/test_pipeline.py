@@ -149,3 +149,10 @@ def test_twenty_steps_on_one_image_lower_the_loss_and_move_both_models(assets):
     stage0, stage1 = ranks
     assert stage0["segmenter_moved"] > 0 and stage0["generator_moved"] > 0 and stage1["generator_moved"] > 0
     assert stage0["vae_moved"] == 0.0  # frozen
+
+
+def test_a_non_finite_loss_skips_the_update_on_every_stage(assets):
+    for r in run_worker(assets, "nan"):
+        assert r["nan_loss"] != r["nan_loss"] and r["nan_skipped"]  # NaN, and skipped
+        assert r["unchanged"]  # no stage stepped on NaN gradients
+        assert r["next_loss"] == r["next_loss"] and not r["next_skipped"] and r["moved_after"]
