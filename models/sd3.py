@@ -76,7 +76,8 @@ class TransformerParts:
     def load(self, name: str) -> nn.Module:
         """Submodule `name` (e.g. "pos_embed", "transformer_blocks.7"), built on the meta device and
         materialised with its own weights only."""
-        module = self._skeleton.get_submodule(name).to_empty(device="cpu").to(self.dtype)
+        # Cast on the meta device first: memory is allocated once, directly in the target dtype.
+        module = self._skeleton.get_submodule(name).to(self.dtype).to_empty(device="cpu")
         if any(m._non_persistent_buffers_set for m in module.modules()):
             raise NotImplementedError(f"{name} has buffers that are not in the checkpoint")
         prefix = f"{name}."
