@@ -1,14 +1,14 @@
 #!/usr/bin/env python
-"""DUSA test-time adaptation of SegFormer with SD3 on ADE20K-C, through a DeepSpeed pipeline.
+"""Test-time adaptation of SegFormer on ADE20K-C: DUSA (SD3 feedback through a DeepSpeed pipeline), Tent or none.
 
     deepspeed --num_gpus 2 launch/tta.py --config ds_configs/tta.json
     deepspeed --num_gpus 2 launch/tta.py --config ds_configs/demo.json --tta.lr 5e-6
+    deepspeed --num_gpus 1 launch/tta.py --config ds_configs/tta.json --tta.method tent
     python launch/tta.py --print_config
 """
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -16,7 +16,7 @@ from typing import Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from jsonargparse import ActionConfigFile, ArgumentParser  # noqa: E402
+from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings  # noqa: E402
 
 from pipeline.config import (DataConfig, LoggingConfig, ModelConfig, PipelineConfig, RunConfig,  # noqa: E402
                              TTAConfig)
@@ -26,6 +26,7 @@ GROUPS = {"model": ModelConfig, "data": DataConfig, "tta": TTAConfig, "pipeline"
 
 
 def make_parser() -> ArgumentParser:
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the config fields' docstrings are the help
     parser = ArgumentParser(prog="launch/tta.py", description=__doc__.split("\n\n")[0], env_prefix="DUSA",
                             default_env=False)
     parser.add_argument("--config", action=ActionConfigFile, help="A JSON/YAML file of these arguments.")
@@ -36,24 +37,31 @@ def make_parser() -> ArgumentParser:
                         help="DeepSpeed engine JSON: a path or an inline dict (bf16, zero_optimization, "
                              "optimizer without lr, gradient_clipping, steps_per_print, ...).")
     parser.add_argument("--output_dir", type=str, default=defaults.output_dir,
-                        help="Where results.json, the effective config and W&B offline files go.")
+                        help="Where results.json/.csv, the effective config, pictures and W&B offline files go.")
     parser.add_argument("--seed", type=int, default=defaults.seed,
                         help="Seeds noise, timesteps and candidate sampling per image.")
     parser.add_argument("--local_rank", type=int, default=-1, help="Set by the deepspeed launcher.")
     return parser
 
 
-def parse(argv=None) -> tuple[RunConfig, dict]:
+def parse(argv=None) -> tuple[RunConfig, dict, list[str]]:
+    """(config, its JSON record, the config files given with --config)."""
     parser = make_parser()
     ns = parser.parse_args(argv)
     objects = parser.instantiate(ns)
     cfg = RunConfig(**{name: objects[name] for name in GROUPS}, deepspeed=ns.deepspeed,
                     output_dir=ns.output_dir, seed=ns.seed)
-    return cfg, asdict(cfg)
+    return cfg, asdict(cfg), [str(path) for path in ns.get("config") or []]
+
+
+def parameter_counts(module, part: str) -> tuple[str, int, int]:
+    """(part, trainable, total) parameters of a module on this rank."""
+    params = list(module.parameters())
+    return part, sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
 def main(argv=None) -> int:
-    cfg, record = parse(argv)
+    cfg, record, config_files = parse(argv)
 
     import deepspeed
     import torch
@@ -63,61 +71,81 @@ def main(argv=None) -> int:
     from data.classes import ADE20K_CLASSES
     from data.demo import make_demo_dataset
     from models.segformer import Segmenter
-    from models.tiny import ensure_demo_models
+    from models.tiny import ensure_demo_models, make_tiny_segformer
     from pipeline.engine import TTAEngine, load_ds_config
     from pipeline.module import build_pipeline
-    from pipeline.reporting import RunLogger
+    from pipeline.reporting import RunLogger, startup_summary
+    from pipeline.tent import Tent
     from pipeline.tta import TTARunner
 
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.seed)
-    tta_mode = cfg.tta.forward_mode == "tta"
-    if tta_mode and world != cfg.pipeline.num_stages:
+    method = cfg.tta.method
+    if cfg.logging.image_every < 0:
+        raise ValueError(f"logging.image_every={cfg.logging.image_every}: use 0 for no pictures or N > 0")
+    if method == "dusa" and world != cfg.pipeline.num_stages:
         raise ValueError(f"pipeline.num_stages={cfg.pipeline.num_stages} but {world} processes were started: "
                          f"run `deepspeed --num_gpus {cfg.pipeline.num_stages} launch/tta.py ...` "
                          f"or set --pipeline.num_stages {world}")
-    if tta_mode and not (cfg.tta.update_segmenter or cfg.tta.update_generator):
+    if method == "dusa" and not (cfg.tta.update_segmenter or cfg.tta.update_generator):
         raise ValueError("tta.update_segmenter and tta.update_generator are both false: nothing adapts "
-                         "(use --tta.forward_mode discriminative_only for the source model)")
+                         "(use --tta.method source for the unadapted model)")
     class_names = ADE20K_CLASSES
     ds_config = load_ds_config(cfg.deepspeed, cfg.tta.lr)
     record["deepspeed"] = ds_config
+    bf16 = ds_config.get("bf16", {}).get("enabled", False)
     if rank == 0:
         if cfg.data.build_demo_data:
             make_demo_dataset(cfg.data.root, corruptions=tuple(cfg.data.corruptions), severity=cfg.data.severity)
-        if cfg.model.build_demo_models:
+        if cfg.model.build_demo_models and method == "dusa":
             ensure_demo_models(cfg.model.segmenter, cfg.model.generator, cfg.model.class_embeddings, class_names)
+        elif cfg.model.build_demo_models and not (Path(cfg.model.segmenter) / "config.json").is_file():
+            make_tiny_segformer(cfg.model.segmenter, class_names)  # source and tent need no generator
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "config.json").write_text(json.dumps(record, indent=2))
     dist.barrier()
-    device = torch.device(get_accelerator().current_device_name())
+    accelerator = get_accelerator()
+    device = torch.device(accelerator.current_device_name())
+    visible = f"{accelerator.device_count()} x {accelerator.device_name()} visible"
 
-    engine = segmenter = None
+    engine = tent = segmenter = None
     stage, num_stages = 0, 1
-    if tta_mode:
-        bf16 = ds_config.get("bf16", {}).get("enabled", False)
+    if method == "dusa":
         module = build_pipeline(cfg.model, cfg.data, cfg.tta, cfg.pipeline, class_names,
                                 stage_report=print if rank == 0 else (lambda _: None),
                                 dtype=torch.bfloat16 if bf16 else torch.float32)
         engine = TTAEngine(module, ds_config, cfg.tta)
         stage, num_stages = engine.engine.stage_id, engine.engine.num_stages
-        if stage == 0 and module.front.segmenter.num_classes != len(class_names):
-            raise ValueError(f"segmenter {cfg.model.segmenter} predicts {module.front.segmenter.num_classes} "
-                             f"classes, ADE20K has {len(class_names)}")
-    elif rank == 0:  # the source model needs no generator and no pipeline
-        segmenter = Segmenter.from_pretrained(cfg.model.segmenter).eval().to(device)
-        if ds_config.get("bf16", {}).get("enabled", False):
-            segmenter = segmenter.to(torch.bfloat16)
+        checked = module.front.segmenter if stage == 0 else None
+        counts: list = [None] * world
+        dist.all_gather_object(counts, (stage, parameter_counts(module, f"stage {stage}")))
+        parameters = [c for _, c in sorted(counts)]
+        processes = f"{world} ({num_stages} pipeline stages), {visible}"
+    elif rank == 0:  # source and tent: the segmenter alone, on rank 0, no generator and no pipeline
+        checked = Segmenter.from_pretrained(cfg.model.segmenter).eval().to(device)
+        if method == "tent":  # fp32 weights for Adam; bf16 compute by autocast
+            tent = Tent(checked, cfg.tta.lr, torch.bfloat16 if bf16 else None)
+        else:
+            segmenter = (checked.to(torch.bfloat16) if bf16 else checked).requires_grad_(False)
+        parameters = [parameter_counts(checked, "segmenter")]
+        processes = f"{world} (rank 0 runs {method}, the others exit), {visible}"
     else:
-        print(f"rank {rank}: nothing to do in forward_mode=discriminative_only")
+        print(f"rank {rank}: nothing to do for tta.method={method} (it runs on rank 0 alone)")
         return 0
+    if checked is not None and checked.num_classes != len(class_names):
+        raise ValueError(f"segmenter {cfg.model.segmenter} predicts {checked.num_classes} "
+                         f"classes, ADE20K has {len(class_names)}")
 
     logger = RunLogger(cfg.logging, cfg.output_dir, record, class_names) if rank == 0 else None
-    TTARunner(cfg, class_names, device, engine=engine, segmenter=segmenter, stage=stage,
-              num_stages=num_stages, logger=logger, config_record=record).run()
+    runner = TTARunner(cfg, class_names, device, engine=engine, tent=tent, segmenter=segmenter, stage=stage,
+                       num_stages=num_stages, logger=logger, config_record=record)
     if rank == 0:
-        print(f"results: {Path(cfg.output_dir) / 'results.json'}")
+        print(startup_summary(cfg, config_files, processes, parameters, runner.total_images), flush=True)
+    runner.run()
+    if rank == 0:
+        print(f"results: {Path(cfg.output_dir) / 'results.json'} (and .csv); config: "
+              f"{Path(cfg.output_dir) / 'config.json'}")
     return 0
 
 

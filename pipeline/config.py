@@ -43,18 +43,19 @@ class DataConfig:
 
 @dataclass
 class TTAConfig:
-    forward_mode: Literal["tta", "discriminative_only"] = "tta"
-    """`tta`: adapt with the diffusion loss; `discriminative_only`: the unadapted source model."""
+    method: Literal["source", "tent", "dusa"] = "dusa"
+    """`source`: the unadapted segmenter; `tent`: entropy minimisation of the segmenter's norm-layer affine
+    parameters (no generator); `dusa`: adapt with the diffusion loss through the pipeline."""
     continual: bool = False
     """Keep adapting across tasks (no reset of models and optimizer between corruptions)."""
     lr: float = 1e-5
-    """AdamW learning rate of every adapted parameter (written into the DeepSpeed optimizer)."""
+    """Learning rate of every adapted parameter (dusa: AdamW, written into the DeepSpeed optimizer; tent: Adam)."""
     update_segmenter: bool = True
-    """Adapt the segmenter."""
+    """Adapt the segmenter (dusa)."""
     update_generator: bool = True
-    """Adapt the SD3 transformer."""
+    """Adapt the SD3 transformer (dusa)."""
     norm_only: bool = False
-    """Adapt only normalization layers (LayerNorm/BatchNorm/GroupNorm affine parameters)."""
+    """Adapt only normalization layers (LayerNorm/BatchNorm/GroupNorm affine parameters; dusa: tent always does)."""
     topk: int = 1
     """Candidate classes: the union of every latent pixel's top-k classes."""
     max_classes: int = 20
@@ -100,6 +101,9 @@ class LoggingConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     log_every: int = 10
     """Log the running mIoU every N images (the loss is logged every image)."""
+    image_every: int = 100
+    """Every N images of a task (its 1st, N+1th, ...), save a picture (input | prediction | ground truth)
+    under `<output_dir>/pictures/<task>/` and log it to W&B (0: never)."""
     progress: bool = True
     """Show a progress bar per task."""
 

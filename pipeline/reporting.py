@@ -1,10 +1,12 @@
-"""Run reporting: Weights & Biases logging (rank 0 only), the `results.json` document and a terminal table.
+"""Run reporting: Weights & Biases logging (rank 0 only), `results.json` / `results.csv`, terminal tables.
 
-Metric values (`mIoU`, `aAcc`, per-class `IoU`) are fractions in [0, 1]; the table shows them as percentages.
+Metric values (`mIoU`, `aAcc`, per-class `IoU`) are fractions in [0, 1]; the tables show them as percentages.
 W&B is optional: it is imported lazily and any failure in it only prints a warning.
 """
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import netrc
@@ -15,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.config import LoggingConfig, WandbConfig
+from pipeline.config import LoggingConfig, RunConfig, WandbConfig
 
 DEFAULT_PROJECT = "dusa-seg-tta"
 DEFAULT_HOST = "api.wandb.ai"
@@ -166,6 +168,17 @@ class RunLogger:
         self._log(task, {f"{task}/mIoU": float(result["mIoU"]), f"{task}/aAcc": float(result["aAcc"]),
                          f"{task}/per_class_IoU": table})
 
+    def log_picture(self, task: str, picture: Any, caption: str) -> None:
+        """A picture (PIL image) of `task` at the current global step (call it after that step's `log_step`)."""
+        if self._run is None:
+            return
+        try:
+            image = self._wandb.Image(picture, caption=caption)
+        except Exception as exc:
+            self._disable(exc)
+            return
+        self._log(task, {f"{task}/picture": image})
+
     def finish(self, results: dict) -> None:
         """Write the run summary (averages and per-task mIoU), a class x task IoU table, and close the run."""
         if self._run is None:
@@ -178,6 +191,11 @@ class RunLogger:
             for task, res in results["tasks"].items():
                 summary[f"{task}/mIoU"] = res["mIoU"]
                 summary[f"{task}/aAcc"] = res["aAcc"]
+            bars = [[task, 100 * res["mIoU"]] for task, res in results["tasks"].items() if res["mIoU"] is not None]
+            if bars:
+                table = self._wandb.Table(columns=["corruption", "mIoU %"], data=bars)
+                run.log({"global_step": self._global_step, "summary/mIoU_per_corruption": self._wandb.plot.bar(
+                    table, "corruption", "mIoU %", title="mIoU per corruption")})
             if self._task_iou:
                 tasks = list(self._task_iou)
                 rows = [[name, *(_finite_or_none(self._task_iou[t][i]) for t in tasks)]
@@ -234,15 +252,11 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
-def write_results(results: dict, output_dir: str | Path) -> Path:
-    """Write `<output_dir>/results.json` atomically, so readers never see a half-written file."""
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    target = out / "results.json"
-    text = json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=".results.", suffix=".json.tmp")
+def _write_atomic(target: Path, text: str) -> None:
+    """Write through a temporary file and a rename, so readers never see a half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=f"{target.suffix}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -250,6 +264,29 @@ def write_results(results: dict, output_dir: str | Path) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def results_csv(results: dict) -> str:
+    """One row per task: task, mIoU, aAcc, images, seconds, then `IoU/<class>` per class (fractions; empty: n/a)."""
+    tasks = results["tasks"]
+    classes = list(next(iter(tasks.values()))["IoU"]) if tasks else []
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["task", "mIoU", "aAcc", "images", "seconds", *(f"IoU/{c}" for c in classes)])
+    for task, res in tasks.items():
+        values = [res["mIoU"], res["aAcc"], res["images"], res["seconds"], *(res["IoU"][c] for c in classes)]
+        writer.writerow([task, *("" if v is None else v for v in values)])
+    return buffer.getvalue()
+
+
+def write_results(results: dict, output_dir: str | Path) -> Path:
+    """Write `<output_dir>/results.json` and `results.csv` atomically; returns the JSON's path."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    safe = _json_safe(results)
+    target = out / "results.json"
+    _write_atomic(target, json.dumps(safe, indent=2, allow_nan=False) + "\n")
+    _write_atomic(out / "results.csv", results_csv(safe))
     return target
 
 
@@ -269,3 +306,31 @@ def format_results_table(results: dict) -> str:
     avg = results["average"]
     lines.append(f"{'average':<{width}}  {pct(avg['mIoU']):>8}  {pct(avg['aAcc']):>8}")
     return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def startup_summary(cfg: RunConfig, config_files: Sequence[str], processes: str,
+                    parameters: Sequence[tuple[str, int, int]], images: int) -> str:
+    """What is about to run, printed once before the first step: method, models, parameters
+    (part, trainable, total), processes, data, config files and output folder."""
+    tta = cfg.tta
+    method = tta.method
+    if method != "source":
+        method += f" (lr {tta.lr:g}, {'continual' if tta.continual else 'reset before each task'})"
+    rows = [("method", method), ("segmenter", cfg.model.segmenter)]
+    if tta.method == "dusa":
+        rows += [("generator", cfg.model.generator), ("class embeddings", cfg.model.class_embeddings)]
+    rows.append(("processes", processes))
+    rows += [(f"parameters, {part}", f"{_count(trainable)} trainable / {_count(total)}")
+             for part, trainable, total in parameters]
+    rows += [("data", f"{cfg.data.root}: {len(cfg.data.corruptions)} corruptions at severity {cfg.data.severity}, "
+                      f"{images} images"),
+             ("config", ", ".join(config_files) or "(defaults)"), ("output", cfg.output_dir)]
+    width = max(len(key) for key, _ in rows)
+    return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)

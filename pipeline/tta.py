@@ -1,4 +1,8 @@
-"""The TTA loop: tasks (corruptions), one adaptation step per image, scoring and results."""
+"""The TTA loop: tasks (corruptions), one step per image of the chosen method, scoring and results.
+
+Every method (`source`, `tent`, `dusa`) goes through the same data, metric, reset, pictures and logging code;
+only the step that turns an image into scored logits differs.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -8,6 +12,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -15,7 +20,11 @@ from data.ade20k_c import ADE20KC
 from data.metrics import SegmentationMetric
 from pipeline.config import RunConfig
 from pipeline.engine import TTAEngine
+from pipeline.layers import SegmenterFront
+from pipeline.loss import select_candidates
+from pipeline.pictures import make_picture, save_picture
 from pipeline.reporting import RunLogger, format_results_table, summarize, write_results
+from pipeline.tent import Tent
 from pipeline.windows import resize_short_edge, resized_size, window_boxes
 
 
@@ -69,31 +78,74 @@ def predict(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False).argmax(1)[0]
 
 
+def window_candidates(front: SegmenterFront, batches: list) -> list[torch.Tensor]:
+    """The candidate classes of every window of the last DUSA step, as `SegmenterFront` chose them.
+
+    The front keeps no record of them, so they are recomputed from what it used: the same whole-image
+    logits, window crop, latent size, settings and sampling seed. No model runs: an interpolation and
+    a top-k per window, done only for the images that get a picture.
+    """
+    image = batches[0][0][0]
+    full = F.interpolate(front.last_logits.float(), size=image.shape[-2:], mode="bilinear", align_corners=False)
+    size, chosen = front.window_size, []
+    for (_, corner, noise, _, seed), _ in batches:
+        top, left = (int(v) for v in corner)
+        window = full[..., top:top + size, left:left + size]
+        latent = F.interpolate(window, size=noise.shape[-2:], mode="bilinear", align_corners=False)[0]
+        classes, _ = select_candidates(latent, front.topk, front.max_classes, front.min_classes,
+                                       torch.Generator().manual_seed(int(seed.item())))
+        chosen.append(classes.cpu())
+    return chosen
+
+
+# Images/s (never inverted to s/image), then the postfix: running mIoU, loss, ETA of the whole sweep.
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
+
+
 class TTARunner:
-    """Runs every task on this rank: stage 0 reads data and scores; other stages follow the steps."""
+    """Runs every task on this rank: stage 0 reads data and scores; other DUSA stages follow the steps.
+
+    The method's model comes as one argument: `segmenter` (source), `tent` or `engine` (dusa).
+    """
 
     def __init__(self, cfg: RunConfig, class_names: Sequence[str], device: torch.device,
-                 engine: TTAEngine | None = None, segmenter: torch.nn.Module | None = None,
+                 engine: TTAEngine | None = None, tent: Tent | None = None, segmenter: torch.nn.Module | None = None,
                  stage: int = 0, num_stages: int = 1, logger: RunLogger | None = None,
                  config_record: dict[str, Any] | None = None):
+        self.method = cfg.tta.method
+        given = {"dusa": engine, "tent": tent, "source": segmenter}
+        if given[self.method] is None or any(v is not None for m, v in given.items() if m != self.method):
+            raise ValueError(f"tta.method={self.method} needs exactly its own model "
+                             f"(engine for dusa, tent for tent, segmenter for source)")
         self.cfg, self.class_names, self.device = cfg, list(class_names), device
-        self.engine, self.segmenter = engine, segmenter
+        self.engine, self.tent, self.segmenter = engine, tent, segmenter
         self.stage, self.num_stages = stage, num_stages
         self.logger = logger
         self.config_record = config_record if config_record is not None else asdict(cfg)
         self.results: dict[str, dict] = {}
+        data = cfg.data
+        # Every task is listed up front: a missing folder fails now, not hours in, and the sweep's size is known.
+        self.datasets = {task: ADE20KC(data.root, task, data.severity, data.limit) for task in data.corruptions}
+        self.total_images = sum(len(d) for d in self.datasets.values())
+        self._done = 0  # images scored so far in the sweep (for its ETA)
+        self._postfix: dict[str, str] = {}  # what the progress bar shows after its rate
 
     @property
     def scoring(self) -> bool:
         return self.stage == 0
 
+    def reset(self) -> None:
+        """Initial weights and fresh optimizer state of the adapted model (source has none)."""
+        if self.engine is not None:
+            self.engine.reset()
+        elif self.tent is not None:
+            self.tent.reset()
+
     def run(self) -> dict | None:
-        data = self.cfg.data
-        for index, task in enumerate(data.corruptions):
-            if index > 0 and self.engine is not None and not self.cfg.tta.continual:
-                self.engine.reset()
-            dataset = ADE20KC(data.root, task, data.severity, data.limit)
-            result = self.run_task(task, dataset, f"[{index + 1}/{len(data.corruptions)}] {task}")
+        for index, (task, dataset) in enumerate(self.datasets.items()):
+            if index > 0 and not self.cfg.tta.continual:
+                self.reset()
+            result = self.run_task(task, dataset, f"[{index + 1}/{len(self.datasets)}] {task}")
             if self.scoring:
                 self.results[task] = result
                 # Saved after every task, so a crash keeps what finished and claims nothing else.
@@ -109,8 +161,23 @@ class TTARunner:
             self.logger.finish(results)
         return results
 
+    def step(self, task: str, item: dict) -> tuple[torch.Tensor, torch.Tensor | None, list | None]:
+        """One image through the method: (whole-image logits scored, loss or None, DUSA micro-batches or None)."""
+        if self.method == "source":
+            with torch.no_grad():
+                return self.segmenter(item["image"].to(self.device)), None, None
+        if self.method == "tent":
+            logits, loss = self.tent.step(item["image"].to(self.device))
+            return logits, loss, None
+        front, data = self.engine.module.front, self.cfg.data
+        generator = torch.Generator().manual_seed(image_seed(self.cfg.seed, task, item["name"]))
+        latent = (front.encoder.vae.config.latent_channels,) + (data.window_size // front.encoder.downsample,) * 2
+        batches = microbatches(item["image"], item["corners"], latent, self.cfg.tta.timestep_range, generator)
+        loss = self.engine.step(batches)
+        return front.last_logits, loss.detach(), batches
+
     def run_task(self, task: str, dataset: ADE20KC, description: str) -> dict | None:
-        data, tta = self.cfg.data, self.cfg.tta
+        data = self.cfg.data
         if not self.scoring:  # later stages: the same steps, window counts from the headers
             for i in range(len(dataset)):
                 n = num_windows(dataset, i, data.window_size, data.window_stride)
@@ -120,24 +187,23 @@ class TTARunner:
         metric = SegmentationMetric(len(self.class_names))
         loader = DataLoader(PreparedImages(dataset, data.window_size, data.window_stride), batch_size=None,
                             num_workers=data.num_workers, pin_memory=self.device.type == "cuda")
-        pending: list[tuple[int, torch.Tensor]] = []  # losses read back in batches: no sync per step
+        # (step, loss, picture) per image; losses are read back in batches: no host sync per step.
+        pending: list[tuple[int, torch.Tensor | None, tuple[Image.Image, str] | None]] = []
+        every = self.cfg.logging.image_every
         start = time.perf_counter()
-        bar = tqdm(total=len(dataset), desc=description, disable=not self.cfg.logging.progress, dynamic_ncols=True)
+        bar = tqdm(total=len(dataset), desc=description, disable=not self.cfg.logging.progress, dynamic_ncols=True,
+                   unit=" img", bar_format=BAR_FORMAT)
+        # Fixed order on the bar: running mIoU, last loss, ETA of the whole sweep.
+        self._postfix = {"mIoU": "?", **({} if self.method == "source" else {"loss": "?"}), "sweep ETA": "?"}
         for step, item in enumerate(loader):
             label = item["label"].to(self.device, non_blocking=True)
-            if self.engine is None:
-                with torch.no_grad():
-                    logits = self.segmenter(item["image"].to(self.device))
-            else:
-                front = self.engine.module.front
-                generator = torch.Generator().manual_seed(image_seed(self.cfg.seed, task, item["name"]))
-                latent = (front.encoder.vae.config.latent_channels,) + (data.window_size // front.encoder.downsample,) * 2
-                loss = self.engine.step(microbatches(item["image"], item["corners"], latent, tta.timestep_range,
-                                                     generator))
-                pending.append((step, loss.detach()))
-                logits = front.last_logits
-            metric.update(predict(logits, label.shape), label)
-            bar.update(1)
+            logits, loss, batches = self.step(task, item)
+            prediction = predict(logits, label.shape)
+            metric.update(prediction, label)
+            picture = self._picture(task, item, prediction, label, batches) if every and step % every == 0 else None
+            pending.append((step, loss, picture))
+            self._done += 1
+            self._update_bar(bar)
             if len(pending) >= self.cfg.logging.log_every or step + 1 == len(dataset):
                 self._flush(task, pending, metric, bar)
         bar.close()
@@ -147,13 +213,37 @@ class TTARunner:
               f"({result['images']} images, {result['seconds']:.1f} s)", flush=True)
         return result
 
+    def _picture(self, task: str, item: dict, prediction: torch.Tensor, label: torch.Tensor,
+                 batches: list | None) -> tuple[Image.Image, str]:
+        """Input | prediction | ground truth, saved as PNG now and logged to W&B with the step."""
+        notes = [f"{self.method}, {task}, {item['name']}"]
+        if batches is not None:
+            for w, classes in enumerate(window_candidates(self.engine.module.front, batches)):
+                notes.append(f"window {w + 1} candidates: " + ", ".join(self.class_names[c] for c in classes.tolist()))
+        picture = make_picture(item["image"], prediction, label, self.class_names, notes)
+        save_picture(picture, self.cfg.output_dir, task, item["name"])
+        return picture, "\n".join(notes)
+
+    def _update_bar(self, bar: tqdm) -> None:
+        """Advances the bar; the sweep's ETA is its remaining images over the current (smoothed) rate."""
+        rate = bar.format_dict.get("rate")  # None until tqdm has measured one (and when the bar is off)
+        if rate:
+            self._postfix["sweep ETA"] = tqdm.format_interval((self.total_images - self._done) / rate)
+        bar.set_postfix(self._postfix, refresh=False)
+        bar.update(1)
+
     def _flush(self, task: str, pending: list, metric: SegmentationMetric, bar: tqdm) -> None:
         running = metric.compute()["mIoU"]
-        losses = torch.stack([loss for _, loss in pending]).float().tolist() if pending else []
-        if self.logger:
-            for k, ((step, _), loss) in enumerate(zip(pending, losses)):
-                self.logger.log_step(task, step, loss, running_miou=running if k == len(losses) - 1 else None)
-            if not losses:  # no adaptation: only the running mIoU
-                self.logger.log_step(task, bar.n - 1, None, running_miou=running)
-        bar.set_postfix({"mIoU": f"{100 * running:.1f}", **({"loss": f"{losses[-1]:.4f}"} if losses else {})})
+        losses = [loss for _, loss, _ in pending if loss is not None]
+        values = iter(torch.stack(losses).float().tolist() if losses else [])
+        for k, (step, loss, picture) in enumerate(pending):
+            value = next(values) if loss is not None else None
+            if self.logger:
+                self.logger.log_step(task, step, value, running_miou=running if k == len(pending) - 1 else None)
+                if picture is not None:
+                    self.logger.log_picture(task, *picture)
+            if value is not None:
+                self._postfix["loss"] = f"{value:.4f}"
+        self._postfix["mIoU"] = f"{100 * running:.1f}"
+        bar.set_postfix(self._postfix)
         pending.clear()

@@ -1,6 +1,8 @@
-"""The embedded demo through the real launcher: `deepspeed --num_gpus 2 launch/tta.py --config ds_configs/demo.json`."""
+"""The embedded demo through the real launcher: `deepspeed --num_gpus 2 launch/tta.py --config ds_configs/demo.json`,
+once per method (dusa, source, tent)."""
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -15,6 +17,7 @@ from data.ade20k_c import ADE20KC
 from data.classes import ADE20K_CLASSES
 from data.metrics import SegmentationMetric
 from models.segformer import Segmenter
+from pipeline.tent import Tent
 from pipeline.tta import PreparedImages, predict
 from tests.test_pipeline import free_port
 
@@ -22,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CORRUPTIONS = ["gaussian_noise", "defocus_blur"]
 
 
-def launch(tmp: Path, out: str, *overrides: str) -> dict:
+def launch(tmp: Path, out: str, *overrides: str) -> tuple[dict, str]:
+    """Runs the demo into `tmp/out`: (its results.json, the launcher's stdout and stderr)."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", HOME=str(tmp), WANDB_SILENT="true", OMP_NUM_THREADS="1")
     for key in ("WANDB_API_KEY", "WANDB_MODE", "NETRC"):
         env.pop(key, None)  # no credentials: W&B must go offline by itself
@@ -34,7 +38,21 @@ def launch(tmp: Path, out: str, *overrides: str) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "average" in proc.stdout  # the results table was printed
-    return json.loads((tmp / out / "results.json").read_text())
+    return json.loads((tmp / out / "results.json").read_text()), proc.stdout + proc.stderr
+
+
+def check_outputs(run: Path, results: dict) -> None:
+    """results.csv mirrors results.json; config.json and one picture per 2 images of each task (image_every 2)."""
+    with open(run / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["task"] for r in rows] == CORRUPTIONS
+    assert list(rows[0])[5:] == [f"IoU/{c}" for c in ADE20K_CLASSES]
+    for row in rows:
+        assert float(row["mIoU"]) == results["tasks"][row["task"]]["mIoU"]
+    assert json.loads((run / "config.json").read_text()) == results["config"]
+    for task in CORRUPTIONS:
+        assert sorted(p.name for p in (run / "pictures" / task).iterdir()) == [
+            "ADE_val_00000001.png", "ADE_val_00000003.png"]
 
 
 @pytest.fixture(scope="module")
@@ -43,22 +61,30 @@ def demo_dir(tmp_path_factory) -> Path:
 
 
 def test_demo_runs_to_the_end_with_finite_miou_per_task(demo_dir):
-    results = launch(demo_dir, "tta")
+    results, output = launch(demo_dir, "tta")
     assert list(results["tasks"]) == CORRUPTIONS
     for task in results["tasks"].values():
         assert math.isfinite(task["mIoU"]) and 0 <= task["mIoU"] <= 1
         assert task["images"] == 4 and task["seconds"] > 0
         assert len(task["IoU"]) == len(ADE20K_CLASSES)
     assert math.isfinite(results["average"]["mIoU"])
-    assert results["config"]["tta"]["forward_mode"] == "tta"
+    assert results["config"]["tta"]["method"] == "dusa"
     assert results["config"]["deepspeed"]["optimizer"]["params"]["lr"] == results["config"]["tta"]["lr"]
-    # No credentials in this environment: a complete offline W&B run is written beside the results.
-    assert list((demo_dir / "tta" / "wandb").glob("offline-run-*/run-*.wandb"))
+    check_outputs(demo_dir / "tta", results)
+    # The start-up summary (parameters of both stages) and the progress bar's rate and sweep ETA.
+    assert "method" in output and "parameters, stage 0" in output and "parameters, stage 1" in output
+    assert "img/s" in output and "sweep ETA=" in output
+    # No credentials in this environment: a complete offline W&B run is written beside the results,
+    # with the pictures in it.
+    runs = list((demo_dir / "tta" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
+    assert len(list((runs[0] / "files" / "media" / "images").rglob("*.png"))) == 4
 
 
-def test_discriminative_only_scores_the_unchanged_source_model(demo_dir):
-    results = launch(demo_dir, "source", "--tta.forward_mode", "discriminative_only",
-                     "--logging.wandb.enabled", "false")
+def test_source_scores_the_unchanged_source_model(demo_dir):
+    results, _ = launch(demo_dir, "source", "--tta.method", "source", "--logging.wandb.enabled", "false")
+    assert results["config"]["tta"]["method"] == "source"
+    check_outputs(demo_dir / "source", results)
     # The same numbers, computed here from the checkpoint on disk: no weight changed during the run.
     segmenter = Segmenter.from_pretrained(str(demo_dir / "assets/segformer")).eval()
     for task in CORRUPTIONS:
@@ -69,3 +95,28 @@ def test_discriminative_only_scores_the_unchanged_source_model(demo_dir):
         expected = metric.compute()
         assert results["tasks"][task]["mIoU"] == pytest.approx(expected["mIoU"], abs=1e-12)
         assert results["tasks"][task]["aAcc"] == pytest.approx(expected["aAcc"], abs=1e-12)
+
+
+def test_tent_runs_without_a_generator_and_matches_tent_in_one_process(demo_dir):
+    absent = demo_dir / "no-generator"
+    results, output = launch(demo_dir, "tent", "--tta.method", "tent", "--model.generator", str(absent),
+                             "--model.class_embeddings", str(absent / "classes.safetensors"),
+                             "--logging.wandb.enabled", "false")
+    assert not absent.exists()  # neither built nor loaded
+    assert "\nparameters, segmenter " in output and "\ngenerator " not in output  # the start-up summary
+    check_outputs(demo_dir / "tent", results)
+    # The same numbers from the Tent class here: reset between tasks, the adaptation forward scored.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the launched run (OMP_NUM_THREADS=1): the same float reductions
+    try:
+        for task in CORRUPTIONS:
+            tent = Tent(Segmenter.from_pretrained(str(demo_dir / "assets/segformer")), lr=results["config"]["tta"]["lr"])
+            metric = SegmentationMetric(len(ADE20K_CLASSES))
+            for item in PreparedImages(ADE20KC(demo_dir / "data", task), 128, 43):
+                logits, _ = tent.step(item["image"])
+                metric.update(predict(logits, item["label"].shape), item["label"])
+            expected = metric.compute()
+            assert results["tasks"][task]["mIoU"] == pytest.approx(expected["mIoU"], abs=1e-12)
+            assert results["tasks"][task]["aAcc"] == pytest.approx(expected["aAcc"], abs=1e-12)
+    finally:
+        torch.set_num_threads(threads)

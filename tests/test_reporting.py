@@ -1,14 +1,17 @@
 """Tests of pipeline/reporting.py: results document, JSON file, table, and W&B logging (disabled and offline)."""
 from __future__ import annotations
 
+import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
-from pipeline.config import LoggingConfig, WandbConfig
-from pipeline.reporting import (RunLogger, format_results_table, resolve_wandb_mode, summarize,
+from pipeline.config import LoggingConfig, RunConfig, WandbConfig
+from pipeline.reporting import (RunLogger, format_results_table, resolve_wandb_mode, startup_summary, summarize,
                                 wandb_credentials_configured, write_results)
 
 CLASSES = ["wall", "sky", "tree"]
@@ -47,9 +50,9 @@ def test_write_results_nan_to_null_and_atomic(tmp_path: Path) -> None:
     assert data["tasks"]["gaussian_noise"]["IoU"]["sky"] is None
     assert data["config"]["odd"] is None
     assert data["average"]["mIoU"] == pytest.approx(0.40)
-    # Overwriting works and leaves only the final file behind.
+    # Overwriting works and leaves only the final files behind.
     write_results(res, out)
-    assert sorted(p.name for p in out.iterdir()) == ["results.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json"]
 
 
 def test_format_results_table() -> None:
@@ -61,6 +64,39 @@ def test_format_results_table() -> None:
     assert row["average"][1:] == ["40.00", "80.00"]
     assert lines.index(next(line for line in lines if line.startswith("average"))) == len(lines) - 1
     assert lines[-2].startswith("---")
+
+
+def test_results_csv_one_row_per_task_then_per_class_iou(tmp_path: Path) -> None:
+    write_results(summarize(TASK_RESULTS, CONFIG, CLASSES), tmp_path)
+    with open(tmp_path / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["task", "mIoU", "aAcc", "images", "seconds", "IoU/wall", "IoU/sky", "IoU/tree"]
+    assert [r["task"] for r in rows] == ["gaussian_noise", "fog"]
+    g = rows[0]
+    assert float(g["mIoU"]) == 0.30 and float(g["aAcc"]) == 0.70 and int(g["images"]) == 4
+    assert float(g["IoU/wall"]) == 0.2 and g["IoU/sky"] == "" and float(g["IoU/tree"]) == 0.4  # NaN: empty
+
+
+def test_startup_summary_names_what_runs() -> None:
+    def fields(text: str) -> dict[str, str]:  # "key   value" lines, keys padded to one width
+        return dict(re.match(r"(.+?)\s{2,}(.+)$", line).groups() for line in text.splitlines())
+
+    cfg = RunConfig()
+    rows = fields(startup_summary(cfg, ["ds_configs/tta.json"], "2 (2 pipeline stages), 2 x cuda visible",
+                                  [("stage 0", 84_700_000, 168_000_000), ("stage 1", 1_200_000_000, 1_200_000_000)],
+                                  30000))
+    assert rows["method"] == "dusa (lr 1e-05, reset before each task)"
+    assert rows["generator"] == cfg.model.generator and rows["segmenter"] == cfg.model.segmenter
+    assert rows["parameters, stage 0"] == "84.70M trainable / 168.00M"
+    assert rows["parameters, stage 1"] == "1.20B trainable / 1.20B"
+    assert rows["processes"] == "2 (2 pipeline stages), 2 x cuda visible"
+    assert rows["data"] == "data/ade20k_c: 15 corruptions at severity 5, 30000 images"
+    assert rows["config"] == "ds_configs/tta.json" and rows["output"] == cfg.output_dir
+    cfg.tta.method = "source"
+    rows = fields(startup_summary(cfg, [], "1 (rank 0 runs source, the others exit), 1 x cuda visible",
+                                  [("segmenter", 0, 84_700_000)], 10))
+    assert rows["method"] == "source" and rows["config"] == "(defaults)"
+    assert "generator" not in rows and rows["parameters, segmenter"] == "0 trainable / 84.70M"
 
 
 def _clear_wandb_env(monkeypatch: pytest.MonkeyPatch, home: Path) -> None:
@@ -150,12 +186,17 @@ def test_run_logger_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     assert "wandb sync" in capsys.readouterr().out
     assert set(logger._run.tags) == {"test", "ci", "demo"}
 
+    picture = Image.new("RGB", (24, 8), "white")
     for task in TASK_RESULTS:
         for step in range(3):
             logger.log_step(task, step, loss=1.0 / (step + 1), running_miou=0.1 * step if step else None)
+            if step == 0:
+                logger.log_picture(task, picture, caption=f"{task}: input | prediction | ground truth")
         logger.log_task(task, TASK_RESULTS[task])
-    logger.finish(summarize(TASK_RESULTS, CONFIG, CLASSES))
+    logger.finish(summarize(TASK_RESULTS, CONFIG, CLASSES))  # with the bar chart of mIoU per corruption
     assert not logger.enabled and logger.run_dir == run_dir  # kept for the sync instructions
+    assert "WARNING" not in capsys.readouterr().out  # no W&B call failed
+    assert len(list((run_dir / "files" / "media" / "images").rglob("*.png"))) == 2
 
     runs = list((out / "wandb").glob("offline-run-*"))
     assert runs == [run_dir]

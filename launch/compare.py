@@ -1,0 +1,80 @@
+#!/usr/bin/env python
+"""Compare finished runs side by side: one row per run (its method and output folder), mIoU % per corruption
+and the run's average, read from each RUN_DIR/results.json.
+
+    python launch/compare.py runs/source runs/tent runs/dusa
+    python launch/compare.py runs/source runs/tent runs/dusa --format markdown   # best per column in bold
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+AVERAGE = "average"
+
+
+def load_run(run_dir: str | Path) -> tuple[str, dict[str, float | None]]:
+    """(row label "method (folder)", mIoU per corruption in run order, then the run's average)."""
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no results.json (not a run's output_dir, or no task finished yet)")
+    try:
+        results = json.loads(path.read_text())
+        method = results.get("config", {}).get("tta", {}).get("method", "?")
+        scores = {task: res["mIoU"] for task, res in results["tasks"].items()}
+        scores[AVERAGE] = results["average"]["mIoU"]
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path} is not a results.json of launch/tta.py ({type(exc).__name__}: {exc})") from exc
+    return f"{method} ({Path(run_dir).resolve().name})", scores
+
+
+def compare_table(runs: Sequence[tuple[str, dict[str, float | None]]], markdown: bool = False) -> str:
+    """Rows: runs; columns: every corruption in order of first appearance, then the average (mIoU %).
+
+    A run without a corruption shows "-"; each run's average is over its own tasks, as it reported it.
+    """
+    columns = list(dict.fromkeys(t for _, scores in runs for t in scores if t != AVERAGE)) + [AVERAGE]
+    shown = [{c: None if s.get(c) is None else round(100 * s[c], 2) for c in columns} for _, s in runs]
+    # Best as shown: values equal to two decimals are all bold.
+    best = {c: max((s[c] for s in shown if s[c] is not None), default=None) for c in columns}
+
+    def cell(scores: dict[str, float | None], column: str) -> str:
+        value = scores[column]
+        if value is None:
+            return "-"
+        return f"**{value:.2f}**" if markdown and value == best[column] else f"{value:.2f}"
+
+    header = ["run", *columns]
+    rows = [[label, *(cell(scores, c) for c in columns)] for (label, _), scores in zip(runs, shown)]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * len(columns)]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    widths = [max(len(r[k]) for r in [header, *rows]) for k in range(len(header))]
+
+    def line(row: list[str]) -> str:  # labels left-aligned, numbers right-aligned
+        return "  ".join(v.ljust(w) if k == 0 else v.rjust(w) for k, (v, w) in enumerate(zip(row, widths)))
+
+    return "\n".join([line(header), "-" * len(line(header)), *(line(row) for row in rows)])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="launch/compare.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="Output folders of launch/tta.py runs.")
+    parser.add_argument("--format", choices=("text", "markdown"), default="text",
+                        help="text (default) or a Markdown table with the best value per column in bold.")
+    args = parser.parse_args(argv)
+    try:
+        runs = [load_run(d) for d in args.run_dirs]
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"mIoU % per corruption ({len(runs)} runs)")
+    print(compare_table(runs, markdown=args.format == "markdown"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

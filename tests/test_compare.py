@@ -1,0 +1,73 @@
+"""launch/compare.py: several runs' results.json side by side."""
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launch.compare import compare_table, load_run, main
+from pipeline.reporting import summarize, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["wall", "sky"]
+
+
+def make_run(folder: Path, method: str, miou: dict[str, float]) -> Path:
+    tasks = {t: {"mIoU": v, "aAcc": 0.5, "IoU": [v, math.nan], "images": 2, "seconds": 1.0} for t, v in miou.items()}
+    write_results(summarize(tasks, {"tta": {"method": method}}, CLASSES), folder)
+    return folder
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> list[Path]:
+    return [make_run(tmp_path / "src", "source", {"fog": 0.20, "snow": 0.30}),
+            make_run(tmp_path / "tent-a", "tent", {"fog": 0.25, "snow": 0.28}),
+            make_run(tmp_path / "dusa-a", "dusa", {"fog": 0.24999, "frost": 0.40001})]
+
+
+def test_load_run_labels_with_method_and_folder(runs):
+    label, scores = load_run(runs[1])
+    assert label == "tent (tent-a)"
+    assert list(scores) == ["fog", "snow", "average"]
+    assert scores["average"] == pytest.approx(0.265)
+
+
+def test_markdown_table_bolds_the_best_per_column(runs):
+    lines = compare_table([load_run(r) for r in runs], markdown=True).splitlines()
+    assert lines[0] == "| run | fog | snow | frost | average |"
+    assert lines[1] == "| --- | ---: | ---: | ---: | ---: |"
+    assert lines[2] == "| source (src) | 20.00 | **30.00** | - | 25.00 |"
+    # 24.999 rounds to 25.00: equal as shown, so both are bold.
+    assert lines[3] == "| tent (tent-a) | **25.00** | 28.00 | - | 26.50 |"
+    assert lines[4] == "| dusa (dusa-a) | **25.00** | - | **40.00** | **32.50** |"
+
+
+def test_text_table_is_plain_and_aligned(runs):
+    lines = compare_table([load_run(r) for r in runs]).splitlines()
+    assert "**" not in "\n".join(lines)
+    assert lines[0].split() == ["run", "fog", "snow", "frost", "average"]
+    assert set(lines[1]) == {"-"} and len({len(line) for line in lines}) == 1
+    assert lines[3].split() == ["tent", "(tent-a)", "25.00", "28.00", "-", "26.50"]
+
+
+def test_cli_prints_the_table_and_refuses_a_folder_without_results(runs, tmp_path: Path, capsys):
+    assert main([str(r) for r in runs] + ["--format", "markdown"]) == 0
+    assert "| dusa (dusa-a) |" in capsys.readouterr().out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(runs[0]), str(empty)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {empty} has no results.json (not a run's output_dir, or no task finished yet)"
+    (empty / "results.json").write_text("{not json")
+    assert main([str(empty)]) == 2
+    assert "is not a results.json of launch/tta.py" in capsys.readouterr().err
+
+
+def test_runs_as_a_script(runs):
+    proc = subprocess.run([sys.executable, "launch/compare.py", *map(str, runs)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "source (src)" in proc.stdout

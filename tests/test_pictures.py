@@ -1,0 +1,80 @@
+"""Pictures (pipeline/pictures.py) and the DUSA candidate classes shown in them (pipeline/tta.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data.classes import ADE20K_CLASSES, ADE20K_PALETTE
+from models.sd3 import LatentEncoder
+from models.segformer import Segmenter
+from models.tiny import make_tiny_sd3, make_tiny_segformer
+from pipeline.layers import SegmenterFront, unpack
+from pipeline.pictures import GAP, classes_present, colorize, make_picture, save_picture
+from pipeline.tta import microbatches, window_candidates
+from pipeline.windows import resize_short_edge, window_boxes
+
+
+def test_colorize_uses_the_ade_palette_and_black_for_ignored():
+    label = torch.tensor([[0, 1], [149, 255]])
+    rgb = np.asarray(colorize(label))
+    assert rgb.shape == (2, 2, 3)
+    assert tuple(rgb[0, 0]) == ADE20K_PALETTE[0] and tuple(rgb[0, 1]) == ADE20K_PALETTE[1]
+    assert tuple(rgb[1, 0]) == ADE20K_PALETTE[149] and tuple(rgb[1, 1]) == (0, 0, 0)
+
+
+def test_classes_present_most_pixels_first_without_ignored():
+    prediction = torch.tensor([[3, 3, 3], [5, 5, 255]])
+    label = torch.tensor([[7, 7, 7], [7, 255, 255]])
+    assert classes_present(prediction, label, num_classes=150) == [7, 3, 5]
+
+
+def test_picture_shows_input_prediction_and_ground_truth_side_by_side(tmp_path: Path):
+    h, w = 40, 60
+    image = torch.rand(1, 3, 64, 96)  # the resized input: drawn at the label's size
+    prediction = torch.full((h, w), 2)
+    label = torch.full((h, w), 4)
+    label[:, :10] = 255
+    picture = make_picture(image, prediction, label, ADE20K_CLASSES, notes=["dusa, fog, x", "window 1: sky, tree"])
+    assert picture.width == 3 * w + 4 * GAP and picture.height > h
+    rgb = np.asarray(picture)
+    top = next(y for y in range(picture.height) if tuple(rgb[y, GAP + w + GAP]) == ADE20K_PALETTE[2])
+    assert tuple(rgb[top + h // 2, GAP + w + GAP + w // 2]) == ADE20K_PALETTE[2]  # prediction panel
+    assert tuple(rgb[top + h // 2, GAP + 2 * (w + GAP) + w // 2]) == ADE20K_PALETTE[4]  # ground truth panel
+    assert tuple(rgb[top + h // 2, GAP + 2 * (w + GAP) + 2]) == (0, 0, 0)  # ignored pixels
+    # A legend below the panels: a swatch of each class present.
+    below = rgb[top + h:]
+    for c in (2, 4):
+        assert (below == np.array(ADE20K_PALETTE[c], dtype=np.uint8)).all(-1).any()
+
+    path = save_picture(picture, tmp_path, "fog", "ADE_val_00000001")
+    assert path == tmp_path / "pictures" / "fog" / "ADE_val_00000001.png" and path.is_file()
+
+
+def test_picture_refuses_a_prediction_of_another_size():
+    with pytest.raises(ValueError, match="prediction"):
+        make_picture(torch.rand(3, 8, 8), torch.zeros(4, 4), torch.zeros(8, 8), ADE20K_CLASSES)
+
+
+def test_window_candidates_are_the_ones_the_front_used(tmp_path: Path):
+    segformer = make_tiny_segformer(tmp_path / "segformer", ADE20K_CLASSES)
+    sd3 = make_tiny_sd3(tmp_path / "sd3", num_layers=1)
+    window, stride = 64, 21
+    # topk 2, a small budget and a minimum exercise every rule of the selection, sampling included.
+    front = SegmenterFront(Segmenter.from_pretrained(str(segformer)).eval(), LatentEncoder.from_pretrained(str(sd3)),
+                           window, topk=2, max_classes=6, min_classes=3)
+    g = torch.Generator().manual_seed(0)
+    image = F.interpolate(torch.rand(1, 3, 4, 6, generator=g), size=(80, 120), mode="bilinear")
+    image = resize_short_edge(0.8 * image + 0.2 * torch.rand(1, 3, 80, 120, generator=g), window)
+    corners = window_boxes(image.shape[-2], image.shape[-1], window, stride)
+    batches = microbatches(image, corners, (16, window // 8, window // 8), (0.2, 0.6), g)
+    used = []
+    with torch.no_grad():
+        for inputs, _ in batches:
+            used.append(unpack(front(inputs))[3])
+    assert len(used) == 3
+    chosen = window_candidates(front, batches)
+    assert [c.tolist() for c in chosen] == [c.tolist() for c in used]
