@@ -9,7 +9,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Union
@@ -60,7 +62,31 @@ def parameter_counts(module, part: str) -> tuple[str, int, int]:
     return part, sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
+# Failures a user can fix (bad paths, data, config values, numerics): one line, exit code 2.
+USER_ERRORS = (FileNotFoundError, ValueError, OSError, FloatingPointError, NotImplementedError)
+OOM_HELP = ("out of GPU memory: lower --tta.max_classes (the transformer batch per window), set "
+            "--pipeline.activation_checkpoint_interval 1, or spread the model over more GPUs "
+            "(--pipeline.num_stages with deepspeed --num_gpus)")
+
+
 def main(argv=None) -> int:
+    try:
+        return run(argv)
+    except Exception as exc:  # noqa: BLE001 - sorted below: only user-facing failures are shortened
+        import torch
+        oom = isinstance(exc, torch.OutOfMemoryError)
+        if not (oom or isinstance(exc, USER_ERRORS)) or os.environ.get("DUSA_TRACEBACK"):
+            raise
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        rank = int(os.environ.get("RANK", "0"))
+        if rank:  # rank 0 mostly fails alike: give the launcher time to stop this process first
+            time.sleep(3)
+        print(f"error: {f'[rank {rank}] ' if rank else ''}{OOM_HELP if oom else lines[0]}"
+              f"{' (DUSA_TRACEBACK=1 shows the traceback)' if not oom else ''}", file=sys.stderr, flush=True)
+        os._exit(2)  # no atexit / process-group teardown: it can wait forever on peers that are gone
+
+
+def run(argv=None) -> int:
     cfg, record, config_files = parse(argv)
 
     import deepspeed
@@ -68,6 +94,7 @@ def main(argv=None) -> int:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
+    from data.ade20k_c import ADE20KC
     from data.classes import ADE20K_CLASSES
     from data.demo import make_demo_dataset
     from models.segformer import Segmenter
@@ -76,7 +103,7 @@ def main(argv=None) -> int:
     from pipeline.module import build_pipeline
     from pipeline.reporting import RunLogger, startup_summary
     from pipeline.tent import Tent
-    from pipeline.tta import TTARunner
+    from pipeline.tta import TTARunner, finished_tasks
 
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -93,7 +120,12 @@ def main(argv=None) -> int:
                          "(use --tta.method source for the unadapted model)")
     class_names = ADE20K_CLASSES
     ds_config = load_ds_config(cfg.deepspeed, cfg.tta.lr)
+    # Bad data or a clashing output folder fail now, before any model loads.
+    if not cfg.data.build_demo_data:
+        for task in cfg.data.corruptions:
+            ADE20KC(cfg.data.root, task, cfg.data.severity, cfg.data.limit)
     record["deepspeed"] = ds_config
+    finished_tasks(cfg, record, ADE20K_CLASSES)
     bf16 = ds_config.get("bf16", {}).get("enabled", False)
     if rank == 0:
         if cfg.data.build_demo_data:

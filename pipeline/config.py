@@ -66,6 +66,8 @@ class TTAConfig:
     """LogitNorm temperature: p = softmax((l / ||l||) / temperature) over the candidates."""
     timestep_range: tuple[float, float] = (0.25, 0.25)
     """Flow-matching time t is drawn uniformly from this range (equal bounds: fixed t)."""
+    max_nonfinite: int = 5
+    """Stop when this many steps in a row have a NaN/inf loss (each such step skips its update)."""
 
 
 @dataclass

@@ -236,6 +236,7 @@ def summarize(task_results: dict[str, dict], config: dict, class_names: Sequence
             "IoU": {name: _finite_or_none(v) for name, v in zip(names, iou)},
             "images": int(res["images"]),
             "seconds": float(res["seconds"]),
+            "nonfinite_steps": int(res.get("nonfinite_steps", 0)),
         }
     average = {key: _mean([t[key] for t in tasks.values()]) for key in ("mIoU", "aAcc")}
     return {"tasks": tasks, "average": average, "config": config}

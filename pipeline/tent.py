@@ -49,6 +49,7 @@ class Tent:
         self.optimizer = torch.optim.Adam(self.params, lr=lr, betas=(0.9, 0.999))
         self.autocast_dtype = autocast_dtype
         self._initial = [p.detach().clone() for p in self.params]
+        self.skipped = False  # whether the last step's update was skipped (non-finite loss)
 
     def step(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """image [1, 3, H, W] in [0, 1] -> (logits before the update, detached; entropy loss, detached)."""
@@ -57,9 +58,20 @@ class Tent:
             logits = self.segmenter(image)
         loss = mean_entropy(logits)
         loss.backward()
-        self.optimizer.step()
+        self.skipped = not bool(torch.isfinite(loss))  # a NaN/inf loss must not reach the weights
+        if not self.skipped:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return logits.detach(), loss.detach()
+
+    def state_dict(self) -> dict:
+        return {"params": [p.detach().cpu() for p in self.params], "optimizer": self.optimizer.state_dict()}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        for p, saved in zip(self.params, state["params"]):
+            p.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
 
     @torch.no_grad()
     def reset(self) -> None:

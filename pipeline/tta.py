@@ -6,11 +6,16 @@ only the step that turns an image into scored logits differs.
 from __future__ import annotations
 
 import hashlib
+import json
+import math
+import shutil
 import time
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -26,6 +31,49 @@ from pipeline.pictures import make_picture, save_picture
 from pipeline.reporting import RunLogger, format_results_table, summarize, write_results
 from pipeline.tent import Tent
 from pipeline.windows import resize_short_edge, resized_size, window_boxes
+
+
+def resume_signature(record: dict[str, Any]) -> dict[str, Any]:
+    """What makes results comparable: a rerun resumes only when this is unchanged (logging, workers,
+    the task list's tail and the stage split may change; the stage split does not change the math)."""
+    record = json.loads(json.dumps(record))  # tuples and lists compare alike, as saved
+    return {"model": {k: v for k, v in record["model"].items() if k != "build_demo_models"},
+            "data": {k: v for k, v in record["data"].items() if k not in ("corruptions", "num_workers", "build_demo_data")},
+            "tta": record["tta"], "seed": record["seed"],
+            "deepspeed": {k: v for k, v in (record.get("deepspeed") or {}).items()
+                          if k not in ("steps_per_print", "wall_clock_breakdown")}}
+
+
+def state_path(output_dir: str, task: str) -> Path:
+    """Where a continual run keeps the adapted state after `task` (the latest only)."""
+    return Path(output_dir) / "state" / task
+
+
+def finished_tasks(cfg: RunConfig, record: dict[str, Any], class_names: Sequence[str]) -> dict[str, dict]:
+    """Tasks that results.json in the output folder already holds for this very configuration.
+
+    Raises for an output folder that holds another configuration's results, or tasks in another
+    order, or (continual) no saved state to go on from: mixing them would give wrong numbers.
+    """
+    path = Path(cfg.output_dir) / "results.json"
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    before, now = resume_signature(saved["config"]), resume_signature(record)
+    differing = [k for k in now if before[k] != now[k]]
+    if differing:
+        raise ValueError(f"{path} holds results of another configuration (differs in: {', '.join(differing)}): "
+                         f"use another --output_dir, or delete that folder to start over")
+    tasks, order = list(saved.get("tasks", {})), list(cfg.data.corruptions)
+    if tasks != order[:len(tasks)]:
+        raise ValueError(f"{path} holds tasks {tasks}, not a beginning of this run's {order}: use another --output_dir")
+    if tasks and cfg.tta.continual and len(tasks) < len(order) and not state_path(cfg.output_dir, tasks[-1]).exists():
+        raise ValueError(f"continual run: no saved state after task {tasks[-1]} in "
+                         f"{state_path(cfg.output_dir, tasks[-1])}; delete {cfg.output_dir} to start over")
+    def restore(value):
+        return math.nan if value is None else value
+    return {t: {**r, "IoU": [restore(r["IoU"].get(n)) for n in class_names], "mIoU": restore(r["mIoU"]),
+                "aAcc": restore(r["aAcc"])} for t, r in saved["tasks"].items()}
 
 
 def image_seed(seed: int, task: str, name: str) -> int:
@@ -128,6 +176,7 @@ class TTARunner:
         self.datasets = {task: ADE20KC(data.root, task, data.severity, data.limit) for task in data.corruptions}
         self.total_images = sum(len(d) for d in self.datasets.values())
         self._done = 0  # images scored so far in the sweep (for its ETA)
+        self._nonfinite_run = self._nonfinite_task = 0  # steps with a NaN/inf loss: in a row, in this task
         self._postfix: dict[str, str] = {}  # what the progress bar shows after its rate
 
     @property
@@ -142,10 +191,22 @@ class TTARunner:
             self.tent.reset()
 
     def run(self) -> dict | None:
+        finished = self._finished_tasks()
         for index, (task, dataset) in enumerate(self.datasets.items()):
+            if task in finished:
+                self.results[task] = finished[task]
+                self._done += len(dataset)
+                if self.scoring:
+                    print(f"{task}: already done in {self.cfg.output_dir} (mIoU {100 * finished[task]['mIoU']:.2f}), "
+                          f"skipped", flush=True)
+                if index + 1 == len(finished) and self.cfg.tta.continual:
+                    self._load_state(task)  # the models and optimizer as they were after that task
+                continue
             if index > 0 and not self.cfg.tta.continual:
                 self.reset()
             result = self.run_task(task, dataset, f"[{index + 1}/{len(self.datasets)}] {task}")
+            if self.cfg.tta.continual and index + 1 < len(self.datasets):
+                self._save_state(task)  # before results.json names the task finished
             if self.scoring:
                 self.results[task] = result
                 # Saved after every task, so a crash keeps what finished and claims nothing else.
@@ -161,6 +222,39 @@ class TTARunner:
             self.logger.finish(results)
         return results
 
+    # ------------------------------------------------------------------ resuming an interrupted sweep
+    def _finished_tasks(self) -> dict[str, dict]:
+        return finished_tasks(self.cfg, self.config_record, self.class_names)
+
+    def _state_path(self, task: str) -> Path:
+        return state_path(self.cfg.output_dir, task)
+
+    def _save_state(self, task: str) -> None:
+        """Continual runs keep the adapted state after each task (only the latest), to resume from."""
+        path = self._state_path(task)
+        if self.engine is not None:  # every rank writes its stage (DeepSpeed checkpoint: weights + optimizer)
+            self.engine.engine.save_checkpoint(str(path.parent), tag=task)
+        elif self.tent is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self.tent.state_dict(), path)
+        else:
+            return
+        if dist.is_initialized():
+            dist.barrier()
+        if self.scoring:
+            for old in path.parent.iterdir():
+                if old.name != task and old.name != "latest":
+                    shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+    def _load_state(self, task: str) -> None:
+        path = self._state_path(task)
+        if self.engine is not None:
+            self.engine.engine.load_checkpoint(str(path.parent), tag=task, load_optimizer_states=True,
+                                               load_lr_scheduler_states=False)
+        elif self.tent is not None:
+            self.tent.load_state_dict(torch.load(path))
+
+    # ------------------------------------------------------------------ one image
     def step(self, task: str, item: dict) -> tuple[torch.Tensor, torch.Tensor | None, list | None]:
         """One image through the method: (whole-image logits scored, loss or None, DUSA micro-batches or None)."""
         if self.method == "source":
@@ -176,12 +270,24 @@ class TTARunner:
         loss = self.engine.step(batches)
         return front.last_logits, loss.detach(), batches
 
+    def _count_nonfinite(self, skipped: bool) -> None:
+        """Counts steps whose update was skipped for a NaN/inf loss; too many in a row stop the run."""
+        self._nonfinite_run = self._nonfinite_run + 1 if skipped else 0
+        self._nonfinite_task += int(skipped)
+        if self._nonfinite_run >= self.cfg.tta.max_nonfinite:
+            raise FloatingPointError(
+                f"{self._nonfinite_run} steps in a row had a NaN/inf loss (their updates were skipped): "
+                f"the adapted weights or the inputs are broken; lower --tta.lr or check the images "
+                f"(limit: --tta.max_nonfinite)")
+
     def run_task(self, task: str, dataset: ADE20KC, description: str) -> dict | None:
         data = self.cfg.data
+        self._nonfinite_task = 0
         if not self.scoring:  # later stages: the same steps, window counts from the headers
             for i in range(len(dataset)):
                 n = num_windows(dataset, i, data.window_size, data.window_stride)
                 self.engine.step([(None, torch.zeros(1))] * n)
+                self._count_nonfinite(self.engine.skipped)
             return None
 
         metric = SegmentationMetric(len(self.class_names))
@@ -198,6 +304,8 @@ class TTARunner:
         for step, item in enumerate(loader):
             label = item["label"].to(self.device, non_blocking=True)
             logits, loss, batches = self.step(task, item)
+            if self.method != "source":
+                self._count_nonfinite((self.engine or self.tent).skipped)
             prediction = predict(logits, label.shape)
             metric.update(prediction, label)
             picture = self._picture(task, item, prediction, label, batches) if every and step % every == 0 else None
@@ -208,7 +316,9 @@ class TTARunner:
                 self._flush(task, pending, metric, bar)
         bar.close()
         result = metric.compute()
-        result.update(images=len(dataset), seconds=time.perf_counter() - start)
+        result.update(images=len(dataset), seconds=time.perf_counter() - start, nonfinite_steps=self._nonfinite_task)
+        if self._nonfinite_task:
+            print(f"{task}: {self._nonfinite_task} steps had a NaN/inf loss; their updates were skipped", flush=True)
         print(f"{task}: mIoU {100 * result['mIoU']:.2f}  aAcc {100 * result['aAcc']:.2f}  "
               f"({result['images']} images, {result['seconds']:.1f} s)", flush=True)
         return result

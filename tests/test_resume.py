@@ -1,0 +1,87 @@
+"""An interrupted sweep loses nothing, and runs repeat exactly (the demo through the launcher, CPU)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.test_pipeline import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def command(tmp: Path, out: str, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+            "launch/tta.py", "--config", "ds_configs/demo.json", "--output_dir", str(tmp / out),
+            "--model.segmenter", str(tmp / "assets/segformer"), "--model.generator", str(tmp / "assets/sd3"),
+            "--model.class_embeddings", str(tmp / "assets/classes.safetensors"), "--data.root", str(tmp / "data"),
+            "--logging.wandb.enabled", "false", "--logging.image_every", "0", *overrides]
+
+
+ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+
+
+def run(tmp: Path, out: str, *overrides: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(command(tmp, out, *overrides), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def comparable(out: Path) -> dict:
+    """results.json without what a rerun may change (wall-clock seconds, the output folder)."""
+    results = json.loads((out / "results.json").read_text())
+    for task in results["tasks"].values():
+        task.pop("seconds")
+    results["config"].pop("output_dir")
+    return results
+
+
+@pytest.fixture(scope="module")
+def tmp(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("resume")
+
+
+def test_same_config_and_seed_give_identical_results(tmp):
+    run(tmp, "once", "--tta.continual", "true")
+    run(tmp, "twice", "--tta.continual", "true")
+    assert comparable(tmp / "once") == comparable(tmp / "twice")
+
+
+def test_a_sweep_killed_after_its_first_task_resumes_to_the_same_results(tmp):
+    out = tmp / "killed"
+    proc = subprocess.Popen(command(tmp, "killed", "--tta.continual", "true"), cwd=ROOT, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:  # kill the whole launcher tree once the first task is saved
+            results = out / "results.json"
+            if results.is_file() and len(json.loads(results.read_text())["tasks"]) == 1:
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            assert proc.poll() is None, "the run ended before it could be interrupted"
+            time.sleep(0.05)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert list(json.loads((out / "results.json").read_text())["tasks"]) == ["gaussian_noise"]
+
+    rerun = run(tmp, "killed", "--tta.continual", "true")
+    assert "gaussian_noise: already done" in rerun.stdout
+    # Continual: the second task started from the saved state of the first, so nothing differs.
+    assert comparable(out) == comparable(tmp / "once")
+
+
+def test_a_rerun_with_another_configuration_is_refused(tmp):
+    proc = subprocess.run(command(tmp, "once", "--tta.continual", "true", "--tta.lr", "0.5"), cwd=ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0
+    assert "holds results of another configuration (differs in: tta, deepspeed)" in proc.stderr
+    assert "Loading weights" not in proc.stderr  # refused before any model loads
