@@ -81,7 +81,8 @@ def main(argv=None) -> int:
         rank = int(os.environ.get("RANK", "0"))
         if rank:  # rank 0 mostly fails alike: give the launcher time to stop this process first
             time.sleep(3)
-        print(f"error: {f'[rank {rank}] ' if rank else ''}{OOM_HELP if oom else lines[0]}"
+        # Leading newline: a progress bar may hold the current line.
+        print(f"\nerror: {f'[rank {rank}] ' if rank else ''}{OOM_HELP if oom else lines[0]}"
               f"{' (DUSA_TRACEBACK=1 shows the traceback)' if not oom else ''}", file=sys.stderr, flush=True)
         os._exit(2)  # no atexit / process-group teardown: it can wait forever on peers that are gone
 
@@ -105,6 +106,12 @@ def run(argv=None) -> int:
     from pipeline.tent import Tent
     from pipeline.tta import TTARunner, finished_tasks
 
+    if "RANK" not in os.environ:  # started without a launcher: one process, like `deepspeed --num_gpus 1`
+        import socket
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.seed)

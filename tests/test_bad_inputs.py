@@ -1,0 +1,93 @@
+"""Bad input through the launcher: a one-line error naming the file or key, exit code 2, no
+traceback as the message, and no results file claiming a finished task."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.classes import ADE20K_CLASSES
+from data.demo import make_demo_dataset
+from models.class_embeddings import save_class_embeddings
+from models.tiny import ensure_demo_models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bad")
+    ensure_demo_models(str(root / "segformer"), str(root / "sd3"), str(root / "classes.safetensors"), ADE20K_CLASSES)
+    make_demo_dataset(root / "data", num_images=2)
+    return root
+
+
+def launch(demo: Path, out: str, *overrides: str) -> subprocess.CompletedProcess:
+    """One process, no launcher (`python launch/tta.py`), on the demo's models and data."""
+    cmd = [sys.executable, "launch/tta.py", "--config", "ds_configs/demo.json", "--output_dir", str(demo / out),
+           "--model.build_demo_models", "false", "--data.build_demo_data", "false",
+           "--model.segmenter", str(demo / "segformer"), "--model.generator", str(demo / "sd3"),
+           "--model.class_embeddings", str(demo / "classes.safetensors"), "--data.root", str(demo / "data"),
+           "--pipeline.num_stages", "1", "--pipeline.partition", "null", "--logging.wandb.enabled", "false",
+           *overrides]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env.pop("DUSA_TRACEBACK", None)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def error_line(proc: subprocess.CompletedProcess) -> str:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
+CASES = {
+    "missing data root": (["--data.root", "/nonexistent/ade20k_c"], "ADE20K-C root /nonexistent/ade20k_c does not exist"),
+    "unknown corruption": (["--data.corruptions", "[fog]"], "corruptions under"),
+    "unknown config key": (["--tta.learning_rate", "1e-5"], "unrecognized arguments: --tta.learning_rate"),
+    "wrong type": (["--tta.lr", "fast"], 'Parser key "tta.lr"'),
+    "stages vs processes": (["--pipeline.num_stages", "2"], "pipeline.num_stages=2 but 1 processes were started"),
+    "stages vs blocks": (["--pipeline.partition", "[0,40]"], "pipeline.partition [0, 40] must be 2 increasing"),
+    "missing checkpoint": (["--model.segmenter", "/nonexistent/segformer"], "/nonexistent/segformer"),
+    "fp16 engine": (["--deepspeed", '{"fp16": {"enabled": true}}'], "fp16 is not supported"),
+    "lr in the engine JSON": (["--deepspeed", '{"optimizer": {"type": "AdamW", "params": {"lr": 0.1}}}'],
+                              "set tta.lr instead"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input_gives_one_clear_line(demo, case):
+    overrides, expected = CASES[case]
+    line = error_line(launch(demo, case.replace(" ", "_"), *overrides))
+    assert expected in line
+    assert not (demo / case.replace(" ", "_") / "results.json").exists()
+
+
+def test_a_cache_for_other_classes_or_another_model_is_refused(demo):
+    other = demo / "other-classes.safetensors"
+    save_class_embeddings(other, torch.zeros(2, 85, 32), torch.zeros(2, 32), ["cat", "dog"], str(demo / "sd3"), "{}")
+    assert "was made for 2 other classes" in error_line(launch(demo, "other", "--model.class_embeddings", str(other)))
+    model = demo / "other-model.safetensors"
+    save_class_embeddings(model, torch.zeros(150, 85, 32), torch.zeros(150, 32), ADE20K_CLASSES, "sd3.5-large", "{}")
+    assert "not the run's generator" in error_line(launch(demo, "model", "--model.class_embeddings", str(model)))
+
+
+def test_an_image_without_annotation_and_an_unreadable_image(demo, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(demo / "data", data)
+    (data / "annotations/validation/ADE_val_00000002.png").unlink()
+    line = error_line(launch(demo, "noann", "--data.root", str(data)))
+    assert "has no annotation" in line and "ADE_val_00000002" in line
+    shutil.copy(demo / "data/annotations/validation/ADE_val_00000001.png", data / "annotations/validation/ADE_val_00000002.png")
+    (data / "images/validation/gaussian_noise_5/ADE_val_00000002.jpg").write_bytes(b"not a jpeg")
+    line = error_line(launch(demo, "unreadable", "--data.root", str(data), "--tta.method", "source"))
+    assert "cannot read image" in line and "ADE_val_00000002.jpg" in line
+    # The first task did not finish: no results file may claim it.
+    assert not (demo / "unreadable" / "results.json").exists()
