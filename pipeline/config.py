@@ -8,6 +8,8 @@ from typing import Literal
 
 @dataclass
 class ModelConfig:
+    """Checkpoints: hub ids or local folders."""
+
     segmenter: str = "nvidia/segformer-b5-finetuned-ade-640-640"
     """SegFormer checkpoint: a hub id or a local folder (transformers layout)."""
     generator: str = "stabilityai/stable-diffusion-3-medium-diffusers"
@@ -20,6 +22,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
+    """ADE20K-C and how images are cut into windows."""
+
     root: str = "data/ade20k_c"
     """ADE20K-C root holding `images/validation/<corruption>_<severity>/` and `annotations/validation/`."""
     corruptions: list[str] = field(default_factory=lambda: [
@@ -43,6 +47,8 @@ class DataConfig:
 
 @dataclass
 class TTAConfig:
+    """The adaptation method and its hyper-parameters."""
+
     method: Literal["source", "tent", "dusa"] = "dusa"
     """`source`: the unadapted segmenter; `tent`: entropy minimisation of the segmenter's norm-layer affine
     parameters (no generator); `dusa`: adapt with the diffusion loss through the pipeline."""
@@ -72,6 +78,8 @@ class TTAConfig:
 
 @dataclass
 class PipelineConfig:
+    """How the DUSA model is split into DeepSpeed pipeline stages."""
+
     num_stages: int = 2
     """Pipeline stages; the launcher must start exactly this many processes."""
     partition: list[int] | None = None
@@ -84,6 +92,8 @@ class PipelineConfig:
 
 @dataclass
 class WandbConfig:
+    """Weights & Biases."""
+
     enabled: bool = True
     """Log to Weights & Biases (offline automatically when no credentials are configured)."""
     project: str | None = None
@@ -100,6 +110,8 @@ class WandbConfig:
 
 @dataclass
 class LoggingConfig:
+    """Logging, pictures and progress."""
+
     wandb: WandbConfig = field(default_factory=WandbConfig)
     log_every: int = 10
     """Log the running mIoU every N images (the loss is logged every image)."""
@@ -112,6 +124,8 @@ class LoggingConfig:
 
 @dataclass
 class RunConfig:
+    """One run: every group, the DeepSpeed JSON, the output folder and the seed."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tta: TTAConfig = field(default_factory=TTAConfig)
