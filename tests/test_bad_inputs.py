@@ -91,3 +91,56 @@ def test_an_image_without_annotation_and_an_unreadable_image(demo, tmp_path):
     assert "cannot read image" in line and "ADE_val_00000002.jpg" in line
     # The first task did not finish: no results file may claim it.
     assert not (demo / "unreadable" / "results.json").exists()
+
+
+def test_a_very_wide_image_runs_with_many_windows(demo, tmp_path):
+    """A 128 x 1100 panorama: 24 windows, so 24 micro-batches in one DUSA step."""
+    import numpy as np
+    from PIL import Image
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(demo / "data", data)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (128, 1100, 3), dtype=np.uint8)).save(
+        data / "images/validation/gaussian_noise_5/ADE_val_00000001.jpg")
+    Image.fromarray(rng.integers(0, 151, (128, 1100), dtype=np.uint8)).save(
+        data / "annotations/validation/ADE_val_00000001.png")
+    proc = launch(demo, "wide", "--data.root", str(data), "--data.corruptions", "[gaussian_noise]",
+                  "--data.limit", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+    assert json.loads((demo / "wide" / "results.json").read_text())["tasks"]["gaussian_noise"]["images"] == 1
+
+
+def test_out_of_memory_names_the_knobs(monkeypatch, capsys):
+    """The launcher's handler turns a CUDA OOM anywhere in the run into one line with the fixes."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    import tta as launcher
+
+    def oom(argv=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def exit_(code):
+        raise SystemExit(code)
+    monkeypatch.setattr(launcher, "run", oom)
+    monkeypatch.setattr(launcher.os, "_exit", exit_)
+    monkeypatch.delenv("DUSA_TRACEBACK", raising=False)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as exc:
+        launcher.main([])
+    assert exc.value.code == 2
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(line) == 1 and "--tta.max_classes" in line[0] and "activation_checkpoint_interval" in line[0]
+
+
+def test_too_many_nonfinite_steps_in_a_row_stop_the_run():
+    from types import SimpleNamespace
+
+    from pipeline.tta import TTARunner
+    runner = SimpleNamespace(cfg=SimpleNamespace(tta=SimpleNamespace(max_nonfinite=3)), _nonfinite_run=0,
+                             _nonfinite_task=0)
+    for skipped in (True, True, False, True, True):  # a finite step resets the count
+        TTARunner._count_nonfinite(runner, skipped)
+    assert runner._nonfinite_task == 4 and runner._nonfinite_run == 2
+    with pytest.raises(FloatingPointError, match="3 steps in a row had a NaN/inf loss"):
+        TTARunner._count_nonfinite(runner, True)
