@@ -17,6 +17,7 @@ layer restores it with `unpack(...)`. Genuine integers use other dtypes (int64 c
 """
 from __future__ import annotations
 
+from collections import deque
 from typing import Sequence
 
 import torch
@@ -57,7 +58,8 @@ class SegmenterFront(nn.Module):
     outputs: x_t [1, ch, h, w], timestep [1] (= 1000 t), logits [C, h, w], classes long [N],
              mask uint8 [h, w], target [ch, h, w]
     The whole-image logits of the latest forward are kept in `last_logits` (detached): they are the
-    scored prediction (weights do not change within a step, so every window sees the same ones).
+    scored prediction (weights do not change within a step, so every window sees the same ones);
+    each window's candidate classes go to `candidates`.
     """
 
     def __init__(self, segmenter: nn.Module, encoder: nn.Module, window_size: int, topk: int,
@@ -68,6 +70,8 @@ class SegmenterFront(nn.Module):
         self.window_size = window_size
         self.topk, self.max_classes, self.min_classes = topk, max_classes, min_classes
         self.last_logits: torch.Tensor | None = None
+        # Candidate classes of the latest windows, in forward order (for pictures); bounded.
+        self.candidates: deque[torch.Tensor] = deque(maxlen=256)
 
     def forward(self, inputs):
         image, corner, noise, t, seed = inputs
@@ -90,6 +94,7 @@ class SegmenterFront(nn.Module):
 
         generator = torch.Generator().manual_seed(int(seed.item()))
         classes, mask = select_candidates(logits_latent, self.topk, self.max_classes, self.min_classes, generator)
+        self.candidates.append(classes)
         return pack(x_t, t * 1000, logits_latent, classes, mask.to(torch.uint8), target)
 
 

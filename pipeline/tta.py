@@ -26,7 +26,6 @@ from data.metrics import SegmentationMetric
 from pipeline.config import RunConfig
 from pipeline.engine import TTAEngine
 from pipeline.layers import SegmenterFront
-from pipeline.loss import select_candidates
 from pipeline.pictures import make_picture, save_picture
 from pipeline.reporting import RunLogger, format_results_table, summarize, write_results
 from pipeline.tent import Tent
@@ -127,23 +126,8 @@ def predict(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 
 def window_candidates(front: SegmenterFront, batches: list) -> list[torch.Tensor]:
-    """The candidate classes of every window of the last DUSA step, as `SegmenterFront` chose them.
-
-    The front keeps no record of them, so they are recomputed from what it used: the same whole-image
-    logits, window crop, latent size, settings and sampling seed. No model runs: an interpolation and
-    a top-k per window, done only for the images that get a picture.
-    """
-    image = batches[0][0][0]
-    full = F.interpolate(front.last_logits.float(), size=image.shape[-2:], mode="bilinear", align_corners=False)
-    size, chosen = front.window_size, []
-    for (_, corner, noise, _, seed), _ in batches:
-        top, left = (int(v) for v in corner)
-        window = full[..., top:top + size, left:left + size]
-        latent = F.interpolate(window, size=noise.shape[-2:], mode="bilinear", align_corners=False)[0]
-        classes, _ = select_candidates(latent, front.topk, front.max_classes, front.min_classes,
-                                       torch.Generator().manual_seed(int(seed.item())))
-        chosen.append(classes.cpu())
-    return chosen
+    """The candidate classes the front chose for every window of the last DUSA step."""
+    return [classes.cpu() for classes in list(front.candidates)[-len(batches):]]
 
 
 # Images/s (never inverted to s/image), then the postfix: running mIoU, loss, ETA of the whole sweep.
