@@ -10,22 +10,21 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel
 from safetensors import safe_open
 from torch import nn
 
+from models.checkpoints import load_checkpoint
+
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 
 def resolve_subfolder(name_or_path: str, subfolder: str) -> Path:
     """A local diffusers folder's subfolder, or the hub snapshot of just that subfolder."""
-    local = Path(name_or_path) / subfolder
-    if local.is_dir():
-        return local
-    if Path(name_or_path).exists() or str(name_or_path).startswith((".", "/")):
-        raise FileNotFoundError(f"{name_or_path} has no {subfolder}/ folder (expected the diffusers SD3 layout)")
-    from huggingface_hub import snapshot_download
-    try:
-        return Path(snapshot_download(str(name_or_path), allow_patterns=[f"{subfolder}/*"])) / subfolder
-    except Exception as exc:  # offline, gated, misspelt: say what was looked for
-        raise FileNotFoundError(f"{name_or_path} is neither a local folder nor a reachable hub model "
-                                f"({type(exc).__name__}: {exc})") from exc
+    def find(name: str) -> Path:
+        if Path(name).exists():
+            if not (Path(name) / subfolder).is_dir():
+                raise FileNotFoundError(f"no {subfolder}/ folder in it (expected the diffusers SD3 layout)")
+            return Path(name) / subfolder
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name, allow_patterns=[f"{subfolder}/*"])) / subfolder
+    return load_checkpoint(name_or_path, "generator", find)
 
 
 class TransformerParts:
@@ -97,7 +96,8 @@ class LatentEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str) -> "LatentEncoder":
-        return cls(AutoencoderKL.from_pretrained(name_or_path, subfolder="vae"))
+        return cls(load_checkpoint(name_or_path, "generator (VAE)",
+                                   lambda name: AutoencoderKL.from_pretrained(name, subfolder="vae")))
 
     @property
     def downsample(self) -> int:

@@ -5,6 +5,8 @@ import torch
 from torch import nn
 from transformers import SegformerForSemanticSegmentation
 
+from models.checkpoints import load_checkpoint
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -17,7 +19,7 @@ class Segmenter(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str) -> "Segmenter":
         """Loads a hub id or a local folder; the checkpoint's own head defines the classes."""
-        return cls(SegformerForSemanticSegmentation.from_pretrained(name_or_path))
+        return cls(load_checkpoint(name_or_path, "segmenter", SegformerForSemanticSegmentation.from_pretrained))
 
     @property
     def num_classes(self) -> int:
