@@ -84,7 +84,16 @@ def main(argv=None) -> int:
         # Leading newline: a progress bar may hold the current line.
         print(f"\nerror: {f'[rank {rank}] ' if rank else ''}{OOM_HELP if oom else lines[0]}"
               f"{' (DUSA_TRACEBACK=1 shows the traceback)' if not oom else ''}", file=sys.stderr, flush=True)
+        release_cpu_shared_memory()
         os._exit(2)  # no atexit / process-group teardown: it can wait forever on peers that are gone
+
+
+def release_cpu_shared_memory() -> None:
+    """DeepSpeed's CPU all-reduce keeps a 69 MB buffer per rank in /dev/shm (RAM) after exit: drop ours.
+    (Peers that still map it keep their mapping; the name goes.)"""
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{os.environ.get('RANK', '0')}")
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def run(argv=None) -> int:
@@ -113,6 +122,9 @@ def run(argv=None) -> int:
             port = sock.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     deepspeed.init_distributed()
+    if get_accelerator().device_name() == "cpu":
+        import atexit
+        atexit.register(release_cpu_shared_memory)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.seed)
     method = cfg.tta.method
