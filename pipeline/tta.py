@@ -183,7 +183,7 @@ class TTARunner:
                 if self.scoring:
                     print(f"{task}: already done in {self.cfg.output_dir} (mIoU {100 * finished[task]['mIoU']:.2f}), "
                           f"skipped", flush=True)
-                if index + 1 == len(finished) and self.cfg.tta.continual:
+                if self.cfg.tta.continual and index + 1 == len(finished) < len(self.datasets):
                     self._load_state(task)  # the models and optimizer as they were after that task
                 continue
             if index > 0 and not self.cfg.tta.continual:
