@@ -166,6 +166,7 @@ class RunLogger:
             self._disable(exc)
             return
         self._log(task, {f"{task}/mIoU": float(result["mIoU"]), f"{task}/aAcc": float(result["aAcc"]),
+                         f"{task}/nonfinite_steps": int(result.get("nonfinite_steps", 0)),
                          f"{task}/per_class_IoU": table})
 
     def log_picture(self, task: str, picture: Any, caption: str) -> None:
