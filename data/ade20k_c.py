@@ -18,15 +18,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from data.classes import CORRUPTIONS, IMAGE_SUFFIXES  # noqa: F401 (CORRUPTIONS: part of the reader's API)
 from data.metrics import ade_label_to_train_id
 
-CORRUPTIONS: tuple[str, ...] = (
-    "gaussian_noise", "shot_noise", "impulse_noise",
-    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
-    "snow", "frost", "fog", "brightness",
-    "contrast", "elastic_transform", "pixelate", "jpeg_compression",
-)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # One-channel 16-bit PNG modes (older Pillow reads them as "I", which no 8-bit .jpg/.png gives).
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
 _LABEL_MODES = ("L", "P", *_SIXTEEN_BIT)

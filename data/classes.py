@@ -1,9 +1,19 @@
-"""ADE20K (SceneParsing, ADEChallengeData2016) class names and a palette for pictures.
+"""ADE20K (SceneParsing, ADEChallengeData2016) class names, a palette for pictures, and the names of
+the ADE20K-C corruptions and image files (kept here, free of torch, for the builder's workers too).
 
 Train id i is annotation value i + 1 (0 in the annotation PNGs is "other"/ignored); the order
 is the one of SegFormer's `id2label` / mmsegmentation's ADE20KDataset.
 """
 from __future__ import annotations
+
+# The 15 benchmark corruptions, in imagecorruptions' order.
+CORRUPTIONS: tuple[str, ...] = (
+    "gaussian_noise", "shot_noise", "impulse_noise",
+    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+    "snow", "frost", "fog", "brightness",
+    "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 ADE20K_CLASSES: tuple[str, ...] = (
     "wall", "building", "sky", "floor", "tree",                                        # 0-4

@@ -25,17 +25,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from data.classes import CORRUPTIONS, IMAGE_SUFFIXES  # noqa: E402 (torch-free, for the workers)
+
 JPEG_QUALITY = 95
 FORMATS: dict[str, str] = {"jpg": "JPEG", "png": "PNG"}
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-# The 15 benchmark corruptions, in imagecorruptions' order (equal to data.ade20k_c.CORRUPTIONS;
-# not imported from there so that this script and its workers do not load torch).
-CORRUPTIONS: tuple[str, ...] = (
-    "gaussian_noise", "shot_noise", "impulse_noise",
-    "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
-    "snow", "frost", "fog", "brightness",
-    "contrast", "elastic_transform", "pixelate", "jpeg_compression",
-)
 # These two draw from a fresh unseeded generator unless given `seed=`; seeding numpy's global
 # RNG alone would leave them random.
 _TAKES_SEED = frozenset({"glass_blur", "impulse_noise"})

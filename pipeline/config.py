@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from data.classes import CORRUPTIONS
+
 
 @dataclass
 class ModelConfig:
@@ -26,10 +28,7 @@ class DataConfig:
 
     root: str = "data/ade20k_c"
     """ADE20K-C root holding `images/validation/<corruption>_<severity>/` and `annotations/validation/`."""
-    corruptions: list[str] = field(default_factory=lambda: [
-        "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-        "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform",
-        "pixelate", "jpeg_compression"])
+    corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
     """Corruptions to run, one task each, in this order."""
     severity: int = 5
     """Corruption severity (1-5)."""
