@@ -27,6 +27,8 @@ from packaging.version import Version  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast  # noqa: E402
 
+from models.checkpoints import load_checkpoint  # noqa: E402
+
 DEFAULT_TEMPLATE = "a photo of a {}"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # transformers renamed `torch_dtype` to `dtype` (4.56) and warns about the old name.
@@ -67,17 +69,18 @@ def make_prompts(template: str, classes: Sequence[str]) -> list[str]:
 
 def resolve_model(model: str) -> tuple[Path, bool]:
     """(local SD3 folder, whether it has T5). A hub id is fetched (text stacks only) into the HF cache."""
-    folder = Path(model)
-    if not folder.is_dir() and (folder.exists() or model.startswith((".", "/", "~"))):
-        raise EmbedError(f"{model} is not a folder (expected a diffusers SD3 folder or a hub id)")
-    if not folder.is_dir():
+    def find(name: str) -> Path:
+        if Path(name).exists():
+            if not Path(name).is_dir():
+                raise EmbedError(f"{model} is not a folder (expected a diffusers SD3 folder or a hub id)")
+            return Path(name)
         from huggingface_hub import snapshot_download
+        return Path(snapshot_download(name, allow_patterns=_HUB_FILES))
 
-        try:
-            folder = Path(snapshot_download(model, allow_patterns=_HUB_FILES))
-        except Exception as e:  # invalid id, no access, offline: all end the run the same way
-            raise EmbedError(f"{model} is neither a local SD3 folder nor a reachable hub model "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    try:  # the project's one rule for "local folder or hub id", with its one-line errors
+        folder = load_checkpoint(model, "text encoders", find)
+    except FileNotFoundError as exc:
+        raise EmbedError(str(exc)) from None
     for sub in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"):
         if not (folder / sub).is_dir():
             raise EmbedError(f"{model} has no {sub}/ subfolder: not a diffusers SD3 folder with its text encoders")

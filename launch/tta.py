@@ -104,7 +104,6 @@ def run(argv=None) -> int:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from data.ade20k_c import ADE20KC
     from data.classes import ADE20K_CLASSES
     from data.demo import make_demo_dataset
     from models.segformer import Segmenter
@@ -113,7 +112,7 @@ def run(argv=None) -> int:
     from pipeline.module import build_pipeline
     from pipeline.reporting import RunLogger, startup_summary
     from pipeline.tent import Tent
-    from pipeline.tta import TTARunner, finished_tasks
+    from pipeline.tta import TTARunner, finished_tasks, open_tasks
 
     if "RANK" not in os.environ:  # started without a launcher: one process, like `deepspeed --num_gpus 1`
         import socket
@@ -140,9 +139,7 @@ def run(argv=None) -> int:
     class_names = ADE20K_CLASSES
     ds_config = load_ds_config(cfg.deepspeed, cfg.tta.lr)
     # Bad data or a clashing output folder fail now, before any model loads.
-    if not cfg.data.build_demo_data:
-        for task in cfg.data.corruptions:
-            ADE20KC(cfg.data.root, task, cfg.data.severity, cfg.data.limit)
+    datasets = None if cfg.data.build_demo_data else open_tasks(cfg.data)
     record["deepspeed"] = ds_config
     finished_tasks(cfg, record, ADE20K_CLASSES)
     bf16 = ds_config.get("bf16", {}).get("enabled", False)
@@ -156,6 +153,8 @@ def run(argv=None) -> int:
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         (Path(cfg.output_dir) / "config.json").write_text(json.dumps(record, indent=2))
     dist.barrier()
+    if datasets is None:  # the demo data exists only now
+        datasets = open_tasks(cfg.data)
     accelerator = get_accelerator()
     device = torch.device(accelerator.current_device_name())
     visible = f"{accelerator.device_count()} x {accelerator.device_name()} visible"
@@ -190,7 +189,8 @@ def run(argv=None) -> int:
 
     logger = RunLogger(cfg.logging, cfg.output_dir, record, class_names) if rank == 0 else None
     runner = TTARunner(cfg, class_names, device, engine=engine, tent=tent, segmenter=segmenter, stage=stage,
-                       num_stages=num_stages, logger=logger, config_record=record)
+                       num_stages=num_stages, logger=logger, config_record=record,
+                       datasets=datasets)
     if rank == 0:
         print(startup_summary(cfg, config_files, processes, parameters, runner.total_images), flush=True)
     runner.run()

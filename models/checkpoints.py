@@ -16,6 +16,6 @@ def load_checkpoint(name_or_path: str, what: str, load: Callable[[str], T]) -> T
         raise FileNotFoundError(f"{what} checkpoint {name} does not exist (a local folder or a hub id like org/name)")
     try:
         return load(str(path) if path.exists() else name)
-    except OSError as exc:  # hub: offline, gated, misspelt; folder: wrong layout
+    except (OSError, ValueError) as exc:  # hub: offline, gated, invalid id; folder: wrong layout
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FileNotFoundError(f"{what} checkpoint {name} could not be loaded: {first}") from exc

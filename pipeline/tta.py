@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from data.ade20k_c import ADE20KC
 from data.metrics import SegmentationMetric
-from pipeline.config import RunConfig
+from pipeline.config import DataConfig, RunConfig
 from pipeline.engine import TTAEngine
 from pipeline.layers import SegmenterFront
 from pipeline.pictures import make_picture, save_picture
@@ -41,6 +41,11 @@ def resume_signature(record: dict[str, Any]) -> dict[str, Any]:
             "tta": record["tta"], "seed": record["seed"],
             "deepspeed": {k: v for k, v in (record.get("deepspeed") or {}).items()
                           if k not in ("steps_per_print", "wall_clock_breakdown")}}
+
+
+def open_tasks(data: DataConfig) -> dict[str, ADE20KC]:
+    """Every task's dataset, in run order (listing checks folders and annotations)."""
+    return {task: ADE20KC(data.root, task, data.severity, data.limit) for task in data.corruptions}
 
 
 def state_path(output_dir: str, task: str) -> Path:
@@ -143,7 +148,7 @@ class TTARunner:
     def __init__(self, cfg: RunConfig, class_names: Sequence[str], device: torch.device,
                  engine: TTAEngine | None = None, tent: Tent | None = None, segmenter: torch.nn.Module | None = None,
                  stage: int = 0, num_stages: int = 1, logger: RunLogger | None = None,
-                 config_record: dict[str, Any] | None = None):
+                 config_record: dict[str, Any] | None = None, datasets: dict[str, ADE20KC] | None = None):
         self.method = cfg.tta.method
         given = {"dusa": engine, "tent": tent, "source": segmenter}
         if given[self.method] is None or any(v is not None for m, v in given.items() if m != self.method):
@@ -157,7 +162,7 @@ class TTARunner:
         self.results: dict[str, dict] = {}
         data = cfg.data
         # Every task is listed up front: a missing folder fails now, not hours in, and the sweep's size is known.
-        self.datasets = {task: ADE20KC(data.root, task, data.severity, data.limit) for task in data.corruptions}
+        self.datasets = datasets if datasets is not None else open_tasks(data)
         self.total_images = sum(len(d) for d in self.datasets.values())
         self._done = 0  # images scored so far in the sweep (for its ETA)
         self._nonfinite_run = self._nonfinite_task = 0  # steps with a NaN/inf loss: in a row, in this task
