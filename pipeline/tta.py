@@ -180,7 +180,7 @@ class TTARunner:
             self.tent.reset()
 
     def run(self) -> dict | None:
-        finished = self._finished_tasks()
+        finished = finished_tasks(self.cfg, self.config_record, self.class_names)
         for index, (task, dataset) in enumerate(self.datasets.items()):
             if task in finished:
                 self.results[task] = finished[task]
@@ -212,9 +212,6 @@ class TTARunner:
         return results
 
     # ------------------------------------------------------------------ resuming an interrupted sweep
-    def _finished_tasks(self) -> dict[str, dict]:
-        return finished_tasks(self.cfg, self.config_record, self.class_names)
-
     def _state_path(self, task: str) -> Path:
         return state_path(self.cfg.output_dir, task)
 
