@@ -15,6 +15,9 @@ class Segmenter(nn.Module):
     def __init__(self, model: SegformerForSemanticSegmentation):
         super().__init__()
         self.model = model
+        # Normalisation constants per device, in float32 (model buffers would be cast to bf16 with the
+        # model); made once, so a forward copies nothing from the host (and can be a CUDA graph).
+        self._normalization: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_pretrained(cls, name_or_path: str) -> "Segmenter":
@@ -27,8 +30,9 @@ class Segmenter(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] in [0, 1] -> logits [B, classes, ~H/4, ~W/4] in the model's dtype."""
-        # Normalised in float32 from exact constants (model buffers would be cast to bf16 with the model).
-        mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
+        if images.device not in self._normalization:
+            self._normalization[images.device] = (torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1),
+                                                  torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1))
+        mean, std = self._normalization[images.device]
         pixels = ((images.float() - mean) / std).to(self.model.dtype)
         return self.model(pixel_values=pixels).logits

@@ -87,6 +87,9 @@ class PipelineConfig:
     """Cost of the stage-0 front (SegFormer + VAE) in units of one SD3 joint block (balances stages)."""
     activation_checkpoint_interval: int = 0
     """Recompute activations every N layers in backward (0: off; trades time for memory)."""
+    segmenter_graphs: int = 16
+    """On a GPU, SegFormer's forward and backward are replayed as CUDA graphs, one per image shape, keeping
+    at most this many (least recently used out; 0: eager). Images of equal size share one."""
 
 
 @dataclass

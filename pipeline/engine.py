@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, NamedTuple, Sequence
 
 import deepspeed
 import torch
@@ -14,6 +14,7 @@ from torch import nn
 
 from pipeline.config import TTAConfig
 from pipeline.layers import JointBlock, SD3Embed, SD3Head, SegmenterFront
+from pipeline.windows import WindowDraw
 
 DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
                                                  "torch_adam": True}}
@@ -70,6 +71,15 @@ def select_trainable(module: nn.Module, tta: TTAConfig) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+class StepOutput(NamedTuple):
+    """One TTA step: the loss (a device tensor, not read back) and, on the stage with the segmenter,
+    the scored whole-image logits and each window's candidate classes."""
+
+    loss: torch.Tensor
+    logits: torch.Tensor | None
+    candidates: list[torch.Tensor] | None
+
+
 class TTAEngine:
     """One DeepSpeed PipelineEngine step per image, and the reset of models and optimizer."""
 
@@ -85,20 +95,31 @@ class TTAEngine:
             optimizer=optimizer)
         self.module = module
         self.skipped = False  # whether the last step's update was skipped (non-finite loss)
-        self._guard_optimizer_step()
+        self._label = torch.zeros(1, device=self.engine.device)  # the last stage reads one per micro-batch
+        self._extend_schedule()
         # Initial state of everything that adapts, after DeepSpeed's dtype cast, kept on the host.
         self._initial = {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters() if p.requires_grad}
 
-    def _guard_optimizer_step(self) -> None:
-        """Every stage skips the update of a step whose loss is NaN or infinite.
+    def _extend_schedule(self) -> None:
+        """Two additions to DeepSpeed's pipeline schedule, for this engine only (the engine runs each
+        instruction through its instance's table, so the table is extended, not the class):
 
-        The last stage knows the loss before its optimizer step; one all-reduce over the pipeline
-        tells every stage, which then drops its gradients instead of stepping. (DeepSpeed's
-        schedule has no hook for this: its instruction table is extended for this engine only.)
+        - before the tied-gradient reduction, which follows the backward of the last window: the
+          segmenter's one backward of the step (`SegmenterFront.backward_segmenter`);
+        - at the optimizer step: every stage skips the update of a step whose loss is NaN or infinite.
+          The last stage knows the loss; one all-reduce over the pipeline tells every stage, which then
+          drops its gradients instead of stepping.
         """
         engine = self.engine
-        table = dict(type(engine)._INSTRUCTION_MAP)
+        table = dict(engine._INSTRUCTION_MAP)
+        reduce_tied_grads = table[schedule.ReduceTiedGrads]
         optimizer_step = table[schedule.OptimizerStep]
+
+        def segmenter_backward_then_reduce(eng, *args, **kwargs):
+            front = self.module.front
+            if front is not None:
+                self._segmenter_backward(front)
+            return reduce_tied_grads(eng, *args, **kwargs)
 
         def guarded_step(eng, *args, **kwargs):
             bad = torch.zeros(1, device=eng.device)
@@ -108,19 +129,59 @@ class TTAEngine:
                 dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=eng.grid.get_pipe_parallel_group())
             self.skipped = bool(bad.item())
             if self.skipped:
-                eng.optimizer.zero_grad()
+                self._drop_gradients()
                 return None
             return optimizer_step(eng, *args, **kwargs)
 
+        table[schedule.ReduceTiedGrads] = segmenter_backward_then_reduce
         table[schedule.OptimizerStep] = guarded_step
         engine._INSTRUCTION_MAP = table
 
-    def step(self, microbatches: Iterable) -> torch.Tensor:
+    def _segmenter_backward(self, front: SegmenterFront) -> None:
+        """The segmenter's backward, outside DeepSpeed's backward pass, with the same bookkeeping: the bf16
+        optimizer adds each backward's low-precision gradients into its float32 ones, so these are cleared
+        first (they hold the last window's, already added) and added after (unless DeepSpeed's hooks add
+        them as they come, `immediate_grad_update`)."""
+        bf16 = getattr(self.engine, "using_bf16_optimizer", False)
+        if bf16:
+            self.engine.optimizer.clear_lp_grads()
+        if front.backward_segmenter() and bf16 and not self.engine._config.bfloat16_config.immediate_grad_update:
+            self.engine.optimizer.update_hp_grads(clear_lp_grads=False)
+
+    def _drop_gradients(self) -> None:
+        optimizer = self.engine.optimizer
+        if getattr(self.engine, "using_bf16_optimizer", False):  # its zero_grad() leaves the float32 gradients
+            optimizer.clear_hp_grads()
+            optimizer.clear_lp_grads()
+        else:
+            optimizer.zero_grad()
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    def step(self, image: torch.Tensor | None, windows: Sequence[WindowDraw | None]) -> StepOutput:
         """One TTA step: one micro-batch per window, gradients averaged over windows, one update
-        (skipped, with `self.skipped` set, when the loss is not finite)."""
-        microbatches = list(microbatches)
+        (skipped, with `self.skipped` set, when the loss is not finite).
+
+        The stage with the segmenter needs the image [1, 3, H, W] and each window's `WindowDraw`;
+        the other stages only the number of windows (`image` None, `windows` of any items).
+        """
+        front = self.module.front
+        prepared = None
+        if front is not None:
+            autocast = self.engine.torch_autocast_enabled()
+            with torch.autocast(self.device.type, self.engine.torch_autocast_dtype() if autocast else torch.bfloat16,
+                                enabled=autocast, cache_enabled=False):  # the engine's precision (no cache: graphs)
+                prepared = front.begin_image(image.to(self.device, non_blocking=True), windows)
+            microbatches = [(inputs, self._label) for inputs in prepared.inputs]
+        else:
+            microbatches = [(None, self._label)] * len(windows)
         self.engine.set_train_batch_size(len(microbatches))
-        return self.engine.train_batch(iter(microbatches))
+        loss = self.engine.train_batch(iter(microbatches))
+        if prepared is None:
+            return StepOutput(loss, None, None)
+        return StepOutput(loss, prepared.logits, prepared.candidates)
 
     @torch.no_grad()
     def reset(self) -> None:

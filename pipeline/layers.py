@@ -1,6 +1,7 @@
 """The DUSA model as a flat list of pipeline layers (tuple in, tuple out).
 
-    SegmenterFront  image -> SegFormer logits, VAE latent, noising, candidate classes
+    SegmenterFront  window -> its logits (from SegFormer's one whole-image forward per step), VAE latent,
+                    noising, candidate classes
     SD3Embed        patch / timestep+pooled-text / caption embedding of the N class samples
     JointBlock x L  SD3's joint transformer blocks, unchanged
     SD3Head         norm_out, proj_out, unpatchify -> velocity per class sample
@@ -17,14 +18,14 @@ layer restores it with `unpack(...)`. Genuine integers use other dtypes (int64 c
 """
 from __future__ import annotations
 
-from collections import deque
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pipeline.loss import dusa_loss, select_candidates
+from pipeline.graphs import GraphedModule
+from pipeline.loss import candidate_statistics, choose_candidates, dusa_loss
+from pipeline.windows import WindowDraw, resample_window, window_resampler
 
 _AS_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
 _AS_FLOAT = {v: k for k, v in _AS_INT.items()}
@@ -50,52 +51,111 @@ def _param_dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-class SegmenterFront(nn.Module):
-    """Stage-0 front of one window.
+class PreparedImage(NamedTuple):
+    """What `SegmenterFront.begin_image` hands back for one step."""
 
-    inputs: image [1, 3, H, W] in [0, 1] (whole resized image), corner long [2] (top, left),
-            noise [1, ch, h, w], t [1] (flow time in [0, 1]), seed long [1] (candidate sampling)
-    outputs: x_t [1, ch, h, w], timestep [1] (= 1000 t), logits [C, h, w], classes long [N],
-             mask uint8 [h, w], target [ch, h, w]
-    The whole-image logits of the latest forward are kept in `last_logits` (detached): they are the
-    scored prediction (weights do not change within a step, so every window sees the same ones);
-    each window's candidate classes go to `candidates`.
+    inputs: list[tuple[torch.Tensor, ...]]  # the front's inputs of each window micro-batch, on the device
+    logits: torch.Tensor  # whole-image logits [1, C, h, w], detached: the scored prediction
+    candidates: list[torch.Tensor]  # each window's candidate classes (host), for pictures
+
+
+class SegmenterFront(nn.Module):
+    """Stage-0 front: SegFormer once per image, then per window the VAE latent, noising and candidates.
+
+    Per step, in three parts:
+    - `begin_image(image, draws)`, before the pipeline step: SegFormer's forward on the whole image
+      (through CUDA graphs when `max_graphs` > 0 and on a GPU), each window's logits at latent
+      resolution and its candidate classes (one host transfer for every window), and the micro-batches;
+    - `forward(inputs)`, one per window micro-batch: the window's logits, a crop of one detached leaf
+      of the whole-image logits, and x_t / target from the frozen VAE;
+    - `backward_segmenter()`, after the pipeline's backward of every window: the gradient that the
+      windows left on the leaf goes through SegFormer in one backward.
+    inputs: rows [s, h], cols [s, w] (window resamplers), pixel_rows long [S], pixel_cols long [S],
+            noise [1, ch, s, s], t [1], classes long [N], mask uint8 [s, s]
+    outputs: x_t [1, ch, s, s], timestep [1] (= 1000 t), logits [C, s, s], classes, mask, target [ch, s, s]
     """
 
     def __init__(self, segmenter: nn.Module, encoder: nn.Module, window_size: int, topk: int,
-                 max_classes: int, min_classes: int):
+                 max_classes: int, min_classes: int, max_graphs: int = 0):
         super().__init__()
         self.segmenter = segmenter
         self.encoder = encoder
         self.window_size = window_size
         self.topk, self.max_classes, self.min_classes = topk, max_classes, min_classes
-        self.last_logits: torch.Tensor | None = None
-        # Candidate classes of the latest windows, in forward order (for pictures); bounded.
-        self.candidates: deque[torch.Tensor] = deque(maxlen=256)
+        self.max_graphs = max_graphs
+        self.graphed: GraphedModule | None = None  # made on the first GPU step (after DeepSpeed placed the weights)
+        self.segmenter_forwards = 0  # SegFormer forwards run (tests check: one per step)
+        self._image: torch.Tensor | None = None
+        self._logits: torch.Tensor | None = None  # the segmenter's output, holding its graph until the backward
+        self._leaf: torch.Tensor | None = None  # float32 detached copy that the windows crop
+
+    def _run_segmenter(self, image: torch.Tensor) -> torch.Tensor:
+        self.segmenter_forwards += 1
+        if self.max_graphs and image.is_cuda:
+            if self.graphed is None:
+                self.graphed = GraphedModule(self.segmenter, self.max_graphs)
+            return self.graphed(image)
+        return self.segmenter(image)
+
+    def begin_image(self, image: torch.Tensor, draws: Sequence[WindowDraw]) -> PreparedImage:
+        """SegFormer's forward for the step; image [1, 3, H, W] in [0, 1] on the front's device."""
+        adapt = any(p.requires_grad for p in self.segmenter.parameters())
+        with torch.set_grad_enabled(adapt):
+            logits = self._run_segmenter(image)  # [1, C, h, w] on the whole image
+        self._image, self._logits = image, logits if adapt else None
+        self._leaf = logits.detach().float().requires_grad_(adapt)
+
+        device, size = image.device, self.window_size
+        latent = draws[0].noise.shape[-1] if draws else size // 8
+        (height, width), (h, w) = image.shape[-2:], logits.shape[-2:]
+        rows = [window_resampler(h, height, top, size, latent, device) for top, _ in (d.corner for d in draws)]
+        cols = [window_resampler(w, width, left, size, latent, device) for _, left in (d.corner for d in draws)]
+        with torch.no_grad():
+            windows = resample_window(self._leaf[0], torch.stack(rows), torch.stack(cols))
+            top1, stats = candidate_statistics(windows, self.topk)
+        stats = stats.cpu()  # the step's one wait for the device: the class sets decide the batch shapes
+        offsets = torch.arange(size, device=device)
+        batches, candidates = [], []
+        for k, draw in enumerate(draws):
+            classes, kept = choose_candidates(stats[k], self.topk, self.max_classes, self.min_classes,
+                                              torch.Generator().manual_seed(draw.seed))
+            mask = torch.ones_like(top1[k], dtype=torch.uint8) if kept is None else \
+                _to_device(kept, device)[top1[k]].to(torch.uint8)
+            top, left = draw.corner
+            inputs = (rows[k], cols[k], offsets + top, offsets + left, _to_device(draw.noise, device),
+                      _to_device(draw.t, device), _to_device(classes, device), mask)
+            batches.append(inputs)
+            candidates.append(classes)
+        return PreparedImage(batches, logits.detach(), candidates)
 
     def forward(self, inputs):
-        image, corner, noise, t, seed = inputs
-        size = self.window_size
-        logits = self.segmenter(image)  # [1, C, H/4, W/4], on the whole image
-        self.last_logits = logits.detach()
-        # Window crop by index tensors: no host sync for the window's position.
-        offsets = torch.arange(size, device=image.device)
-        rows, cols = corner[0] + offsets, corner[1] + offsets
-        full = F.interpolate(logits.float(), size=image.shape[-2:], mode="bilinear", align_corners=False)
-        window_logits = full.index_select(2, rows).index_select(3, cols)
-        latent_size = noise.shape[-2:]
-        logits_latent = F.interpolate(window_logits, size=latent_size, mode="bilinear", align_corners=False)[0]
-
-        window = image.index_select(2, rows).index_select(3, cols)
+        if self._leaf is None:
+            raise RuntimeError("SegmenterFront.begin_image must run before the window micro-batches")
+        rows, cols, pixel_rows, pixel_cols, noise, t, classes, mask = inputs
+        logits_latent = resample_window(self._leaf[0], rows, cols)  # [C, s, s]
+        window = self._image.index_select(2, pixel_rows).index_select(3, pixel_cols)
         z0 = self.encoder(window)  # float32, no grad
         noise = noise.float()
         x_t = (1 - t) * z0 + t * noise
         target = (noise - z0)[0]
+        return pack(x_t, t * 1000, logits_latent, classes, mask, target)
 
-        generator = torch.Generator().manual_seed(int(seed.item()))
-        classes, mask = select_candidates(logits_latent, self.topk, self.max_classes, self.min_classes, generator)
-        self.candidates.append(classes)
-        return pack(x_t, t * 1000, logits_latent, classes, mask.to(torch.uint8), target)
+    def backward_segmenter(self) -> bool:
+        """One backward through SegFormer with the gradient the windows accumulated on the leaf;
+        False when there was nothing to do (a frozen segmenter, or no window reached the leaf)."""
+        logits, leaf = self._logits, self._leaf
+        self._logits = self._image = None  # the graph is used once
+        if logits is None or leaf is None or leaf.grad is None:
+            return False
+        logits.backward(leaf.grad.to(logits.dtype))
+        return True
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host -> device without waiting for the device (pinned memory, asynchronous copy)."""
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 class SD3Embed(nn.Module):

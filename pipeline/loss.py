@@ -30,42 +30,48 @@ def dusa_loss(logits: torch.Tensor, classes: torch.Tensor, mask: torch.Tensor, v
     return err[m].mean()
 
 
-def select_candidates(logits: torch.Tensor, topk: int = 1, max_classes: int = 20, min_classes: int = 2,
-                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Candidate classes of one window and the pixel mask of the loss (DESIGN section 2).
+def candidate_statistics(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What candidate selection needs from the logits, computed on their device for a batch of windows.
 
-    logits: [C, h, w]. Returns (classes: sorted long [N] on logits' device, mask: bool [h, w]).
-    - candidates = union of every pixel's top-k classes;
-    - more than `max_classes`: keep every top-1 class, fill with the other candidates that are in
-      the most pixels' top-k (ties: lower class id); if the top-1 classes alone exceed the budget,
-      sample `max_classes` of them uniformly and mask out the pixels whose top-1 class was dropped;
-    - fewer than `min_classes`: add classes sampled without replacement with probability
-      softmax over classes of the logits summed over pixels (Gumbel-top-k).
-    Sampling draws from `generator` (a CPU generator), so a seed fixes the result on any device.
+    logits: [B, C, h, w]. Returns (top1 long [B, h, w], stats float32 [B, 3, C]): per class, the
+    number of pixels with it as top-1, the number with it among their top-k, and its logit summed
+    over the pixels. Only `stats` goes to the host: one transfer for every window of an image.
     """
-    num_classes = logits.shape[0]
+    num_classes = logits.shape[1]
+    if not 1 <= topk <= num_classes:
+        raise ValueError(f"topk={topk} must be in [1, {num_classes}]")
+    logits = logits.detach().float()
+    ranked = logits.topk(topk, dim=1).indices.flatten(2)  # [B, k, h*w]
+    ones = torch.ones(1, device=logits.device).expand(ranked.shape[0], ranked[:, 0].shape[-1])
+    top1_count = torch.zeros(ranked.shape[0], num_classes, device=logits.device).scatter_add_(1, ranked[:, 0], ones)
+    topk_count = torch.zeros_like(top1_count).scatter_add_(1, ranked.flatten(1), ones.repeat(1, topk))
+    stats = torch.stack([top1_count, topk_count, logits.sum(dim=(2, 3))], dim=1)
+    return ranked[:, 0].view(logits.shape[0], *logits.shape[2:]), stats
+
+
+def choose_candidates(stats: torch.Tensor, topk: int = 1, max_classes: int = 20, min_classes: int = 2,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The selection rule on one window's statistics (a row of `candidate_statistics`, on the host).
+
+    Returns (classes: sorted long [N], kept: bool [C] or None). `kept` is given when the top-1
+    classes alone exceed the budget: the loss then counts only pixels whose top-1 class is kept.
+    """
+    num_classes = stats.shape[-1]
     if not 1 <= topk <= num_classes:
         raise ValueError(f"topk={topk} must be in [1, {num_classes}]")
     if not 1 <= min_classes <= max_classes:
         raise ValueError(f"need 1 <= min_classes ({min_classes}) <= max_classes ({max_classes})")
     max_classes, min_classes = min(max_classes, num_classes), min(min_classes, num_classes)
-    device = logits.device
-    logits = logits.detach().float()
-    ranked = logits.topk(topk, dim=0).indices  # [k, h, w]
-    top1 = ranked[0]
-    # Per-class pixel counts, moved to the host once: the class set decides the batch shape anyway.
-    top1_count = torch.bincount(top1.flatten(), minlength=num_classes).cpu()
-    topk_count = torch.bincount(ranked.flatten(), minlength=num_classes).cpu()
+    top1_count, topk_count, score = stats.cpu()
     top1_set = torch.nonzero(top1_count).flatten()
     topk_set = torch.nonzero(topk_count).flatten()
-    mask = torch.ones_like(top1, dtype=torch.bool)
+    kept = None
 
     if len(top1_set) > max_classes:
         keep = top1_set[torch.randperm(len(top1_set), generator=generator)[:max_classes]]
         classes = keep.sort().values
         kept = torch.zeros(num_classes, dtype=torch.bool)
         kept[classes] = True
-        mask = kept.to(device)[top1]
     elif len(topk_set) > max_classes:
         others = topk_set[top1_count[topk_set] == 0]
         # Most pixels first; a stable sort on the ascending ids breaks ties by the lower id.
@@ -76,11 +82,33 @@ def select_candidates(logits: torch.Tensor, topk: int = 1, max_classes: int = 20
         classes = topk_set
 
     if len(classes) < min_classes:
-        score = logits.sum(dim=(1, 2)).cpu()
+        score = score.clone()
         score[classes] = float("-inf")  # never a class already chosen
         # Gumbel-top-k: the same law as drawing one by one without replacement from softmax(score),
         # and it stays valid where the softmax underflows to exact zeros (pixel sums are large).
         gumbel = -torch.log(-torch.log(torch.rand(num_classes, generator=generator).clamp(1e-20, 1.0)))
         extra = (score + gumbel).topk(min_classes - len(classes)).indices
         classes = torch.cat([classes, extra]).sort().values
-    return classes.to(device), mask
+    return classes, kept
+
+
+def select_candidates(logits: torch.Tensor, topk: int = 1, max_classes: int = 20, min_classes: int = 2,
+                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate classes of one window and the pixel mask of the loss.
+
+    logits: [C, h, w]. Returns (classes: sorted long [N] on logits' device, mask: bool [h, w]).
+    - candidates = union of every pixel's top-k classes;
+    - more than `max_classes`: keep every top-1 class, fill with the other candidates that are in
+      the most pixels' top-k (ties: lower class id); if the top-1 classes alone exceed the budget,
+      sample `max_classes` of them uniformly and mask out the pixels whose top-1 class was dropped;
+    - fewer than `min_classes`: add classes sampled without replacement with probability
+      softmax over classes of the logits summed over pixels (Gumbel-top-k).
+    Sampling draws from `generator` (a CPU generator), so a seed fixes the result on any device.
+    (The pipeline runs the two halves itself, `candidate_statistics` for every window at once.)
+    """
+    if not 1 <= min_classes <= max_classes:
+        raise ValueError(f"need 1 <= min_classes ({min_classes}) <= max_classes ({max_classes})")
+    top1, stats = candidate_statistics(logits[None], topk)
+    classes, kept = choose_candidates(stats[0], topk, max_classes, min_classes, generator)
+    mask = torch.ones_like(top1[0], dtype=torch.bool) if kept is None else kept.to(logits.device)[top1[0]]
+    return classes.to(logits.device), mask

@@ -103,7 +103,7 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
 
     def front():
         return SegmenterFront(Segmenter.from_pretrained(model.segmenter), LatentEncoder.from_pretrained(model.generator),
-                              data.window_size, tta.topk, tta.max_classes, tta.min_classes)
+                              data.window_size, tta.topk, tta.max_classes, tta.min_classes, pipe.segmenter_graphs)
 
     def embed():
         prompt, pooled = load_class_embeddings(model.class_embeddings, class_names, model.generator)

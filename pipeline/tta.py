@@ -25,11 +25,10 @@ from data.ade20k_c import ADE20KC
 from data.metrics import SegmentationMetric
 from pipeline.config import DataConfig, RunConfig
 from pipeline.engine import TTAEngine
-from pipeline.layers import SegmenterFront
 from pipeline.pictures import make_picture, save_picture
 from pipeline.reporting import RunLogger, format_results_table, summarize, write_results
 from pipeline.tent import Tent
-from pipeline.windows import resize_short_edge, resized_size, window_boxes
+from pipeline.windows import draw_windows, resize_short_edge, resized_size, window_boxes
 
 
 def resume_signature(record: dict[str, Any]) -> dict[str, Any]:
@@ -85,24 +84,6 @@ def image_seed(seed: int, task: str, name: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{task}/{name}".encode()).digest()[:7], "little")
 
 
-def microbatches(image: torch.Tensor, corners: Sequence[tuple[int, int]], latent_shape: Sequence[int],
-                 timestep_range: Sequence[float], generator: torch.Generator) -> list[tuple[tuple, torch.Tensor]]:
-    """One micro-batch per window: (image, corner, noise, t, sampling seed), label placeholder.
-
-    The randomness of a step (noise, flow time, candidate sampling) is drawn here from one seeded
-    generator, so the pipeline and a single-process reference see the same values.
-    """
-    low, high = timestep_range
-    batches = []
-    for top, left in corners:
-        noise = torch.randn(1, *latent_shape, generator=generator)
-        t = low + (high - low) * torch.rand(1, generator=generator)
-        seed = torch.randint(0, 2**62, (1,), generator=generator)
-        # The last stage reads a label per micro-batch; the loss takes its inputs from the pipeline.
-        batches.append(((image, torch.tensor([top, left]), noise, t, seed), torch.zeros(1)))
-    return batches
-
-
 class PreparedImages(Dataset):
     """ADE20K-C items resized for the segmenter, with their windows (runs in loader workers)."""
 
@@ -128,11 +109,6 @@ def num_windows(dataset: ADE20KC, i: int, window_size: int, window_stride: int) 
 def predict(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """Whole-image logits [1, C, h, w] -> label map [H, W] at the annotation's size."""
     return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False).argmax(1)[0]
-
-
-def window_candidates(front: SegmenterFront, batches: list) -> list[torch.Tensor]:
-    """The candidate classes the front chose for every window of the last DUSA step."""
-    return [classes.cpu() for classes in list(front.candidates)[-len(batches):]]
 
 
 # Images/s (never inverted to s/image), then the postfix: running mIoU, loss, ETA of the whole sweep.
@@ -242,7 +218,8 @@ class TTARunner:
 
     # ------------------------------------------------------------------ one image
     def step(self, task: str, item: dict) -> tuple[torch.Tensor, torch.Tensor | None, list | None]:
-        """One image through the method: (whole-image logits scored, loss or None, DUSA micro-batches or None)."""
+        """One image through the method: (whole-image logits scored, loss or None, DUSA's candidate
+        classes per window or None)."""
         if self.method == "source":
             with torch.no_grad():
                 return self.segmenter(item["image"].to(self.device)), None, None
@@ -252,9 +229,9 @@ class TTARunner:
         front, data = self.engine.module.front, self.cfg.data
         generator = torch.Generator().manual_seed(image_seed(self.cfg.seed, task, item["name"]))
         latent = (front.encoder.vae.config.latent_channels,) + (data.window_size // front.encoder.downsample,) * 2
-        batches = microbatches(item["image"], item["corners"], latent, self.cfg.tta.timestep_range, generator)
-        loss = self.engine.step(batches)
-        return front.last_logits, loss.detach(), batches
+        draws = draw_windows(item["corners"], latent, self.cfg.tta.timestep_range, generator)
+        out = self.engine.step(item["image"], draws)
+        return out.logits, out.loss.detach(), out.candidates
 
     def _count_nonfinite(self, skipped: bool) -> None:
         """Counts steps whose update was skipped for a NaN/inf loss; too many in a row stop the run."""
@@ -272,7 +249,7 @@ class TTARunner:
         if not self.scoring:  # later stages: the same steps, window counts from the headers
             for i in range(len(dataset)):
                 n = num_windows(dataset, i, data.window_size, data.window_stride)
-                self.engine.step([(None, torch.zeros(1))] * n)
+                self.engine.step(None, [None] * n)
                 self._count_nonfinite(self.engine.skipped)
             return None
 
@@ -289,12 +266,12 @@ class TTARunner:
         self._postfix = {"mIoU": "?", **({} if self.method == "source" else {"loss": "?"}), "sweep ETA": "?"}
         for step, item in enumerate(loader):
             label = item["label"].to(self.device, non_blocking=True)
-            logits, loss, batches = self.step(task, item)
+            logits, loss, candidates = self.step(task, item)
             if self.method != "source":
                 self._count_nonfinite((self.engine or self.tent).skipped)
             prediction = predict(logits, label.shape)
             metric.update(prediction, label)
-            picture = self._picture(task, item, prediction, label, batches) if every and step % every == 0 else None
+            picture = self._picture(task, item, prediction, label, candidates) if every and step % every == 0 else None
             pending.append((step, loss, picture))
             self._done += 1
             self._update_bar(bar)
@@ -310,11 +287,11 @@ class TTARunner:
         return result
 
     def _picture(self, task: str, item: dict, prediction: torch.Tensor, label: torch.Tensor,
-                 batches: list | None) -> tuple[Image.Image, str]:
+                 candidates: list | None) -> tuple[Image.Image, str]:
         """Input | prediction | ground truth, saved as PNG now and logged to W&B with the step."""
         notes = [f"{self.method}, {task}, {item['name']}"]
-        if batches is not None:
-            for w, classes in enumerate(window_candidates(self.engine.module.front, batches)):
+        if candidates is not None:
+            for w, classes in enumerate(candidates):
                 notes.append(f"window {w + 1} candidates: " + ", ".join(self.class_names[c] for c in classes.tolist()))
         picture = make_picture(item["image"], prediction, label, self.class_names, notes)
         save_picture(picture, self.cfg.output_dir, task, item["name"])

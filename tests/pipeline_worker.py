@@ -18,7 +18,7 @@ import torch.distributed as dist  # noqa: E402
 
 from pipeline.engine import TTAEngine, load_ds_config  # noqa: E402
 from pipeline.module import build_pipeline  # noqa: E402
-from tests.tiny_setup import CLASSES, fixed_microbatches, run_configs  # noqa: E402
+from tests.tiny_setup import CLASSES, fixed_windows, run_configs  # noqa: E402
 
 
 class GradRecorder(torch.optim.SGD):
@@ -54,7 +54,7 @@ def main() -> None:
     if args.mode == "grads":
         ds = load_ds_config({"bf16": {"enabled": False}, "zero_optimization": {"stage": 0}}, lr=0.0)
         tte = TTAEngine(module, ds, tta, optimizer=GradRecorder)
-        out["loss"] = float(tte.step(fixed_microbatches(assets, seed=0)))
+        out["loss"] = float(tte.step(*fixed_windows(assets, seed=0)).loss)
         names = {id(p): n for n, p in module.named_parameters()}
         out["grads"] = {names[k]: g for k, g in tte.engine.optimizer.recorded.items()}
         out["trainable"] = sorted(n for n, p in module.named_parameters() if p.requires_grad)
@@ -66,10 +66,10 @@ def main() -> None:
         tte = TTAEngine(module, ds, tta)
         params0 = {n: p.detach().clone() for n, p in module.named_parameters()}
         masters0 = [t.detach().clone() for t in tte.engine.optimizer.fp32_groups_flat_partition]
-        first = float(tte.step(fixed_microbatches(assets, seed=0)))
+        first = float(tte.step(*fixed_windows(assets, seed=0)).loss)
         after_first = {n: p.detach().clone() for n, p in module.named_parameters()}
         for seed in (1, 2):  # "task A" goes on with other images
-            tte.step(fixed_microbatches(assets, seed=seed))
+            tte.step(*fixed_windows(assets, seed=seed))
         out["moved_before_reset"] = any(not torch.equal(params0[n], p) for n, p in module.named_parameters())
         tte.reset()
         out["params_equal"] = all(torch.equal(params0[n], p) for n, p in module.named_parameters())
@@ -78,7 +78,7 @@ def main() -> None:
         out["state_empty"] = len(tte.engine.optimizer.optimizer.state) == 0
         out["dtype"] = str(next(module.parameters()).dtype)
         # The first step of the next task is the first step of a fresh run, bit for bit.
-        again = float(tte.step(fixed_microbatches(assets, seed=0)))
+        again = float(tte.step(*fixed_windows(assets, seed=0)).loss)
         out["first_loss"], out["again_loss"] = first, again
         out["same_update"] = all(torch.equal(after_first[n], p) for n, p in module.named_parameters())
 
@@ -87,13 +87,12 @@ def main() -> None:
                              "zero_optimization": {"stage": 1}}, lr=1e-3)
         tte = TTAEngine(module, ds, tta)
         before = {n: p.detach().clone() for n, p in module.named_parameters()}
-        poisoned = fixed_microbatches(assets, seed=0)
-        for (image, *_), _ in poisoned:
-            image[..., :4, :4] = float("nan")  # a corrupt pixel block: SegFormer's logits go NaN
-        out["nan_loss"] = float(tte.step(poisoned))
+        image, draws = fixed_windows(assets, seed=0)
+        image[..., :4, :4] = float("nan")  # a corrupt pixel block: SegFormer's logits go NaN
+        out["nan_loss"] = float(tte.step(image, draws).loss)
         out["nan_skipped"] = tte.skipped
         out["unchanged"] = all(torch.equal(before[n], p) for n, p in module.named_parameters())
-        out["next_loss"] = float(tte.step(fixed_microbatches(assets, seed=0)))
+        out["next_loss"] = float(tte.step(*fixed_windows(assets, seed=0)).loss)
         out["next_skipped"] = tte.skipped
         out["moved_after"] = any(not torch.equal(before[n], p) for n, p in module.named_parameters())
 
@@ -102,7 +101,7 @@ def main() -> None:
         tte = TTAEngine(module, ds, tta)
         start = {n: p.detach().clone() for n, p in module.named_parameters()}
         # The same micro-batches every step: one image, fixed noise, timestep and sampling seed.
-        out["losses"] = [float(tte.step(fixed_microbatches(assets, seed=0))) for _ in range(20)]
+        out["losses"] = [float(tte.step(*fixed_windows(assets, seed=0)).loss) for _ in range(20)]
         moved = {n: (p - start[n]).abs().max().item() for n, p in module.named_parameters()}
         out["segmenter_moved"] = max((v for n, v in moved.items() if ".segmenter." in n), default=None)
         out["generator_moved"] = max((v for n, v in moved.items() if ".segmenter." not in n

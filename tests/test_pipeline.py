@@ -17,7 +17,7 @@ from models.class_embeddings import load_class_embeddings
 from models.sd3 import LatentEncoder, TransformerParts
 from models.segformer import Segmenter
 from pipeline.loss import select_candidates
-from tests.tiny_setup import CLASSES, NUM_BLOCKS, WINDOW, fixed_microbatches, make_assets, run_configs
+from tests.tiny_setup import CLASSES, NUM_BLOCKS, WINDOW, fixed_windows, make_assets, run_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,19 +50,17 @@ def reference_step(assets: Path, seed: int):
     encoder = LatentEncoder.from_pretrained(model.generator)
     transformer = SD3Transformer2DModel.from_pretrained(model.generator, subfolder="transformer").eval()
     prompt, pooled = load_class_embeddings(model.class_embeddings, CLASSES, model.generator)
-    batches = fixed_microbatches(assets, seed)
-    image = batches[0][0][0]
+    image, draws = fixed_windows(assets, seed)
     logits = F.interpolate(segmenter(image), size=image.shape[-2:], mode="bilinear", align_corners=False)
     losses = []
-    for (img, corner, noise, t, sample_seed), _ in batches:
-        top, left = corner.tolist()
+    for (top, left), noise, t, sample_seed in draws:
         crop = logits[0, :, top:top + WINDOW, left:left + WINDOW]
         small = F.interpolate(crop[None], size=noise.shape[-2:], mode="bilinear", align_corners=False)[0]
-        z0 = encoder(img[..., top:top + WINDOW, left:left + WINDOW])
+        z0 = encoder(image[..., top:top + WINDOW, left:left + WINDOW])
         x_t = (1 - t) * z0 + t * noise
         target = (noise - z0)[0]
         classes, mask = select_candidates(small, tta.topk, tta.max_classes, tta.min_classes,
-                                          torch.Generator().manual_seed(int(sample_seed)))
+                                          torch.Generator().manual_seed(sample_seed))
         n = len(classes)
         velocity = transformer(hidden_states=x_t.expand(n, -1, -1, -1), encoder_hidden_states=prompt[classes],
                                pooled_projections=pooled[classes], timestep=(1000 * t).expand(n)).sample

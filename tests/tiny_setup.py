@@ -8,8 +8,7 @@ import torch
 from data.classes import ADE20K_CLASSES
 from models.tiny import make_tiny_class_embeddings, make_tiny_sd3, make_tiny_segformer
 from pipeline.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
-from pipeline.tta import microbatches
-from pipeline.windows import resize_short_edge, window_boxes
+from pipeline.windows import WindowDraw, draw_windows, resize_short_edge, window_boxes
 
 CLASSES = ADE20K_CLASSES
 NUM_BLOCKS = 3
@@ -42,9 +41,8 @@ def run_configs(root: Path, num_stages: int = 2) -> tuple[ModelConfig, DataConfi
     return model, data, tta, pipe
 
 
-def fixed_microbatches(root: Path, seed: int) -> list:
-    """The micro-batches of one step on the saved image (same seed: same noise, t and sampling)."""
+def fixed_windows(root: Path, seed: int) -> tuple[torch.Tensor, list[WindowDraw]]:
+    """The resized saved image and its windows' draws for one step (same seed: same noise, t and sampling)."""
     image = resize_short_edge(torch.load(root / "image.pt"), WINDOW)
     corners = window_boxes(image.shape[-2], image.shape[-1], WINDOW, STRIDE)
-    return microbatches(image, corners, (16, WINDOW // 8, WINDOW // 8), (0.2, 0.6),
-                        torch.Generator().manual_seed(seed))
+    return image, draw_windows(corners, (16, WINDOW // 8, WINDOW // 8), (0.2, 0.6), torch.Generator().manual_seed(seed))
