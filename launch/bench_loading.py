@@ -212,18 +212,18 @@ def worker_make(args) -> dict:
 
 def worker_plan(args) -> dict:
     """The stage boundaries that build_pipeline would use, for each requested number of stages."""
-    from pipeline.config import PipelineConfig
-    from pipeline.module import EMBED_COST, HEAD_COST, balanced_partition
+    from pipeline.partition import default_costs, plan_partition
 
     num_blocks = json.loads((Path(args.folder) / "config.json").read_text())["num_layers"]
-    costs = [PipelineConfig.segmenter_cost, EMBED_COST] + [1.0] * num_blocks + [HEAD_COST]
+    step_costs = default_costs(num_blocks)
+    costs = [f + b for f, b in zip(step_costs.forward, step_costs.backward)]
     names = ["SegmenterFront", "SD3Embed"] + [f"JointBlock{i}" for i in range(num_blocks)] + ["SD3Head"]
     # The transformer pieces each layer loads (as in build_pipeline's layer builders).
     pieces = [[], ["pos_embed", "time_text_embed", "context_embedder"]]
     pieces += [[f"transformer_blocks.{i}"] for i in range(num_blocks)] + [["norm_out", "proj_out"]]
     plans = {}
     for stages in args.plan_stages:
-        bounds = balanced_partition(costs, stages)
+        bounds = plan_partition([step_costs], stages)[0]
         plans[str(stages)] = [
             {"stage": s, "layers": [bounds[s], bounds[s + 1] - 1],
              "first": names[bounds[s]], "last": names[bounds[s + 1] - 1],
@@ -231,8 +231,7 @@ def worker_plan(args) -> dict:
              "has_front": bounds[s] == 0,
              "pieces": [p for layer in range(bounds[s], bounds[s + 1]) for p in pieces[layer]]}
             for s in range(stages)]
-    return {"segmenter_cost": PipelineConfig.segmenter_cost, "embed_cost": EMBED_COST, "head_cost": HEAD_COST,
-            "num_layers": len(costs), "plans": plans}
+    return {"layer_costs": costs, "num_layers": len(costs), "plans": plans}
 
 
 def worker_load(args) -> dict:
@@ -433,7 +432,7 @@ def main() -> None:
 
     plan = run_worker(["--worker", "plan", "--folder", str(folder), "--plan-stages", *map(str, args.stages)],
                       args.timeout)
-    report["partition"] = {k: plan[k] for k in ("segmenter_cost", "embed_cost", "head_cost", "num_layers")}
+    report["partition"] = {k: plan[k] for k in ("layer_costs", "num_layers")}
     report["parent_ru_maxrss_gib"] = ru_maxrss() / GIB
     report["note"] = ("Stage figures are the SD3 transformer pieces only: stage 0's SegmenterFront "
                       "(SegFormer-B5 + SD3 VAE encoder) and SD3Embed's class-embedding cache are not loaded. "

@@ -197,6 +197,9 @@ def run(argv=None) -> int:
     if rank == 0:
         print(f"results: {Path(cfg.output_dir) / 'results.json'} (and .csv); config: "
               f"{Path(cfg.output_dir) / 'config.json'}")
+    if method == "dusa":  # every stage leaves together: one that tears down its communication threads while
+        dist.barrier()   # another still finishes (results, W&B) can abort the process at exit
+        dist.destroy_process_group()
     return 0
 
 

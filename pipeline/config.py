@@ -82,9 +82,11 @@ class PipelineConfig:
     num_stages: int = 2
     """Pipeline stages; the launcher must start exactly this many processes."""
     partition: list[int] | None = None
-    """Explicit stage boundaries as layer indices, e.g. [0, 14, 28] (None: use `cost`)."""
-    segmenter_cost: float = 10.0
-    """Cost of the stage-0 front (SegFormer + VAE) in units of one SD3 joint block (balances stages)."""
+    """Explicit stage boundaries as layer indices over [front, embed, blocks..., head], e.g. [0, 14, 27]
+    (None: the boundaries with the shortest predicted step, from measured per-layer costs)."""
+    cost_table: str | None = None
+    """Per-layer cost table (JSON, from `launch/bench.py --calibrate`) for the partition (None: the table in
+    pipeline/costs/ measured on this GPU model for these models, else relative default costs)."""
     activation_checkpoint_interval: int = 0
     """Recompute activations every N layers in backward (0: off; trades time for memory)."""
     segmenter_graphs: int = 16

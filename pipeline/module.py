@@ -2,21 +2,23 @@
 from __future__ import annotations
 
 import functools
+import json
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
 from torch import nn
+from transformers import SegformerConfig
 
+from models.checkpoints import load_checkpoint
 from models.class_embeddings import load_class_embeddings
 from models.sd3 import LatentEncoder, TransformerParts
 from models.segformer import Segmenter
 from pipeline.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
 from pipeline.layers import DusaLoss, JointBlock, SD3Embed, SD3Head, SegmenterFront
-
-# Relative costs of the non-block layers, in units of one joint block (the front's is configurable).
-EMBED_COST = 0.2
-HEAD_COST = 0.2
+from pipeline.partition import (StepCosts, check_partition, default_costs, find_cost_table, model_signature,
+                                plan_partition, table_costs)
 
 
 class _BuiltBy(LayerSpec):
@@ -28,43 +30,6 @@ class _BuiltBy(LayerSpec):
 
     def build(self, log=False):
         return self.build_fn()
-
-
-def balanced_partition(costs: Sequence[float], num_stages: int) -> list[int]:
-    """Contiguous split of `costs` into `num_stages` non-empty parts minimising the largest part.
-
-    Returns boundaries [0, b1, ..., len(costs)]; exact dynamic programme (a few dozen layers).
-    """
-    n = len(costs)
-    if not 1 <= num_stages <= n:
-        raise ValueError(f"cannot split {n} layers into {num_stages} stages")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + c)
-    inf = float("inf")
-    # best[s][i]: the smallest possible largest stage cost when the first i layers form s stages.
-    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
-    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
-    best[0][0] = 0.0
-    for s in range(1, num_stages + 1):
-        for i in range(s, n + 1):
-            for j in range(s - 1, i):
-                value = max(best[s - 1][j], prefix[i] - prefix[j])
-                if value < best[s][i]:
-                    best[s][i], cut[s][i] = value, j
-    bounds = [n]
-    for s in range(num_stages, 0, -1):
-        bounds.append(cut[s][bounds[-1]])
-    return bounds[::-1]
-
-
-def check_partition(bounds: Sequence[int], num_layers: int, num_stages: int) -> list[int]:
-    bounds = list(bounds)
-    if (len(bounds) != num_stages + 1 or bounds[0] != 0 or bounds[-1] != num_layers
-            or any(a >= b for a, b in zip(bounds, bounds[1:]))):
-        raise ValueError(f"pipeline.partition {bounds} must be {num_stages + 1} increasing layer indices "
-                         f"from 0 to {num_layers} (one non-empty range per stage)")
-    return bounds
 
 
 class DusaPipeline(PipelineModule):
@@ -116,16 +81,44 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
     layers.append(_BuiltBy(SD3Head, lambda: SD3Head(parts.load("norm_out"), parts.load("proj_out"),
                                                     parts.config["patch_size"], parts.out_channels)))
 
-    costs = [pipe.segmenter_cost, EMBED_COST] + [1.0] * num_blocks + [HEAD_COST]
+    names = ["SegmenterFront", "SD3Embed"] + [f"JointBlock{i}" for i in range(num_blocks)] + ["SD3Head"]
     if pipe.partition is not None:
         bounds = check_partition(pipe.partition, len(layers), pipe.num_stages)
+        stage_report(f"partition {bounds} (pipeline.partition)")
     else:
-        bounds = balanced_partition(costs, pipe.num_stages)
-    names = ["SegmenterFront", "SD3Embed"] + [f"JointBlock{i}" for i in range(num_blocks)] + ["SD3Head"]
+        costs, source = step_costs(model, data, pipe, parts)
+        bounds, predicted = plan_partition(costs, pipe.num_stages)
+        stage_report(f"partition {bounds} from {source}; predicted step {predicted['step']:.3f} "
+                     f"(2 windows, {'relative units' if source.startswith('default') else 's'})")
     for s in range(pipe.num_stages):
         a, b = bounds[s], bounds[s + 1]
-        stage_report(f"stage {s}: layers {a}-{b - 1} ({names[a]} .. {names[b - 1]}), cost {sum(costs[a:b]):.1f}")
+        busy = f", predicted busy {predicted['stage_busy'][s]:.3f}" if pipe.partition is None else ""
+        stage_report(f"stage {s}: layers {a}-{b - 1} ({names[a]} .. {names[b - 1]}){busy}")
     module = DusaPipeline(layers, bounds, DusaLoss(tta.temperature), pipe.num_stages,
                           pipe.activation_checkpoint_interval)
     module.loaded_keys = parts.loaded_keys
     return module
+
+
+def step_costs(model: ModelConfig, data: DataConfig, pipe: PipelineConfig, parts: TransformerParts
+               ) -> tuple[list[StepCosts], str]:
+    """Per-layer costs for the partition: the measured table for this card and these models (or the
+    one named by pipeline.cost_table), else relative defaults; and where they came from."""
+    segmenter_config = load_checkpoint(model.segmenter, "segmenter", SegformerConfig.from_pretrained).to_dict()
+    signature = model_signature(dict(parts.config), segmenter_config, data.window_size)
+    if pipe.cost_table is not None:
+        path = Path(pipe.cost_table)
+        if not path.is_file():
+            raise FileNotFoundError(f"pipeline.cost_table {path} does not exist")
+        table = json.loads(path.read_text())
+        if table.get("signature") != signature:
+            raise ValueError(f"pipeline.cost_table {path} was measured for other models or window size "
+                             f"({table.get('signature')}), not {signature}")
+        found = path, table
+    else:
+        card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        found = find_cost_table(card, signature)
+    if found is None:
+        return [default_costs(parts.num_blocks)], "default relative costs (no measured table for this card and models)"
+    path, table = found
+    return table_costs(table), f"costs measured on {table['card']} ({path.name})"

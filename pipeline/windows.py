@@ -40,16 +40,16 @@ def window_boxes(height: int, width: int, size: int, stride: int) -> list[tuple[
     return [(top, left) for top in _starts(height, size, stride) for left in _starts(width, size, stride)]
 
 
-def _linear_resize_matrix(source: int, target: int, device: torch.device) -> torch.Tensor:
+def _linear_resize_matrix(source: int, target: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """[target, source]: PyTorch's 1-D linear resize (align_corners=False) as a matrix, read off the
     operator itself (bilinear resizing is this map along each axis)."""
-    eye = torch.eye(source, device=device)[None]  # [1, source channels, source length]
+    eye = torch.eye(source, device=device, dtype=dtype)[None]  # [1, source channels, source length]
     return F.interpolate(eye, size=target, mode="linear", align_corners=False)[0].T
 
 
 @functools.lru_cache(maxsize=256)
 def window_resampler(source: int, full: int, start: int, size: int, out: int,
-                     device: torch.device = torch.device("cpu")) -> torch.Tensor:
+                     device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[out, source] matrix A with A @ x == resize(resize(x, full)[start:start + size], out) for a
     length-`source` signal x (linear, align_corners=False, up to float rounding).
 
@@ -58,8 +58,8 @@ def window_resampler(source: int, full: int, start: int, size: int, out: int,
     """
     if not 0 <= start <= full - size:
         raise ValueError(f"window [{start}, {start + size}) is outside an edge of {full}")
-    up = _linear_resize_matrix(source, full, device)[start:start + size]
-    return _linear_resize_matrix(size, out, device) @ up
+    up = _linear_resize_matrix(source, full, device, dtype)[start:start + size]
+    return _linear_resize_matrix(size, out, device, dtype) @ up
 
 
 def resample_window(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from deepspeed.runtime.pipe import schedule  # noqa: E402
+from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
 
 from pipeline.engine import TTAEngine, load_ds_config  # noqa: E402
 from pipeline.module import build_pipeline  # noqa: E402
@@ -38,7 +40,8 @@ class GradRecorder(torch.optim.SGD):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["grads", "reset", "wiring", "nan"], required=True)
+    parser.add_argument("--mode", choices=["grads", "bf16grads", "reset", "wiring", "nan"], required=True)
+    parser.add_argument("--immediate", action="store_true", help="bf16grads: DeepSpeed's immediate_grad_update")
     parser.add_argument("--assets", required=True)
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--local_rank", type=int, default=-1)
@@ -50,6 +53,9 @@ def main() -> None:
     model, data, tta, pipe = run_configs(assets, args.stages)
     module = build_pipeline(model, data, tta, pipe, CLASSES, stage_report=lambda _: None)
     out: dict = {}
+    forwards = []  # SegFormer forwards actually run on this rank
+    if module.front is not None:
+        module.front.segmenter.model.register_forward_hook(lambda *_: forwards.append(1))
 
     if args.mode == "grads":
         ds = load_ds_config({"bf16": {"enabled": False}, "zero_optimization": {"stage": 0}}, lr=0.0)
@@ -59,6 +65,26 @@ def main() -> None:
         out["grads"] = {names[k]: g for k, g in tte.engine.optimizer.recorded.items()}
         out["trainable"] = sorted(n for n, p in module.named_parameters() if p.requires_grad)
         out["loaded_keys"] = list(module.loaded_keys)
+
+    elif args.mode == "bf16grads":  # the float32 gradients the bf16 optimizer steps with, and its update
+        ds = load_ds_config({"bf16": {"enabled": True, "immediate_grad_update": args.immediate},
+                             "data_types": {"grad_accum_dtype": "fp32"}, "zero_optimization": {"stage": 1}}, lr=1e-3)
+        tte = TTAEngine(module, ds, tta)
+        table = dict(tte.engine._INSTRUCTION_MAP)
+        optimizer_step = table[schedule.OptimizerStep]
+        names = [n for n, p in module.named_parameters() if p.requires_grad]
+
+        def recording_step(eng, *a, **k):
+            params = dict(module.named_parameters())
+            out["grads"] = {n: safe_get_full_grad(params[n]).float().clone() for n in names}
+            before = {n: safe_get_full_fp32_param(params[n]).clone() for n in names}
+            result = optimizer_step(eng, *a, **k)
+            # Which float32 master weights the step changed (bf16 copies of values near 1 may not move).
+            out["moved"] = {n: bool((safe_get_full_fp32_param(params[n]) != before[n]).any()) for n in names}
+            return result
+        table[schedule.OptimizerStep] = recording_step
+        tte.engine._INSTRUCTION_MAP = table
+        out["loss"] = float(tte.step(*fixed_windows(assets, seed=0)).loss)
 
     elif args.mode == "reset":
         ds = load_ds_config({"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"},
@@ -109,6 +135,7 @@ def main() -> None:
         out["vae_moved"] = max((v for n, v in moved.items() if ".encoder." in n), default=None)
 
     out["stage"] = tte.engine.stage_id
+    out["segmenter_forwards"] = len(forwards)
     torch.save(out, assets / f"{args.mode}-rank{rank}.pt")
 
 

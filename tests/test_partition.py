@@ -1,14 +1,16 @@
-"""Independent tests of the stage split: pipeline.module.balanced_partition / check_partition.
+"""Independent tests of the stage split: pipeline.partition.balanced_partition / check_partition.
 
 balanced_partition(costs, num_stages) -> boundaries [0, b1, ..., len(costs)] of a contiguous split
 into `num_stages` non-empty parts minimising the largest part's summed cost.
 """
 import itertools
+import json
 import random
 
 import pytest
 
-from pipeline.module import balanced_partition, check_partition
+from pipeline.partition import (StepCosts, balanced_partition, check_partition, default_costs, find_cost_table,
+                                model_signature, plan_partition, simulate_step, table_costs)
 
 
 def part_costs(costs, bounds):
@@ -133,3 +135,60 @@ def test_check_partition_accepts_balanced_partition_output():
         bounds = balanced_partition(costs, s)
         result = check_partition(bounds, n, s)
         assert result is None or list(result) == list(bounds)
+
+
+# ----------------------------------------------------------------------------------------------
+# the step model and the partition planned from per-layer costs
+# ----------------------------------------------------------------------------------------------
+def test_step_model_one_stage_is_the_sum_of_the_work():
+    costs = StepCosts([1.0, 2.0, 3.0], [2.0, 4.0, 6.0], (5.0, 7.0), [0.5, 0.5, 1.0])
+    sim = simulate_step(costs, [0, 3], num_windows=3)
+    assert sim["step"] == pytest.approx(5 + 3 * (6 + 12) + 7 + 2)
+    assert sim["stage_busy"] == [pytest.approx(5 + 3 * 18 + 7 + 2)]
+
+
+def test_step_model_two_stages_by_hand():
+    # Stage 0: forward 1, backward 2 per window; stage 1: forward 3, backward 4; SegFormer 10 / 20.
+    # 1F1B with 2 windows. Stage 0: F0 [10, 11], F1 [11, 12], B0 after stage 1's B0, B1 after its B1.
+    # Stage 1: F0 [11, 14], B0 [14, 18], F1 [18, 21], B1 [21, 25].
+    # Stage 0: B0 [18, 20], B1 [25, 27], SegFormer backward [27, 47]; optimizer 1 / 3 after both.
+    costs = StepCosts([1.0, 3.0], [2.0, 4.0], (10.0, 20.0), [1.0, 3.0])
+    sim = simulate_step(costs, [0, 1, 2], num_windows=2)
+    assert sim["step"] == pytest.approx(47 + 3)
+    assert sim["stage_busy"] == [pytest.approx(10 + 2 * 3 + 20 + 1), pytest.approx(2 * 7 + 3)]
+
+
+def test_plan_partition_is_the_best_split_of_the_step_model():
+    rng = random.Random(3)
+    for _ in range(20):
+        n = rng.randint(3, 9)
+        costs = StepCosts([rng.uniform(0.1, 2) for _ in range(n)], [rng.uniform(0.1, 4) for _ in range(n)],
+                          (rng.uniform(0, 3), rng.uniform(0, 6)), [rng.uniform(0, 0.3) for _ in range(n)])
+        stages = rng.randint(1, min(4, n))
+        bounds, sim = plan_partition([costs], stages)
+        assert_valid_bounds(bounds, n, stages)
+        best = min(simulate_step(costs, [0, *cuts, n], 2)["step"]
+                   for cuts in itertools.combinations(range(1, n), stages - 1))
+        assert sim["step"] == pytest.approx(best)
+
+
+def test_plan_partition_moves_blocks_off_a_stage_that_holds_the_segmenter():
+    # SD3-medium-like: the front's work is 2 blocks' forward; SegFormer adds per-image work on stage 0.
+    costs = default_costs(24)
+    bounds, _ = plan_partition([costs], 2)
+    assert 2 < bounds[1] < 27
+
+
+def test_measured_cost_table_is_found_for_its_card_and_models_only(tmp_path):
+    signature = model_signature({"num_layers": 3}, {"depths": [1], "id2label": {0: "a", 1: "b"}}, 64)
+    table = {"card": "NVIDIA H100 80GB HBM3", "signature": signature, "segmenter_ms": [1.0, 2.0],
+             "optimizer_ms": [0.1] * 5,
+             "classes": {"10": {"forward_ms": [1.0] * 5, "backward_ms": [2.0] * 5},
+                         "20": {"forward_ms": [2.0] * 5, "backward_ms": [4.0] * 5}}}
+    (tmp_path / "h100.json").write_text(json.dumps(table))
+    found = find_cost_table("NVIDIA H100 80GB HBM3", signature, tmp_path)
+    assert found is not None and found[0].name == "h100.json"
+    assert [c.forward[0] for c in table_costs(found[1])] == [0.001, 0.002]  # ms -> s, by class count
+    assert find_cost_table("NVIDIA H200", signature, tmp_path) is None
+    other = model_signature({"num_layers": 4}, {"depths": [1], "id2label": {0: "a", 1: "b"}}, 64)
+    assert find_cost_table("NVIDIA H100 80GB HBM3", other, tmp_path) is None

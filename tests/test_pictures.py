@@ -14,8 +14,7 @@ from models.segformer import Segmenter
 from models.tiny import make_tiny_sd3, make_tiny_segformer
 from pipeline.layers import SegmenterFront, unpack
 from pipeline.pictures import GAP, classes_present, colorize, make_picture, save_picture
-from pipeline.tta import microbatches, window_candidates
-from pipeline.windows import resize_short_edge, window_boxes
+from pipeline.windows import draw_windows, resize_short_edge, window_boxes
 
 
 def test_colorize_uses_the_ade_palette_and_black_for_ignored():
@@ -70,11 +69,9 @@ def test_window_candidates_are_the_ones_the_front_used(tmp_path: Path):
     image = F.interpolate(torch.rand(1, 3, 4, 6, generator=g), size=(80, 120), mode="bilinear")
     image = resize_short_edge(0.8 * image + 0.2 * torch.rand(1, 3, 80, 120, generator=g), window)
     corners = window_boxes(image.shape[-2], image.shape[-1], window, stride)
-    batches = microbatches(image, corners, (16, window // 8, window // 8), (0.2, 0.6), g)
-    used = []
+    draws = draw_windows(corners, (16, window // 8, window // 8), (0.2, 0.6), g)
     with torch.no_grad():
-        for inputs, _ in batches:
-            used.append(unpack(front(inputs))[3])
+        prepared = front.begin_image(image, draws)
+        used = [unpack(front(inputs))[3] for inputs in prepared.inputs]
     assert len(used) == 3
-    chosen = window_candidates(front, batches)
-    assert [c.tolist() for c in chosen] == [c.tolist() for c in used]
+    assert [c.tolist() for c in prepared.candidates] == [c.tolist() for c in used]

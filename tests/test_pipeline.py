@@ -28,11 +28,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_worker(assets: Path, mode: str, stages: int = 2) -> list[dict]:
+def run_worker(assets: Path, mode: str, stages: int = 2, *extra: str) -> list[dict]:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(stages),
            "--master_port", str(free_port()), str(ROOT / "tests" / "pipeline_worker.py"), "--mode", mode,
-           "--assets", str(assets), "--stages", str(stages)]
+           "--assets", str(assets), "--stages", str(stages), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return [torch.load(assets / f"{mode}-rank{r}.pt") for r in range(stages)]
@@ -100,6 +100,8 @@ def test_pipeline_step_equals_single_process_reference(assets, stages):
     ranks = run_worker(assets, "grads", stages)
     ref_loss, ref_grads = reference_step(assets, seed=0)
     assert [r["stage"] for r in ranks] == list(range(stages))
+    # SegFormer runs once for the step's three windows, on stage 0 only.
+    assert [r["segmenter_forwards"] for r in ranks] == [1] + [0] * (stages - 1)
     # The loss reaches every stage (DeepSpeed broadcasts it from the last).
     for r in ranks:
         assert r["loss"] == pytest.approx(ref_loss, rel=1e-5)
@@ -143,6 +145,7 @@ def test_twenty_steps_on_one_image_lower_the_loss_and_move_both_models(assets):
     ranks = run_worker(assets, "wiring")
     losses = ranks[0]["losses"]
     assert losses == ranks[1]["losses"]
+    assert ranks[0]["segmenter_forwards"] == 20  # one per step
     assert losses[-1] < 0.9 * losses[0], losses
     stage0, stage1 = ranks
     assert stage0["segmenter_moved"] > 0 and stage0["generator_moved"] > 0 and stage1["generator_moved"] > 0
@@ -154,3 +157,30 @@ def test_a_non_finite_loss_skips_the_update_on_every_stage(assets):
         assert r["nan_loss"] != r["nan_loss"] and r["nan_skipped"]  # NaN, and skipped
         assert r["unchanged"]  # no stage stepped on NaN gradients
         assert r["next_loss"] == r["next_loss"] and not r["next_skipped"] and r["moved_after"]
+
+
+@pytest.mark.parametrize("immediate", [False, True])
+def test_bf16_zero1_gradients_and_update_follow_the_reference(assets, immediate):
+    """In bf16 the segmenter's backward runs outside DeepSpeed's backward pass: its gradients must reach
+    the optimizer's float32 gradients once, scaled like the others, and stage 0's transformer gradients
+    must not count the last window twice. Such faults move gradients by 100 % or more (missing, doubled,
+    3 windows unscaled); bf16 weights alone move the tiny SegFormer's by about 10 % (12 % measured, against
+    the float32 reference), the transformer's by 1 to 2 %."""
+    ranks = run_worker(assets, "bf16grads", 2, *(["--immediate"] if immediate else []))
+    ref_loss, ref_grads = reference_step(assets, seed=0)
+    floor = 1e-3 * max(g.norm() for g in ref_grads.values())
+    transformer, segmenter = [], [0.0, 0.0]
+    for r in ranks:
+        assert r["loss"] == pytest.approx(ref_loss, rel=2e-2)
+        for name, grad in r["grads"].items():
+            ref = ref_grads[reference_name(name)]
+            if ref.norm() <= floor:
+                continue
+            assert r["moved"][name], f"{name} has a gradient but its master weight did not move"
+            if ".segmenter." in name:
+                segmenter[0] += (grad - ref).square().sum().item()
+                segmenter[1] += ref.square().sum().item()
+            else:
+                transformer.append(((grad - ref).norm() / ref.norm()).item())
+    assert max(transformer) < 0.05, max(transformer)
+    assert segmenter[1] > 0 and (segmenter[0] / segmenter[1]) ** 0.5 < 0.3, (segmenter[0] / segmenter[1]) ** 0.5

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.windows import resize_short_edge, resized_size, window_boxes
+from pipeline.windows import (draw_windows, resample_window, resize_short_edge, resized_size, window_boxes,
+                              window_resampler)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -206,3 +207,61 @@ def test_windows_image_smaller_than_window(height, width):
 def test_windows_invalid_stride(stride):
     with pytest.raises(ValueError):
         window_boxes(512, 683, 512, stride)
+
+
+# ----------------------------------------------------------------------------------------------
+# a window's logits at latent resolution, without upsampling the whole image
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("h,w,height,width,size,out", [
+    (128, 171, 512, 683, 512, 64),   # SegFormer-B5 at 512 x 683: logits 128 x 171
+    (171, 128, 683, 512, 512, 64),   # portrait
+    (128, 256, 512, 1024, 512, 64),
+    (16, 24, 64, 96, 64, 8),         # the tests' tiny windows
+    (33, 17, 130, 67, 64, 8),        # odd sizes: the segmenter's output is not exactly 1/4
+])
+def test_window_resampler_equals_full_upsample_then_crop_then_downsample(h, w, height, width, size, out):
+    g = torch.Generator().manual_seed(h * w)
+    logits = torch.randn(150, h, w, generator=g)
+    full = F.interpolate(logits[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    for top, left in window_boxes(height, width, size, size // 3):
+        crop = full[:, top:top + size, left:left + size]
+        reference = F.interpolate(crop[None], size=(out, out), mode="bilinear", align_corners=False)[0]
+        got = resample_window(logits, window_resampler(h, height, top, size, out),
+                              window_resampler(w, width, left, size, out))
+        assert got.shape == (150, out, out)
+        torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_window_resampler_batches_windows_and_passes_gradients_like_the_full_upsample():
+    logits = torch.randn(150, 128, 171, dtype=torch.float64, requires_grad=True)
+    corners = window_boxes(512, 683, 512, 171)
+    double = dict(dtype=torch.float64)
+    rows = torch.stack([window_resampler(128, 512, top, 512, 64, **double) for top, _ in corners])
+    cols = torch.stack([window_resampler(171, 683, left, 512, 64, **double) for _, left in corners])
+    weights = torch.randn(len(corners), 150, 64, 64, dtype=torch.float64)
+    (resample_window(logits, rows, cols) * weights).sum().backward()
+    ours = logits.grad.clone()
+    logits.grad = None
+    full = F.interpolate(logits[None], size=(512, 683), mode="bilinear", align_corners=False)[0]
+    total = 0
+    for k, (top, left) in enumerate(corners):
+        crop = full[:, top:top + 512, left:left + 512]
+        total = total + (F.interpolate(crop[None], size=(64, 64), mode="bilinear", align_corners=False)[0]
+                         * weights[k]).sum()
+    total.backward()
+    torch.testing.assert_close(ours, logits.grad, rtol=1e-9, atol=1e-12)
+
+
+def test_window_resampler_refuses_a_window_outside_the_image():
+    with pytest.raises(ValueError, match="outside"):
+        window_resampler(128, 512, 10, 512, 64)
+
+
+def test_draw_windows_repeats_with_the_seed_and_differs_per_window():
+    corners = [(0, 0), (0, 171)]
+    a = draw_windows(corners, (16, 8, 8), (0.2, 0.6), torch.Generator().manual_seed(3))
+    b = draw_windows(corners, (16, 8, 8), (0.2, 0.6), torch.Generator().manual_seed(3))
+    for x, y in zip(a, b):
+        assert x.corner == y.corner and x.seed == y.seed and torch.equal(x.noise, y.noise) and torch.equal(x.t, y.t)
+    assert a[0].seed != a[1].seed and not torch.equal(a[0].noise, a[1].noise)
+    assert all(0.2 <= d.t.item() <= 0.6 and d.noise.shape == (1, 16, 8, 8) for d in a)
