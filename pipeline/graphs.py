@@ -131,14 +131,15 @@ class GraphedModule:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         forward = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(forward, pool=self._pool):
+        # thread_local: other threads (NCCL's watchdog) may use CUDA while this thread captures.
+        with torch.cuda.graph(forward, pool=self._pool, capture_error_mode="thread_local"):
             static_output = self.module(static_input)
         backward = static_grad_output = None
         static_grads: tuple = ()
         if params:
             static_grad_output = torch.empty_like(static_output)
             backward = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(backward, pool=self._pool):
+            with torch.cuda.graph(backward, pool=self._pool, capture_error_mode="thread_local"):
                 static_grads = torch.autograd.grad(static_output, params, static_grad_output, allow_unused=True)
             static_output = static_output.detach()
         torch.cuda.synchronize()
