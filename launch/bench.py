@@ -23,8 +23,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import gzip
+import itertools
 import json
+import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -249,7 +252,10 @@ def pipeline_worker(args) -> None:
     out: dict = {"stage": stage, "stages": args.stages, "name": args.name, "partition": list(module.parts),
                  "results": {}}
     if front is not None and torch.cuda.is_available() and args.graph_check:
-        out["graphs"] = graph_check(front, image)
+        try:
+            out["graphs"] = graph_check(front, image)
+        except RuntimeError as exc:  # reported, and the timing goes on
+            out["graphs"] = {"error": str(exc)}
         say(f"rank {rank}: graph check {json.dumps(out['graphs'])}")
 
     # Gradients and the parameter update of the first optimizer step (check): strided samples per tensor.
@@ -381,7 +387,8 @@ def graph_check(front, image: torch.Tensor) -> dict:
     graph_out, graph_grads = fwd_bwd(graphed, x, grad)
     pairs = [(a.float(), b.float()) for a, b in zip(eager_grads, graph_grads) if a is not None]
     diff = sum((a - b).square().sum() for a, b in pairs).sqrt()
-    result = {"logits_rel_err": float((graph_out.float() - out.float()).norm() / out.float().norm()),
+    graph_out, out = graph_out.detach().float(), out.detach().float()
+    result = {"logits_rel_err": float((graph_out - out).norm() / out.norm()),
               "grads_rel_err": float(diff / sum(a.square().sum() for a, _ in pairs).sqrt()),
               "params": len(params), "shapes": {}}
     del out, graph_out, eager_grads, graph_grads
@@ -401,12 +408,18 @@ def graph_check(front, image: torch.Tensor) -> dict:
 
 
 def calibrate(engine, image: torch.Tensor, corners, latent, classes, optimizer_s: float) -> dict:
-    """Per-layer forward and backward seconds for one window micro-batch (medians of 5), SegFormer's
-    forward and backward per image, and each layer's share of the optimizer step: the cost table of
-    the partition (one stage holds every layer here)."""
+    """The cost table of the partition (one stage holds every layer here): per layer, forward and backward
+    seconds for one window micro-batch (medians of 5) and the bytes of activations it keeps for the
+    backward; SegFormer's forward and backward per image; each layer's share of the optimizer step and
+    of the memory held across steps (weights, gradients, optimizer state; SegFormer's graphs and
+    activations on the front)."""
     from pipeline.windows import draw_windows
     module, front = engine.module, engine.module.front
     layers = list(module.forward_funcs)
+    cuda = torch.cuda.is_available()
+
+    def allocated() -> int:
+        return torch.cuda.memory_allocated() if cuda else 0
 
     def timed(fn, n=5):
         times = []
@@ -422,35 +435,51 @@ def calibrate(engine, image: torch.Tensor, corners, latent, classes, optimizer_s
         # A fresh leaf per float activation that carries gradient (bit-views of constants stay integers).
         return tuple(t.detach().requires_grad_(True) if t.is_floating_point() else t for t in outputs)
 
+    held = allocated()  # between steps: weights, gradients, optimizer state (and SegFormer's graph pool)
     table: dict = {"classes": {}}
     for c in classes:
         front.min_classes = front.max_classes = c
         draws = draw_windows(corners, latent, (0.25, 0.25), torch.Generator().manual_seed(7))
         prepared = front.begin_image(image.to(engine.device), draws)
         x = prepared.inputs[0]
-        forward_ms, backward_ms = [], []
+        forward_ms, backward_ms, activation_mib = [], [], []
         for layer in layers:
+            before = allocated()
             fwd, y = timed(lambda: layer(x))
             if layer is layers[-1]:  # the loss belongs to the last layer's cost
                 fwd_loss, loss = timed(lambda: module.loss_fn(y, None))
                 fwd, y = fwd + fwd_loss, (loss,)
+            activation_mib.append((allocated() - before) / 2**20)
             outs = [t for t in y if t.is_floating_point() and t.requires_grad]
             grads = [torch.randn_like(t) for t in outs]
             bwd, _ = timed(lambda: torch.autograd.backward(outs, grads, retain_graph=True)) if outs else (0.0, None)
             forward_ms.append(1e3 * fwd)
             backward_ms.append(1e3 * bwd)
             x = as_inputs(y) if layer is not layers[-1] else x
+        del x, y, outs, grads, prepared
+        front.backward_segmenter()  # drops the step's SegFormer graph
         module.zero_grad(set_to_none=True)
-        front._leaf.grad = None
-        table["classes"][str(c)] = {"forward_ms": forward_ms, "backward_ms": backward_ms}
+        table["classes"][str(c)] = {"forward_ms": forward_ms, "backward_ms": backward_ms,
+                                    "activation_mib": activation_mib}
+    before = allocated()
     seg_fwd, logits = timed(lambda: front._run_segmenter(image.to(engine.device)))
+    segmenter_activations = allocated() - before
     grad = torch.randn_like(logits)
     seg_bwd, _ = timed(lambda: logits.backward(grad, retain_graph=True))
+    del logits, grad
     module.zero_grad(set_to_none=True)
     table["segmenter_ms"] = [1e3 * seg_fwd, 1e3 * seg_bwd]
-    counts = [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in layers]
-    table["optimizer_ms"] = [1e3 * optimizer_s * n / max(sum(counts), 1) for n in counts]
+    trainable = [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in layers]
+    frozen = [sum(p.numel() * p.element_size() for p in layer.parameters() if not p.requires_grad)
+              + sum(b.numel() * b.element_size() for b in layer.buffers()) for layer in layers]
+    per_param = max(held - sum(frozen), 0) / max(sum(trainable), 1)
+    state = [n * per_param + f for n, f in zip(trainable, frozen)]
+    state[0] += segmenter_activations  # SegFormer's activations live through the step on the front's stage
+    table["state_mib"] = [b / 2**20 for b in state]
+    table["bytes_per_trainable_parameter"] = per_param
+    table["optimizer_ms"] = [1e3 * optimizer_s * n / max(sum(trainable), 1) for n in trainable]
     table["layers"] = [type(layer).__name__ for layer in layers]
+    table["card_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else None
     return table
 
 
@@ -614,13 +643,22 @@ def matmul_tflops() -> float | None:
 
 
 def run(cmd: list[str], log: Path, timeout: float) -> None:
+    """Runs one variant in its own process group; whatever it leaves running (ranks of a failed launch)
+    is killed before the next variant starts, so no variant shares the GPUs with another's leftovers."""
     print(f"[{time.strftime('%H:%M:%S')}] $", " ".join(cmd), flush=True)
     with open(log, "a") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
-            failed = proc.returncode != 0 and f"exit {proc.returncode}"
+            code = proc.wait(timeout=timeout)
+            failed = code != 0 and f"exit {code}"
         except subprocess.TimeoutExpired:
             failed = f"timed out after {timeout:.0f} s"
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    time.sleep(2)  # the driver releases the killed processes' GPU memory
     print(f"[{time.strftime('%H:%M:%S')}] " + (f"failed ({failed}); see {log}" if failed else "done"), flush=True)
 
 
@@ -676,8 +714,8 @@ def main() -> None:
     parser.add_argument("--cost_table", help="cost table for (a)'s partition (default: pipeline/costs/ lookup)")
     parser.add_argument("--variants", nargs="+", default=["single", "pipeline", "naive"])
     parser.add_argument("--pipeline_variants", default="{}",
-                        help='more (a) runs as JSON {name: DeepSpeed JSON merged over the default}, e.g. '
-                             '\'{"immediate": {"bf16": {"enabled": true, "immediate_grad_update": true}}}\'')
+                        help='more (a) runs as JSON {name: DeepSpeed JSON merged over the default, and optionally '
+                             '"partition": [...]}, e.g. \'{"immediate": {"bf16": {"immediate_grad_update": true}}}\'')
     parser.add_argument("--ds_config", help="DeepSpeed JSON of (a) and (b) (default: ds_configs/ds_tta.json)")
     parser.add_argument("--check", action="store_true", help="compare loss, gradients and update of (a) and (b)")
     parser.add_argument("--profile", action="store_true", help="profile two more steps of (a) on every stage")
@@ -711,11 +749,14 @@ def main() -> None:
               *map(str, args.classes), "--steps", str(args.steps), "--warmup", str(args.warmup)] + \
              (["--tiny"] if args.tiny else []) + (["--check"] if args.check else [])
     log = Path(args.log) if args.log else workdir / "bench.log"
-    launcher = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", "29533"]
+    ports = itertools.count(29533)  # a port per launch: a stuck earlier launch cannot meet a later one
+
+    def launcher():
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(next(ports))]
     base_ds = ["--ds_config", args.ds_config] if args.ds_config else []
     table_path = None
     if "single" in args.variants:
-        run(launcher + ["--num_gpus", "1", *common, *base_ds, "--worker", "pipeline", "--stages", "1", "--name", "single"]
+        run(launcher() + ["--num_gpus", "1", *common, *base_ds, "--worker", "pipeline", "--stages", "1", "--name", "single"]
             + (["--calibrate"] if args.calibrate else []), log, args.timeout)
         single_out = workdir / "single-rank0.json"
         if args.calibrate and single_out.is_file():
@@ -730,18 +771,21 @@ def main() -> None:
     pipeline_args += ["--partition", args.partition] if args.partition else []
     pipeline_args += ["--cost_table", str(args.cost_table or table_path)] if (args.cost_table or table_path) else []
     if "pipeline" in args.variants:
-        run(launcher + pipeline_args + base_ds + ["--name", "pipeline"] + (["--profile"] if args.profile else [])
+        run(launcher() + pipeline_args + base_ds + ["--name", "pipeline"] + (["--profile"] if args.profile else [])
             + ["--graph_check"], log, args.timeout)
     from pipeline.engine import load_ds_config
     for name, override in json.loads(args.pipeline_variants).items():
+        override = dict(override)
+        partition = override.pop("partition", None)
         ds = load_ds_config(args.ds_config or ROOT / "ds_configs" / ("ds_demo.json" if args.tiny else "ds_tta.json"),
                             lr=1.0)
         ds["optimizer"]["params"].pop("lr")
-        merged = merge(ds, override)
         path = workdir / f"ds-{name}.json"
-        path.write_text(json.dumps(merged))
+        path.write_text(json.dumps(merge(ds, override)))
         variant_args = [a for a in pipeline_args if a != "--check"]
-        run(launcher + variant_args + ["--ds_config", str(path), "--name", f"pipeline-{name}"], log, args.timeout)
+        if partition is not None:
+            variant_args += ["--partition", json.dumps(partition)]
+        run(launcher() + variant_args + ["--ds_config", str(path), "--name", f"pipeline-{name}"], log, args.timeout)
     if "naive" in args.variants:
         run([sys.executable, *[a for a in common if a != "--check"], "--worker", "naive"], log, args.timeout)
 

@@ -4,6 +4,7 @@
 #      check), (c) the old naive split, the (a)/(b) check of loss, gradients and update; extra options pass on;
 #   2. the real launcher end to end on ds_configs/tta.json with 20 synthetic 512x683 images in 2 corruptions.
 # Usage: OUT=bench/results bash launch/gpu_checks.sh [bench.py options]; logs stream into $OUT (7 files).
+# DATA=<ADE20K-C root> uses a demo dataset built elsewhere (data/demo.py needs imagecorruptions).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results}
@@ -13,12 +14,13 @@ PY=${PYTHON:-python}
 mkdir -p "$OUT" "$WORK"
 CK=$WORK/bench/checkpoints
 $PY -u launch/bench.py --workdir "$WORK/bench" --out "$OUT" --log "$OUT/bench.log" --check --profile --calibrate "$@"
-$PY -c "
+DATA=${DATA:-$WORK/ade20k_c}
+[ -d "$DATA" ] || $PY -c "
 from data.demo import make_demo_dataset
-make_demo_dataset('$WORK/ade20k_c', num_images=10, size=(512, 683))" > "$WORK/setup.log" 2>&1
+make_demo_dataset('$DATA', num_images=10, size=(512, 683))" > "$WORK/setup.log" 2>&1
 timeout "$E2E_TIMEOUT" $PY -m deepspeed.launcher.runner --num_gpus 2 launch/tta.py --config ds_configs/tta.json \
   --model.segmenter "$CK/segformer-b5" --model.generator "$CK/sd3-medium" \
-  --model.class_embeddings "$CK/sd3-medium-classes.safetensors" --data.root "$WORK/ade20k_c" \
+  --model.class_embeddings "$CK/sd3-medium-classes.safetensors" --data.root "$DATA" \
   --data.corruptions '[gaussian_noise,defocus_blur]' --logging.wandb.enabled false --logging.progress false \
   --output_dir "$WORK/e2e" > "$OUT/e2e.log" 2>&1
 echo "launcher exit $?"; grep -v "INFO\|Loading weights" "$OUT/e2e.log" | tail -n 14

@@ -6,7 +6,8 @@ vary, so graphs are kept per input shape in a bounded cache (least recently used
 first sight; anything that cannot be captured runs eagerly.
 
 Contract, which the pipeline's step keeps: at most one forward of a graph is waiting for its
-backward (a second forward before that backward raises). Every capture shares one memory pool,
+backward (a second forward before that backward raises). A capture that runs out of memory leaves
+that shape eager; any other capture failure stops with a message (eager: segmenter_graphs 0). Every capture shares one memory pool,
 which is safe because a replay's inputs are copied in just before it and its outputs (logits,
 gradients) are copied out just after it.
 """
@@ -28,6 +29,7 @@ class _Graphs:
     static_output: torch.Tensor
     static_grad_output: torch.Tensor | None
     static_grads: tuple[torch.Tensor | None, ...]
+    aliases: dict[str, torch.Tensor]  # the parameters' storage as fresh leaves (see `_capture`)
     generation: int = 0  # forwards replayed so far; a backward must follow the latest
 
 
@@ -80,7 +82,7 @@ class GraphedModule:
         self.cache: OrderedDict[tuple, _Graphs] = OrderedDict()
         self.stats = GraphStats()
         self._pool = None
-        self._failed: set[tuple] = set()
+        self._too_large: set[tuple] = set()  # shapes whose capture ran out of memory: eager
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         params = tuple(p for p in self.module.parameters() if p.requires_grad) if torch.is_grad_enabled() else ()
@@ -91,15 +93,16 @@ class GraphedModule:
         if graphs is not None:
             self.cache.move_to_end(key)
             self.stats.hits += 1
-        elif key not in self._failed:
+        elif key not in self._too_large:
             try:
                 graphs = self._capture(x, params)
-            except (RuntimeError, torch.OutOfMemoryError) as exc:  # not capturable: this shape runs eagerly
-                self._failed.add(key)
-                print(f"CUDA graph capture of {type(self.module).__name__} for input {tuple(x.shape)} failed "
-                      f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); running it eagerly",
-                      flush=True)
-                torch.cuda.synchronize()
+            except torch.OutOfMemoryError:  # eager needs less memory than a captured pool: run this shape eagerly
+                self._too_large.add(key)
+                print(f"no memory for a CUDA graph of {type(self.module).__name__} at input {tuple(x.shape)}: "
+                      f"this shape runs eagerly", flush=True)
+            except RuntimeError as exc:
+                raise RuntimeError(f"CUDA graph capture of {type(self.module).__name__} failed: {exc}; run with "
+                                   f"--pipeline.segmenter_graphs 0 (eager)") from exc
             else:
                 self.cache[key] = graphs
                 if len(self.cache) > self.max_graphs:
@@ -114,36 +117,52 @@ class GraphedModule:
             return graphs.static_output.clone()
         return _Replay.apply(graphs, x, *params)
 
+    def _run(self, x: torch.Tensor, aliases: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.func.functional_call(self.module, aliases, (x,)) if aliases else self.module(x)
+
     def _capture(self, x: torch.Tensor, params: tuple[torch.Tensor, ...]) -> _Graphs:
         start, reserved = time.perf_counter(), torch.cuda.memory_reserved()
+        names = [n for n, p in self.module.named_parameters() if p.requires_grad] if params else []
+        by_name = dict(self.module.named_parameters())
+
+        def fresh_aliases() -> dict[str, torch.Tensor]:
+            # The parameters' storage as new leaf tensors: their gradient nodes are created where they are
+            # first used. A parameter's own node was created earlier on the default stream, and autograd
+            # would make the capture wait on that stream, which breaks the capture. Same storage: the
+            # optimizer's in-place updates reach the graphs.
+            return {n: by_name[n].detach().requires_grad_(True) for n in names}
+
         static_input = x.detach().clone()
         # Warm-up on a side stream (lazy initialisation and autotuning stay out of the capture).
-        # torch.autograd.grad leaves the parameters' .grad untouched.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(self.warmup):
-                out = self.module(static_input)
-                if params:
-                    torch.autograd.grad(out, params, torch.ones_like(out), allow_unused=True)
+                aliases = fresh_aliases()
+                out = self._run(static_input, aliases)
+                if aliases:
+                    torch.autograd.grad(out, list(aliases.values()), torch.ones_like(out), allow_unused=True)
+                del out
         torch.cuda.current_stream().wait_stream(side)
-        del out
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
+        aliases = fresh_aliases()
         forward = torch.cuda.CUDAGraph()
         # thread_local: other threads (NCCL's watchdog) may use CUDA while this thread captures.
         with torch.cuda.graph(forward, pool=self._pool, capture_error_mode="thread_local"):
-            static_output = self.module(static_input)
+            static_output = self._run(static_input, aliases)
         backward = static_grad_output = None
         static_grads: tuple = ()
-        if params:
+        if aliases:
             static_grad_output = torch.empty_like(static_output)
             backward = torch.cuda.CUDAGraph()
             with torch.cuda.graph(backward, pool=self._pool, capture_error_mode="thread_local"):
-                static_grads = torch.autograd.grad(static_output, params, static_grad_output, allow_unused=True)
+                static_grads = torch.autograd.grad(static_output, list(aliases.values()), static_grad_output,
+                                                   allow_unused=True)
             static_output = static_output.detach()
         torch.cuda.synchronize()
         self.stats.captures += 1
         self.stats.capture_seconds.append(time.perf_counter() - start)
         self.stats.capture_bytes.append(torch.cuda.memory_reserved() - reserved)
-        return _Graphs(forward, backward, static_input, static_output, static_grad_output, tuple(static_grads))
+        return _Graphs(forward, backward, static_input, static_output, static_grad_output, tuple(static_grads),
+                       aliases)

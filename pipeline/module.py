@@ -87,12 +87,20 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
         stage_report(f"partition {bounds} (pipeline.partition)")
     else:
         costs, source = step_costs(model, data, pipe, parts)
-        bounds, predicted = plan_partition(costs, pipe.num_stages)
+        budget = 0.92 * torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+        bounds, predicted = plan_partition(costs, pipe.num_stages, memory_budget=budget)
         stage_report(f"partition {bounds} from {source}; predicted step {predicted['step']:.3f} "
                      f"(2 windows, {'relative units' if source.startswith('default') else 's'})")
+        if not predicted["fits"]:
+            stage_report("warning: no split is predicted to fit this GPU's memory at the measured class counts: "
+                         "the one with the least memory is used")
     for s in range(pipe.num_stages):
         a, b = bounds[s], bounds[s + 1]
-        busy = f", predicted busy {predicted['stage_busy'][s]:.3f}" if pipe.partition is None else ""
+        busy = ""
+        if pipe.partition is None:
+            busy = f", predicted busy {predicted['stage_busy'][s]:.3f}"
+            if predicted["memory"]:
+                busy += f", memory {predicted['memory'][s] / 2**30:.1f} GiB at the most classes measured"
         stage_report(f"stage {s}: layers {a}-{b - 1} ({names[a]} .. {names[b - 1]}){busy}")
     module = DusaPipeline(layers, bounds, DusaLoss(tta.temperature), pipe.num_stages,
                           pipe.activation_checkpoint_interval)

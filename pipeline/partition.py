@@ -23,16 +23,30 @@ COST_TABLES = Path(__file__).resolve().parent / "costs"
 @dataclass
 class StepCosts:
     """Seconds of work per pipeline layer for one window micro-batch (forward, backward), SegFormer's
-    forward and backward per image (stage 0), and each layer's share of the optimizer step."""
+    forward and backward per image (stage 0), and each layer's share of the optimizer step; optionally
+    bytes per layer: activations kept for the backward of one window, and weights + optimizer state
+    (SegFormer's share, its graphs and activations included, sits on the front)."""
 
     forward: list[float]
     backward: list[float]
     segmenter: tuple[float, float]
     optimizer: list[float]
+    activation_bytes: list[float] | None = None
+    state_bytes: list[float] | None = None
 
     def __post_init__(self):
         if not len(self.forward) == len(self.backward) == len(self.optimizer):
             raise ValueError("forward, backward and optimizer costs need one entry per layer")
+
+
+def stage_memory(costs: StepCosts, bounds: Sequence[int], num_windows: int = 2) -> list[float] | None:
+    """Predicted peak bytes per stage: its weights and optimizer state, plus the activations of the
+    windows in flight there (DeepSpeed's 1F1B keeps up to stages - s of them on stage s)."""
+    if costs.activation_bytes is None or costs.state_bytes is None:
+        return None
+    stages = len(bounds) - 1
+    return [sum(costs.state_bytes[a:b]) + min(num_windows, stages - s) * sum(costs.activation_bytes[a:b])
+            for s, (a, b) in enumerate(zip(bounds, bounds[1:]))]
 
 
 def default_costs(num_blocks: int) -> StepCosts:
@@ -92,9 +106,13 @@ def simulate_step(costs: StepCosts, bounds: Sequence[int], num_windows: int) -> 
     return {"step": barrier + max(opt), "stage_busy": busy}
 
 
-def plan_partition(costs: Sequence[StepCosts], num_stages: int, num_windows: int = 2) -> tuple[list[int], dict]:
+def plan_partition(costs: Sequence[StepCosts], num_stages: int, num_windows: int = 2,
+                   memory_budget: float | None = None) -> tuple[list[int], dict]:
     """Boundaries with the shortest simulated step, averaged over the cost sets given (e.g. several
-    class counts per window); returns (bounds, the simulation of the first cost set)."""
+    class counts per window), among those whose predicted memory (at the cost set with the most
+    activation bytes) fits `memory_budget` bytes per GPU when both are known; when none fits, the
+    split with the smallest largest stage memory. Returns (bounds, the simulation of the first cost set,
+    with the predicted memory per stage)."""
     layers = len(costs[0].forward)
     if not 1 <= num_stages <= layers:
         raise ValueError(f"cannot split {layers} layers into {num_stages} stages")
@@ -102,13 +120,19 @@ def plan_partition(costs: Sequence[StepCosts], num_stages: int, num_windows: int
     if _choose(layers - 1, num_stages - 1) > 50_000:  # too many to try: balance the summed work instead
         total = [sum(c.forward[i] + c.backward[i] for c in costs) for i in range(layers)]
         options = [balanced_partition(total, num_stages)[1:-1]]
-    best, best_time = None, float("inf")
+    largest = max(costs, key=lambda c: sum(c.activation_bytes or [0]))
+    ranked = []
     for cuts in options:
         bounds = [0, *cuts, layers]
         time = sum(simulate_step(c, bounds, num_windows)["step"] for c in costs) / len(costs)
-        if time < best_time - 1e-12:
-            best, best_time = bounds, time
-    return best, simulate_step(costs[0], best, num_windows)
+        memory = stage_memory(largest, bounds, num_windows)
+        ranked.append((time, max(memory) if memory else 0.0, bounds))
+    fits = [r for r in ranked if memory_budget is None or r[1] <= memory_budget]
+    best = min(fits, key=lambda r: r[0]) if fits else min(ranked, key=lambda r: r[1])
+    result = simulate_step(costs[0], best[2], num_windows)
+    result["memory"] = stage_memory(largest, best[2], num_windows)
+    result["fits"] = bool(fits)
+    return best[2], result
 
 
 def _choose(n: int, k: int) -> int:
@@ -168,8 +192,13 @@ def model_signature(generator_config: dict, segmenter_config: dict, window_size:
 
 def table_costs(table: dict) -> list[StepCosts]:
     """The StepCosts of a table, one per class count it was measured at."""
-    return [StepCosts([ms / 1e3 for ms in entry["forward_ms"]], [ms / 1e3 for ms in entry["backward_ms"]],
-                      tuple(ms / 1e3 for ms in table["segmenter_ms"]), [ms / 1e3 for ms in table["optimizer_ms"]])
+    mib = 2.0**20
+
+    def scaled(values, factor):
+        return None if values is None else [v * factor for v in values]
+    return [StepCosts(scaled(entry["forward_ms"], 1e-3), scaled(entry["backward_ms"], 1e-3),
+                      tuple(ms / 1e3 for ms in table["segmenter_ms"]), scaled(table["optimizer_ms"], 1e-3),
+                      scaled(entry.get("activation_mib"), mib), scaled(table.get("state_mib"), mib))
             for _, entry in sorted(table["classes"].items(), key=lambda kv: int(kv[0]))]
 
 
