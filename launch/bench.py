@@ -89,6 +89,21 @@ class Spans:
 
     def __init__(self):
         self.spans: dict[str, list] = defaultdict(list)
+        self.origin = None  # an event at the start of the step whose timeline is wanted
+
+    def mark(self) -> None:
+        if torch.cuda.is_available():
+            self.origin = torch.cuda.Event(enable_timing=True)
+            self.origin.record()
+
+    def timeline(self) -> list[tuple[str, float, float]]:
+        """(name, start, end) in ms since `mark()`, of the instruction-level ranges (device clock)."""
+        sync()
+        if self.origin is None:
+            return []
+        rows = [(name, self.origin.elapsed_time(a), self.origin.elapsed_time(b)) for name, spans in self.spans.items()
+                if not name.startswith("fwd: ") for a, b in spans if not isinstance(a, float)]
+        return sorted(rows, key=lambda r: r[1])
 
     def wrap(self, name: str, fn):
         def timed(*args, **kwargs):
@@ -229,6 +244,8 @@ def pipeline_worker(args) -> None:
 
     deepspeed.init_distributed()
     rank = dist.get_rank()
+    if torch.cuda.is_available():  # this rank's GPU before anything touches CUDA (as launch/tta.py does)
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     tag = f"{args.name}-rank{rank}"
     paths = json.loads(args.paths)
     size, stride = window_size(args.tiny)
@@ -236,6 +253,8 @@ def pipeline_worker(args) -> None:
     tta = TTAConfig(min_classes=args.classes[0], max_classes=args.classes[0])
     pipe = PipelineConfig(num_stages=args.stages, partition=json.loads(args.partition) if args.partition else None,
                           cost_table=args.cost_table)
+    if args.segmenter_graphs is not None:
+        pipe.segmenter_graphs = args.segmenter_graphs
     ds = load_ds_config(args.ds_config or ROOT / "ds_configs" / ("ds_demo.json" if args.tiny else "ds_tta.json"),
                         lr=1e-5)
     bf16 = ds.get("bf16", {}).get("enabled", False)
@@ -247,6 +266,9 @@ def pipeline_worker(args) -> None:
     stage = engine.engine.stage_id
     say(f"rank {rank}: engine ready")
     front = module.front
+    say(f"rank {rank}: stage {stage} on {engine.device} (current device "
+        f"{torch.cuda.current_device() if torch.cuda.is_available() else 'cpu'}, weights on "
+        f"{next(module.parameters()).device})")
     image = synthetic_image(args.tiny)
     corners = window_boxes(image.shape[-2], image.shape[-1], size, stride)
     out: dict = {"stage": stage, "stages": args.stages, "name": args.name, "partition": list(module.parts),
@@ -312,7 +334,8 @@ def pipeline_worker(args) -> None:
                            Path(args.workdir) / f"check-{args.stages}stage-rank{rank}.pt")
             step_spans = spans.take()
             busy = sum(step_spans.get(k, 0.0) for k in WORK) - step_spans.get("segmenter backward", 0.0)
-            say(f"rank {rank}: {c} classes, step {i}: {elapsed:.3f} s, busy {busy:.3f} s")
+            say(f"rank {rank}: {c} classes, step {i}: {elapsed:.3f} s, busy {busy:.3f} s, "
+                f"peak {peak_memory_gib() or 0:.1f} GiB")
             if i >= args.warmup:
                 times.append(elapsed)
                 busies.append(busy)
@@ -342,15 +365,24 @@ def profile_steps(one_step, spans: Spans, trace: Path, stages: int, steps: int =
     t0 = time.perf_counter()
     with profile(activities=activities) as prof:
         for i in range(steps):
+            if i == steps - 1:
+                spans.mark()
             one_step(1000 + i)
         sync()
     wall = time.perf_counter() - t0
-    result = {"breakdown_s_per_step": breakdown(spans.take(), wall, steps)}
+    timeline = [(name, round(a, 2), round(b, 2)) for name, a, b in spans.timeline()
+                if b >= 0]  # the last step's instructions, ms on this GPU since its start
+    result = {"breakdown_s_per_step": breakdown(spans.take(), wall, steps), "timeline_ms_last_step": timeline}
+    spans.origin = None
+    say("profile breakdown (s/step): " + ", ".join(f"{k} {v:.4f}" for k, v in result["breakdown_s_per_step"].items()))
+    say("timeline of the last step (ms): " + "; ".join(f"{n} {a:.1f}-{b:.1f}" for n, a, b in timeline))
     if torch.cuda.is_available():
         kernels = kernel_summary(prof)
         result["kernels_s_per_step"] = {k: v / steps for k, v in kernels["kernel_s_by_category"].items()}
         result["kernel_busy_s_per_step"] = kernels["kernel_busy_union_s"] / steps
         result["kernels_per_step"] = kernels["kernels"] / steps
+        say(f"kernels (s/step): busy union {result['kernel_busy_s_per_step']:.4f}, " +
+            ", ".join(f"{k} {v:.4f}" for k, v in result["kernels_s_per_step"].items()))
     prof.export_chrome_trace(str(trace))
     with open(trace, "rb") as f, gzip.open(f"{trace}.gz", "wb") as g:
         shutil.copyfileobj(f, g)
@@ -712,10 +744,12 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--partition", help="explicit stage boundaries of (a) as JSON (default: planned from costs)")
     parser.add_argument("--cost_table", help="cost table for (a)'s partition (default: pipeline/costs/ lookup)")
+    parser.add_argument("--segmenter_graphs", type=int, help="pipeline.segmenter_graphs of (a) (default: the project's)")
     parser.add_argument("--variants", nargs="+", default=["single", "pipeline", "naive"])
     parser.add_argument("--pipeline_variants", default="{}",
                         help='more (a) runs as JSON {name: DeepSpeed JSON merged over the default, and optionally '
-                             '"partition": [...]}, e.g. \'{"immediate": {"bf16": {"immediate_grad_update": true}}}\'')
+                             '"partition": [...], "segmenter_graphs": N}, e.g. '
+                             '\'{"immediate": {"bf16": {"immediate_grad_update": true}}}\'')
     parser.add_argument("--ds_config", help="DeepSpeed JSON of (a) and (b) (default: ds_configs/ds_tta.json)")
     parser.add_argument("--check", action="store_true", help="compare loss, gradients and update of (a) and (b)")
     parser.add_argument("--profile", action="store_true", help="profile two more steps of (a) on every stage")
@@ -777,6 +811,7 @@ def main() -> None:
     for name, override in json.loads(args.pipeline_variants).items():
         override = dict(override)
         partition = override.pop("partition", None)
+        graphs = override.pop("segmenter_graphs", None)
         ds = load_ds_config(args.ds_config or ROOT / "ds_configs" / ("ds_demo.json" if args.tiny else "ds_tta.json"),
                             lr=1.0)
         ds["optimizer"]["params"].pop("lr")
@@ -784,16 +819,21 @@ def main() -> None:
         path.write_text(json.dumps(merge(ds, override)))
         variant_args = [a for a in pipeline_args if a != "--check"]
         if partition is not None:
-            variant_args += ["--partition", json.dumps(partition)]
+            variant_args = [a for a in variant_args if a != "--partition"] + ["--partition", json.dumps(partition)]
+        if graphs is not None:
+            variant_args += ["--segmenter_graphs", str(graphs)]
         run(launcher() + variant_args + ["--ds_config", str(path), "--name", f"pipeline-{name}"], log, args.timeout)
     if "naive" in args.variants:
         run([sys.executable, *[a for a in common if a != "--check"], "--worker", "naive"], log, args.timeout)
 
     report = collect(workdir, args, card, tflops, paths)
-    if report.get("graphs") and report["graphs"]["shapes"].get("512x683"):
-        shape = report["graphs"]["shapes"]["512x683"]
-        report["graph_cache_policy"] = {"shape_mix": SHAPE_MIX, **graph_cache_simulation(
-            shape["eager_s"], shape["graphed_s"], shape["capture_s"])}
+    shapes = (report.get("graphs") or {}).get("shapes", {})
+    captures = [v["capture_s"] for v in shapes.values() if v.get("capture_s")]
+    if shapes.get("512x683") and captures:  # (512 x 683 itself was captured by the equality check before)
+        shape = shapes["512x683"]
+        report["graph_cache_policy"] = {"shape_mix": SHAPE_MIX, "capture_s_used": statistics.median(captures),
+                                        **graph_cache_simulation(shape["eager_s"], shape["graphed_s"],
+                                                                 statistics.median(captures))}
     path = out / f"{report['date']}-{slug}{'-tiny' if args.tiny else ''}.json"
     path.write_text(json.dumps(report, indent=2))
     for r in range(args.stages):

@@ -121,6 +121,8 @@ def run(argv=None) -> int:
             port = sock.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     deepspeed.init_distributed()
+    if torch.cuda.is_available():  # this rank's GPU before anything touches CUDA
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if get_accelerator().device_name() == "cpu":
         import atexit
         atexit.register(release_cpu_shared_memory)
