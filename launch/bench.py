@@ -396,7 +396,7 @@ def graph_check(front, image: torch.Tensor) -> dict:
     from pipeline.graphs import GraphedModule
     segmenter = front.segmenter
     params = [p for p in segmenter.parameters() if p.requires_grad]
-    graphed = GraphedModule(segmenter, max_graphs=8)
+    graphed = GraphedModule(segmenter, max_graphs=8, capture_after=1)
 
     def fwd_bwd(fn, x, grad):
         out = fn(x)

@@ -10,6 +10,8 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.runtime.pipe import schedule
+from deepspeed.runtime.pipe.engine import (BACKWARD_GLOBAL_TIMER, BACKWARD_INNER_GLOBAL_TIMER,
+                                           BACKWARD_INNER_MICRO_TIMER, BACKWARD_MICRO_TIMER)
 from torch import nn
 
 from pipeline.config import TTAConfig
@@ -101,9 +103,10 @@ class TTAEngine:
         self._initial = {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters() if p.requires_grad}
 
     def _extend_schedule(self) -> None:
-        """Two additions to DeepSpeed's pipeline schedule, for this engine only (the engine runs each
+        """Three changes to DeepSpeed's pipeline schedule, for this engine only (the engine runs each
         instruction through its instance's table, so the table is extended, not the class):
 
+        - the backward pass of a stage that is not the last runs one autograd pass for all its outputs;
         - before the tied-gradient reduction, which follows the backward of the last window: the
           segmenter's one backward of the step (`SegmenterFront.backward_segmenter`);
         - at the optimizer step: every stage skips the update of a step whose loss is NaN or infinite.
@@ -112,8 +115,39 @@ class TTAEngine:
         """
         engine = self.engine
         table = dict(engine._INSTRUCTION_MAP)
+        backward_pass = table[schedule.BackwardPass]
         reduce_tied_grads = table[schedule.ReduceTiedGrads]
         optimizer_step = table[schedule.OptimizerStep]
+
+        def one_backward_pass(eng, buffer_id):
+            # DeepSpeed runs one backward per float output of a stage: every joint block before a stage
+            # boundary would run its backward twice (image and text streams both depend on it). One
+            # autograd pass over all outputs computes the same gradients once.
+            if eng.is_last_stage() or eng.is_pipe_partitioned or eng.is_grad_partitioned:
+                return backward_pass(eng, buffer_id)
+            outputs = eng.pipe_buffers["outputs"][buffer_id]
+            tensors = [t for t in outputs if t.is_floating_point()] if isinstance(outputs, tuple) else [outputs]
+            grads = list(eng.grad_layer) if isinstance(eng.grad_layer, (list, tuple)) else [eng.grad_layer]
+            if len(tensors) != len(grads):
+                raise RuntimeError(f"{len(tensors)} stage outputs but {len(grads)} gradients received")
+            bf16 = eng.using_bf16_optimizer
+            timers = [BACKWARD_MICRO_TIMER, BACKWARD_GLOBAL_TIMER, BACKWARD_INNER_MICRO_TIMER,
+                      BACKWARD_INNER_GLOBAL_TIMER] if eng.wall_clock_breakdown() else []
+            for name in timers:
+                eng.timers(name).start()
+            if bf16:  # as DeepSpeed's own pass: it calls the bf16 optimizer's bookkeeping itself here
+                eng.optimizer.clear_lp_grads()
+            eng._running_engine_backward = True
+            try:
+                torch.autograd.backward(tensors, grads)
+            finally:
+                eng._running_engine_backward = False
+            if bf16 and not eng._config.bfloat16_config.immediate_grad_update:
+                eng.optimizer.update_hp_grads(clear_lp_grads=False)
+            eng.pipe_buffers["output_tensors"][buffer_id] = None
+            eng.pipe_buffers["outputs"][buffer_id] = None
+            for name in timers:
+                eng.timers(name).stop()
 
         def segmenter_backward_then_reduce(eng, *args, **kwargs):
             front = self.module.front
@@ -133,6 +167,7 @@ class TTAEngine:
                 return None
             return optimizer_step(eng, *args, **kwargs)
 
+        table[schedule.BackwardPass] = one_backward_pass
         table[schedule.ReduceTiedGrads] = segmenter_backward_then_reduce
         table[schedule.OptimizerStep] = guarded_step
         engine._INSTRUCTION_MAP = table
