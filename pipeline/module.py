@@ -87,7 +87,8 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
         stage_report(f"partition {bounds} (pipeline.partition)")
     else:
         costs, source = step_costs(model, data, pipe, parts)
-        budget = 0.92 * torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+        # 15 % left for the allocator's fragmentation, the CUDA context and NCCL buffers.
+        budget = 0.85 * torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
         bounds, predicted = plan_partition(costs, pipe.num_stages, memory_budget=budget)
         stage_report(f"partition {bounds} from {source}; predicted step {predicted['step']:.3f} "
                      f"(2 windows, {'relative units' if source.startswith('default') else 's'})")
@@ -129,4 +130,6 @@ def step_costs(model: ModelConfig, data: DataConfig, pipe: PipelineConfig, parts
     if found is None:
         return [default_costs(parts.num_blocks)], "default relative costs (no measured table for this card and models)"
     path, table = found
-    return table_costs(table), f"costs measured on {table['card']} ({path.name})"
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    other = "" if table["card"] == card else f", used for {card}: `launch/bench.py --calibrate` measures this card"
+    return table_costs(table), f"costs measured on {table['card']} ({path.name}{other})"

@@ -189,6 +189,8 @@ def test_measured_cost_table_is_found_for_its_card_and_models_only(tmp_path):
     found = find_cost_table("NVIDIA H100 80GB HBM3", signature, tmp_path)
     assert found is not None and found[0].name == "h100.json"
     assert [c.forward[0] for c in table_costs(found[1])] == [0.001, 0.002]  # ms -> s, by class count
-    assert find_cost_table("NVIDIA H200", signature, tmp_path) is None
+    assert find_cost_table("NVIDIA H200", signature, tmp_path)[0].name == "h100.json"  # another card's, if alone
+    (tmp_path / "h200.json").write_text(json.dumps({**table, "card": "NVIDIA H200"}))
+    assert find_cost_table("NVIDIA H200", signature, tmp_path)[0].name == "h200.json"  # this card's first
     other = model_signature({"num_layers": 4}, {"depths": [1], "id2label": {0: "a", 1: "b"}}, 64)
     assert find_cost_table("NVIDIA H100 80GB HBM3", other, tmp_path) is None
