@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import deepspeed
 import torch
@@ -130,20 +130,15 @@ class TTAEngine:
             grads = list(eng.grad_layer) if isinstance(eng.grad_layer, (list, tuple)) else [eng.grad_layer]
             if len(tensors) != len(grads):
                 raise RuntimeError(f"{len(tensors)} stage outputs but {len(grads)} gradients received")
-            bf16 = eng.using_bf16_optimizer
             timers = [BACKWARD_MICRO_TIMER, BACKWARD_GLOBAL_TIMER, BACKWARD_INNER_MICRO_TIMER,
                       BACKWARD_INNER_GLOBAL_TIMER] if eng.wall_clock_breakdown() else []
             for name in timers:
                 eng.timers(name).start()
-            if bf16:  # as DeepSpeed's own pass: it calls the bf16 optimizer's bookkeeping itself here
-                eng.optimizer.clear_lp_grads()
             eng._running_engine_backward = True
             try:
-                torch.autograd.backward(tensors, grads)
+                self._backward_with_bf16_bookkeeping(lambda: torch.autograd.backward(tensors, grads) or True)
             finally:
                 eng._running_engine_backward = False
-            if bf16 and not eng._config.bfloat16_config.immediate_grad_update:
-                eng.optimizer.update_hp_grads(clear_lp_grads=False)
             eng.pipe_buffers["output_tensors"][buffer_id] = None
             eng.pipe_buffers["outputs"][buffer_id] = None
             for name in timers:
@@ -152,7 +147,7 @@ class TTAEngine:
         def segmenter_backward_then_reduce(eng, *args, **kwargs):
             front = self.module.front
             if front is not None:
-                self._segmenter_backward(front)
+                self._backward_with_bf16_bookkeeping(front.backward_segmenter)
             return reduce_tied_grads(eng, *args, **kwargs)
 
         def guarded_step(eng, *args, **kwargs):
@@ -172,15 +167,15 @@ class TTAEngine:
         table[schedule.OptimizerStep] = guarded_step
         engine._INSTRUCTION_MAP = table
 
-    def _segmenter_backward(self, front: SegmenterFront) -> None:
-        """The segmenter's backward, outside DeepSpeed's backward pass, with the same bookkeeping: the bf16
-        optimizer adds each backward's low-precision gradients into its float32 ones, so these are cleared
-        first (they hold the last window's, already added) and added after (unless DeepSpeed's hooks add
-        them as they come, `immediate_grad_update`)."""
+    def _backward_with_bf16_bookkeeping(self, backward: Callable[[], bool]) -> None:
+        """A backward outside DeepSpeed's own, with its bookkeeping: the bf16 optimizer adds each backward's
+        low-precision gradients into its float32 ones, so these are cleared first (they hold the previous
+        backward's, already added) and added after (unless DeepSpeed's hooks add them as they come,
+        `immediate_grad_update`). `backward` returns whether it ran."""
         bf16 = getattr(self.engine, "using_bf16_optimizer", False)
         if bf16:
             self.engine.optimizer.clear_lp_grads()
-        if front.backward_segmenter() and bf16 and not self.engine._config.bfloat16_config.immediate_grad_update:
+        if backward() and bf16 and not self.engine._config.bfloat16_config.immediate_grad_update:
             self.engine.optimizer.update_hp_grads(clear_lp_grads=False)
 
     def _drop_gradients(self) -> None:

@@ -84,13 +84,11 @@ class SegmenterFront(nn.Module):
         self.topk, self.max_classes, self.min_classes = topk, max_classes, min_classes
         self.max_graphs = max_graphs
         self.graphed: GraphedModule | None = None  # made on the first GPU step (after DeepSpeed placed the weights)
-        self.segmenter_forwards = 0  # SegFormer forwards run (tests check: one per step)
         self._image: torch.Tensor | None = None
         self._logits: torch.Tensor | None = None  # the segmenter's output, holding its graph until the backward
         self._leaf: torch.Tensor | None = None  # float32 detached copy that the windows crop
 
     def _run_segmenter(self, image: torch.Tensor) -> torch.Tensor:
-        self.segmenter_forwards += 1
         if self.max_graphs and image.is_cuda:
             if self.graphed is None:
                 self.graphed = GraphedModule(self.segmenter, self.max_graphs)
