@@ -58,7 +58,7 @@ def checkpoints(workdir: Path, tiny: bool) -> dict[str, str]:
 
 
 def window_size(tiny: bool) -> tuple[int, int]:
-    return (128, 43) if tiny else (512, 171)
+    return (128, 64) if tiny else (512, 256)
 
 
 def synthetic_image(tiny: bool, size: tuple[int, int] | None = None, seed: int = 0) -> torch.Tensor:

@@ -36,8 +36,9 @@ class DataConfig:
     """Use only the first N images of each task (None: all)."""
     window_size: int = 512
     """Images are resized so the short edge is this; square windows of this size cover them."""
-    window_stride: int = 171
-    """Stride between windows along the long edge; the last window is aligned to the border."""
+    window_stride: int = 256
+    """Stride between windows along the long edge; the last window is aligned to the border (256: the
+    reference's ADE20K-C setting; 171 was this project's earlier default)."""
     num_workers: int = 2
     """Background workers that decode and resize the next images (0: in the main process)."""
     build_demo_data: bool = False
@@ -64,9 +65,12 @@ class TTAConfig:
     topk: int = 1
     """Candidate classes: the union of every latent pixel's top-k classes."""
     max_classes: int = 20
-    """At most this many candidate classes per window (transformer batch size)."""
-    min_classes: int = 2
-    """At least this many candidate classes per window (others sampled by image-level score)."""
+    """At most this many candidate classes per window (transformer batch size): every top-1 class is kept
+    and the rest of the budget is drawn uniformly from the other candidates."""
+    min_classes: int = 0
+    """At least this many candidate classes per window, the others sampled with probability softmax of
+    the LogitNormed logits summed over the window (0, the reference's setting: no fill; a window whose
+    pixels all vote one class then has one candidate, p = 1, and gives the segmenter no gradient)."""
     temperature: float = 1.0
     """LogitNorm temperature: p = softmax((l / ||l||) / temperature) over the candidates."""
     timestep_range: tuple[float, float] = (0.25, 0.25)

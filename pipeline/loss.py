@@ -34,8 +34,9 @@ def candidate_statistics(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor,
     """What candidate selection needs from the logits, computed on their device for a batch of windows.
 
     logits: [B, C, h, w]. Returns (top1 long [B, h, w], stats float32 [B, 3, C]): per class, the
-    number of pixels with it as top-1, the number with it among their top-k, and its logit summed
-    over the pixels. Only `stats` goes to the host: one transfer for every window of an image.
+    number of pixels with it as top-1, the number with it among their top-k, and its LogitNormed
+    logit summed over the pixels (the score of the minimum fill). Only `stats` goes to the host: one
+    transfer for every window of an image.
     """
     num_classes = logits.shape[1]
     if not 1 <= topk <= num_classes:
@@ -45,11 +46,11 @@ def candidate_statistics(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor,
     ones = torch.ones(1, device=logits.device).expand(ranked.shape[0], ranked[:, 0].shape[-1])
     top1_count = torch.zeros(ranked.shape[0], num_classes, device=logits.device).scatter_add_(1, ranked[:, 0], ones)
     topk_count = torch.zeros_like(top1_count).scatter_add_(1, ranked.flatten(1), ones.repeat(1, topk))
-    stats = torch.stack([top1_count, topk_count, logits.sum(dim=(2, 3))], dim=1)
+    stats = torch.stack([top1_count, topk_count, logit_norm(logits, dim=1).sum(dim=(2, 3))], dim=1)
     return ranked[:, 0].view(logits.shape[0], *logits.shape[2:]), stats
 
 
-def choose_candidates(stats: torch.Tensor, topk: int = 1, max_classes: int = 20, min_classes: int = 2,
+def choose_candidates(stats: torch.Tensor, topk: int = 1, max_classes: int = 20, min_classes: int = 0,
                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The selection rule on one window's statistics (a row of `candidate_statistics`, on the host).
 
@@ -59,8 +60,7 @@ def choose_candidates(stats: torch.Tensor, topk: int = 1, max_classes: int = 20,
     num_classes = stats.shape[-1]
     if not 1 <= topk <= num_classes:
         raise ValueError(f"topk={topk} must be in [1, {num_classes}]")
-    if not 1 <= min_classes <= max_classes:
-        raise ValueError(f"need 1 <= min_classes ({min_classes}) <= max_classes ({max_classes})")
+    check_class_budget(min_classes, max_classes)
     max_classes, min_classes = min(max_classes, num_classes), min(min_classes, num_classes)
     top1_count, topk_count, score = stats.cpu()
     top1_set = torch.nonzero(top1_count).flatten()
@@ -74,9 +74,7 @@ def choose_candidates(stats: torch.Tensor, topk: int = 1, max_classes: int = 20,
         kept[classes] = True
     elif len(topk_set) > max_classes:
         others = topk_set[top1_count[topk_set] == 0]
-        # Most pixels first; a stable sort on the ascending ids breaks ties by the lower id.
-        order = torch.sort(topk_count[others], descending=True, stable=True).indices
-        fill = others[order[:max_classes - len(top1_set)]]
+        fill = others[torch.randperm(len(others), generator=generator)[:max_classes - len(top1_set)]]
         classes = torch.cat([top1_set, fill]).sort().values
     else:
         classes = topk_set
@@ -92,22 +90,26 @@ def choose_candidates(stats: torch.Tensor, topk: int = 1, max_classes: int = 20,
     return classes, kept
 
 
-def select_candidates(logits: torch.Tensor, topk: int = 1, max_classes: int = 20, min_classes: int = 2,
+def check_class_budget(min_classes: int, max_classes: int) -> None:
+    if not (max_classes >= 1 and 0 <= min_classes <= max_classes):
+        raise ValueError(f"need 0 <= min_classes ({min_classes}) <= max_classes ({max_classes}) and max_classes >= 1")
+
+
+def select_candidates(logits: torch.Tensor, topk: int = 1, max_classes: int = 20, min_classes: int = 0,
                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate classes of one window and the pixel mask of the loss.
 
     logits: [C, h, w]. Returns (classes: sorted long [N] on logits' device, mask: bool [h, w]).
     - candidates = union of every pixel's top-k classes;
-    - more than `max_classes`: keep every top-1 class, fill with the other candidates that are in
-      the most pixels' top-k (ties: lower class id); if the top-1 classes alone exceed the budget,
-      sample `max_classes` of them uniformly and mask out the pixels whose top-1 class was dropped;
-    - fewer than `min_classes`: add classes sampled without replacement with probability
-      softmax over classes of the logits summed over pixels (Gumbel-top-k).
+    - more than `max_classes`: keep every top-1 class and fill the budget with other candidates drawn
+      uniformly at random; if the top-1 classes alone exceed the budget, sample `max_classes` of them
+      uniformly and mask out the pixels whose top-1 class was dropped;
+    - fewer than `min_classes` (0: no fill): add classes sampled without replacement with probability
+      softmax over classes of the LogitNormed logits summed over pixels (Gumbel-top-k).
     Sampling draws from `generator` (a CPU generator), so a seed fixes the result on any device.
     (The pipeline runs the two halves itself, `candidate_statistics` for every window at once.)
     """
-    if not 1 <= min_classes <= max_classes:
-        raise ValueError(f"need 1 <= min_classes ({min_classes}) <= max_classes ({max_classes})")
+    check_class_budget(min_classes, max_classes)
     top1, stats = candidate_statistics(logits[None], topk)
     classes, kept = choose_candidates(stats[0], topk, max_classes, min_classes, generator)
     mask = torch.ones_like(top1[0], dtype=torch.bool) if kept is None else kept.to(logits.device)[top1[0]]

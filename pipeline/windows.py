@@ -9,9 +9,11 @@ import torch.nn.functional as F
 
 
 def resized_size(height: int, width: int, short_edge: int) -> tuple[int, int]:
-    """Size after resizing so the short edge is `short_edge` (aspect kept, rounded)."""
-    scale = short_edge / min(height, width)
-    return max(short_edge, round(height * scale)), max(short_edge, round(width * scale))
+    """Size after resizing so the short edge is `short_edge`: the long edge is truncated, as
+    torchvision's resize does (`int(short_edge * long / short)`: 640 x 480 -> 682 x 512)."""
+    if height <= width:
+        return short_edge, max(short_edge, int(short_edge * width / height))
+    return max(short_edge, int(short_edge * height / width)), short_edge
 
 
 def resize_short_edge(image: torch.Tensor, short_edge: int) -> torch.Tensor:

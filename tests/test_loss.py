@@ -320,35 +320,34 @@ FILL_SECOND = [1, 1, 9, 9, 9, 9, 4, 4, 4, 7, 7, 7, 2, 2, 0, 3]
 FILL_RANKINGS = [[3 if k < 8 else 1, FILL_SECOND[k]] for k in range(16)]
 
 
-@pytest.mark.parametrize("max_classes,expected", [
-    (2, [1, 3]),
-    (3, [1, 3, 9]),              # 9 is in the most pixels' top-2 (4) although 4 has a lower id
-    (4, [1, 3, 4, 9]),           # 4 and 7 tie (3 pixels): the lower id wins
-    (5, [1, 3, 4, 7, 9]),
-    (6, [1, 2, 3, 4, 7, 9]),
-    (7, [0, 1, 2, 3, 4, 7, 9]),  # everything fits
-    (9, [0, 1, 2, 3, 4, 7, 9]),
-])
-def test_select_fill_with_most_frequent_candidates(max_classes, expected):
+@pytest.mark.parametrize("max_classes", [2, 3, 4, 5, 6, 7, 9])
+def test_select_fill_keeps_top1_and_draws_the_rest_uniformly(max_classes):
     logits = ranked_logits(12, FILL_RANKINGS, 4, 4)
-    classes, mask = select_candidates(logits, topk=2, max_classes=max_classes, min_classes=2)
-    check_output_format(classes, mask, 4, 4)
-    assert classes.tolist() == expected
-    assert mask.all()
+    candidates, top1 = {0, 1, 2, 3, 4, 7, 9}, {1, 3}
+    for seed in range(20):
+        classes, mask = select_candidates(logits, topk=2, max_classes=max_classes, min_classes=0,
+                                          generator=torch.Generator().manual_seed(seed))
+        check_output_format(classes, mask, 4, 4)
+        assert top1 <= as_set(classes) <= candidates
+        assert len(classes) == min(max_classes, len(candidates))
+        assert mask.all()
+        again, _ = select_candidates(logits, topk=2, max_classes=max_classes, min_classes=0,
+                                     generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(classes, again)  # seeded
 
 
-def test_select_fill_tie_broken_by_lower_id_regardless_of_position():
-    # second choices: class 8 on pixels 0-1, class 6 on pixels 2-3 (tie, 2 px each), class 11 on 1 px
-    second = [8, 8, 6, 6, 11, 0, 0, 0, 0]
-    rankings = [[0 if k < 5 else 1, second[k] if k < 5 else 0] for k in range(9)]
-    logits = ranked_logits(12, rankings, 3, 3)
-    # top-1 {0, 1}; candidates {0, 1, 6, 8, 11}
-    classes, mask = select_candidates(logits, topk=2, max_classes=3, min_classes=1)
-    assert classes.tolist() == [0, 1, 6]
-    assert mask.all()
-    classes, mask = select_candidates(logits, topk=2, max_classes=4, min_classes=1)
-    assert classes.tolist() == [0, 1, 6, 8]
-    assert mask.all()
+def test_select_fill_is_uniform_over_the_other_candidates_whatever_their_pixel_counts():
+    # The other candidates 0, 2, 4, 7, 9 cover 1, 2, 3, 3 and 4 pixels' top-2: each is drawn alike.
+    logits = ranked_logits(12, FILL_RANKINGS, 4, 4)
+    trials, counts = 2000, {c: 0 for c in (0, 2, 4, 7, 9)}
+    for seed in range(trials):
+        classes, _ = select_candidates(logits, topk=2, max_classes=3, min_classes=0,
+                                       generator=torch.Generator().manual_seed(seed))
+        (extra,) = as_set(classes) - {1, 3}
+        counts[extra] += 1
+    p = 1 / 5
+    for c, k in counts.items():
+        assert abs(k - trials * p) < 4.5 * math.sqrt(trials * p * (1 - p)), counts
 
 
 def _many_top1_logits(seed=0, num_classes=30, h=5, w=6, used=12):
@@ -416,13 +415,21 @@ def test_select_regions_too_many_top1_exact_mask():
         assert torch.equal(mask, expected)
 
 
+def constant_logits(values: dict[int, float], num_classes: int, h: int, w: int) -> torch.Tensor:
+    """Logits [C, h, w] with `values` for the listed classes at every pixel, 0 elsewhere. With an L2
+    norm of 1 per pixel, LogitNorm leaves them unchanged and their sums are the fill's scores."""
+    logits = torch.zeros(num_classes, h, w, dtype=torch.float64)
+    for c, v in values.items():
+        logits[c] = v
+    return logits
+
+
 def test_select_min_classes_adds_dominant_class():
-    # every pixel's top-1 is class 3; among the other classes, class 7's summed logits dominate
-    c, h, w = 10, 4, 4
-    logits = torch.zeros(c, h, w)
-    logits[3] = 10.0
-    logits[7] = 9.0
-    logits[5] = 8.0
+    # every pixel's top-1 is class 3; among the other classes, class 7's summed LogitNormed logits
+    # dominate (0.42 vs 0.38 per pixel, 256 pixels: a factor e^10 in the draw)
+    c, h, w = 10, 16, 16
+    logits = constant_logits({3: 0.8, 7: 0.42, 5: 0.38}, c, h, w)
+    logits[0] = math.sqrt(1 - 0.8**2 - 0.42**2 - 0.38**2)  # the rest of the unit norm, below class 5
     for seed in range(20):
         g = torch.Generator().manual_seed(seed)
         classes, mask = select_candidates(logits, topk=1, max_classes=5, min_classes=2, generator=g)
@@ -438,15 +445,34 @@ def test_select_min_classes_adds_dominant_class():
     assert classes.tolist() == [3, 7]
     # a class with a large logit at one pixel but a small sum is not favoured over the sum
     logits2 = logits.clone()
-    logits2[1, 0, 0] = 9.5  # still below class 3 there; sum 9.5 << 9 * 16
+    logits2[1, 0, 0] = 0.7  # still below class 3 there
     classes, _ = select_candidates(logits2, topk=1, max_classes=5, min_classes=2,
                                    generator=torch.Generator().manual_seed(0))
     assert classes.tolist() == [3, 7]
 
 
+def test_select_min_classes_scores_logitnormed_logits():
+    # Raw sums favour class 6 (one pixel with a huge logit vector), LogitNormed sums class 7.
+    c, h, w = 10, 8, 8
+    logits = constant_logits({3: 0.8, 7: 0.5}, c, h, w)
+    logits[6] = 0.1
+    logits[:, 0, 0] = 0.0
+    logits[3, 0, 0], logits[6, 0, 0] = 1000.0, 900.0  # raw sum of class 6: 900 + 6.3; of class 7: 31.5
+    for seed in range(10):
+        classes, _ = select_candidates(logits, topk=1, max_classes=5, min_classes=2,
+                                       generator=torch.Generator().manual_seed(seed))
+        assert classes.tolist() == [3, 7]
+
+
+def test_select_min_classes_zero_adds_nothing():
+    logits = constant_logits({3: 0.8, 7: 0.6}, 10, 4, 4)
+    classes, mask = select_candidates(logits, topk=1, max_classes=5, min_classes=0)
+    assert classes.tolist() == [3] and mask.all()
+
+
 def test_select_min_classes_with_topk_candidates():
-    rankings = [[4, 6]] * 6
-    logits = ranked_logits(10, rankings, 2, 3)
+    rankings = [[4, 6]] * 36
+    logits = ranked_logits(10, rankings, 6, 6)
     logits[8] = 8.5  # third everywhere (below class 6's 9) and by far the largest sum of the rest
     classes, mask = select_candidates(logits, topk=2, max_classes=6, min_classes=3,
                                       generator=torch.Generator().manual_seed(1))
@@ -469,13 +495,13 @@ def test_select_min_classes_exact_count_and_never_duplicates():
 
 
 def test_select_min_classes_sampling_distribution():
-    # top-1 everywhere class 0; classes 1, 2, 3 have pixel sums log 1, log 2, log 3
+    # top-1 everywhere class 0; classes 1, 2, 3 have LogitNormed pixel sums log 1, log 2, log 3
     # -> draw probabilities (without replacement, renormalised over the unchosen) 1/6, 2/6, 3/6.
     h, w = 4, 4
     logits = torch.zeros(4, h, w, dtype=torch.float64)
-    logits[0] = 10.0
     for c, s in ((1, math.log(1.0)), (2, math.log(2.0)), (3, math.log(3.0))):
         logits[c] = s / (h * w)
+    logits[0] = math.sqrt(1 - sum(float(logits[c, 0, 0]) ** 2 for c in (1, 2, 3)))  # unit norm per pixel
     # class 0's own (large) sum must not matter: it is already chosen
     p = {1: 1 / 6, 2: 2 / 6, 3: 3 / 6}
     trials = 3000
@@ -504,9 +530,9 @@ def test_select_min_classes_sampling_distribution():
 
 def test_select_is_deterministic_without_sampling():
     logits = ranked_logits(12, FILL_RANKINGS, 4, 4)
-    a = select_candidates(logits, topk=2, max_classes=4, min_classes=2,
+    a = select_candidates(logits, topk=2, max_classes=7, min_classes=2,
                           generator=torch.Generator().manual_seed(0))
-    b = select_candidates(logits, topk=2, max_classes=4, min_classes=2,
+    b = select_candidates(logits, topk=2, max_classes=7, min_classes=2,
                           generator=torch.Generator().manual_seed(123))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
@@ -514,8 +540,8 @@ def test_select_is_deterministic_without_sampling():
 def test_select_does_not_modify_logits_and_accepts_grad_tensors():
     logits = ranked_logits(12, FILL_RANKINGS, 4, 4).requires_grad_(True)
     before = logits.detach().clone()
-    classes, mask = select_candidates(logits, topk=2, max_classes=4, min_classes=2)
-    assert classes.tolist() == [1, 3, 4, 9]
+    classes, mask = select_candidates(logits, topk=2, max_classes=7, min_classes=2)
+    assert classes.tolist() == [0, 1, 2, 3, 4, 7, 9]
     assert torch.equal(logits.detach(), before)
 
 
@@ -525,6 +551,8 @@ def test_select_does_not_modify_logits_and_accepts_grad_tensors():
     dict(topk=11),                      # C = 10
     dict(min_classes=5, max_classes=3),
     dict(min_classes=3, max_classes=2),
+    dict(min_classes=-1),
+    dict(min_classes=0, max_classes=0),
 ])
 def test_select_invalid_arguments(kwargs):
     logits = torch.randn(10, 3, 3)

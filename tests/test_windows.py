@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pipeline.config import DataConfig
 from pipeline.windows import (draw_windows, resample_window, resize_short_edge, resized_size, window_boxes,
                               window_resampler)
 
@@ -18,16 +19,16 @@ from pipeline.windows import (draw_windows, resample_window, resize_short_edge, 
 @pytest.mark.parametrize("h,w,short_edge,expected", [
     (512, 683, 512, (512, 683)),      # already there
     (512, 512, 512, (512, 512)),
-    (480, 640, 512, (512, 683)),      # 640 * 512 / 480 = 682.67
-    (640, 480, 512, (683, 512)),      # portrait
+    (480, 640, 512, (512, 682)),      # 640 * 512 / 480 = 682.67, truncated as torchvision does
+    (640, 480, 512, (682, 512)),      # portrait
     (1024, 2048, 512, (512, 1024)),   # downscale
     (2000, 3000, 512, (512, 768)),
     (300, 300, 512, (512, 512)),      # upscale, square
     (256, 341, 512, (512, 682)),      # 341 * 2 = 682
-    (375, 500, 512, (512, 683)),      # 500 * 512 / 375 = 682.67
-    (500, 375, 512, (683, 512)),
+    (375, 500, 512, (512, 682)),      # 500 * 512 / 375 = 682.67
+    (500, 375, 512, (682, 512)),
     (3, 5, 2, (2, 3)),                # 3.33 -> 3
-    (3, 4, 2, (2, 3)),                # 2.67 -> 3
+    (3, 4, 2, (2, 2)),                # 2.67 -> 2
     (100, 1000, 64, (64, 640)),
 ])
 def test_resized_size(h, w, short_edge, expected):
@@ -41,11 +42,11 @@ def test_resized_size_properties():
                 rh, rw = resized_size(h, w, s)
                 assert min(rh, rw) == s
                 assert isinstance(rh, int) and isinstance(rw, int)
-                # the long edge is the rounded scaled long edge (aspect kept)
+                # the long edge is the scaled long edge, truncated (torchvision's rule)
                 if h <= w:
-                    assert rh == s and abs(rw - w * s / h) <= 0.5 + 1e-9
+                    assert rh == s and rw == int(s * w / h)
                 else:
-                    assert rw == s and abs(rh - h * s / w) <= 0.5 + 1e-9
+                    assert rw == s and rh == int(s * h / w)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,6 +127,13 @@ def test_resize_same_size_keeps_values():
 # window_boxes
 # ----------------------------------------------------------------------------------------------
 def test_windows_spec_examples():
+    # The default stride 256 (the reference's ADE20K-C setting): 512 x 683 and 512 x 768 give 2 windows.
+    assert list(window_boxes(512, 683, 512, 256)) == [(0, 0), (0, 171)]
+    assert list(window_boxes(512, 768, 512, 256)) == [(0, 0), (0, 256)]
+    assert list(window_boxes(512, 682, 512, 256)) == [(0, 0), (0, 170)]
+    assert DataConfig().window_stride == 256 and DataConfig().window_size == 512
+    # The earlier stride 171 stays available.
+    assert list(window_boxes(512, 768, 512, 171)) == [(0, 0), (0, 171), (0, 256)]
     assert list(window_boxes(512, 683, 512, 171)) == [(0, 0), (0, 171)]
     assert list(window_boxes(512, 512, 512, 171)) == [(0, 0)]
     assert list(window_boxes(683, 512, 512, 171)) == [(0, 0), (171, 0)]
