@@ -34,6 +34,9 @@ class DataConfig:
     """Corruption severity (1-5)."""
     limit: int | None = None
     """Use only the first N images of each task (None: all)."""
+    shuffle: bool = True
+    """Adapt each task's images in a shuffled order, as the reference does (it shuffles unseeded; here the
+    order is seeded by `--seed` and the task, so a rerun repeats it); false: file order."""
     window_size: int = 512
     """Images are resized so the short edge is this; square windows of this size cover them."""
     window_stride: int = 256

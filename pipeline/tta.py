@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from data.ade20k_c import ADE20KC
@@ -82,6 +82,16 @@ def finished_tasks(cfg: RunConfig, record: dict[str, Any], class_names: Sequence
 def image_seed(seed: int, task: str, name: str) -> int:
     """A per-image seed that depends on the image, not on its position in the run."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{task}/{name}".encode()).digest()[:7], "little")
+
+
+def task_order(data: DataConfig, seed: int, task: str, size: int) -> list[int]:
+    """The order in which a task's images are adapted: shuffled (`data.shuffle`, as the reference does),
+    seeded from the run's seed and the task so that every stage and every rerun sees the same order;
+    else file order."""
+    if not data.shuffle:
+        return list(range(size))
+    generator = torch.Generator().manual_seed(image_seed(seed, task, "image order"))
+    return torch.randperm(size, generator=generator).tolist()
 
 
 class PreparedImages(Dataset):
@@ -246,16 +256,17 @@ class TTARunner:
     def run_task(self, task: str, dataset: ADE20KC, description: str) -> dict | None:
         data = self.cfg.data
         self._nonfinite_task = 0
+        order = task_order(data, self.cfg.seed, task, len(dataset))
         if not self.scoring:  # later stages: the same steps, window counts from the headers
-            for i in range(len(dataset)):
+            for i in order:
                 n = num_windows(dataset, i, data.window_size, data.window_stride)
                 self.engine.step(None, [None] * n)
                 self._count_nonfinite(self.engine.skipped)
             return None
 
         metric = SegmentationMetric(len(self.class_names))
-        loader = DataLoader(PreparedImages(dataset, data.window_size, data.window_stride), batch_size=None,
-                            num_workers=data.num_workers, pin_memory=self.device.type == "cuda")
+        loader = DataLoader(Subset(PreparedImages(dataset, data.window_size, data.window_stride), order),
+                            batch_size=None, num_workers=data.num_workers, pin_memory=self.device.type == "cuda")
         # (step, loss, picture) per image; losses are read back in batches: no host sync per step.
         pending: list[tuple[int, torch.Tensor | None, tuple[Image.Image, str] | None]] = []
         every = self.cfg.logging.image_every

@@ -18,7 +18,8 @@ from data.classes import ADE20K_CLASSES
 from data.metrics import SegmentationMetric
 from models.segformer import Segmenter
 from pipeline.tent import Tent
-from pipeline.tta import PreparedImages, predict
+from pipeline.config import DataConfig
+from pipeline.tta import PreparedImages, predict, task_order
 from tests.test_pipeline import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +43,8 @@ def launch(tmp: Path, out: str, *overrides: str) -> tuple[dict, str]:
 
 
 def check_outputs(run: Path, results: dict) -> None:
-    """results.csv mirrors results.json; config.json and one picture per 2 images of each task (image_every 2)."""
+    """results.csv mirrors results.json; config.json and one picture per 2 images of each task (image_every 2,
+    in the task's shuffled order)."""
     with open(run / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["task"] for r in rows] == CORRUPTIONS
@@ -50,9 +52,11 @@ def check_outputs(run: Path, results: dict) -> None:
     for row in rows:
         assert float(row["mIoU"]) == results["tasks"][row["task"]]["mIoU"]
     assert json.loads((run / "config.json").read_text()) == results["config"]
+    data = DataConfig(shuffle=results["config"]["data"]["shuffle"])
     for task in CORRUPTIONS:
-        assert sorted(p.name for p in (run / "pictures" / task).iterdir()) == [
-            "ADE_val_00000001.png", "ADE_val_00000003.png"]
+        order = task_order(data, results["config"]["seed"], task, 4)  # the 1st and 3rd image adapted
+        assert sorted(p.name for p in (run / "pictures" / task).iterdir()) == sorted(
+            f"ADE_val_{order[k] + 1:08d}.png" for k in (0, 2))
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +93,7 @@ def test_source_scores_the_unchanged_source_model(demo_dir):
     segmenter = Segmenter.from_pretrained(str(demo_dir / "assets/segformer")).eval()
     for task in CORRUPTIONS:
         metric = SegmentationMetric(len(ADE20K_CLASSES))
-        for item in PreparedImages(ADE20KC(demo_dir / "data", task), 128, 43):
+        for item in PreparedImages(ADE20KC(demo_dir / "data", task), 128, 64):
             with torch.no_grad():
                 metric.update(predict(segmenter(item["image"]), item["label"].shape), item["label"])
         expected = metric.compute()
@@ -112,7 +116,11 @@ def test_tent_runs_without_a_generator_and_matches_tent_in_one_process(demo_dir)
         for task in CORRUPTIONS:
             tent = Tent(Segmenter.from_pretrained(str(demo_dir / "assets/segformer")), lr=results["config"]["tta"]["lr"])
             metric = SegmentationMetric(len(ADE20K_CLASSES))
-            for item in PreparedImages(ADE20KC(demo_dir / "data", task), 128, 43):
+            images = PreparedImages(ADE20KC(demo_dir / "data", task), 128, 64)
+            # In the run's order: shuffled per task from the seed (Tent's result depends on the order).
+            data = DataConfig(shuffle=results["config"]["data"]["shuffle"])
+            for i in task_order(data, results["config"]["seed"], task, len(images)):
+                item = images[i]
                 logits, _ = tent.step(item["image"])
                 metric.update(predict(logits, item["label"].shape), item["label"])
             expected = metric.compute()

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import DataConfig
+from pipeline.tta import task_order
 from tests.test_pipeline import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,3 +87,13 @@ def test_a_rerun_with_another_configuration_is_refused(tmp):
     assert proc.returncode != 0
     assert "holds results of another configuration (differs in: tta, deepspeed)" in proc.stderr
     assert "Loading weights" not in proc.stderr  # refused before any model loads
+
+
+def test_task_order_is_a_seeded_shuffle_per_task_or_file_order():
+    shuffled, plain = DataConfig(shuffle=True), DataConfig(shuffle=False)
+    a = task_order(shuffled, 0, "fog", 50)
+    assert sorted(a) == list(range(50)) and a != list(range(50))
+    assert task_order(shuffled, 0, "fog", 50) == a  # every stage and every rerun: the same order
+    assert task_order(shuffled, 0, "snow", 50) != a and task_order(shuffled, 1, "fog", 50) != a
+    assert task_order(plain, 0, "fog", 50) == list(range(50))
+    assert DataConfig().shuffle  # the reference shuffles
