@@ -3,7 +3,7 @@
 
     python launch/embed_classes.py --model stabilityai/stable-diffusion-3-medium-diffusers \\
         --out class_embeddings/sd3-medium-ade20k.safetensors [--classes FILE] [--template "a photo of a {}"] \\
-        [--max_sequence_length 256] [--device cuda|cpu] [--dtype bf16|fp16|fp32] [--batch_size 16]
+        [--max_sequence_length 256] [--device cuda|cpu] [--dtype fp16|bf16|fp32] [--batch_size 16]
 
 Row c of the cache equals what diffusers' `StableDiffusion3Pipeline.encode_prompt(prompt, None, None,
 do_classifier_free_guidance=False, max_sequence_length=...)` returns for the prompt of class c. The
@@ -178,8 +178,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="The prompt; {} is replaced by the class name.")
     parser.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens (SD3 trains with 256).")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available).")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="Encoder dtype (default: bf16 on cuda, fp32 on cpu). The cache is stored in it.")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16",
+                        help="Encoder dtype (default fp16: the reference encodes its prompts in fp16). The cache is "
+                             "stored in it and records it.")
     parser.add_argument("--batch_size", type=int, default=16, help="Prompts per encoder call.")
     return parser
 
@@ -191,7 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         except RuntimeError:
             raise EmbedError(f"--device {args.device!r} is not a torch device (cuda, cuda:1, cpu)") from None
-        dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+        dtype = DTYPES[args.dtype]
         if args.max_sequence_length < 1 or args.batch_size < 1:
             raise EmbedError("--max_sequence_length and --batch_size must be positive")
         if device.type == "cuda" and not torch.cuda.is_available():

@@ -195,3 +195,22 @@ def test_demo_cache_is_made_by_the_builder(tmp_path):
     expected = build_class_embeddings(str(folder), classes, TEMPLATE, TINY_TEXT_TOKENS - 77, "cpu", torch.float32,
                                       progress=False)
     assert torch.equal(prompt_embeds, expected[0]) and torch.equal(pooled, expected[1])
+
+
+def test_cli_encodes_in_fp16_by_default_as_the_reference(sd3, tmp_path):
+    out = tmp_path / "fp16.safetensors"
+    assert main(["--model", str(sd3), "--out", str(out), "--classes", str(_classes_file(tmp_path)),
+                 "--max_sequence_length", "10", "--device", "cpu"]) == 0
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["dtype"] == "float16"
+        prompt_embeds, pooled = f.get_tensor("prompt_embeds"), f.get_tensor("pooled")
+    assert prompt_embeds.dtype == pooled.dtype == torch.float16
+    full = build_class_embeddings(str(sd3), ["wall", "sky"], TEMPLATE, 10, "cpu", torch.float32, 2, progress=False)
+    for half, ref in zip((prompt_embeds, pooled), full):  # the same embeddings, to fp16 precision
+        assert (half.float() - ref).abs().max() <= 1e-2 * max(ref.abs().max().item(), 1.0)
+
+
+def _classes_file(folder):
+    path = folder / "two-classes.txt"
+    path.write_text("wall\nsky\n")
+    return path
