@@ -1,8 +1,11 @@
 """ADE20K-C reader: one corruption at one severity of the ADE20K validation set.
 
-Two layouts, detected from the folders under <root> (images: .jpg / .jpeg / .png):
+Three layouts, detected from the folders under <root> (images: .jpg / .jpeg / .png):
     "flat"   (data/make_ade20k_c.py writes this one):
         <root>/images/validation/<corruption>_<severity>/ADE_val_00000001.jpg
+        <root>/annotations/validation/ADE_val_00000001.png
+    "reference" (the authors' data folder):
+        <root>/ADE20K_val-c/<corruption>/<severity>/validation/ADE_val_00000001.jpg
         <root>/annotations/validation/ADE_val_00000001.png
     "nested":
         <root>/<corruption>/<severity>/ADE_val_00000001.jpg
@@ -58,8 +61,21 @@ def _listing(names: list[str]) -> str:
     return ", ".join(names) if names else "none"
 
 
+REFERENCE_FOLDER = "ADE20K_val-c"
+
+
 def _locate(root: Path, corruption: str, severity: int) -> tuple[str, Path, Path]:
     """(layout, image folder, annotation folder); FileNotFoundError listing what exists."""
+    reference = root / REFERENCE_FOLDER
+    if reference.is_dir():
+        image_dir = reference / corruption / str(severity) / "validation"
+        if not image_dir.is_dir():
+            available = [f"{c.name}/{s.name}" for c in _subdirs(reference) for s in _subdirs(c)]
+            raise FileNotFoundError(f"no folder {image_dir}; corruptions under {reference}: {_listing(available)}")
+        label_dir = root / "annotations" / "validation"
+        if not label_dir.is_dir():
+            raise FileNotFoundError(f"no annotation folder {label_dir} (beside {reference})")
+        return "reference", image_dir, label_dir
     image_root = root / "images" / "validation"
     if image_root.is_dir():
         image_dir = image_root / f"{corruption}_{severity}"
@@ -91,7 +107,8 @@ class ADE20KC(Dataset):
             raise FileNotFoundError(f"ADE20K-C root {self.root} does not exist")
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be None or >= 1, got {limit}")
-        # layout: "flat" (<corruption>_<severity> folders) or "nested" (<corruption>/<severity>).
+        # layout: "flat" (<corruption>_<severity> folders), "reference" (ADE20K_val-c/<corruption>/<severity>/
+        # validation) or "nested" (<corruption>/<severity>).
         self.layout, self.image_dir, self.label_dir = _locate(self.root, corruption, severity)
         paths = sorted((p for p in self.image_dir.iterdir()
                         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.name)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import data.make_ade20k_c as mk
@@ -264,6 +265,28 @@ def test_reader_nested_missing_corruption_lists_available(tmp_path):
     with pytest.raises(FileNotFoundError, match="fog/1") as err:
         ADE20KC(root, "fog", severity=1)
     assert "corruptions under" in str(err.value) and "fog/3, fog/5, snow/5" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="fog/3, fog/5, snow/5"):
+        ADE20KC(root, "frost")
+    shutil.rmtree(root / "annotations")
+    with pytest.raises(FileNotFoundError, match="no annotation folder"):
+        ADE20KC(root, "fog")
+
+
+# --- reader: the reference's layout <root>/ADE20K_val-c/<corruption>/<severity>/validation/*.jpg ---
+
+def test_reader_reference_layout(tmp_path):
+    nested = make_nested(tmp_path / "nested", "annotations/validation")
+    root = tmp_path / "reference"
+    for corruption, severity in (("fog", 5), ("fog", 3), ("snow", 5)):
+        shutil.copytree(nested / corruption / str(severity),
+                        root / "ADE20K_val-c" / corruption / str(severity) / "validation")
+    shutil.copytree(nested / "annotations", root / "annotations")
+    ds = ADE20KC(root, "fog", severity=5)
+    assert ds.layout == "reference" and ds.image_dir == root / "ADE20K_val-c/fog/5/validation"
+    same = ADE20KC(nested, "fog", severity=5)
+    assert ds.names == same.names
+    for i in range(len(ds)):
+        assert torch.equal(ds[i]["image"], same[i]["image"]) and torch.equal(ds[i]["label"], same[i]["label"])
     with pytest.raises(FileNotFoundError, match="fog/3, fog/5, snow/5"):
         ADE20KC(root, "frost")
     shutil.rmtree(root / "annotations")
