@@ -524,7 +524,7 @@ def naive_worker(args) -> None:
     from models.sd3 import LatentEncoder, TransformerParts
     from models.segformer import Segmenter
     from pipeline.layers import DusaLoss, JointBlock, SD3Embed, SD3Head, pack
-    from pipeline.loss import select_candidates
+    from pipeline.loss import logit_norm, select_candidates
     from pipeline.windows import window_boxes
 
     paths = json.loads(args.paths)
@@ -557,7 +557,8 @@ def naive_worker(args) -> None:
         g = torch.Generator().manual_seed(seed)
         with torch.autocast(**autocast):
             logits = segmenter(image)  # once per image, on the whole image
-        full = torch.nn.functional.interpolate(logits.float(), size=image.shape[-2:], mode="bilinear")
+        full = torch.nn.functional.interpolate(logit_norm(logits.float(), dim=1), size=image.shape[-2:],
+                                               mode="bilinear")
         total = 0.0
         for k, (top, left) in enumerate(corners):
             window = image[..., top:top + size, left:left + size]

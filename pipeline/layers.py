@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pipeline.graphs import GraphedModule
-from pipeline.loss import candidate_statistics, choose_candidates, dusa_loss
+from pipeline.loss import candidate_statistics, choose_candidates, dusa_loss, logit_norm
 from pipeline.windows import WindowDraw, resample_window, window_resampler
 
 _AS_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
@@ -64,10 +64,11 @@ class SegmenterFront(nn.Module):
 
     Per step, in three parts:
     - `begin_image(image, draws)`, before the pipeline step: SegFormer's forward on the whole image
-      (through CUDA graphs when `max_graphs` > 0 and on a GPU), each window's logits at latent
-      resolution and its candidate classes (one host transfer for every window), and the micro-batches;
+      (through CUDA graphs when `max_graphs` > 0 and on a GPU) and LogitNorm at its resolution, each
+      window's normalised logits at latent resolution and its candidate classes (one host transfer for
+      every window), and the micro-batches;
     - `forward(inputs)`, one per window micro-batch: the window's logits, a crop of one detached leaf
-      of the whole-image logits, and x_t / target from the frozen VAE;
+      of the whole-image normalised logits, and x_t / target from the frozen VAE;
     - `backward_segmenter()`, after the pipeline's backward of every window: the gradient that the
       windows left on the leaf goes through SegFormer in one backward.
     inputs: rows [s, h], cols [s, w] (window resamplers), pixel_rows long [S], pixel_cols long [S],
@@ -85,8 +86,8 @@ class SegmenterFront(nn.Module):
         self.max_graphs = max_graphs
         self.graphed: GraphedModule | None = None  # made on the first GPU step (after DeepSpeed placed the weights)
         self._image: torch.Tensor | None = None
-        self._logits: torch.Tensor | None = None  # the segmenter's output, holding its graph until the backward
-        self._leaf: torch.Tensor | None = None  # float32 detached copy that the windows crop
+        self._normed: torch.Tensor | None = None  # LogitNorm of the segmenter's output, holding its graph
+        self._leaf: torch.Tensor | None = None  # float32 detached copy of it that the windows crop
 
     def _run_segmenter(self, image: torch.Tensor) -> torch.Tensor:
         if self.max_graphs and image.is_cuda:
@@ -100,8 +101,9 @@ class SegmenterFront(nn.Module):
         adapt = any(p.requires_grad for p in self.segmenter.parameters())
         with torch.set_grad_enabled(adapt):
             logits = self._run_segmenter(image)  # [1, C, h, w] on the whole image
-        self._image, self._logits = image, logits if adapt else None
-        self._leaf = logits.detach().float().requires_grad_(adapt)
+            normed = logit_norm(logits.float(), dim=1)  # at the segmenter's resolution, as the reference
+        self._image, self._normed = image, normed if adapt else None
+        self._leaf = normed.detach().requires_grad_(adapt)
 
         device, size = image.device, self.window_size
         latent = draws[0].noise.shape[-1] if draws else size // 8
@@ -139,13 +141,13 @@ class SegmenterFront(nn.Module):
         return pack(x_t, t * 1000, logits_latent, classes, mask, target)
 
     def backward_segmenter(self) -> bool:
-        """One backward through SegFormer with the gradient the windows accumulated on the leaf;
-        False when there was nothing to do (a frozen segmenter, or no window reached the leaf)."""
-        logits, leaf = self._logits, self._leaf
-        self._logits = self._image = None  # the graph is used once
-        if logits is None or leaf is None or leaf.grad is None:
+        """One backward through LogitNorm and SegFormer with the gradient the windows accumulated on the
+        leaf; False when there was nothing to do (a frozen segmenter, or no window reached the leaf)."""
+        normed, leaf = self._normed, self._leaf
+        self._normed = self._image = None  # the graph is used once
+        if normed is None or leaf is None or leaf.grad is None:
             return False
-        logits.backward(leaf.grad.to(logits.dtype))
+        normed.backward(leaf.grad)
         return True
 
 

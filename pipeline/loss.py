@@ -1,29 +1,35 @@
-"""The DUSA objective for one window (DESIGN section 2) as pure functions."""
+"""The DUSA objective for one window as pure functions.
+
+The segmenter's logits are LogitNormed at its own resolution (1/4 of the image), then resized to the
+image, cropped per window and resized to latent resolution, as the reference does; candidates and the
+class probabilities of the loss come from those normalised, resized logits."""
 from __future__ import annotations
 
 import torch
 
 
-def logit_norm(logits: torch.Tensor, temperature: float = 1.0, dim: int = 0) -> torch.Tensor:
-    """LogitNorm: each pixel's logit vector divided by its L2 norm over classes, then by T."""
+def logit_norm(logits: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """LogitNorm: each pixel's logit vector divided by its L2 norm over the classes (dimension `dim`)."""
     # The small epsilon keeps an all-zero logit vector finite (as in the LogitNorm paper).
-    return logits / (logits.norm(p=2, dim=dim, keepdim=True) + 1e-7) / temperature
+    return logits / (logits.norm(p=2, dim=dim, keepdim=True) + 1e-7)
 
 
 def dusa_loss(logits: torch.Tensor, classes: torch.Tensor, mask: torch.Tensor, velocity: torch.Tensor,
               target: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """L_w: masked mean squared error between the class-weighted velocity and the flow target.
 
-    logits   [C, h, w]     raw segmenter logits at latent resolution (all C classes: LogitNorm is over C)
+    logits   [C, h, w]     the window's LogitNormed logits at latent resolution (normalised at the
+                           segmenter's resolution, then resized)
     classes  long [N]      the candidate classes; velocity[n] is conditioned on classes[n]
     mask     bool [h, w]   pixels that count in the loss
     velocity [N, ch, h, w] the generator's prediction for each candidate class
     target   [ch, h, w]    v = eps - z0
+    p = softmax over the N candidates of logits / temperature (1: the reference's, which has none).
     """
     if velocity.shape[0] != classes.shape[0]:
         raise ValueError(f"velocity has {velocity.shape[0]} samples for {classes.shape[0]} classes")
     # The loss is computed in float32 whatever the model dtype (bf16 squares lose too much).
-    p = torch.softmax(logit_norm(logits.float(), temperature)[classes], dim=0)  # [N, h, w]
+    p = torch.softmax(logits.float()[classes] / temperature, dim=0)  # [N, h, w]
     v_bar = (p.unsqueeze(1) * velocity.float()).sum(dim=0)  # [ch, h, w]
     err = (v_bar - target.float()).square()
     m = mask.to(torch.bool).unsqueeze(0).expand_as(err)
@@ -33,8 +39,8 @@ def dusa_loss(logits: torch.Tensor, classes: torch.Tensor, mask: torch.Tensor, v
 def candidate_statistics(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """What candidate selection needs from the logits, computed on their device for a batch of windows.
 
-    logits: [B, C, h, w]. Returns (top1 long [B, h, w], stats float32 [B, 3, C]): per class, the
-    number of pixels with it as top-1, the number with it among their top-k, and its LogitNormed
+    logits: [B, C, h, w] (LogitNormed, resized). Returns (top1 long [B, h, w], stats float32 [B, 3, C]):
+    per class, the number of pixels with it as top-1, the number with it among their top-k, and its
     logit summed over the pixels (the score of the minimum fill). Only `stats` goes to the host: one
     transfer for every window of an image.
     """
@@ -46,7 +52,7 @@ def candidate_statistics(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor,
     ones = torch.ones(1, device=logits.device).expand(ranked.shape[0], ranked[:, 0].shape[-1])
     top1_count = torch.zeros(ranked.shape[0], num_classes, device=logits.device).scatter_add_(1, ranked[:, 0], ones)
     topk_count = torch.zeros_like(top1_count).scatter_add_(1, ranked.flatten(1), ones.repeat(1, topk))
-    stats = torch.stack([top1_count, topk_count, logit_norm(logits, dim=1).sum(dim=(2, 3))], dim=1)
+    stats = torch.stack([top1_count, topk_count, logits.sum(dim=(2, 3))], dim=1)
     return ranked[:, 0].view(logits.shape[0], *logits.shape[2:]), stats
 
 
@@ -99,13 +105,14 @@ def select_candidates(logits: torch.Tensor, topk: int = 1, max_classes: int = 20
                       generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Candidate classes of one window and the pixel mask of the loss.
 
-    logits: [C, h, w]. Returns (classes: sorted long [N] on logits' device, mask: bool [h, w]).
+    logits: [C, h, w], the window's LogitNormed logits at latent resolution.
+    Returns (classes: sorted long [N] on logits' device, mask: bool [h, w]).
     - candidates = union of every pixel's top-k classes;
     - more than `max_classes`: keep every top-1 class and fill the budget with other candidates drawn
       uniformly at random; if the top-1 classes alone exceed the budget, sample `max_classes` of them
       uniformly and mask out the pixels whose top-1 class was dropped;
     - fewer than `min_classes` (0: no fill): add classes sampled without replacement with probability
-      softmax over classes of the LogitNormed logits summed over pixels (Gumbel-top-k).
+      softmax over classes of the (LogitNormed) logits summed over pixels (Gumbel-top-k).
     Sampling draws from `generator` (a CPU generator), so a seed fixes the result on any device.
     (The pipeline runs the two halves itself, `candidate_statistics` for every window at once.)
     """

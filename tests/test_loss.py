@@ -1,9 +1,8 @@
-"""Independent tests of pipeline.loss against DESIGN section 2 ("The objective, exactly").
+"""Independent tests of pipeline.loss against the objective ("The method, exactly" in the README).
 
 The reference below is written from the specification only, with explicit loops over pixels in
-float64:
-    LogitNorm(l) = l / ||l||_2 over ALL C classes (per pixel), then / temperature
-    p_n          = softmax over the N selected classes of the normalized logits
+float64. The logits it takes are already LogitNormed (at the segmenter's resolution) and resized:
+    p_n          = softmax over the N selected classes of logits / temperature
     v_bar        = sum_n p_n * v_n          (broadcast over the 16 channels)
     L_w          = mean over unmasked pixels and channels of (v_bar - target)^2
 """
@@ -12,7 +11,7 @@ import math
 import pytest
 import torch
 
-from pipeline.loss import dusa_loss, select_candidates
+from pipeline.loss import dusa_loss, logit_norm, select_candidates
 
 CH = 16
 
@@ -31,8 +30,7 @@ def reference_loss(logits, classes, mask, velocity, target, temperature=1.0):
             if not bool(mask[i, j]):
                 continue
             vec = logits[:, i, j].double()
-            norm = torch.sqrt(sum(vec[c] * vec[c] for c in range(num_classes)))
-            z = [vec[c] / norm / temperature for c in cls]
+            z = [vec[c] / temperature for c in cls]
             zmax = max(float(x.detach()) for x in z)
             e = [torch.exp(x - zmax) for x in z]
             denom = sum(e)
@@ -106,8 +104,8 @@ def test_loss_default_temperature_is_one():
 
 
 def test_loss_hand_computed_single_pixel():
-    # C=2, one pixel with logits (3, 4): norm 5 -> (0.6, 0.8); p = softmax(0.6, 0.8).
-    logits = torch.tensor([3.0, 4.0]).view(2, 1, 1)
+    # C=2, one pixel with LogitNormed logits (0.6, 0.8) (raw (3, 4), norm 5); p = softmax(0.6, 0.8).
+    logits = logit_norm(torch.tensor([3.0, 4.0]).view(2, 1, 1))
     classes = torch.tensor([0, 1])
     mask = torch.ones(1, 1, dtype=torch.bool)
     velocity = torch.zeros(2, CH, 1, 1)
@@ -144,19 +142,20 @@ def test_masked_pixels_do_not_count():
     assert rel_close(dusa_loss(logits2, classes, mask, velocity2, target2), base, rel=1e-7)
     # the mean is over unmasked pixels only (not over all pixels)
     mse = ((torch.einsum("nhw,nchw->chw",
-                         torch.softmax((logits / logits.norm(dim=0, keepdim=True))[classes], 0),
+                         torch.softmax(logits[classes], 0),
                          velocity) - target) ** 2)
     assert rel_close(base, mse[:, mask].mean())
     assert not rel_close(base, mse.mean(), rel=1e-3)
 
 
-def test_logitnorm_scale_invariance():
-    # LogitNorm divides by the per-pixel norm: scaling a pixel's logits by s > 0 changes nothing.
-    logits, classes, mask, velocity, target = random_case(51, 30, 4, 4, 5, "all")
+def test_logitnorm_divides_each_pixel_by_its_norm_over_all_classes():
+    logits = torch.randn(30, 4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(51)) * 3
+    normed = logit_norm(logits)
+    torch.testing.assert_close(normed.norm(dim=0), torch.ones(4, 5, dtype=torch.float64))
     scale = torch.rand(1, 4, 5, dtype=torch.float64) * 10 + 0.1
-    a = dusa_loss(logits, classes, mask, velocity, target)
-    b = dusa_loss(logits * scale, classes, mask, velocity, target)
-    assert rel_close(a, b, rel=1e-5)
+    torch.testing.assert_close(logit_norm(logits * scale), normed)  # scale-invariant per pixel
+    torch.testing.assert_close(logit_norm(logits[None], dim=1)[0], normed)  # batched: classes on dim 1
+    assert torch.isfinite(logit_norm(torch.zeros(3, 2, 2))).all()  # an all-zero pixel stays finite
 
 
 def test_class_order_permutation_invariance():
@@ -171,19 +170,17 @@ def test_class_order_permutation_invariance():
     assert not rel_close(dusa_loss(logits, classes[perm], mask, velocity, target), base, rel=1e-4)
 
 
-def test_unselected_class_logits_matter_through_the_norm():
+def test_unselected_class_logits_do_not_enter_the_loss():
+    # LogitNorm over all classes happens before, at the segmenter's resolution: here only the
+    # candidates' (normalised) logits set p.
     logits, _, _, velocity, target = random_case(71, 8, 2, 4, 5, "all")
     classes = torch.tensor([0, 1])
     mask = torch.ones(4, 5, dtype=torch.bool)
     base = dusa_loss(logits, classes, mask, velocity, target)
     changed = logits.clone()
     changed[5] += 10.0  # class 5 is not selected
-    got = dusa_loss(changed, classes, mask, velocity, target)
-    assert not rel_close(got, base, rel=1e-4)
-    assert rel_close(got, reference_loss(changed, classes, mask, velocity, target))
-    # and at a single pixel
-    changed = logits.clone()
-    changed[7, 2, 3] = -25.0
+    assert rel_close(dusa_loss(changed, classes, mask, velocity, target), base, rel=1e-12)
+    changed[1, 2, 3] += 1.0  # a candidate's logit does
     got = dusa_loss(changed, classes, mask, velocity, target)
     assert not rel_close(got, base, rel=1e-6)
     assert rel_close(got, reference_loss(changed, classes, mask, velocity, target))
@@ -224,12 +221,11 @@ def test_gradients_match_reference_autograd(seed, num_classes, n, temperature):
     # no gradient through masked-out pixels
     assert (got_grads[0][:, ~mask] == 0).all()
     assert (got_grads[1][:, :, ~mask] == 0).all()
-    # logits gradient reaches unselected classes (the norm) when N > 1
-    if n > 1:
-        unselected = torch.ones(num_classes, dtype=torch.bool)
-        unselected[classes] = False
-        assert got_grads[0][unselected][:, mask].abs().sum() > 0
-    else:
+    # only the candidates' logits get a gradient (LogitNorm was applied before), and none when N = 1
+    unselected = torch.ones(num_classes, dtype=torch.bool)
+    unselected[classes] = False
+    assert got_grads[0][unselected].abs().max() == 0
+    if n == 1:
         assert got_grads[0].abs().max() == 0  # p == 1: logits cannot matter
 
 
@@ -451,13 +447,11 @@ def test_select_min_classes_adds_dominant_class():
     assert classes.tolist() == [3, 7]
 
 
-def test_select_min_classes_scores_logitnormed_logits():
-    # Raw sums favour class 6 (one pixel with a huge logit vector), LogitNormed sums class 7.
+def test_select_min_classes_scores_the_summed_logits_it_is_given():
+    # The pipeline passes LogitNormed, resized logits: the fill's score is their plain sum per class.
     c, h, w = 10, 8, 8
-    logits = constant_logits({3: 0.8, 7: 0.5}, c, h, w)
-    logits[6] = 0.1
-    logits[:, 0, 0] = 0.0
-    logits[3, 0, 0], logits[6, 0, 0] = 1000.0, 900.0  # raw sum of class 6: 900 + 6.3; of class 7: 31.5
+    logits = constant_logits({3: 0.8, 7: 0.3, 6: 0.2}, c, h, w)
+    logits[6, 0, 0] = 0.79  # one pixel (still below class 3): sum 12.6 + 0.59 < class 7's 19.2
     for seed in range(10):
         classes, _ = select_candidates(logits, topk=1, max_classes=5, min_classes=2,
                                        generator=torch.Generator().manual_seed(seed))

@@ -51,7 +51,10 @@ def reference_step(assets: Path, seed: int):
     transformer = SD3Transformer2DModel.from_pretrained(model.generator, subfolder="transformer").eval()
     prompt, pooled = load_class_embeddings(model.class_embeddings, CLASSES, model.generator)
     image, draws = fixed_windows(assets, seed)
-    logits = F.interpolate(segmenter(image), size=image.shape[-2:], mode="bilinear", align_corners=False)
+    # LogitNorm over the classes at the segmenter's resolution, then up to the image (as the reference).
+    raw = segmenter(image)
+    normed = raw / (raw.norm(dim=1, keepdim=True) + 1e-7)
+    logits = F.interpolate(normed, size=image.shape[-2:], mode="bilinear", align_corners=False)
     losses = []
     for (top, left), noise, t, sample_seed in draws:
         crop = logits[0, :, top:top + WINDOW, left:left + WINDOW]
@@ -64,8 +67,7 @@ def reference_step(assets: Path, seed: int):
         n = len(classes)
         velocity = transformer(hidden_states=x_t.expand(n, -1, -1, -1), encoder_hidden_states=prompt[classes],
                                pooled_projections=pooled[classes], timestep=(1000 * t).expand(n)).sample
-        normed = small / (small.norm(dim=0, keepdim=True) + 1e-7) / tta.temperature
-        p = torch.softmax(normed[classes], dim=0)
+        p = torch.softmax(small[classes] / tta.temperature, dim=0)
         v_bar = (p[:, None] * velocity).sum(0)
         losses.append(((v_bar - target) ** 2)[mask[None].expand_as(v_bar)].mean())
     loss = torch.stack(losses).mean()
