@@ -177,7 +177,7 @@ def run(argv=None) -> int:
     elif rank == 0:  # source and tent: the segmenter alone, on rank 0, no generator and no pipeline
         checked = Segmenter.from_pretrained(cfg.model.segmenter).eval().to(device)
         if method == "tent":  # fp32 weights for Adam; bf16 compute by autocast
-            tent = Tent(checked, cfg.tta.lr, torch.bfloat16 if bf16 else None)
+            tent = Tent(checked, cfg.tta.segmenter_lr, torch.bfloat16 if bf16 else None)
         else:
             segmenter = (checked.to(torch.bfloat16) if bf16 else checked).requires_grad_(False)
         parameters = [parameter_counts(checked, "segmenter")]

@@ -59,6 +59,10 @@ class TTAConfig:
     """Keep adapting across tasks (no reset of models and optimizer between corruptions)."""
     lr: float = 1e-5
     """Learning rate of every adapted parameter (dusa: AdamW, written into the DeepSpeed optimizer; tent: Adam)."""
+    lr_segmenter: float | None = None
+    """Learning rate of the segmenter's parameters (None: `lr`); dusa and tent."""
+    lr_generator: float | None = None
+    """Learning rate of the SD3 transformer's parameters (None: `lr`)."""
     update_segmenter: bool = True
     """Adapt the segmenter (dusa)."""
     update_generator: bool = True
@@ -80,6 +84,14 @@ class TTAConfig:
     """Flow-matching time t is drawn uniformly from this range (equal bounds: fixed t)."""
     max_nonfinite: int = 5
     """Stop when this many steps in a row have a NaN/inf loss (each such step skips its update)."""
+
+    @property
+    def segmenter_lr(self) -> float:
+        return self.lr if self.lr_segmenter is None else self.lr_segmenter
+
+    @property
+    def generator_lr(self) -> float:
+        return self.lr if self.lr_generator is None else self.lr_generator
 
 
 @dataclass

@@ -73,6 +73,19 @@ def select_trainable(module: nn.Module, tta: TTAConfig) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+def parameter_groups(module: nn.Module, tta: TTAConfig) -> list[dict[str, Any]]:
+    """The adapted parameters on this rank (`select_trainable`) as optimizer groups, each with its
+    learning rate: the segmenter's `tta.lr_segmenter`, the generator's `tta.lr_generator`, each
+    falling back to `tta.lr`; groups without parameters on this rank are left out."""
+    select_trainable(module, tta)
+    segmenter = {id(p) for layer in module.modules() if isinstance(layer, SegmenterFront)
+                 for p in layer.segmenter.parameters()}
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if id(p) in segmenter], "lr": tta.segmenter_lr},
+              {"params": [p for p in trainable if id(p) not in segmenter], "lr": tta.generator_lr}]
+    return [g for g in groups if g["params"]]
+
+
 class StepOutput(NamedTuple):
     """One TTA step: the loss (a device tensor, not read back) and, on the stage with the segmenter,
     the scored whole-image logits and each window's candidate classes."""
@@ -87,7 +100,7 @@ class TTAEngine:
 
     def __init__(self, module: nn.Module, ds_config: dict[str, Any], tta: TTAConfig,
                  optimizer: torch.optim.Optimizer | None = None):
-        params = select_trainable(module, tta)
+        params = parameter_groups(module, tta)
         if optimizer is not None:  # a caller-made optimizer (tests) replaces the config's
             ds_config = {k: v for k, v in ds_config.items() if k != "optimizer"}
         # Some stage may hold nothing to adapt (e.g. only the segmenter adapts): keep DeepSpeed's

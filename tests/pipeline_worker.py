@@ -40,7 +40,7 @@ class GradRecorder(torch.optim.SGD):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["grads", "bf16grads", "reset", "wiring", "nan"], required=True)
+    parser.add_argument("--mode", choices=["grads", "bf16grads", "reset", "wiring", "nan", "lrs"], required=True)
     parser.add_argument("--immediate", action="store_true", help="bf16grads: DeepSpeed's immediate_grad_update")
     parser.add_argument("--assets", required=True)
     parser.add_argument("--stages", type=int, default=2)
@@ -121,6 +121,18 @@ def main() -> None:
         out["next_loss"] = float(tte.step(*fixed_windows(assets, seed=0)).loss)
         out["next_skipped"] = tte.skipped
         out["moved_after"] = any(not torch.equal(before[n], p) for n, p in module.named_parameters())
+
+    elif args.mode == "lrs":  # a learning rate per model: the segmenter's 0 keeps it, the generator moves
+        tta.lr_segmenter, tta.lr_generator = 0.0, 2e-3
+        ds = load_ds_config({"bf16": {"enabled": False}, "zero_optimization": {"stage": 0}}, lr=1e-3)
+        tte = TTAEngine(module, ds, tta)
+        start = {n: p.detach().clone() for n, p in module.named_parameters()}
+        for _ in range(3):
+            tte.step(*fixed_windows(assets, seed=0))
+        moved = {n: (p - start[n]).abs().max().item() for n, p in module.named_parameters() if p.requires_grad}
+        out["segmenter_moved"] = max((v for n, v in moved.items() if ".segmenter." in n), default=None)
+        out["generator_moved"] = max((v for n, v in moved.items() if ".segmenter." not in n), default=None)
+        out["lrs"] = [g["lr"] for g in tte.engine.optimizer.param_groups]
 
     else:  # wiring
         ds = load_ds_config({"bf16": {"enabled": False}, "zero_optimization": {"stage": 0}}, lr=2e-3)

@@ -186,3 +186,10 @@ def test_bf16_zero1_gradients_and_update_follow_the_reference(assets, immediate)
                 transformer.append(((grad - ref).norm() / ref.norm()).item())
     assert max(transformer) < 0.05, max(transformer)
     assert segmenter[1] > 0 and (segmenter[0] / segmenter[1]) ** 0.5 < 0.3, (segmenter[0] / segmenter[1]) ** 0.5
+
+
+def test_a_learning_rate_per_model_reaches_the_optimizer(assets):
+    stage0, stage1 = run_worker(assets, "lrs")
+    assert stage0["lrs"] == [0.0, 2e-3] and stage1["lrs"] == [2e-3]  # stage 1 holds no segmenter
+    assert stage0["segmenter_moved"] == 0.0
+    assert stage0["generator_moved"] > 0 and stage1["generator_moved"] > 0

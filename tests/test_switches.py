@@ -9,7 +9,7 @@ from models.segformer import Segmenter
 from models.tiny import make_tiny_sd3, make_tiny_segformer
 from data.classes import ADE20K_CLASSES
 from pipeline.config import TTAConfig
-from pipeline.engine import is_norm_module, select_trainable
+from pipeline.engine import is_norm_module, parameter_groups, select_trainable
 from pipeline.layers import JointBlock, SD3Embed, SD3Head, SegmenterFront
 
 
@@ -50,3 +50,14 @@ def test_switches_select_the_right_parameters(layers):
     assert all(any(is_norm_module(modules[o.rsplit(".", k)[0]]) for k in range(o.count(".") + 1)) for o in owners)
     assert any(n.startswith("0.segmenter.") for n in norm) and any(n.startswith("2.") for n in norm)
     assert names(layers, norm_only=True, update_segmenter=False) == {n for n in norm if not n.startswith("0.")}
+
+
+def test_parameter_groups_carry_each_model_its_learning_rate(layers):
+    segmenter = {id(p) for p in layers[0].segmenter.parameters()}
+    groups = parameter_groups(layers, TTAConfig(lr=1e-5, lr_segmenter=3e-6))
+    assert [g["lr"] for g in groups] == [3e-6, 1e-5]  # the generator falls back to tta.lr
+    assert all(id(p) in segmenter for p in groups[0]["params"])
+    assert not any(id(p) in segmenter for p in groups[1]["params"])
+    assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in layers.parameters() if p.requires_grad}
+    only_generator = parameter_groups(layers, TTAConfig(lr_generator=2e-5, update_segmenter=False))
+    assert [g["lr"] for g in only_generator] == [2e-5]  # a group without parameters is left out
