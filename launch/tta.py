@@ -139,6 +139,8 @@ def run(argv=None) -> int:
         raise ValueError("tta.update_segmenter and tta.update_generator are both false: nothing adapts "
                          "(use --tta.method source for the unadapted model)")
     class_names = ADE20K_CLASSES
+    if any(not 0 <= c < len(class_names) for c in cfg.tta.ignore_classes):
+        raise ValueError(f"tta.ignore_classes {cfg.tta.ignore_classes} must be class ids in 0..{len(class_names) - 1}")
     ds_config = load_ds_config(cfg.deepspeed, cfg.tta.lr)
     # Bad data or a clashing output folder fail now, before any model loads.
     datasets = None if cfg.data.build_demo_data else open_tasks(cfg.data)

@@ -78,6 +78,9 @@ class TTAConfig:
     """At least this many candidate classes per window, the others sampled with probability softmax of
     the LogitNormed logits summed over the window (0, the reference's setting: no fill; a window whose
     pixels all vote one class then has one candidate, p = 1, and gives the segmenter no gradient)."""
+    ignore_classes: list[int] = field(default_factory=list)
+    """Class ids (0-based) that are never candidates: their logits are set to -inf at latent resolution
+    before candidate selection (a pixel's top-1 falls to its next class); the scored prediction keeps them."""
     temperature: float = 1.0
     """LogitNorm temperature: p = softmax((l / ||l||) / temperature) over the candidates."""
     timestep_range: tuple[float, float] = (0.25, 0.25)
@@ -88,10 +91,6 @@ class TTAConfig:
     @property
     def segmenter_lr(self) -> float:
         return self.lr if self.lr_segmenter is None else self.lr_segmenter
-
-    @property
-    def generator_lr(self) -> float:
-        return self.lr if self.lr_generator is None else self.lr_generator
 
 
 @dataclass

@@ -74,16 +74,19 @@ def select_trainable(module: nn.Module, tta: TTAConfig) -> list[nn.Parameter]:
 
 
 def parameter_groups(module: nn.Module, tta: TTAConfig) -> list[dict[str, Any]]:
-    """The adapted parameters on this rank (`select_trainable`) as optimizer groups, each with its
-    learning rate: the segmenter's `tta.lr_segmenter`, the generator's `tta.lr_generator`, each
-    falling back to `tta.lr`; groups without parameters on this rank are left out."""
+    """The adapted parameters on this rank (`select_trainable`) as optimizer groups: the segmenter's
+    with `tta.lr_segmenter`, the generator's with `tta.lr_generator` where set (else the optimizer's
+    learning rate, `tta.lr` through `load_ds_config`); groups without parameters here are left out."""
     select_trainable(module, tta)
     segmenter = {id(p) for layer in module.modules() if isinstance(layer, SegmenterFront)
                  for p in layer.segmenter.parameters()}
     trainable = [p for p in module.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in trainable if id(p) in segmenter], "lr": tta.segmenter_lr},
-              {"params": [p for p in trainable if id(p) not in segmenter], "lr": tta.generator_lr}]
-    return [g for g in groups if g["params"]]
+    groups = []
+    for params, lr in (([p for p in trainable if id(p) in segmenter], tta.lr_segmenter),
+                       ([p for p in trainable if id(p) not in segmenter], tta.lr_generator)):
+        if params:
+            groups.append({"params": params} if lr is None else {"params": params, "lr": lr})
+    return groups
 
 
 class StepOutput(NamedTuple):

@@ -77,17 +77,19 @@ class SegmenterFront(nn.Module):
     """
 
     def __init__(self, segmenter: nn.Module, encoder: nn.Module, window_size: int, topk: int,
-                 max_classes: int, min_classes: int, max_graphs: int = 0):
+                 max_classes: int, min_classes: int, max_graphs: int = 0, ignore_classes: Sequence[int] = ()):
         super().__init__()
         self.segmenter = segmenter
         self.encoder = encoder
         self.window_size = window_size
         self.topk, self.max_classes, self.min_classes = topk, max_classes, min_classes
+        self.ignore_classes = torch.tensor(sorted(set(ignore_classes)), dtype=torch.long)
         self.max_graphs = max_graphs
         self.graphed: GraphedModule | None = None  # made on the first GPU step (after DeepSpeed placed the weights)
         self._image: torch.Tensor | None = None
         self._normed: torch.Tensor | None = None  # LogitNorm of the segmenter's output, holding its graph
         self._leaf: torch.Tensor | None = None  # float32 detached copy of it that the windows crop
+        self._ignored = self.ignore_classes  # on the step's device
 
     def _run_segmenter(self, image: torch.Tensor) -> torch.Tensor:
         if self.max_graphs and image.is_cuda:
@@ -110,8 +112,9 @@ class SegmenterFront(nn.Module):
         (height, width), (h, w) = image.shape[-2:], logits.shape[-2:]
         rows = [window_resampler(h, height, top, size, latent, device) for top, _ in (d.corner for d in draws)]
         cols = [window_resampler(w, width, left, size, latent, device) for _, left in (d.corner for d in draws)]
+        self._ignored = _to_device(self.ignore_classes, device)
         with torch.no_grad():
-            windows = resample_window(self._leaf[0], torch.stack(rows), torch.stack(cols))
+            windows = self._without_ignored(resample_window(self._leaf[0], torch.stack(rows), torch.stack(cols)))
             top1, stats = candidate_statistics(windows, self.topk)
         stats = stats.cpu()  # the step's one wait for the device: the class sets decide the batch shapes
         offsets = torch.arange(size, device=device)
@@ -132,13 +135,19 @@ class SegmenterFront(nn.Module):
         if self._leaf is None:
             raise RuntimeError("SegmenterFront.begin_image must run before the window micro-batches")
         rows, cols, pixel_rows, pixel_cols, noise, t, classes, mask = inputs
-        logits_latent = resample_window(self._leaf[0], rows, cols)  # [C, s, s]
+        logits_latent = self._without_ignored(resample_window(self._leaf[0], rows, cols))  # [C, s, s]
         window = self._image.index_select(2, pixel_rows).index_select(3, pixel_cols)
         z0 = self.encoder(window)  # float32, no grad
         noise = noise.float()
         x_t = (1 - t) * z0 + t * noise
         target = (noise - z0)[0]
         return pack(x_t, t * 1000, logits_latent, classes, mask, target)
+
+    def _without_ignored(self, logits: torch.Tensor) -> torch.Tensor:
+        """Ignored classes' logits set to -inf along the class dimension (-3): never candidates."""
+        if not len(self.ignore_classes):
+            return logits
+        return logits.index_fill(-3, self._ignored, float("-inf"))
 
     def backward_segmenter(self) -> bool:
         """One backward through LogitNorm and SegFormer with the gradient the windows accumulated on the

@@ -42,6 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--mode", choices=["grads", "bf16grads", "reset", "wiring", "nan", "lrs"], required=True)
     parser.add_argument("--immediate", action="store_true", help="bf16grads: DeepSpeed's immediate_grad_update")
+    parser.add_argument("--ignore", type=int, nargs="*", default=[], help="tta.ignore_classes")
     parser.add_argument("--assets", required=True)
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--local_rank", type=int, default=-1)
@@ -51,6 +52,7 @@ def main() -> None:
     deepspeed.init_distributed()
     rank = dist.get_rank()
     model, data, tta, pipe = run_configs(assets, args.stages)
+    tta.ignore_classes = args.ignore
     module = build_pipeline(model, data, tta, pipe, CLASSES, stage_report=lambda _: None)
     out: dict = {}
     forwards = []  # SegFormer forwards actually run on this rank

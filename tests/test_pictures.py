@@ -13,6 +13,7 @@ from models.sd3 import LatentEncoder
 from models.segformer import Segmenter
 from models.tiny import make_tiny_sd3, make_tiny_segformer
 from pipeline.layers import SegmenterFront, unpack
+from pipeline.loss import select_candidates
 from pipeline.pictures import GAP, classes_present, colorize, make_picture, save_picture
 from pipeline.windows import draw_windows, resize_short_edge, window_boxes
 
@@ -75,3 +76,37 @@ def test_window_candidates_are_the_ones_the_front_used(tmp_path: Path):
         used = [unpack(front(inputs))[3] for inputs in prepared.inputs]
     assert len(used) == 3
     assert [c.tolist() for c in prepared.candidates] == [c.tolist() for c in used]
+
+
+def test_ignored_classes_are_never_candidates_and_leave_the_prediction_alone(tmp_path: Path):
+    segformer = make_tiny_segformer(tmp_path / "segformer", ADE20K_CLASSES)
+    sd3 = make_tiny_sd3(tmp_path / "sd3", num_layers=1)
+    window, stride = 64, 21
+    g = torch.Generator().manual_seed(0)
+    image = F.interpolate(torch.rand(1, 3, 4, 6, generator=g), size=(80, 120), mode="bilinear")
+    image = resize_short_edge(0.8 * image + 0.2 * torch.rand(1, 3, 80, 120, generator=g), window)
+    corners = window_boxes(image.shape[-2], image.shape[-1], window, stride)
+    draws = draw_windows(corners, (16, window // 8, window // 8), (0.2, 0.6), g)
+
+    def run(ignore):
+        front = SegmenterFront(Segmenter.from_pretrained(str(segformer)).eval(),
+                               LatentEncoder.from_pretrained(str(sd3)), window, topk=2, max_classes=6, min_classes=3,
+                               ignore_classes=ignore)
+        with torch.no_grad():
+            prepared = front.begin_image(image, draws)
+            outputs = [unpack(front(inputs)) for inputs in prepared.inputs]
+        return prepared, outputs
+
+    plain, plain_outputs = run([])
+    ignored = sorted({int(c) for classes in plain.candidates for c in classes[:2]})  # classes that were chosen
+    prepared, outputs = run(ignored)
+    assert torch.equal(prepared.logits, plain.logits)  # the scored prediction is unchanged
+    for k, (out, before) in enumerate(zip(outputs, plain_outputs)):
+        logits = out[2]
+        assert torch.isinf(logits[ignored]).all() and (logits[ignored] < 0).all()
+        keep = [c for c in range(logits.shape[0]) if c not in ignored]
+        assert torch.equal(logits[keep], before[2][keep])
+        assert not set(prepared.candidates[k].tolist()) & set(ignored)
+        # the same choice as the rule applied directly to the window's logits with those set to -inf
+        direct, _ = select_candidates(logits, 2, 6, 3, torch.Generator().manual_seed(draws[k].seed))
+        assert torch.equal(direct, prepared.candidates[k])
