@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 from collections import Counter
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
@@ -61,10 +62,32 @@ def check_class_list(classes: Sequence[str], source: str) -> None:
         raise EmbedError(f"class list {source} has duplicates: {', '.join(map(repr, duplicates))}")
 
 
-def make_prompts(template: str, classes: Sequence[str]) -> list[str]:
+def make_prompts(template: str, classes: Sequence[str], custom: Mapping[str, str] | None = None) -> list[str]:
+    """The prompt of every class: `custom[class]` verbatim where given, else the template filled."""
     if "{}" not in template:
         raise EmbedError(f"template {template!r} has no '{{}}' for the class name")
-    return [template.replace("{}", c) for c in classes]  # not str.format: other braces stay literal
+    custom = dict(custom or {})
+    unknown = sorted(set(custom) - set(classes))
+    if unknown:
+        raise EmbedError(f"custom prompts for classes not in the class list: {', '.join(map(repr, unknown))}")
+    if not all(isinstance(v, str) and v.strip() for v in custom.values()):
+        raise EmbedError("custom prompts must be non-empty strings")
+    # not str.format: other braces stay literal
+    return [custom[c] if c in custom else template.replace("{}", c) for c in classes]
+
+
+def read_custom_prompts(path: str | Path) -> dict[str, str]:
+    """A JSON or YAML mapping class name -> full prompt."""
+    import yaml  # JSON is YAML too
+    try:
+        mapping = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise EmbedError(f"cannot read prompts file {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise EmbedError(f"prompts file {path} is not JSON or YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(mapping, dict):
+        raise EmbedError(f"prompts file {path} must map class names to prompts")
+    return {str(k): v for k, v in mapping.items()}
 
 
 def resolve_model(model: str) -> tuple[Path, bool]:
@@ -115,10 +138,11 @@ def _run_encoder(load: Callable[[], torch.nn.Module], encode: Callable, batches:
 def build_class_embeddings(model: str, classes: Sequence[str], template: str = DEFAULT_TEMPLATE,
                            max_sequence_length: int = 256, device: str | torch.device = "cpu",
                            dtype: torch.dtype = torch.float32, batch_size: int = 16,
-                           progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                           progress: bool = True, custom: Mapping[str, str] | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """(prompt_embeds [C, 77 + max_sequence_length, D_T5], pooled [C, P_L + P_G]) on the CPU, in `dtype`,
-    equal to SD3's `encode_prompt` for `template` filled with each class."""
-    prompts = make_prompts(template, classes)
+    equal to SD3's `encode_prompt` for each class's prompt (`make_prompts`)."""
+    prompts = make_prompts(template, classes, custom)
     check_class_list(classes, "given")
     folder, has_t5 = resolve_model(model)
     device = torch.device(device)
@@ -176,6 +200,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="A file of class names, one a line (#-comment and blank lines skipped); "
                              "default: the 150 ADE20K classes.")
     parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="The prompt; {} is replaced by the class name.")
+    parser.add_argument("--prompts", default=None, metavar="FILE",
+                        help="JSON or YAML mapping class name -> full prompt, used verbatim for those classes "
+                             "(the others use --template); recorded in the cache.")
     parser.add_argument("--max_sequence_length", type=int, default=256, help="T5 tokens (SD3 trains with 256).")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available).")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp16",
@@ -203,9 +230,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             classes = list(ADE20K_CLASSES)
         else:
             classes = read_class_list(args.classes)
-        make_prompts(args.template, classes)  # fail on the template before loading anything
+        custom = read_custom_prompts(args.prompts) if args.prompts else {}
+        make_prompts(args.template, classes, custom)  # fail on the prompts before loading anything
         prompt, pooled = build_class_embeddings(args.model, classes, args.template, args.max_sequence_length,
-                                                device, dtype, args.batch_size)
+                                                device, dtype, args.batch_size, custom=custom)
     except EmbedError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -214,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     out = save_class_embeddings(args.out, prompt, pooled, classes, args.model, args.template,
                                 extra={"t5_sequence_length": str(args.max_sequence_length),
-                                       "dtype": str(dtype).removeprefix("torch.")})
+                                       "dtype": str(dtype).removeprefix("torch."),
+                                       "custom_prompts": json.dumps(custom)})
     size_mb = out.stat().st_size / 2**20
     print(f"wrote {out}: prompt_embeds {tuple(prompt.shape)}, pooled {tuple(pooled.shape)}, "
           f"{str(dtype).removeprefix('torch.')}, {len(classes)} classes, {size_mb:.1f} MiB")

@@ -214,3 +214,27 @@ def _classes_file(folder):
     path = folder / "two-classes.txt"
     path.write_text("wall\nsky\n")
     return path
+
+
+def test_custom_prompts_are_used_verbatim_and_recorded(sd3, tmp_path):
+    prompts = tmp_path / "prompts.yaml"
+    prompts.write_text("sky: 'a wide blue {sky} over the sea'\n")  # braces stay literal
+    out = tmp_path / "custom.safetensors"
+    assert main(["--model", str(sd3), "--out", str(out), "--classes", str(_classes_file(tmp_path)),
+                 "--max_sequence_length", "10", "--device", "cpu", "--dtype", "fp32", "--prompts", str(prompts)]) == 0
+    with safe_open(str(out), framework="pt") as f:
+        assert json.loads(f.metadata()["custom_prompts"]) == {"sky": "a wide blue {sky} over the sea"}
+        prompt_embeds, pooled = f.get_tensor("prompt_embeds"), f.get_tensor("pooled")
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3)
+    for i, prompt in enumerate([TEMPLATE.replace("{}", "wall"), "a wide blue {sky} over the sea"]):
+        ref_embeds, ref_pooled = diffusers_embeddings(pipe, prompt, 10)
+        assert (prompt_embeds[i] - ref_embeds[0]).abs().max() <= 1e-6
+        assert (pooled[i] - ref_pooled[0]).abs().max() <= 1e-6
+
+
+def test_custom_prompts_for_unknown_classes_are_refused(sd3, tmp_path, capsys):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"skyy": "a sky"}))
+    assert main(["--model", str(sd3), "--out", str(tmp_path / "x.safetensors"), "--classes",
+                 str(_classes_file(tmp_path)), "--device", "cpu", "--prompts", str(prompts)]) == 2
+    assert "'skyy'" in capsys.readouterr().err
