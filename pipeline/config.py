@@ -69,8 +69,16 @@ class TTAConfig:
     """Adapt the SD3 transformer (dusa)."""
     norm_only: bool = False
     """Adapt only normalization layers (LayerNorm/BatchNorm/GroupNorm affine parameters; dusa: tent always does)."""
+    candidates: Literal["topk", "area_k"] = "topk"
+    """Candidate rule: `topk` (the union of every latent pixel's top-k classes, within the class budget; the
+    reference's ADE20K-C setting) or `area_k` (classes whose summed top-`area_k` probabilities exceed
+    `area_threshold`; no budget, no pixel mask)."""
     topk: int = 1
     """Candidate classes: the union of every latent pixel's top-k classes."""
+    area_k: int = 5
+    """area_k rule: per latent pixel, the probabilities (softmax of the raw logits over all classes) kept."""
+    area_threshold: float = 15.0
+    """area_k rule: a class is a candidate when its kept probabilities summed over the window exceed this."""
     max_classes: int = 20
     """At most this many candidate classes per window (transformer batch size): every top-1 class is kept
     and the rest of the budget is drawn uniformly from the other candidates."""

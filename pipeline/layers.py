@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from pipeline.graphs import GraphedModule
-from pipeline.loss import candidate_statistics, choose_candidates, dusa_loss, logit_norm
+from pipeline.loss import (area_k_candidates, area_scores, candidate_statistics, choose_candidates, dusa_loss,
+                           logit_norm)
 from pipeline.windows import WindowDraw, resample_window, window_resampler
 
 _AS_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
@@ -77,13 +78,15 @@ class SegmenterFront(nn.Module):
     """
 
     def __init__(self, segmenter: nn.Module, encoder: nn.Module, window_size: int, topk: int,
-                 max_classes: int, min_classes: int, max_graphs: int = 0, ignore_classes: Sequence[int] = ()):
+                 max_classes: int, min_classes: int, max_graphs: int = 0, ignore_classes: Sequence[int] = (),
+                 area_k: int | None = None, area_threshold: float = 15.0):
         super().__init__()
         self.segmenter = segmenter
         self.encoder = encoder
         self.window_size = window_size
         self.topk, self.max_classes, self.min_classes = topk, max_classes, min_classes
         self.ignore_classes = torch.tensor(sorted(set(ignore_classes)), dtype=torch.long)
+        self.area_k, self.area_threshold = area_k, area_threshold  # area_k None: the top-k rule
         self.max_graphs = max_graphs
         self.graphed: GraphedModule | None = None  # made on the first GPU step (after DeepSpeed placed the weights)
         self._image: torch.Tensor | None = None
@@ -114,15 +117,23 @@ class SegmenterFront(nn.Module):
         cols = [window_resampler(w, width, left, size, latent, device) for _, left in (d.corner for d in draws)]
         self._ignored = _to_device(self.ignore_classes, device)
         with torch.no_grad():
-            windows = self._without_ignored(resample_window(self._leaf[0], torch.stack(rows), torch.stack(cols)))
-            top1, stats = candidate_statistics(windows, self.topk)
+            rows_all, cols_all = torch.stack(rows), torch.stack(cols)
+            if self.area_k is None:
+                windows = self._without_ignored(resample_window(self._leaf[0], rows_all, cols_all))
+                top1, stats = candidate_statistics(windows, self.topk)
+            else:  # from the raw logits' probabilities
+                raw = self._without_ignored(resample_window(logits[0].detach().float(), rows_all, cols_all))
+                stats = area_scores(raw, self.area_k)
         stats = stats.cpu()  # the step's one wait for the device: the class sets decide the batch shapes
         offsets = torch.arange(size, device=device)
         batches, candidates = [], []
         for k, draw in enumerate(draws):
-            classes, kept = choose_candidates(stats[k], self.topk, self.max_classes, self.min_classes,
-                                              torch.Generator().manual_seed(draw.seed))
-            mask = torch.ones_like(top1[k], dtype=torch.uint8) if kept is None else \
+            if self.area_k is None:
+                classes, kept = choose_candidates(stats[k], self.topk, self.max_classes, self.min_classes,
+                                                  torch.Generator().manual_seed(draw.seed))
+            else:
+                classes, kept = area_k_candidates(stats[k], self.area_threshold), None
+            mask = torch.ones(latent, latent, dtype=torch.uint8, device=device) if kept is None else \
                 _to_device(kept, device)[top1[k]].to(torch.uint8)
             top, left = draw.corner
             inputs = (rows[k], cols[k], offsets + top, offsets + left, _to_device(draw.noise, device),

@@ -96,6 +96,24 @@ def choose_candidates(stats: torch.Tensor, topk: int = 1, max_classes: int = 20,
     return classes, kept
 
 
+def area_scores(raw_logits: torch.Tensor, area_k: int) -> torch.Tensor:
+    """Area-k scores of windows, [B, C, h, w] raw logits at latent resolution -> [B, C]: per pixel the
+    `area_k` largest class probabilities (softmax over all classes) are kept and the rest zeroed, then
+    summed over the pixels."""
+    if not 1 <= area_k <= raw_logits.shape[1]:
+        raise ValueError(f"area_k={area_k} must be in [1, {raw_logits.shape[1]}]")
+    q = torch.softmax(raw_logits.detach().float(), dim=1)
+    top = q.topk(area_k, dim=1)
+    return torch.zeros_like(q).scatter_(1, top.indices, top.values).sum(dim=(2, 3))
+
+
+def area_k_candidates(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """One window's area-k candidates from its scores [C] (host): the classes scoring above
+    `threshold`, ascending, or the best class when none does. No budget and no pixel mask."""
+    classes = torch.nonzero(scores > threshold).flatten()
+    return classes if len(classes) else scores.argmax().reshape(1)
+
+
 def check_class_budget(min_classes: int, max_classes: int) -> None:
     if not (max_classes >= 1 and 0 <= min_classes <= max_classes):
         raise ValueError(f"need 0 <= min_classes ({min_classes}) <= max_classes ({max_classes}) and max_classes >= 1")

@@ -69,7 +69,8 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
     def front():
         return SegmenterFront(Segmenter.from_pretrained(model.segmenter), LatentEncoder.from_pretrained(model.generator),
                               data.window_size, tta.topk, tta.max_classes, tta.min_classes, pipe.segmenter_graphs,
-                              tta.ignore_classes)
+                              tta.ignore_classes, tta.area_k if tta.candidates == "area_k" else None,
+                              tta.area_threshold)
 
     def embed():
         prompt, pooled = load_class_embeddings(model.class_embeddings, class_names, model.generator)

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from pipeline.loss import dusa_loss, logit_norm, select_candidates
+from pipeline.loss import area_k_candidates, area_scores, dusa_loss, logit_norm, select_candidates
 
 CH = 16
 
@@ -562,3 +562,34 @@ def test_select_valid_edge_arguments():
     classes, mask = select_candidates(logits, topk=1, max_classes=3, min_classes=3,
                                       generator=torch.Generator().manual_seed(0))
     assert len(classes) == 3
+
+
+# ----------------------------------------------------------------------------------------------
+# area-k candidates
+# ----------------------------------------------------------------------------------------------
+def reference_area_candidates(raw, area_k, threshold):
+    """Loops: per pixel keep the area_k largest softmax probabilities, sum per class, threshold."""
+    num_classes, h, w = raw.shape
+    score = [0.0] * num_classes
+    for i in range(h):
+        for j in range(w):
+            q = torch.softmax(raw[:, i, j].double(), 0).tolist()
+            for c in sorted(range(num_classes), key=lambda c: -q[c])[:area_k]:
+                score[c] += q[c]
+    chosen = [c for c in range(num_classes) if score[c] > threshold]
+    return chosen or [max(range(num_classes), key=lambda c: score[c])]
+
+
+@pytest.mark.parametrize("seed,area_k,threshold", [(0, 5, 2.0), (1, 1, 3.0), (2, 3, 0.5), (3, 5, 100.0)])
+def test_area_k_candidates_match_a_direct_implementation(seed, area_k, threshold):
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randn(2, 12, 6, 7, generator=g, dtype=torch.float64) * 2
+    raw[1, 4] += 3.0  # one dominant class in the second window
+    scores = area_scores(raw, area_k)
+    assert scores.shape == (2, 12)
+    for b in range(2):
+        got = area_k_candidates(scores[b], threshold)
+        assert got.tolist() == reference_area_candidates(raw[b], area_k, threshold)
+    assert area_k_candidates(scores[1], 1e9).tolist() == [4]  # none qualifies: the best class
+    with pytest.raises(ValueError):
+        area_scores(raw, 13)

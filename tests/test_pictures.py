@@ -13,7 +13,7 @@ from models.sd3 import LatentEncoder
 from models.segformer import Segmenter
 from models.tiny import make_tiny_sd3, make_tiny_segformer
 from pipeline.layers import SegmenterFront, unpack
-from pipeline.loss import select_candidates
+from pipeline.loss import area_k_candidates, area_scores, select_candidates
 from pipeline.pictures import GAP, classes_present, colorize, make_picture, save_picture
 from pipeline.windows import draw_windows, resize_short_edge, window_boxes
 
@@ -110,3 +110,27 @@ def test_ignored_classes_are_never_candidates_and_leave_the_prediction_alone(tmp
         # the same choice as the rule applied directly to the window's logits with those set to -inf
         direct, _ = select_candidates(logits, 2, 6, 3, torch.Generator().manual_seed(draws[k].seed))
         assert torch.equal(direct, prepared.candidates[k])
+
+
+def test_area_k_rule_in_the_front_chooses_from_the_raw_logits_probabilities(tmp_path: Path):
+    segformer = make_tiny_segformer(tmp_path / "segformer", ADE20K_CLASSES)
+    sd3 = make_tiny_sd3(tmp_path / "sd3", num_layers=1)
+    window, stride = 64, 21
+    g = torch.Generator().manual_seed(0)
+    image = resize_short_edge(F.interpolate(torch.rand(1, 3, 4, 6, generator=g), size=(80, 120), mode="bilinear"),
+                              window)
+    draws = draw_windows(window_boxes(image.shape[-2], image.shape[-1], window, stride),
+                         (16, window // 8, window // 8), (0.2, 0.6), g)
+    segmenter = Segmenter.from_pretrained(str(segformer)).eval()
+    front = SegmenterFront(segmenter, LatentEncoder.from_pretrained(str(sd3)), window, topk=1, max_classes=20,
+                           min_classes=0, area_k=5, area_threshold=3.0)
+    with torch.no_grad():
+        prepared = front.begin_image(image, draws)
+        raw = F.interpolate(segmenter(image), size=image.shape[-2:], mode="bilinear", align_corners=False)
+    for k, draw in enumerate(draws):
+        top, left = draw.corner
+        small = F.interpolate(raw[:, :, top:top + window, left:left + window], size=(8, 8), mode="bilinear",
+                              align_corners=False)
+        want = area_k_candidates(area_scores(small, 5)[0], 3.0)
+        assert prepared.candidates[k].tolist() == want.tolist()
+        assert prepared.inputs[k][-1].bool().all()  # no pixel mask
