@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -117,7 +118,7 @@ def plan_partition(costs: Sequence[StepCosts], num_stages: int, num_windows: int
     if not 1 <= num_stages <= layers:
         raise ValueError(f"cannot split {layers} layers into {num_stages} stages")
     options = itertools.combinations(range(1, layers), num_stages - 1)
-    if _choose(layers - 1, num_stages - 1) > 50_000:  # too many to try: balance the summed work instead
+    if math.comb(layers - 1, num_stages - 1) > 50_000:  # too many to try: balance the summed work instead
         total = [sum(c.forward[i] + c.backward[i] for c in costs) for i in range(layers)]
         options = [balanced_partition(total, num_stages)[1:-1]]
     largest = max(costs, key=lambda c: sum(c.activation_bytes or [0]))
@@ -133,11 +134,6 @@ def plan_partition(costs: Sequence[StepCosts], num_stages: int, num_windows: int
     result["memory"] = stage_memory(largest, best[2], num_windows)
     result["fits"] = bool(fits)
     return best[2], result
-
-
-def _choose(n: int, k: int) -> int:
-    from math import comb
-    return comb(n, k)
 
 
 def balanced_partition(costs: Sequence[float], num_stages: int) -> list[int]:
