@@ -467,13 +467,11 @@ def calibrate(engine, image: torch.Tensor, corners, latent, classes, optimizer_s
         # A fresh leaf per float activation that carries gradient (bit-views of constants stay integers).
         return tuple(t.detach().requires_grad_(True) if t.is_floating_point() else t for t in outputs)
 
-    held = allocated()  # between steps: weights, gradients, optimizer state (and SegFormer's graph pool)
-    table: dict = {"classes": {}}
-    for c in classes:
+    def window_costs(c: int) -> dict:
+        """Per-layer costs of one window micro-batch at c classes (its tensors are freed on return)."""
         front.min_classes = front.max_classes = c
         draws = draw_windows(corners, latent, (0.25, 0.25), torch.Generator().manual_seed(7))
-        prepared = front.begin_image(image.to(engine.device), draws)
-        x = prepared.inputs[0]
+        x = front.begin_image(image.to(engine.device), draws).inputs[0]
         forward_ms, backward_ms, activation_mib = [], [], []
         for layer in layers:
             before = allocated()
@@ -488,17 +486,24 @@ def calibrate(engine, image: torch.Tensor, corners, latent, classes, optimizer_s
             forward_ms.append(1e3 * fwd)
             backward_ms.append(1e3 * bwd)
             x = as_inputs(y) if layer is not layers[-1] else x
-        del x, y, outs, grads, prepared
+        return {"forward_ms": forward_ms, "backward_ms": backward_ms, "activation_mib": activation_mib}
+
+    def segmenter_costs() -> tuple[float, float, int]:
+        """SegFormer's forward and backward seconds per image and the bytes of its activations."""
+        before = allocated()
+        seg_fwd, logits = timed(lambda: front._run_segmenter(image.to(engine.device)))
+        activations = allocated() - before
+        grad = torch.randn_like(logits)
+        seg_bwd, _ = timed(lambda: logits.backward(grad, retain_graph=True))
+        return seg_fwd, seg_bwd, activations
+
+    held = allocated()  # between steps: weights, gradients, optimizer state (and SegFormer's graph pool)
+    table: dict = {"classes": {}}
+    for c in classes:
+        table["classes"][str(c)] = window_costs(c)
         front.backward_segmenter()  # drops the step's SegFormer graph
         module.zero_grad(set_to_none=True)
-        table["classes"][str(c)] = {"forward_ms": forward_ms, "backward_ms": backward_ms,
-                                    "activation_mib": activation_mib}
-    before = allocated()
-    seg_fwd, logits = timed(lambda: front._run_segmenter(image.to(engine.device)))
-    segmenter_activations = allocated() - before
-    grad = torch.randn_like(logits)
-    seg_bwd, _ = timed(lambda: logits.backward(grad, retain_graph=True))
-    del logits, grad
+    seg_fwd, seg_bwd, segmenter_activations = segmenter_costs()
     module.zero_grad(set_to_none=True)
     table["segmenter_ms"] = [1e3 * seg_fwd, 1e3 * seg_bwd]
     trainable = [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in layers]

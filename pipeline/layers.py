@@ -115,7 +115,8 @@ class SegmenterFront(nn.Module):
         (height, width), (h, w) = image.shape[-2:], logits.shape[-2:]
         rows = [window_resampler(h, height, top, size, latent, device) for top, _ in (d.corner for d in draws)]
         cols = [window_resampler(w, width, left, size, latent, device) for _, left in (d.corner for d in draws)]
-        self._ignored = _to_device(self.ignore_classes, device)
+        if len(self.ignore_classes):
+            self._ignored = _to_device(self.ignore_classes, device)
         with torch.no_grad():
             rows_all, cols_all = torch.stack(rows), torch.stack(cols)
             if self.area_k is None:

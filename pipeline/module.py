@@ -117,6 +117,7 @@ def step_costs(model: ModelConfig, data: DataConfig, pipe: PipelineConfig, parts
     one named by pipeline.cost_table), else relative defaults; and where they came from."""
     segmenter_config = load_checkpoint(model.segmenter, "segmenter", SegformerConfig.from_pretrained).to_dict()
     signature = model_signature(dict(parts.config), segmenter_config, data.window_size)
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     if pipe.cost_table is not None:
         path = Path(pipe.cost_table)
         if not path.is_file():
@@ -127,11 +128,9 @@ def step_costs(model: ModelConfig, data: DataConfig, pipe: PipelineConfig, parts
                              f"({table.get('signature')}), not {signature}")
         found = path, table
     else:
-        card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         found = find_cost_table(card, signature)
     if found is None:
         return [default_costs(parts.num_blocks)], "default relative costs (no measured table for this card and models)"
     path, table = found
-    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     other = "" if table["card"] == card else f", used for {card}: `launch/bench.py --calibrate` measures this card"
     return table_costs(table), f"costs measured on {table['card']} ({path.name}{other})"
