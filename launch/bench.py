@@ -575,7 +575,7 @@ def naive_worker(args) -> None:
             classes, mask = select_candidates(small, 1, num_classes, num_classes, g)
             with torch.autocast(**autocast):
                 acts = first(pack(x_t, torch.tensor([250.0], device=dev0), small, classes,
-                                  mask.to(torch.uint8), target))
+                                  mask.to(torch.uint8), target, torch.ones(1, device=dev0)))
                 acts = second(tuple(t.to(dev1) for t in acts))  # one GPU busy at a time
             loss = loss_fn(acts, None) / len(corners)
             loss.backward(retain_graph=k < len(corners) - 1)  # the segmenter graph serves every window

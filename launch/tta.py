@@ -138,6 +138,8 @@ def run(argv=None) -> int:
     if method == "dusa" and not (cfg.tta.update_segmenter or cfg.tta.update_generator):
         raise ValueError("tta.update_segmenter and tta.update_generator are both false: nothing adapts "
                          "(use --tta.method source for the unadapted model)")
+    if method == "dusa" and cfg.tta.learnable_embedding and not cfg.tta.update_generator:
+        raise ValueError("tta.learnable_embedding adapts with the generator: it needs tta.update_generator true")
     class_names = ADE20K_CLASSES
     if any(not 0 <= c < len(class_names) for c in cfg.tta.ignore_classes):
         raise ValueError(f"tta.ignore_classes {cfg.tta.ignore_classes} must be class ids in 0..{len(class_names) - 1}")
@@ -147,6 +149,7 @@ def run(argv=None) -> int:
     record["deepspeed"] = ds_config
     finished_tasks(cfg, record, ADE20K_CLASSES)
     bf16 = ds_config.get("bf16", {}).get("enabled", False)
+    autocast = ds_config.get("torch_autocast", {}).get("enabled", False)  # float32 weights, bf16 compute
     if rank == 0:
         if cfg.data.build_demo_data:
             make_demo_dataset(cfg.data.root, corruptions=tuple(cfg.data.corruptions), severity=cfg.data.severity)
@@ -169,7 +172,7 @@ def run(argv=None) -> int:
         module = build_pipeline(cfg.model, cfg.data, cfg.tta, cfg.pipeline, class_names,
                                 stage_report=print if rank == 0 else (lambda _: None),
                                 dtype=torch.bfloat16 if bf16 else torch.float32)
-        engine = TTAEngine(module, ds_config, cfg.tta)
+        engine = TTAEngine(module, ds_config, cfg.tta, adaptive_windows=cfg.data.windows == "adaptive")
         stage, num_stages = engine.engine.stage_id, engine.engine.num_stages
         checked = module.front.segmenter if stage == 0 else None
         counts: list = [None] * world
@@ -179,7 +182,8 @@ def run(argv=None) -> int:
     elif rank == 0:  # source and tent: the segmenter alone, on rank 0, no generator and no pipeline
         checked = Segmenter.from_pretrained(cfg.model.segmenter).eval().to(device)
         if method == "tent":  # fp32 weights for Adam; bf16 compute by autocast
-            tent = Tent(checked, cfg.tta.segmenter_lr, torch.bfloat16 if bf16 else None)
+            tent = Tent(checked, cfg.tta.segmenter_lr, torch.bfloat16 if bf16 or autocast else None,
+                        cfg.tta.accumulation_steps)
         else:
             segmenter = (checked.to(torch.bfloat16) if bf16 else checked).requires_grad_(False)
         parameters = [parameter_counts(checked, "segmenter")]

@@ -42,6 +42,24 @@ class DataConfig:
     window_stride: int = 256
     """Stride between windows along the long edge; the last window is aligned to the border (256: the
     reference's ADE20K-C setting; 171 was this project's earlier default)."""
+    windows: Literal["grid", "adaptive"] = "grid"
+    """Window placement: `grid` (the regular cover above; the reference's ADE20K-C setting) or `adaptive`
+    (the reference's entropy-guided placement around the segmenter's most uncertain regions: see the
+    `adaptive_*` options; fewer than `adaptive_min_windows` found falls back to the grid)."""
+    adaptive_std: float = 0.5
+    """adaptive: pixels whose entropy exceeds mean + this many standard deviations of the image's map are hot."""
+    adaptive_dilation: int = 5
+    """adaptive: rounds of 3 x 3 max-pool dilation of the hot map before its 4-connected components are taken."""
+    adaptive_min_size: int = 128
+    """adaptive: the smallest window side (a component's box side max(h, w) is clamped to [min, max])."""
+    adaptive_max_size: int = 512
+    """adaptive: the largest window side (at most the image's short edge)."""
+    adaptive_min_distance: float = 64.0
+    """adaptive: a window whose centre is closer than this (pixels) to an accepted window's is dropped."""
+    adaptive_max_windows: int = 8
+    """adaptive: at most this many windows per image, the most uncertain first."""
+    adaptive_min_windows: int = 2
+    """adaptive: with fewer windows than this, the image is covered by the grid instead."""
     num_workers: int = 2
     """Background workers that decode and resize the next images (0: in the main process)."""
     build_demo_data: bool = False
@@ -63,6 +81,20 @@ class TTAConfig:
     """Learning rate of the segmenter's parameters (None: `lr`); dusa and tent."""
     lr_generator: float | None = None
     """Learning rate of the SD3 transformer's parameters (None: `lr`)."""
+    lr_embeddings: float | None = None
+    """Learning rate of the learnable pooled embedding (`learnable_embedding`; None: `lr`)."""
+    accumulation_steps: int = 1
+    """Update every this many images, from the sum of their losses divided by it (each image is still scored
+    from its own forward, before the update it contributes to); a task's leftover images are discarded."""
+    window_weighting: Literal["uniform", "entropy"] = "uniform"
+    """How the windows' losses make the image's loss: `uniform` (their mean; the reference's ADE20K-C setting)
+    or `entropy` (weights softmax over windows of H / window_tau, H the window's mean pixel entropy of the
+    raw logits' softmax divided by ln C, computed without gradient)."""
+    window_tau: float = 1.0
+    """Temperature of the entropy window weights."""
+    learnable_embedding: bool = False
+    """Add one learnable vector (zeros at the start of every task) to every candidate's pooled text embedding,
+    adapted with the generator at `lr_embeddings` (the reference's option; it does not reset it between tasks)."""
     update_segmenter: bool = True
     """Adapt the segmenter (dusa)."""
     update_generator: bool = True

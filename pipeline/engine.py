@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import json
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
@@ -16,10 +18,34 @@ from torch import nn
 
 from pipeline.config import TTAConfig
 from pipeline.layers import JointBlock, SD3Embed, SD3Head, SegmenterFront
-from pipeline.windows import WindowDraw
+from pipeline.windows import WindowDraw, WindowSampler
 
-DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
-                                                 "torch_adam": True}}
+DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}}
+# The optimizer types of the DeepSpeed JSON, always torch's own: "Adam" is Adam (weight decay as an L2 term,
+# as the reference's torch.optim.Adam), not DeepSpeed's reading of it (AdamW unless adam_w_mode is false).
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+SGD_MOMENTUM = 0.9  # the reference's SGD
+
+
+def optimizer_factory(spec: dict[str, Any]) -> Callable[[Any], torch.optim.Optimizer]:
+    """The DeepSpeed JSON's `optimizer` section ({"type": AdamW | Adam | SGD, "params": {...}}, lr
+    included) as a function of the parameter groups, for `deepspeed.initialize` (it builds the optimizer
+    after placing the model on its device). Unknown types and parameters are refused here."""
+    kind = str(spec.get("type", "AdamW"))
+    if kind.lower() not in OPTIMIZERS:
+        raise ValueError(f"DeepSpeed config optimizer.type {kind!r} is not supported: use AdamW, Adam or SGD")
+    cls = OPTIMIZERS[kind.lower()]
+    params = dict(spec.get("params", {}))
+    params.pop("torch_adam", None)  # DeepSpeed's switch for torch's implementation: always torch's here
+    if "adam_w_mode" in params:
+        raise ValueError("DeepSpeed config optimizer.params.adam_w_mode: choose optimizer.type AdamW or Adam instead")
+    if cls is torch.optim.SGD:
+        params.setdefault("momentum", SGD_MOMENTUM)
+    try:
+        inspect.signature(cls).bind(None, **params)
+    except TypeError as exc:
+        raise ValueError(f"DeepSpeed config optimizer.params for {kind}: {exc}") from None
+    return functools.partial(cls, **params)
 
 
 def load_ds_config(ds: str | dict[str, Any], lr: float) -> dict[str, Any]:
@@ -49,6 +75,11 @@ def load_ds_config(ds: str | dict[str, Any], lr: float) -> dict[str, Any]:
     if "lr" in params:
         raise ValueError("the DeepSpeed config sets optimizer.params.lr: remove it and set tta.lr instead")
     params["lr"] = lr
+    optimizer_factory(optimizer)  # a bad type or parameter fails now, before any model loads
+    if str(optimizer.get("type", "")).lower() == "sgd" and config.get("zero_optimization", {}).get("stage", 0):
+        # DeepSpeed's ZeRO wrappers list SGD as untested; with one data-parallel rank they only hold its
+        # float32 masters, which the tests here check.
+        config["zero_allow_untested_optimizer"] = True
     return config
 
 
@@ -70,48 +101,67 @@ def select_trainable(module: nn.Module, tta: TTAConfig) -> list[nn.Parameter]:
         targets = [m for m in part.modules() if is_norm_module(m)] if tta.norm_only else [part]
         for m in targets:
             m.requires_grad_(True)
+    for layer in module.modules():  # adapted with the generator, norm_only or not
+        if isinstance(layer, SD3Embed) and layer.pooled_offset is not None:
+            layer.pooled_offset.requires_grad_(tta.update_generator)
     return [p for p in module.parameters() if p.requires_grad]
 
 
 def parameter_groups(module: nn.Module, tta: TTAConfig) -> list[dict[str, Any]]:
     """The adapted parameters on this rank (`select_trainable`) as optimizer groups: the segmenter's
-    with `tta.lr_segmenter`, the generator's with `tta.lr_generator` where set (else the optimizer's
-    learning rate, `tta.lr` through `load_ds_config`); groups without parameters here are left out."""
+    with `tta.lr_segmenter`, the generator's with `tta.lr_generator`, the learnable pooled embedding with
+    `tta.lr_embeddings`, where set (else the optimizer's learning rate, `tta.lr` through
+    `load_ds_config`); groups without parameters here are left out."""
     select_trainable(module, tta)
     segmenter = {id(p) for layer in module.modules() if isinstance(layer, SegmenterFront)
                  for p in layer.segmenter.parameters()}
+    embedding = {id(layer.pooled_offset) for layer in module.modules()
+                 if isinstance(layer, SD3Embed) and layer.pooled_offset is not None}
     trainable = [p for p in module.parameters() if p.requires_grad]
     groups = []
     for params, lr in (([p for p in trainable if id(p) in segmenter], tta.lr_segmenter),
-                       ([p for p in trainable if id(p) not in segmenter], tta.lr_generator)):
+                       ([p for p in trainable if id(p) not in segmenter | embedding], tta.lr_generator),
+                       ([p for p in trainable if id(p) in embedding], tta.lr_embeddings)):
         if params:
             groups.append({"params": params} if lr is None else {"params": params, "lr": lr})
     return groups
 
 
 class StepOutput(NamedTuple):
-    """One TTA step: the loss (a device tensor, not read back) and, on the stage with the segmenter,
-    the scored whole-image logits and each window's candidate classes."""
+    """One TTA step: the image's loss (a device tensor, not read back) and, on the stage with the
+    segmenter, the scored whole-image logits, each window's candidate classes and its box
+    (top, left, side) in the resized image."""
 
     loss: torch.Tensor
     logits: torch.Tensor | None
     candidates: list[torch.Tensor] | None
+    windows: list[tuple[int, int, int]] | None = None
 
 
 class TTAEngine:
     """One DeepSpeed PipelineEngine step per image, and the reset of models and optimizer."""
 
     def __init__(self, module: nn.Module, ds_config: dict[str, Any], tta: TTAConfig,
-                 optimizer: torch.optim.Optimizer | None = None):
+                 optimizer: Callable[[Any], torch.optim.Optimizer] | None = None, adaptive_windows: bool = False):
+        """`optimizer`: a function of the parameter groups (tests), else the DeepSpeed JSON's optimizer;
+        `adaptive_windows`: stage 0 decides each image's window count and tells the other stages."""
         params = parameter_groups(module, tta)
-        if optimizer is not None:  # a caller-made optimizer (tests) replaces the config's
-            ds_config = {k: v for k, v in ds_config.items() if k != "optimizer"}
+        if optimizer is None:
+            optimizer = optimizer_factory(ds_config.get("optimizer", DEFAULT_OPTIMIZER))
+        ds_config = {k: v for k, v in ds_config.items() if k != "optimizer"}
         # Some stage may hold nothing to adapt (e.g. only the segmenter adapts): keep DeepSpeed's
         # optimizer code paths uniform with one frozen dummy; it never receives a gradient.
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, model_parameters=params or [nn.Parameter(torch.zeros(1))], config=ds_config,
             optimizer=optimizer)
+        if tta.accumulation_steps > 1 and type(self.engine.optimizer).__name__ == "DeepSpeedZeroOptimizer":
+            raise ValueError("tta.accumulation_steps > 1 needs ZeRO stage 0 or bf16 with ZeRO stage 1 (DeepSpeed's "
+                             "float32 ZeRO optimizer reduces its gradients away at every image)")
         self.module = module
+        self.accumulation_steps = tta.accumulation_steps
+        self.entropy_weights, self.window_tau = tta.window_weighting == "entropy", tta.window_tau
+        self.adaptive_windows = adaptive_windows
+        self._accumulated = 0  # images whose gradients wait for the next update
         self.skipped = False  # whether the last step's update was skipped (non-finite loss)
         self._label = torch.zeros(1, device=self.engine.device)  # the last stage reads one per micro-batch
         self._extend_schedule()
@@ -127,7 +177,8 @@ class TTAEngine:
           segmenter's one backward of the step (`SegmenterFront.backward_segmenter`);
         - at the optimizer step: every stage skips the update of a step whose loss is NaN or infinite.
           The last stage knows the loss; one all-reduce over the pipeline tells every stage, which then
-          drops its gradients instead of stepping.
+          drops its gradients instead of stepping. With `tta.accumulation_steps` k, the update happens at
+          every k-th image and the others keep their gradients.
         """
         engine = self.engine
         table = dict(engine._INSTRUCTION_MAP)
@@ -173,9 +224,13 @@ class TTAEngine:
             if eng.is_pipe_parallel:
                 dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=eng.grid.get_pipe_parallel_group())
             self.skipped = bool(bad.item())
-            if self.skipped:
-                self._drop_gradients()
+            if self.skipped:  # with accumulation, the images waiting for this update go with it
+                self.discard_accumulated()
                 return None
+            self._accumulated += 1
+            if self._accumulated < self.accumulation_steps:
+                return None  # the gradients stay for the next images
+            self._accumulated = 0
             return optimizer_step(eng, *args, **kwargs)
 
         table[schedule.BackwardPass] = one_backward_pass
@@ -194,6 +249,11 @@ class TTAEngine:
         if backward() and bf16 and not self.engine._config.bfloat16_config.immediate_grad_update:
             self.engine.optimizer.update_hp_grads(clear_lp_grads=False)
 
+    def discard_accumulated(self) -> None:
+        """Drops the gradients of images that wait for an update (a task's leftovers, a NaN image's group)."""
+        self._accumulated = 0
+        self._drop_gradients()
+
     def _drop_gradients(self) -> None:
         optimizer = self.engine.optimizer
         if getattr(self.engine, "using_bf16_optimizer", False):  # its zero_grad() leaves the float32 gradients
@@ -206,12 +266,16 @@ class TTAEngine:
     def device(self) -> torch.device:
         return self.engine.device
 
-    def step(self, image: torch.Tensor | None, windows: Sequence[WindowDraw | None]) -> StepOutput:
-        """One TTA step: one micro-batch per window, gradients averaged over windows, one update
-        (skipped, with `self.skipped` set, when the loss is not finite).
+    def step(self, image: torch.Tensor | None, windows: Sequence[WindowDraw | None] | WindowSampler | None
+             ) -> StepOutput:
+        """One TTA step: one micro-batch per window, the windows' losses averaged (or entropy-weighted),
+        and one update (every `accumulation_steps` images; skipped, with `self.skipped` set, when the
+        loss is not finite).
 
-        The stage with the segmenter needs the image [1, 3, H, W] and each window's `WindowDraw`;
-        the other stages only the number of windows (`image` None, `windows` of any items).
+        The stage with the segmenter needs the image [1, 3, H, W] and each window's `WindowDraw`, or with
+        adaptive windows a function from the chosen windows to their draws; the other stages only the
+        number of windows (`image` None, `windows` of any items), or None with adaptive windows (stage 0
+        tells them).
         """
         front = self.module.front
         prepared = None
@@ -219,19 +283,33 @@ class TTAEngine:
             autocast = self.engine.torch_autocast_enabled()
             with torch.autocast(self.device.type, self.engine.torch_autocast_dtype() if autocast else torch.bfloat16,
                                 enabled=autocast, cache_enabled=False):  # the engine's precision (no cache: graphs)
-                prepared = front.begin_image(image.to(self.device, non_blocking=True), windows)
+                prepared = front.begin_image(image.to(self.device, non_blocking=True), windows,
+                                             loss_scale=1 / self.accumulation_steps,
+                                             window_tau=self.window_tau if self.entropy_weights else None)
             microbatches = [(inputs, self._label) for inputs in prepared.inputs]
-        else:
-            microbatches = [(None, self._label)] * len(windows)
+        count = len(microbatches) if front is not None else None if windows is None else len(windows)
+        if self.adaptive_windows and self.engine.is_pipe_parallel:
+            count = self._window_count_from_stage0(count)
+        if front is None:
+            microbatches = [(None, self._label)] * count
         self.engine.set_train_batch_size(len(microbatches))
         loss = self.engine.train_batch(iter(microbatches))
+        loss = loss * self.accumulation_steps  # the image's own loss (its gradients were divided)
         if prepared is None:
             return StepOutput(loss, None, None)
-        return StepOutput(loss, prepared.logits, prepared.candidates)
+        return StepOutput(loss, prepared.logits, prepared.candidates, prepared.windows)
+
+    def _window_count_from_stage0(self, count: int | None) -> int:
+        grid = self.engine.grid
+        value = torch.tensor([count if count is not None else -1], dtype=torch.long, device=self.device)
+        dist.broadcast(value, src=grid.stage_to_global(0), group=grid.get_pipe_parallel_group())
+        return int(value.item())
 
     @torch.no_grad()
     def reset(self) -> None:
-        """Bit-exact initial parameters and fresh optimizer state (fp32 master copies included)."""
+        """Bit-exact initial parameters and fresh optimizer state (fp32 master copies included); gradients
+        of images still waiting for an update are dropped."""
+        self.discard_accumulated()
         for name, p in self.module.named_parameters():
             if name in self._initial:
                 p.copy_(self._initial[name])

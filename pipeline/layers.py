@@ -8,7 +8,7 @@
     DusaLoss        the loss of pipeline/loss.py on the last stage
 
 The activations tuple after SD3Embed is
-    (hidden_states, encoder_hidden_states, temb, logits, classes, mask, target)
+    (hidden_states, encoder_hidden_states, temb, logits, classes, mask, target, weight)
 and the last joint block drops `encoder_hidden_states` (SD3's last block does not return it).
 
 Stage boundaries may fall between any two layers, so every layer returns `pack(...)`: DeepSpeed
@@ -18,15 +18,18 @@ layer restores it with `unpack(...)`. Genuine integers use other dtypes (int64 c
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pipeline.graphs import GraphedModule
 from pipeline.loss import (area_k_candidates, area_scores, candidate_statistics, choose_candidates, dusa_loss,
                            logit_norm)
-from pipeline.windows import WindowDraw, resample_window, window_resampler
+from pipeline.windows import (AdaptiveWindows, WindowDraw, WindowSampler, adaptive_boxes, entropy_map, resample_window,
+                              window_boxes, window_resampler)
 
 _AS_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
 _AS_FLOAT = {v: k for k, v in _AS_INT.items()}
@@ -58,32 +61,38 @@ class PreparedImage(NamedTuple):
     inputs: list[tuple[torch.Tensor, ...]]  # the front's inputs of each window micro-batch, on the device
     logits: torch.Tensor  # whole-image logits [1, C, h, w], detached: the scored prediction
     candidates: list[torch.Tensor]  # each window's candidate classes (host), for pictures
+    windows: list[tuple[int, int, int]]  # each window's (top, left, side) in the image
 
 
 class SegmenterFront(nn.Module):
     """Stage-0 front: SegFormer once per image, then per window the VAE latent, noising and candidates.
 
     Per step, in three parts:
-    - `begin_image(image, draws)`, before the pipeline step: SegFormer's forward on the whole image
-      (through CUDA graphs when `max_graphs` > 0 and on a GPU) and LogitNorm at its resolution, each
-      window's normalised logits at latent resolution and its candidate classes (one host transfer for
-      every window), and the micro-batches;
+    - `begin_image(image, windows)`, before the pipeline step: SegFormer's forward on the whole image
+      (through CUDA graphs when `max_graphs` > 0 and on a GPU) and LogitNorm at its resolution; with
+      adaptive windows, their placement from that forward's entropy; each window's normalised logits at
+      latent resolution, its candidate classes (one host transfer for every window) and loss weight;
+      and the micro-batches;
     - `forward(inputs)`, one per window micro-batch: the window's logits, a crop of one detached leaf
       of the whole-image normalised logits, and x_t / target from the frozen VAE;
     - `backward_segmenter()`, after the pipeline's backward of every window: the gradient that the
       windows left on the leaf goes through SegFormer in one backward.
-    inputs: rows [s, h], cols [s, w] (window resamplers), pixel_rows long [S], pixel_cols long [S],
-            noise [1, ch, s, s], t [1], classes long [N], mask uint8 [s, s]
-    outputs: x_t [1, ch, s, s], timestep [1] (= 1000 t), logits [C, s, s], classes, mask, target [ch, s, s]
+    inputs: rows [s, h], cols [s, w] (window resamplers), pixel_rows long [side], pixel_cols long [side],
+            noise [1, ch, s, s], t [1], classes long [N], mask uint8 [s, s], weight [1]
+    outputs: x_t [1, ch, s, s], timestep [1] (= 1000 t), logits [C, s, s], classes, mask, target [ch, s, s],
+             weight [1] (the window loss's factor: windows x its share of the image's loss / accumulation steps)
     """
 
     def __init__(self, segmenter: nn.Module, encoder: nn.Module, window_size: int, topk: int,
                  max_classes: int, min_classes: int, max_graphs: int = 0, ignore_classes: Sequence[int] = (),
-                 area_k: int | None = None, area_threshold: float = 15.0):
+                 area_k: int | None = None, area_threshold: float = 15.0, window_stride: int | None = None,
+                 adaptive: AdaptiveWindows | None = None):
         super().__init__()
         self.segmenter = segmenter
         self.encoder = encoder
         self.window_size = window_size
+        self.window_stride = window_size if window_stride is None else window_stride  # the adaptive fallback
+        self.adaptive = adaptive  # None: the windows come from the runner (grid)
         self.topk, self.max_classes, self.min_classes = topk, max_classes, min_classes
         self.ignore_classes = torch.tensor(sorted(set(ignore_classes)), dtype=torch.long)
         self.area_k, self.area_threshold = area_k, area_threshold  # area_k None: the top-k rule
@@ -101,32 +110,49 @@ class SegmenterFront(nn.Module):
             return self.graphed(image)
         return self.segmenter(image)
 
-    def begin_image(self, image: torch.Tensor, draws: Sequence[WindowDraw]) -> PreparedImage:
-        """SegFormer's forward for the step; image [1, 3, H, W] in [0, 1] on the front's device."""
+    def place_windows(self, image: torch.Tensor, logits: torch.Tensor) -> list[tuple[int, ...]]:
+        """Adaptive windows (top, left, side) from the raw logits' entropy at the image's resolution, or the
+        grid's corners when too few are found."""
+        height, width = image.shape[-2:]
+        raw = F.interpolate(logits.detach().float(), size=(height, width), mode="bilinear", align_corners=False)
+        boxes = adaptive_boxes(entropy_map(raw[0]), self.adaptive)
+        return boxes or window_boxes(height, width, self.window_size, self.window_stride)
+
+    def begin_image(self, image: torch.Tensor, windows: Sequence[WindowDraw] | WindowSampler,
+                    loss_scale: float = 1.0, window_tau: float | None = None) -> PreparedImage:
+        """SegFormer's forward for the step; image [1, 3, H, W] in [0, 1] on the front's device.
+
+        `windows`: each window's draw, or (adaptive windows) a function from the windows placed here to
+        their draws. `loss_scale` multiplies every window's loss (1 / accumulation steps); `window_tau`
+        None: the image's loss is the windows' mean, else their entropy-weighted sum.
+        """
         adapt = any(p.requires_grad for p in self.segmenter.parameters())
         with torch.set_grad_enabled(adapt):
             logits = self._run_segmenter(image)  # [1, C, h, w] on the whole image
             normed = logit_norm(logits.float(), dim=1)  # at the segmenter's resolution, as the reference
         self._image, self._normed = image, normed if adapt else None
         self._leaf = normed.detach().requires_grad_(adapt)
+        draws = windows(self.place_windows(image, logits)) if callable(windows) else windows
 
         device, size = image.device, self.window_size
         latent = draws[0].noise.shape[-1] if draws else size // 8
         (height, width), (h, w) = image.shape[-2:], logits.shape[-2:]
-        rows = [window_resampler(h, height, top, size, latent, device) for top, _ in (d.corner for d in draws)]
-        cols = [window_resampler(w, width, left, size, latent, device) for _, left in (d.corner for d in draws)]
+        boxes = [(*d.corner, d.side or size) for d in draws]
+        rows = [window_resampler(h, height, top, side, latent, device, scaled=size) for top, _, side in boxes]
+        cols = [window_resampler(w, width, left, side, latent, device, scaled=size) for _, left, side in boxes]
         if len(self.ignore_classes):
             self._ignored = _to_device(self.ignore_classes, device)
         with torch.no_grad():
             rows_all, cols_all = torch.stack(rows), torch.stack(cols)
             if self.area_k is None:
-                windows = self._without_ignored(resample_window(self._leaf[0], rows_all, cols_all))
-                top1, stats = candidate_statistics(windows, self.topk)
+                windows_latent = self._without_ignored(resample_window(self._leaf[0], rows_all, cols_all))
+                top1, stats = candidate_statistics(windows_latent, self.topk)
             else:  # from the raw logits' probabilities
                 raw = self._without_ignored(resample_window(logits[0].detach().float(), rows_all, cols_all))
                 stats = area_scores(raw, self.area_k)
+            weights = self._window_weights(logits, boxes, window_tau) * loss_scale
         stats = stats.cpu()  # the step's one wait for the device: the class sets decide the batch shapes
-        offsets = torch.arange(size, device=device)
+        offsets = torch.arange(max(side for *_, side in boxes), device=device) if boxes else None
         batches, candidates = [], []
         for k, draw in enumerate(draws):
             if self.area_k is None:
@@ -136,24 +162,42 @@ class SegmenterFront(nn.Module):
                 classes, kept = area_k_candidates(stats[k], self.area_threshold), None
             mask = torch.ones(latent, latent, dtype=torch.uint8, device=device) if kept is None else \
                 _to_device(kept, device)[top1[k]].to(torch.uint8)
-            top, left = draw.corner
-            inputs = (rows[k], cols[k], offsets + top, offsets + left, _to_device(draw.noise, device),
-                      _to_device(draw.t, device), _to_device(classes, device), mask)
+            top, left, side = boxes[k]
+            inputs = (rows[k], cols[k], offsets[:side] + top, offsets[:side] + left, _to_device(draw.noise, device),
+                      _to_device(draw.t, device), _to_device(classes, device), mask, weights[k:k + 1])
             batches.append(inputs)
             candidates.append(classes)
-        return PreparedImage(batches, logits.detach(), candidates)
+        return PreparedImage(batches, logits.detach(), candidates, boxes)
+
+    def _window_weights(self, logits: torch.Tensor, boxes: Sequence[tuple[int, int, int]],
+                        tau: float | None) -> torch.Tensor:
+        """Each window's factor on its loss, [windows]: 1 (the mean over windows), or windows x
+        softmax over windows of H / tau, H the window's mean pixel entropy (softmax of the raw logits over
+        all classes, at the generator's resolution) divided by ln C."""
+        n = len(boxes)
+        if tau is None:
+            return torch.ones(n, device=logits.device)
+        raw = logits[0].detach().float()
+        (height, width), (h, w), size = self._image.shape[-2:], raw.shape[-2:], self.window_size
+        entropies = torch.stack([
+            entropy_map(resample_window(raw, window_resampler(h, height, top, side, size, raw.device, scaled=size),
+                                        window_resampler(w, width, left, side, size, raw.device, scaled=size))).mean()
+            for top, left, side in boxes]) / math.log(raw.shape[0])
+        return n * torch.softmax(entropies / tau, dim=0)
 
     def forward(self, inputs):
         if self._leaf is None:
             raise RuntimeError("SegmenterFront.begin_image must run before the window micro-batches")
-        rows, cols, pixel_rows, pixel_cols, noise, t, classes, mask = inputs
+        rows, cols, pixel_rows, pixel_cols, noise, t, classes, mask, weight = inputs
         logits_latent = self._without_ignored(resample_window(self._leaf[0], rows, cols))  # [C, s, s]
         window = self._image.index_select(2, pixel_rows).index_select(3, pixel_cols)
+        if window.shape[-1] != self.window_size:  # an adaptive window, resized to the generator's size
+            window = F.interpolate(window, size=(self.window_size,) * 2, mode="bilinear", align_corners=False)
         z0 = self.encoder(window)  # float32, no grad
         noise = noise.float()
         x_t = (1 - t) * z0 + t * noise
         target = (noise - z0)[0]
-        return pack(x_t, t * 1000, logits_latent, classes, mask, target)
+        return pack(x_t, t * 1000, logits_latent, classes, mask, target, weight)
 
     def _without_ignored(self, logits: torch.Tensor) -> torch.Tensor:
         """Ignored classes' logits set to -inf along the class dimension (-3): never candidates."""
@@ -180,27 +224,33 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class SD3Embed(nn.Module):
-    """SD3's input embeddings for the N candidate classes; the class-embedding table stays fixed."""
+    """SD3's input embeddings for the N candidate classes; the class-embedding table stays fixed, and
+    with `learnable_pooled` one learnable vector (zeros at first) is added to every pooled embedding."""
 
     def __init__(self, pos_embed: nn.Module, time_text_embed: nn.Module, context_embedder: nn.Module,
-                 prompt_embeds: torch.Tensor, pooled: torch.Tensor):
+                 prompt_embeds: torch.Tensor, pooled: torch.Tensor, learnable_pooled: bool = False):
         super().__init__()
         self.pos_embed = pos_embed
         self.time_text_embed = time_text_embed
         self.context_embedder = context_embedder
         self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)
         self.register_buffer("pooled", pooled, persistent=False)
+        self.pooled_offset = nn.Parameter(torch.zeros(pooled.shape[-1], dtype=pooled.dtype)) \
+            if learnable_pooled else None
 
     def forward(self, inputs):
-        x_t, timestep, logits, classes, mask, target = unpack(inputs)
+        x_t, timestep, logits, classes, mask, target, weight = unpack(inputs)
         dtype = _param_dtype(self.context_embedder)
         n = classes.shape[0]
         # Every class sample shares x_t: embed it once and broadcast.
         hidden_states = self.pos_embed(x_t.to(dtype)).expand(n, -1, -1)
+        pooled = self.pooled[classes]
+        if self.pooled_offset is not None:
+            pooled = pooled + self.pooled_offset
         # The timestep stays float32: the sinusoidal projection needs its precision (bf16 rounds 1000 t).
-        temb = self.time_text_embed(timestep.expand(n), self.pooled[classes].to(dtype))
+        temb = self.time_text_embed(timestep.expand(n), pooled.to(dtype))
         encoder_hidden_states = self.context_embedder(self.prompt_embeds[classes].to(dtype))
-        return pack(hidden_states, encoder_hidden_states, temb, logits, classes, mask, target)
+        return pack(hidden_states, encoder_hidden_states, temb, logits, classes, mask, target, weight)
 
 
 class JointBlock(nn.Module):
@@ -230,12 +280,12 @@ class SD3Head(nn.Module):
         self.out_channels = out_channels
 
     def forward(self, inputs):
-        hidden_states, temb, logits, classes, mask, target = unpack(inputs)
+        hidden_states, temb, logits, classes, mask, target, weight = unpack(inputs)
         hidden_states = self.proj_out(self.norm_out(hidden_states, temb))
         n, p, c = hidden_states.shape[0], self.patch_size, self.out_channels
         h, w = mask.shape[0] // p, mask.shape[1] // p
         velocity = hidden_states.reshape(n, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, h * p, w * p)
-        return pack(velocity, logits, classes, mask, target)
+        return pack(velocity, logits, classes, mask, target, weight)
 
 
 class DusaLoss:
@@ -246,5 +296,6 @@ class DusaLoss:
         self.__name__ = "dusa_loss"  # DeepSpeed prints the loss by this name
 
     def __call__(self, outputs, labels):
-        velocity, logits, classes, mask, target = unpack(outputs)
-        return dusa_loss(logits, classes, mask.bool(), velocity, target, self.temperature)
+        velocity, logits, classes, mask, target, weight = unpack(outputs)
+        # DeepSpeed averages the windows' losses: the weight makes that average the image's loss.
+        return weight[0] * dusa_loss(logits, classes, mask.bool(), velocity, target, self.temperature)

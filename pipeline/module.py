@@ -19,6 +19,7 @@ from pipeline.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
 from pipeline.layers import DusaLoss, JointBlock, SD3Embed, SD3Head, SegmenterFront
 from pipeline.partition import (StepCosts, check_partition, default_costs, find_cost_table, model_signature,
                                 plan_partition, table_costs)
+from pipeline.windows import AdaptiveWindows
 
 
 class _BuiltBy(LayerSpec):
@@ -70,12 +71,12 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
         return SegmenterFront(Segmenter.from_pretrained(model.segmenter), LatentEncoder.from_pretrained(model.generator),
                               data.window_size, tta.topk, tta.max_classes, tta.min_classes, pipe.segmenter_graphs,
                               tta.ignore_classes, tta.area_k if tta.candidates == "area_k" else None,
-                              tta.area_threshold)
+                              tta.area_threshold, data.window_stride, adaptive_rule(data))
 
     def embed():
         prompt, pooled = load_class_embeddings(model.class_embeddings, class_names, model.generator)
         return SD3Embed(parts.load("pos_embed"), parts.load("time_text_embed"), parts.load("context_embedder"),
-                        prompt, pooled)
+                        prompt, pooled, learnable_pooled=tta.learnable_embedding)
 
     layers = [_BuiltBy(SegmenterFront, front), _BuiltBy(SD3Embed, embed)]
     layers += [_BuiltBy(JointBlock, functools.partial(lambda i: JointBlock(parts.load(f"transformer_blocks.{i}")), i))
@@ -109,6 +110,14 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
                           pipe.activation_checkpoint_interval)
     module.loaded_keys = parts.loaded_keys
     return module
+
+
+def adaptive_rule(data: DataConfig) -> AdaptiveWindows | None:
+    """The adaptive window placement of `data.windows adaptive` (None: the grid)."""
+    if data.windows != "adaptive":
+        return None
+    return AdaptiveWindows(data.adaptive_std, data.adaptive_dilation, data.adaptive_min_size, data.adaptive_max_size,
+                           data.adaptive_min_distance, data.adaptive_max_windows, data.adaptive_min_windows)
 
 
 def step_costs(model: ModelConfig, data: DataConfig, pipe: PipelineConfig, parts: TransformerParts

@@ -43,11 +43,14 @@ class Tent:
     would only interpolate the same values.
     """
 
-    def __init__(self, segmenter: nn.Module, lr: float, autocast_dtype: torch.dtype | None = None):
+    def __init__(self, segmenter: nn.Module, lr: float, autocast_dtype: torch.dtype | None = None,
+                 accumulation_steps: int = 1):
         self.segmenter = segmenter.eval()
         self.params = norm_affine_parameters(segmenter)
         self.optimizer = torch.optim.Adam(self.params, lr=lr, betas=(0.9, 0.999))
         self.autocast_dtype = autocast_dtype
+        self.accumulation_steps = accumulation_steps  # update every k images from their summed losses / k
+        self._accumulated = 0
         self._initial = [p.detach().clone() for p in self.params]
         self.skipped = False  # whether the last step's update was skipped (non-finite loss)
 
@@ -57,12 +60,21 @@ class Tent:
         with torch.autocast(image.device.type, dtype=self.autocast_dtype, enabled=enabled):
             logits = self.segmenter(image)
         loss = mean_entropy(logits)
-        loss.backward()
+        (loss / self.accumulation_steps).backward()
         self.skipped = not bool(torch.isfinite(loss))  # a NaN/inf loss must not reach the weights
-        if not self.skipped:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.skipped:  # the images waiting for this update go with it
+            self.discard_accumulated()
+        else:
+            self._accumulated += 1
+            if self._accumulated == self.accumulation_steps:
+                self.optimizer.step()
+                self.discard_accumulated()
         return logits.detach(), loss.detach()
+
+    def discard_accumulated(self) -> None:
+        """Drops the gradients waiting for an update (after one, a task's leftovers, a NaN image's group)."""
+        self._accumulated = 0
+        self.optimizer.zero_grad(set_to_none=True)
 
     def state_dict(self) -> dict:
         return {"params": [p.detach().cpu() for p in self.params], "optimizer": self.optimizer.state_dict()}
@@ -79,3 +91,4 @@ class Tent:
         for p, p0 in zip(self.params, self._initial):
             p.copy_(p0)
         self.optimizer.state.clear()
+        self.discard_accumulated()

@@ -5,6 +5,7 @@ only the step that turns an image into scored logits differs.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -228,8 +229,8 @@ class TTARunner:
 
     # ------------------------------------------------------------------ one image
     def step(self, task: str, item: dict) -> tuple[torch.Tensor, torch.Tensor | None, list | None]:
-        """One image through the method: (whole-image logits scored, loss or None, DUSA's candidate
-        classes per window or None)."""
+        """One image through the method: (whole-image logits scored, loss or None, DUSA's windows as
+        ((top, left, side), candidate classes) or None)."""
         if self.method == "source":
             with torch.no_grad():
                 return self.segmenter(item["image"].to(self.device)), None, None
@@ -239,9 +240,19 @@ class TTARunner:
         front, data = self.engine.module.front, self.cfg.data
         generator = torch.Generator().manual_seed(image_seed(self.cfg.seed, task, item["name"]))
         latent = (front.encoder.vae.config.latent_channels,) + (data.window_size // front.encoder.downsample,) * 2
-        draws = draw_windows(item["corners"], latent, self.cfg.tta.timestep_range, generator)
-        out = self.engine.step(item["image"], draws)
-        return out.logits, out.loss.detach(), out.candidates
+        draw = functools.partial(draw_windows, latent_shape=latent, timestep_range=self.cfg.tta.timestep_range,
+                                 generator=generator)
+        # Adaptive windows are placed by the step's own forward: the front draws for them.
+        out = self.engine.step(item["image"], draw if data.windows == "adaptive" else draw(item["corners"]))
+        return out.logits, out.loss.detach(), list(zip(out.windows, out.candidates))
+
+    def _discard_leftovers(self) -> None:
+        """With gradient accumulation, the gradients of a task's last images that did not make a whole
+        group never reach the weights (as the reference's loop)."""
+        if self.engine is not None:
+            self.engine.discard_accumulated()
+        elif self.tent is not None:
+            self.tent.discard_accumulated()
 
     def _count_nonfinite(self, skipped: bool) -> None:
         """Counts steps whose update was skipped for a NaN/inf loss; too many in a row stop the run."""
@@ -257,11 +268,13 @@ class TTARunner:
         data = self.cfg.data
         self._nonfinite_task = 0
         order = task_order(data, self.cfg.seed, task, len(dataset))
-        if not self.scoring:  # later stages: the same steps, window counts from the headers
+        if not self.scoring:  # later stages: the same steps, window counts from the headers (or stage 0)
             for i in order:
-                n = num_windows(dataset, i, data.window_size, data.window_stride)
-                self.engine.step(None, [None] * n)
+                n = None if data.windows == "adaptive" else num_windows(dataset, i, data.window_size,
+                                                                        data.window_stride)
+                self.engine.step(None, None if n is None else [None] * n)
                 self._count_nonfinite(self.engine.skipped)
+            self._discard_leftovers()
             return None
 
         metric = SegmentationMetric(len(self.class_names))
@@ -289,6 +302,7 @@ class TTARunner:
             if len(pending) >= self.cfg.logging.log_every or step + 1 == len(dataset):
                 self._flush(task, pending, metric, bar)
         bar.close()
+        self._discard_leftovers()
         result = metric.compute()
         result.update(images=len(dataset), seconds=time.perf_counter() - start, nonfinite_steps=self._nonfinite_task)
         if self._nonfinite_task:
@@ -302,8 +316,9 @@ class TTARunner:
         """Input | prediction | ground truth, saved as PNG now and logged to W&B with the step."""
         notes = [f"{self.method}, {task}, {item['name']}"]
         if candidates is not None:
-            for w, classes in enumerate(candidates):
-                notes.append(f"window {w + 1} candidates: " + ", ".join(self.class_names[c] for c in classes.tolist()))
+            for w, ((top, left, side), classes) in enumerate(candidates):
+                notes.append(f"window {w + 1} ({side} px at {top}, {left}) candidates: "
+                             + ", ".join(self.class_names[c] for c in classes.tolist()))
         picture = make_picture(item["image"], prediction, label, self.class_names, notes)
         save_picture(picture, self.cfg.output_dir, task, item["name"])
         return picture, "\n".join(notes)

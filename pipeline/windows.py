@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+import math
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,9 +52,11 @@ def _linear_resize_matrix(source: int, target: int, device: torch.device, dtype:
 
 @functools.lru_cache(maxsize=256)
 def window_resampler(source: int, full: int, start: int, size: int, out: int,
-                     device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[out, source] matrix A with A @ x == resize(resize(x, full)[start:start + size], out) for a
-    length-`source` signal x (linear, align_corners=False, up to float rounding).
+                     device: torch.device = torch.device("cpu"), dtype: torch.dtype = torch.float32,
+                     scaled: int | None = None) -> torch.Tensor:
+    """[out, source] matrix A with A @ x == resize(resize(resize(x, full)[start:start + size], scaled), out)
+    for a length-`source` signal x (linear, align_corners=False, up to float rounding; `scaled` None: no
+    middle resize, as for a window of the generator's size).
 
     Applied along both axes it takes whole-image logits at the segmenter's resolution straight to a
     window's logits at latent resolution, without the full-resolution upsample of the whole image.
@@ -61,7 +64,10 @@ def window_resampler(source: int, full: int, start: int, size: int, out: int,
     if not 0 <= start <= full - size:
         raise ValueError(f"window [{start}, {start + size}) is outside an edge of {full}")
     up = _linear_resize_matrix(source, full, device, dtype)[start:start + size]
-    return _linear_resize_matrix(size, out, device, dtype) @ up
+    if scaled is not None and scaled != size:  # an adaptive window, resized to the generator's size
+        up = _linear_resize_matrix(size, scaled, device, dtype) @ up
+        size = scaled
+    return up if out == size else _linear_resize_matrix(size, out, device, dtype) @ up
 
 
 def resample_window(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -77,17 +83,83 @@ class WindowDraw(NamedTuple):
     noise: torch.Tensor  # eps [1, ch, h, w] of the flow
     t: torch.Tensor  # [1] flow time in [0, 1]
     seed: int  # seeds the window's candidate sampling
+    side: int | None = None  # an adaptive window's side in the image (resized to the window size); None: that size
 
 
-def draw_windows(corners: Sequence[tuple[int, int]], latent_shape: Sequence[int],
+# With adaptive windows the runner hands the front this instead of draws: the windows chosen from the
+# step's own forward -> their draws.
+WindowSampler = Callable[[Sequence[Sequence[int]]], "list[WindowDraw]"]
+
+
+def draw_windows(corners: Sequence[Sequence[int]], latent_shape: Sequence[int],
                  timestep_range: Sequence[float], generator: torch.Generator) -> list[WindowDraw]:
     """The randomness of one step (noise, flow time, candidate-sampling seed per window) from one seeded
-    generator, so the pipeline and a single-process reference see the same values."""
+    generator, so the pipeline and a single-process reference see the same values. A corner is
+    (top, left), or (top, left, side) for an adaptive window."""
     low, high = timestep_range
     draws = []
-    for top, left in corners:
+    for top, left, *side in corners:
         noise = torch.randn(1, *latent_shape, generator=generator)
         t = low + (high - low) * torch.rand(1, generator=generator)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
-        draws.append(WindowDraw((int(top), int(left)), noise, t, seed))
+        draws.append(WindowDraw((int(top), int(left)), noise, t, seed, int(side[0]) if side else None))
     return draws
+
+
+class AdaptiveWindows(NamedTuple):
+    """The entropy-guided window placement (`data.windows adaptive`): its seven numbers."""
+
+    std: float = 0.5
+    dilation: int = 5
+    min_size: int = 128
+    max_size: int = 512
+    min_distance: float = 64.0
+    max_windows: int = 8
+    min_windows: int = 2
+
+
+def entropy_map(logits: torch.Tensor) -> torch.Tensor:
+    """Per-pixel entropy (natural log) of softmax over classes, [C, ...] raw logits -> [...], float32."""
+    log_p = torch.log_softmax(logits.float(), dim=0)
+    return -(log_p.exp() * log_p).sum(dim=0)
+
+
+def adaptive_boxes(entropy: torch.Tensor, rule: AdaptiveWindows) -> list[tuple[int, int, int]]:
+    """Square windows (top, left, side) around the most uncertain regions of an image's entropy map [H, W];
+    an empty list when fewer than `rule.min_windows` are found (the caller covers the image by the grid).
+
+    Hot pixels: entropy > mean + std * standard deviation (unbiased) of the map; dilated by
+    `dilation` rounds of 3 x 3 max-pooling; 4-connected components; each component's bounding box scored
+    by the mean (undilated) entropy inside the box, highest first. A window's side is the box's longer
+    side clamped to [min_size, max_size] (and to the image), centred on the box (centre rounded down)
+    and shifted inside the image; a window whose centre lies closer than `min_distance` to an accepted
+    window's centre is dropped; at most `max_windows`.
+    """
+    from scipy import ndimage  # the reference's components: 4-connected labelling
+
+    height, width = entropy.shape
+    entropy = entropy.detach().float()
+    hot = (entropy > entropy.mean() + rule.std * entropy.std()).float()[None, None]
+    for _ in range(rule.dilation):
+        hot = F.max_pool2d(hot, 3, stride=1, padding=1)
+    labels, _ = ndimage.label(hot[0, 0].bool().cpu().numpy())
+    scored = []
+    for rows, cols in ndimage.find_objects(labels):
+        score = float(entropy[rows, cols].mean())
+        scored.append((score, rows.start, rows.stop, cols.start, cols.stop))
+    scored.sort(key=lambda box: -box[0])  # stable: equal scores keep raster order
+    largest = min(rule.max_size, height, width)
+    boxes: list[tuple[int, int, int]] = []
+    centres: list[tuple[float, float]] = []
+    for _, top, bottom, left, right in scored:
+        side = max(min(max(bottom - top, right - left), largest), min(rule.min_size, largest))
+        y = min(max((top + bottom) // 2 - side // 2, 0), height - side)
+        x = min(max((left + right) // 2 - side // 2, 0), width - side)
+        centre = (y + side / 2, x + side / 2)
+        if any(math.dist(centre, c) < rule.min_distance for c in centres):
+            continue
+        boxes.append((y, x, side))
+        centres.append(centre)
+        if len(boxes) == rule.max_windows:
+            break
+    return boxes if len(boxes) >= rule.min_windows else []

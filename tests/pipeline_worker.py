@@ -7,6 +7,7 @@ Each rank writes DIR/<mode>-rank<r>.pt with what the test checks.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa
 
 from pipeline.engine import TTAEngine, load_ds_config  # noqa: E402
 from pipeline.module import build_pipeline  # noqa: E402
-from tests.tiny_setup import CLASSES, fixed_windows, run_configs  # noqa: E402
+from pipeline.windows import draw_windows  # noqa: E402
+from tests.tiny_setup import (ACCUMULATE_LR, ACCUMULATION, ACCUMULATION_IMAGES, ADAPTIVE_TEST_RULE, CLASSES,  # noqa: E402
+                              SHARP_SEGFORMER, WINDOW, WINDOW_TAU, fixed_windows, run_configs)
 
 
 class GradRecorder(torch.optim.SGD):
@@ -40,7 +43,9 @@ class GradRecorder(torch.optim.SGD):
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["grads", "bf16grads", "reset", "wiring", "nan", "lrs"], required=True)
+    parser.add_argument("--mode", choices=["grads", "bf16grads", "reset", "wiring", "nan", "lrs", "options",
+                                           "accumulate"], required=True)
+    parser.add_argument("--bf16", action="store_true", help="accumulate: bf16 weights, ZeRO 1")
     parser.add_argument("--immediate", action="store_true", help="bf16grads: DeepSpeed's immediate_grad_update")
     parser.add_argument("--ignore", type=int, nargs="*", default=[], help="tta.ignore_classes")
     parser.add_argument("--assets", required=True)
@@ -53,6 +58,13 @@ def main() -> None:
     rank = dist.get_rank()
     model, data, tta, pipe = run_configs(assets, args.stages)
     tta.ignore_classes = args.ignore
+    if args.mode == "options":  # entropy-weighted adaptive windows and a learnable pooled embedding
+        model.segmenter, data.windows = str(assets / SHARP_SEGFORMER), "adaptive"
+        for key, value in ADAPTIVE_TEST_RULE._asdict().items():
+            setattr(data, f"adaptive_{key}", value)
+        tta.window_weighting, tta.window_tau, tta.learnable_embedding = "entropy", WINDOW_TAU, True
+    if args.mode == "accumulate":
+        tta.accumulation_steps = ACCUMULATION
     module = build_pipeline(model, data, tta, pipe, CLASSES, stage_report=lambda _: None)
     out: dict = {}
     forwards = []  # SegFormer forwards actually run on this rank
@@ -123,6 +135,39 @@ def main() -> None:
         out["next_loss"] = float(tte.step(*fixed_windows(assets, seed=0)).loss)
         out["next_skipped"] = tte.skipped
         out["moved_after"] = any(not torch.equal(before[n], p) for n, p in module.named_parameters())
+
+    elif args.mode == "options":
+        ds = load_ds_config({"bf16": {"enabled": False}, "zero_optimization": {"stage": 0}}, lr=0.0)
+        tte = TTAEngine(module, ds, tta, optimizer=GradRecorder, adaptive_windows=True)
+        image, _ = fixed_windows(assets, seed=0)
+        sampler = functools.partial(draw_windows, latent_shape=(16, WINDOW // 8, WINDOW // 8),
+                                    timestep_range=tta.timestep_range, generator=torch.Generator().manual_seed(0))
+        result = tte.step(image, sampler) if module.front is not None else tte.step(None, None)
+        out["loss"] = float(result.loss)
+        out["windows"] = result.windows
+        names = {id(p): n for n, p in module.named_parameters()}
+        out["grads"] = {names[k]: g for k, g in tte.engine.optimizer.recorded.items()}
+        out["trainable"] = sorted(n for n, p in module.named_parameters() if p.requires_grad)
+
+    elif args.mode == "accumulate":  # SGD (momentum 0.9 by default) from the DeepSpeed JSON, k images per update
+        precision = {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"},
+                     "zero_optimization": {"stage": 1}} if args.bf16 else \
+            {"bf16": {"enabled": False}, "zero_optimization": {"stage": 0}}
+        ds = load_ds_config({**precision, "optimizer": {"type": "SGD", "params": {}}}, lr=ACCUMULATE_LR)
+        tte = TTAEngine(module, ds, tta)
+
+        def masters():  # the float32 weights the optimizer updates (bf16: its master copies)
+            return {n: (safe_get_full_fp32_param(p) if args.bf16 else p).detach().float().clone()
+                    for n, p in module.named_parameters() if p.requires_grad}
+        out["params"], out["losses"] = [masters()], []
+        for seed in range(ACCUMULATION_IMAGES):
+            out["losses"].append(float(tte.step(*fixed_windows(assets, seed=seed)).loss))
+            out["params"].append(masters())
+        tte.discard_accumulated()  # the task's end: the last image's gradients never reach the weights
+        out["grads_after_discard"] = max(
+            (float(safe_get_full_grad(p).abs().max()) for p in module.parameters()
+             if p.requires_grad and safe_get_full_grad(p) is not None), default=0.0)
+        out["momentum"] = tte.engine.optimizer.param_groups[0]["momentum"]
 
     elif args.mode == "lrs":  # a learning rate per model: the segmenter's 0 keeps it, the generator moves
         tta.lr_segmenter, tta.lr_generator = 0.0, 2e-3

@@ -47,7 +47,7 @@ def test_pipeline_layers_equal_the_unsplit_transformer(tmp_path, variant):
     layers.append(SD3Head(parts.load("norm_out"), parts.load("proj_out"), parts.config["patch_size"],
                           parts.out_channels))
     with torch.no_grad():
-        acts = pack(x_t, timestep, logits, classes, mask, target)
+        acts = pack(x_t, timestep, logits, classes, mask, target, torch.ones(1))
         for layer in layers:
             acts = layer(acts)
         velocity = unpack(acts)[0]  # no grad here: packed as its bit-view

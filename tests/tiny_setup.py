@@ -8,11 +8,20 @@ import torch
 from data.classes import ADE20K_CLASSES
 from models.tiny import make_tiny_class_embeddings, make_tiny_sd3, make_tiny_segformer
 from pipeline.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
-from pipeline.windows import WindowDraw, draw_windows, resize_short_edge, window_boxes
+from models.segformer import Segmenter
+from pipeline.windows import AdaptiveWindows, WindowDraw, draw_windows, resize_short_edge, window_boxes
 
 CLASSES = ADE20K_CLASSES
 NUM_BLOCKS = 3
 WINDOW, STRIDE = 64, 21  # a 64 x 96 image -> 3 windows
+# The options test: a SegFormer whose classifier is scaled up, so its entropy map has structure (the tiny
+# random one predicts nearly uniform probabilities), and an adaptive rule scaled to the 64 x 96 image
+# (it places 4 windows of sides 45, 18, 45 and 16).
+SHARP_SEGFORMER, SHARPNESS = "segformer-sharp", 300.0
+ADAPTIVE_TEST_RULE = AdaptiveWindows(std=0.5, dilation=1, min_size=16, max_size=48, min_distance=8.0, max_windows=4,
+                                     min_windows=2)
+WINDOW_TAU = 0.05
+ACCUMULATION, ACCUMULATION_IMAGES, ACCUMULATE_LR = 2, 5, 0.05  # 2 updates, then 1 leftover image
 
 
 def make_assets(root: Path) -> Path:
@@ -20,6 +29,10 @@ def make_assets(root: Path) -> Path:
     make_tiny_segformer(root / "segformer", CLASSES)
     make_tiny_sd3(root / "sd3", num_layers=NUM_BLOCKS)
     make_tiny_class_embeddings(root / "classes.safetensors", CLASSES, root / "sd3")  # tiny text encoders + builder
+    sharp = Segmenter.from_pretrained(str(root / "segformer"))
+    with torch.no_grad():
+        sharp.model.decode_head.classifier.weight.mul_(SHARPNESS)
+    sharp.model.save_pretrained(root / SHARP_SEGFORMER)
     g = torch.Generator().manual_seed(0)
     # Smooth structure plus noise, so the segmenter's classes vary across the image.
     base = torch.nn.functional.interpolate(torch.rand(1, 3, 4, 6, generator=g), size=(80, 120), mode="bilinear")
