@@ -5,6 +5,11 @@ border) rendered with the class colours plus smooth shading and grain, then corr
 `imagecorruptions` like the real benchmark.
 
     python data/demo.py --root PATH
+
+Where it writes: the launcher's `data.build_demo_data` builds only into the demo's own folder
+(`DEMO_ROOT`), a folder this builder made before, or an existing empty folder; any other `data.root`
+is an error, so a typo in the path creates nothing and real data is never overwritten. Only an
+explicit output folder (`--root` here, `create=True`) is made wherever it is asked for.
 """
 from __future__ import annotations
 
@@ -27,6 +32,8 @@ from data.classes import ADE20K_PALETTE  # noqa: E402
 
 MARKER = ".demo_complete"
 _FORMAT_VERSION = 1  # bump when the rendering changes so old demo folders are rebuilt
+# ds_configs/demo.json's data.root; relative, like the demo's other paths, to where the run starts.
+DEMO_ROOT = Path("demo_assets/ade20k_c")
 
 
 def _label_map(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -74,13 +81,31 @@ def _image_size(rng: np.random.Generator, index: int, size: tuple[int, int]) -> 
     return int(h + jitter[0]), int(w + jitter[1])
 
 
+def check_demo_root(root: str | Path) -> None:
+    """Raises unless `data.build_demo_data` may build in `root`: the demo's own folder (`DEMO_ROOT`), a
+    folder the demo built before (its marker), or an existing empty folder."""
+    root = Path(root)
+    if root.resolve() == DEMO_ROOT.resolve() or (root / MARKER).is_file():
+        return
+    if not root.exists():
+        raise ValueError(f"data.root {root} does not exist: the demo builds its data only in {DEMO_ROOT}, "
+                         f"an empty folder or a folder it built before (fix the path, or create the folder)")
+    if not root.is_dir() or any(root.iterdir()):
+        raise ValueError(f"data.root {root} is not an empty folder and holds no demo build ({MARKER}): the demo "
+                         f"does not write into it (use {DEMO_ROOT}, an empty folder, or data.build_demo_data false)")
+
+
 def make_demo_dataset(root: str | Path, num_images: int = 4,
                       corruptions: tuple[str, ...] = ("gaussian_noise", "defocus_blur"),
-                      severity: int = 5, size: tuple[int, int] = (128, 171), seed: int = 0) -> Path:
+                      severity: int = 5, size: tuple[int, int] = (128, 171), seed: int = 0,
+                      create: bool = False) -> Path:
     """Write the demo dataset under `root` (skipped when a marker with these parameters exists).
 
-    size is (H, W) before the per-image jitter of up to 8 pixels. Deterministic for a seed.
+    size is (H, W) before the per-image jitter of up to 8 pixels. Deterministic for a seed. Without
+    `create`, `root` must pass `check_demo_root`; with it (an output folder the user named), it is made.
     """
+    if not create:
+        check_demo_root(root)
     # Heavy (scipy, skimage, cv2): imported only when a dataset is actually built.
     from imagecorruptions import corrupt, get_corruption_names
 
@@ -101,8 +126,10 @@ def make_demo_dataset(root: str | Path, num_images: int = 4,
             return root
     except (OSError, ValueError):
         pass
-    # Remove an old marker first: an interrupted rebuild must not look complete later.
-    marker.unlink(missing_ok=True)
+    # An unfinished marker first: an interrupted build must not look complete later, yet the folder
+    # stays recognisably the demo's.
+    root.mkdir(parents=True, exist_ok=True)
+    _write_marker(marker, {"unfinished": True})
 
     label_dir = root / "annotations" / "validation"
     image_dirs = {c: root / "images" / "validation" / f"{c}_{severity}" for c in corruptions}
@@ -130,10 +157,14 @@ def make_demo_dataset(root: str | Path, num_images: int = 4,
     finally:
         np.random.set_state(global_state)
 
-    tmp = marker.with_suffix(".tmp")
-    tmp.write_text(json.dumps(params, indent=1))
-    os.replace(tmp, marker)  # the marker is written last and atomically
+    _write_marker(marker, params)  # written last
     return root
+
+
+def _write_marker(marker: Path, content: dict) -> None:
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps(content, indent=1))
+    os.replace(tmp, marker)  # atomically
 
 
 def main() -> None:
@@ -146,7 +177,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     root = make_demo_dataset(args.root, args.num_images, tuple(args.corruptions), args.severity,
-                             (args.size[0], args.size[1]), args.seed)
+                             (args.size[0], args.size[1]), args.seed, create=True)
     print(f"demo dataset ready at {root}")
 
 

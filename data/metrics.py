@@ -1,4 +1,10 @@
-"""ADE20K label conversion and the segmentation metric (mIoU / aAcc over a whole task)."""
+"""ADE20K label conversion and the segmentation metric (mIoU / aAcc over a whole task), in percent.
+
+The metric is mmseg's `IoUMetric`: one confusion matrix over the task, label 255 ignored, IoU and Acc
+per class from its totals, mIoU the mean over classes with a non-empty union (the others are NaN),
+aAcc the correct share of all non-ignored pixels; every value in percent, as mmseg reports them
+(not rounded here: rounding is for display).
+"""
 from __future__ import annotations
 
 import math
@@ -29,7 +35,8 @@ class SegmentationMetric:
     `update` stays on the device of the first prediction and never reads values back to the
     host, so it does not stall an accelerator stream. Out-of-range predictions are checked at
     once for CPU tensors; on other devices they are counted on the device and reported by
-    `compute()`, which reads the results back anyway.
+    `compute()`, which reads the results back anyway. (torchmetrics' `MulticlassConfusionMatrix`
+    reads back on every update: boolean indexing of the ignored pixels, `torch.bincount`.)
     """
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
@@ -85,7 +92,7 @@ class SegmentationMetric:
                          f"ignore_index {self.ignore_index}")
 
     def compute(self) -> dict:
-        """mIoU, aAcc (floats in [0, 1]), per-class IoU and Acc (lists, nan where undefined)."""
+        """mIoU, aAcc (floats in percent, [0, 100]), per-class IoU and Acc (lists in percent, nan where undefined)."""
         n = self.num_classes
         if self._hist is None:
             nan = float("nan")
@@ -99,12 +106,12 @@ class SegmentationMetric:
         inter = hist.diag()
         gt = hist.sum(1)
         union = gt + hist.sum(0) - inter
-        iou = torch.where(union > 0, inter / union.clamp(min=1), torch.full_like(inter, math.nan))
-        acc = torch.where(gt > 0, inter / gt.clamp(min=1), torch.full_like(inter, math.nan))
+        iou = torch.where(union > 0, 100 * inter / union.clamp(min=1), torch.full_like(inter, math.nan))
+        acc = torch.where(gt > 0, 100 * inter / gt.clamp(min=1), torch.full_like(inter, math.nan))
         total = float(gt.sum())
         return {
             "mIoU": float(iou.nanmean()) if bool((union > 0).any()) else math.nan,
-            "aAcc": float(inter.sum()) / total if total > 0 else math.nan,
+            "aAcc": 100 * float(inter.sum()) / total if total > 0 else math.nan,
             "IoU": iou.tolist(),
             "Acc": acc.tolist(),
         }

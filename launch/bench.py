@@ -57,6 +57,10 @@ def checkpoints(workdir: Path, tiny: bool) -> dict[str, str]:
                                    device="cuda" if torch.cuda.is_available() else "cpu")
 
 
+def default_ds_config(tiny: bool) -> Path:
+    return ROOT / "ds_configs" / ("ds_demo.json" if tiny else "ds_tta.json")
+
+
 def window_size(tiny: bool) -> tuple[int, int]:
     return (128, 64) if tiny else (512, 256)
 
@@ -237,9 +241,9 @@ def pipeline_worker(args) -> None:
 
     from data.classes import ADE20K_CLASSES
     from pipeline.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
-    from pipeline.engine import TTAEngine, load_ds_config
+    from pipeline.engine import TTAEngine, load_ds_config, precision_of
     from pipeline.module import build_pipeline
-    from pipeline.tta import predict
+    from pipeline.images import predict
     from pipeline.windows import draw_windows, window_boxes
 
     deepspeed.init_distributed()
@@ -255,12 +259,12 @@ def pipeline_worker(args) -> None:
                           cost_table=args.cost_table)
     if args.segmenter_graphs is not None:
         pipe.segmenter_graphs = args.segmenter_graphs
-    ds = load_ds_config(args.ds_config or ROOT / "ds_configs" / ("ds_demo.json" if args.tiny else "ds_tta.json"),
+    ds = load_ds_config(args.ds_config or default_ds_config(args.tiny),
                         lr=1e-5)
     bf16 = ds.get("bf16", {}).get("enabled", False)
     module = build_pipeline(ModelConfig(**paths), data, tta, pipe, ADE20K_CLASSES,
                             stage_report=print if rank == 0 else (lambda _: None),
-                            dtype=torch.bfloat16 if bf16 else torch.float32)
+                            dtype=torch.bfloat16 if bf16 else torch.float32, precision=precision_of(ds))
     say(f"rank {rank}: stage built")
     engine = TTAEngine(module, ds, tta)
     stage = engine.engine.stage_id
@@ -449,6 +453,11 @@ def calibrate(engine, image: torch.Tensor, corners, latent, classes, optimizer_s
     module, front = engine.module, engine.module.front
     layers = list(module.forward_funcs)
     cuda = torch.cuda.is_available()
+    autocast = engine.engine.torch_autocast_enabled()
+
+    def precision():  # the forwards under the engine's precision, as its steps run them (autocast preset)
+        return torch.autocast(engine.device.type, engine.engine.torch_autocast_dtype() if autocast else torch.bfloat16,
+                              enabled=autocast)
 
     def allocated() -> int:
         return torch.cuda.memory_allocated() if cuda else 0
@@ -471,11 +480,13 @@ def calibrate(engine, image: torch.Tensor, corners, latent, classes, optimizer_s
         """Per-layer costs of one window micro-batch at c classes (its tensors are freed on return)."""
         front.min_classes = front.max_classes = c
         draws = draw_windows(corners, latent, (0.25, 0.25), torch.Generator().manual_seed(7))
-        x = front.begin_image(image.to(engine.device), draws).inputs[0]
+        with precision():
+            x = front.begin_image(image.to(engine.device), draws).inputs[0]
         forward_ms, backward_ms, activation_mib = [], [], []
         for layer in layers:
             before = allocated()
-            fwd, y = timed(lambda: layer(x))
+            with precision():
+                fwd, y = timed(lambda: layer(x))
             if layer is layers[-1]:  # the loss belongs to the last layer's cost
                 fwd_loss, loss = timed(lambda: module.loss_fn(y, None))
                 fwd, y = fwd + fwd_loss, (loss,)
@@ -491,7 +502,8 @@ def calibrate(engine, image: torch.Tensor, corners, latent, classes, optimizer_s
     def segmenter_costs() -> tuple[float, float, int]:
         """SegFormer's forward and backward seconds per image and the bytes of its activations."""
         before = allocated()
-        seg_fwd, logits = timed(lambda: front._run_segmenter(image.to(engine.device)))
+        with precision():
+            seg_fwd, logits = timed(lambda: front._run_segmenter(image.to(engine.device)))
         activations = allocated() - before
         grad = torch.randn_like(logits)
         seg_bwd, _ = timed(lambda: logits.backward(grad, retain_graph=True))
@@ -729,12 +741,13 @@ def compare_check(workdir: Path, stages: int) -> dict | None:
             "same_parameters": sorted(a[1]) == sorted(b[1]), "tensors_compared": len(grad_err)}
 
 
-def cost_table_from(calibration: dict, card: str, paths: dict, tiny: bool) -> dict:
+def cost_table_from(calibration: dict, card: str, paths: dict, tiny: bool, precision: str) -> dict:
     from pipeline.partition import model_signature
     from transformers import SegformerConfig
     from models.sd3 import TransformerParts
     signature = model_signature(dict(TransformerParts(paths["generator"]).config),
-                                SegformerConfig.from_pretrained(paths["segmenter"]).to_dict(), window_size(tiny)[0])
+                                SegformerConfig.from_pretrained(paths["segmenter"]).to_dict(), window_size(tiny)[0],
+                                precision)
     return {"card": card, "signature": signature, "measured": f"{datetime.date.today().isoformat()}, "
             "launch/bench.py --calibrate (one stage, random weights, medians of 5, the benchmark's DeepSpeed preset)",
             "image_size": list(synthetic_image(tiny).shape[-2:]), **calibration}
@@ -800,8 +813,10 @@ def main() -> None:
             + (["--calibrate"] if args.calibrate else []), log, args.timeout)
         single_out = workdir / "single-rank0.json"
         if args.calibrate and single_out.is_file():
-            table = cost_table_from(json.loads(single_out.read_text())["calibration"], card, paths, args.tiny)
-            name = f"{slug}-{Path(paths['generator']).name}-{Path(paths['segmenter']).name}.json"
+            from pipeline.engine import load_ds_config, precision_of
+            precision = precision_of(load_ds_config(args.ds_config or default_ds_config(args.tiny), lr=1.0))
+            table = cost_table_from(json.loads(single_out.read_text())["calibration"], card, paths, args.tiny, precision)
+            name = f"{slug}-{Path(paths['generator']).name}-{Path(paths['segmenter']).name}-{precision}.json"
             table_path = (workdir if args.tiny else ROOT / "pipeline" / "costs") / name
             table_path.parent.mkdir(parents=True, exist_ok=True)
             table_path.write_text(json.dumps(table, indent=1) + "\n")
@@ -818,7 +833,7 @@ def main() -> None:
         override = dict(override)
         partition = override.pop("partition", None)
         graphs = override.pop("segmenter_graphs", None)
-        ds = load_ds_config(args.ds_config or ROOT / "ds_configs" / ("ds_demo.json" if args.tiny else "ds_tta.json"),
+        ds = load_ds_config(args.ds_config or default_ds_config(args.tiny),
                             lr=1.0)
         ds["optimizer"]["params"].pop("lr")
         path = workdir / f"ds-{name}.json"

@@ -8,21 +8,24 @@ and the run's average, read from each RUN_DIR/results.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from pipeline.reporting import read_results  # noqa: E402
 
 AVERAGE = "average"
 
 
 def load_run(run_dir: str | Path) -> tuple[str, dict[str, float | None]]:
-    """(row label "method (folder)", mIoU per corruption in run order, then the run's average)."""
+    """(row label "method (folder)", mIoU % per corruption in run order, then the run's average)."""
     path = Path(run_dir) / "results.json"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no results.json (not a run's output_dir, or no task finished yet)")
     try:
-        results = json.loads(path.read_text())
+        results = read_results(path)  # in percent, whichever version wrote it
         method = results.get("config", {}).get("tta", {}).get("method", "?")
         scores = {task: res["mIoU"] for task, res in results["tasks"].items()}
         scores[AVERAGE] = results["average"]["mIoU"]
@@ -37,7 +40,7 @@ def compare_table(runs: Sequence[tuple[str, dict[str, float | None]]], markdown:
     A run without a corruption shows "-"; each run's average is over its own tasks, as it reported it.
     """
     columns = list(dict.fromkeys(t for _, scores in runs for t in scores if t != AVERAGE)) + [AVERAGE]
-    shown = [{c: None if s.get(c) is None else round(100 * s[c], 2) for c in columns} for _, s in runs]
+    shown = [{c: None if s.get(c) is None else round(s[c], 2) for c in columns} for _, s in runs]
     # Best as shown: values equal to two decimals are all bold.
     best = {c: max((s[c] for s in shown if s[c] is not None), default=None) for c in columns}
 

@@ -8,8 +8,10 @@
 """
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from argparse import ArgumentError  # noqa: E402
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings  # noqa: E402
 
@@ -29,8 +33,9 @@ GROUPS = {"model": ModelConfig, "data": DataConfig, "tta": TTAConfig, "pipeline"
 
 def make_parser() -> ArgumentParser:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)  # the config fields' docstrings are the help
+    # exit_on_error=False: a bad argument is raised, and `main` says it once (rank 0), not usage per rank.
     parser = ArgumentParser(prog="launch/tta.py", description=__doc__.split("\n\n")[0], env_prefix="DUSA",
-                            default_env=False)
+                            default_env=False, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="A JSON/YAML file of these arguments.")
     for name, cls in GROUPS.items():
         parser.add_class_arguments(cls, name)
@@ -49,11 +54,65 @@ def make_parser() -> ArgumentParser:
 def parse(argv=None) -> tuple[RunConfig, dict, list[str]]:
     """(config, its JSON record, the config files given with --config)."""
     parser = make_parser()
-    ns = parser.parse_args(argv)
+    try:
+        ns = parser.parse_args(argv)
+    except ArgumentError as exc:
+        message = " ".join(str(exc).split())  # jsonargparse's messages span lines
+        guess = close_option(message, [s for a in parser._actions for s in a.option_strings if s.startswith("--")])
+        raise BadArguments(f"{message} (did you mean {guess}?)" if guess else message) from None
     objects = parser.instantiate(ns)
     cfg = RunConfig(**{name: objects[name] for name in GROUPS}, deepspeed=ns.deepspeed,
                     output_dir=ns.output_dir, seed=ns.seed)
     return cfg, asdict(cfg), [str(path) for path in ns.get("config") or []]
+
+
+class BadArguments(ValueError):
+    """Arguments or config file keys the parser refuses: every rank finds the same, rank 0 says it."""
+
+
+def close_option(message: str, known: list[str]) -> str | None:
+    """The known option nearest to the one a parser message names as unknown (a command-line option or a
+    config file's key), or None. Looked for in its own group first (`--tta.methd`: `--tta.method`), then as
+    the same name in another group (`--tta.verbose`: `--logging.verbose`), then anywhere."""
+    found = re.search(r"unrecognized arguments: (--[\w.-]+)", message)
+    name = found and found[1]
+    if found is None:  # a config file's key: "Group 'tta' does not accept option 'x'", "Option 'x' is not accepted"
+        found = re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'|Option '([\w.]+)' is not accepted",
+                          message)
+        name = found and "--" + (f"{found[1]}.{found[2]}" if found[1] else found[3])
+    if not name:
+        return None
+    group, _, leaf = name.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == group and not k.endswith("+")}
+    initials = "".join(word[:1] for word in leaf.lstrip("-").split("_"))  # learning_rate: lr
+    if len(initials) > 1 and initials in siblings:
+        return siblings[initials]
+    match = difflib.get_close_matches(leaf, list(siblings), n=1)
+    if match:
+        return siblings[match[0]]
+    moved = [k for k in known if k.rpartition(".")[2] == leaf]
+    return (moved or difflib.get_close_matches(name, known, n=1) or [None])[0]
+
+
+def quiet_libraries() -> None:
+    """Turns off what the libraries print on their own, so that a run prints one line per event, on rank 0
+    (`--logging.verbose` keeps it all). Called before they are imported: DeepSpeed warns at import."""
+    import logging
+    # torch's note that NCCL's eager init serialises P2P: a pipeline run can do nothing about it.
+    os.environ.setdefault("TORCH_NCCL_SHOW_EAGER_INIT_P2P_SERIALIZATION_WARNING", "false")
+    # DeepSpeed makes its logger at import, level WARNING (the accelerator banner comes then): a filter stays.
+    logging.getLogger("DeepSpeed").addFilter(lambda record: record.levelno >= logging.ERROR)
+    import diffusers
+    import transformers
+    for library in (transformers, diffusers):  # log levels and the "Loading weights" bars
+        library.utils.logging.set_verbosity_error()
+        library.utils.logging.disable_progress_bar()
+    # These DeepSpeed modules print with print() (seed and topology banners, "steps: N loss", the
+    # shared-memory op build), with no switch: their own name `print` is made a no-op.
+    import importlib
+    # By module name: the attribute `deepspeed.comm.torch` is the torch library, not that module.
+    for name in ("comm.torch", "runtime.pipe.engine", "runtime.pipe.module", "runtime.pipe.topology"):
+        importlib.import_module(f"deepspeed.{name}").print = lambda *args, **kwargs: None
 
 
 def parameter_counts(module, part: str) -> tuple[str, int, int]:
@@ -64,28 +123,73 @@ def parameter_counts(module, part: str) -> tuple[str, int, int]:
 
 # Failures a user can fix (bad paths, data, config values, numerics): one line, exit code 2.
 USER_ERRORS = (FileNotFoundError, ValueError, OSError, FloatingPointError, NotImplementedError)
+_run_folder = None  # the claimed --output_dir (rank 0), released on every way out
+_started = False  # whether the run got past its checks and model loading (then what it wrote stays)
 OOM_HELP = ("out of GPU memory: lower --tta.max_classes (the transformer batch per window), set "
             "--pipeline.activation_checkpoint_interval 1, or spread the model over more GPUs "
             "(--pipeline.num_stages with deepspeed --num_gpus)")
 
 
 def main(argv=None) -> int:
+    from pipeline.rundir import PeerError, Stopped, default_signals
+    rank = int(os.environ.get("RANK", "0"))
     try:
         return run(argv)
+    except Stopped as stop:
+        default_signals()  # from here, the launcher's SIGTERM ends this process quietly
+        if rank == 0:
+            kept = (f"finished tasks are kept in {Path(_run_folder.path) / 'results.json'}; rerun the same command "
+                    f"to resume" if _started and _run_folder is not None else "nothing was written")
+            print(f"\n{stop.why}: {kept}", file=sys.stderr, flush=True)
+        leave(stop.code)
     except Exception as exc:  # noqa: BLE001 - sorted below: only user-facing failures are shortened
+        default_signals()
+        if isinstance(exc, BadArguments) and not os.environ.get("DUSA_TRACEBACK"):
+            if rank == 0:
+                print(f"error: {exc}\n`python launch/tta.py --help` lists every option", file=sys.stderr, flush=True)
+            else:  # every rank refuses the same arguments: rank 0 says it, the launcher stops this one
+                time.sleep(3)
+            leave(2)
         import torch
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (isinstance(exc, PeerError) and rank or peer_lost(exc)) \
+                and not os.environ.get("DUSA_TRACEBACK"):
+            leave(2)  # another rank failed first and says why: one message, not one per rank
         oom = isinstance(exc, torch.OutOfMemoryError)
         if not (oom or isinstance(exc, USER_ERRORS)) or os.environ.get("DUSA_TRACEBACK"):
+            release_run_folder()
             raise
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
-        rank = int(os.environ.get("RANK", "0"))
         if rank:  # rank 0 mostly fails alike: give the launcher time to stop this process first
             time.sleep(3)
         # Leading newline: a progress bar may hold the current line.
         print(f"\nerror: {f'[rank {rank}] ' if rank else ''}{OOM_HELP if oom else lines[0]}"
               f"{' (DUSA_TRACEBACK=1 shows the traceback)' if not oom else ''}", file=sys.stderr, flush=True)
-        release_cpu_shared_memory()
-        os._exit(2)  # no atexit / process-group teardown: it can wait forever on peers that are gone
+        leave(2)
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether a failure is the communication with another rank breaking off (that rank failed or was
+    stopped, and reports for itself)."""
+    import torch.distributed as dist
+    while exc is not None:
+        text = str(exc)
+        if isinstance(exc, dist.DistError) or isinstance(exc, RuntimeError) and any(
+                s in text for s in ("Connection closed by peer", "Connection reset by peer", "gloo/transport")):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def release_run_folder() -> None:
+    """Unlocks --output_dir; a run that never started removes what it made there (nothing stays behind)."""
+    if _run_folder is not None:
+        _run_folder.release(started=_started)
+
+
+def leave(code: int) -> None:
+    release_run_folder()
+    release_cpu_shared_memory()
+    os._exit(code)  # no atexit / process-group teardown: it can wait forever on peers that are gone
 
 
 def release_cpu_shared_memory() -> None:
@@ -96,23 +200,73 @@ def release_cpu_shared_memory() -> None:
     Path("/dev/shm", name).unlink(missing_ok=True)
 
 
+def on_rank0(work, rank: int, world: int, dist) -> None:
+    """`work()` on rank 0 alone; its user error is raised on every rank (PeerError on the others, which
+    exit quietly: one message)."""
+    error = None
+    if rank == 0:
+        try:
+            work()
+        except USER_ERRORS as exc:
+            error = exc
+    if world > 1:
+        verdict = [None if error is None else str(error)]
+        dist.broadcast_object_list(verdict, src=0)
+        if rank and verdict[0] is not None:
+            from pipeline.rundir import PeerError
+            raise PeerError(verdict[0])
+    if error is not None:
+        raise error
+
+
 def run(argv=None) -> int:
+    global _started
+    from pipeline.checks import (check_argument_files, check_class_embedding_file, check_deepspeed_config,
+                                 check_generator_files, check_segmenter_files, check_window_counts, check_window_size,
+                                 load_unique)
+    from pipeline.config import validate
+    from pipeline.rundir import (RunFolder, launcher_processes, remove_orphaned_shared_memory, stop_on_signals,
+                                 stop_when_launcher_ends, write_text_atomic)
+
+    stop_on_signals()
+    stop_when_launcher_ends(launcher_processes())  # the single-node launcher does not pass SIGTERM on
+    check_argument_files(sys.argv[1:] if argv is None else argv)  # a duplicate key is refused, not resolved
     cfg, record, config_files = parse(argv)
+    from data.classes import ADE20K_CLASSES as class_names
+    validate(cfg, len(class_names))
+    if not cfg.output_dir.strip():
+        raise ValueError("--output_dir is empty: name the folder for the results")
+    if isinstance(cfg.deepspeed, str) and Path(cfg.deepspeed).is_file():
+        check_deepspeed_config(load_unique(Path(cfg.deepspeed).read_text(), f"DeepSpeed config {cfg.deepspeed}"),
+                               cfg.deepspeed)
+    elif isinstance(cfg.deepspeed, dict):
+        check_deepspeed_config(cfg.deepspeed, "--deepspeed")
+    if cfg.tta.method == "dusa":
+        check_window_size(cfg.data.window_size, cfg.model.generator)  # from the config files: no weights read
+    if not cfg.logging.verbose:
+        quiet_libraries()
 
     import deepspeed
     import torch
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from data.classes import ADE20K_CLASSES
     from data.demo import make_demo_dataset
     from models.segformer import Segmenter
     from models.tiny import ensure_demo_models, make_tiny_segformer
-    from pipeline.engine import TTAEngine, load_ds_config
+    from pipeline.engine import TTAEngine, load_ds_config, precision_of
     from pipeline.module import build_pipeline
     from pipeline.reporting import RunLogger, startup_summary
     from pipeline.tent import Tent
-    from pipeline.tta import TTARunner, finished_tasks, open_tasks
+    from pipeline.resume import finished_tasks
+    from pipeline.methods import Dusa, Source, TentMethod
+    from pipeline.tta import TTARunner, open_tasks
+
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_"
+        removed = remove_orphaned_shared_memory(prefix)
+        if removed:
+            print(f"removed {len(removed)} shared-memory buffers of ended DeepSpeed runs from /dev/shm")
 
     if "RANK" not in os.environ:  # started without a launcher: one process, like `deepspeed --num_gpus 1`
         import socket
@@ -129,8 +283,6 @@ def run(argv=None) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.seed)
     method = cfg.tta.method
-    if cfg.logging.image_every < 0:
-        raise ValueError(f"logging.image_every={cfg.logging.image_every}: use 0 for no pictures or N > 0")
     if method == "dusa" and world != cfg.pipeline.num_stages:
         raise ValueError(f"pipeline.num_stages={cfg.pipeline.num_stages} but {world} processes were started: "
                          f"run `deepspeed --num_gpus {cfg.pipeline.num_stages} launch/tta.py ...` "
@@ -140,40 +292,47 @@ def run(argv=None) -> int:
                          "(use --tta.method source for the unadapted model)")
     if method == "dusa" and cfg.tta.learnable_embedding and not cfg.tta.update_generator:
         raise ValueError("tta.learnable_embedding adapts with the generator: it needs tta.update_generator true")
-    class_names = ADE20K_CLASSES
-    if any(not 0 <= c < len(class_names) for c in cfg.tta.ignore_classes):
-        raise ValueError(f"tta.ignore_classes {cfg.tta.ignore_classes} must be class ids in 0..{len(class_names) - 1}")
     ds_config = load_ds_config(cfg.deepspeed, cfg.tta.lr)
-    # Bad data or a clashing output folder fail now, before any model loads.
-    datasets = None if cfg.data.build_demo_data else open_tasks(cfg.data)
     record["deepspeed"] = ds_config
-    finished_tasks(cfg, record, ADE20K_CLASSES)
     bf16 = ds_config.get("bf16", {}).get("enabled", False)
     autocast = ds_config.get("torch_autocast", {}).get("enabled", False)  # float32 weights, bf16 compute
-    if rank == 0:
+    datasets = None
+
+    def prepare() -> None:
+        """Rank 0, before any model loads: the output folder (locked; resumable), the data (every image's
+        window count from its header), every model file (whole, shapes as its config makes them)."""
+        global _run_folder
+        nonlocal datasets
+        _run_folder = RunFolder.claim(cfg.output_dir)
+        finished_tasks(cfg, record, class_names)
         if cfg.data.build_demo_data:
             make_demo_dataset(cfg.data.root, corruptions=tuple(cfg.data.corruptions), severity=cfg.data.severity)
+        datasets = open_tasks(cfg.data)
+        if method == "dusa":  # each window is a micro-batch of the image's step
+            check_window_counts(datasets, cfg.data.window_size, cfg.data.window_stride, cfg.data.max_windows)
         if cfg.model.build_demo_models and method == "dusa":
             ensure_demo_models(cfg.model.segmenter, cfg.model.generator, cfg.model.class_embeddings, class_names)
         elif cfg.model.build_demo_models and not (Path(cfg.model.segmenter) / "config.json").is_file():
             make_tiny_segformer(cfg.model.segmenter, class_names)  # source and tent need no generator
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.output_dir) / "config.json").write_text(json.dumps(record, indent=2))
-    dist.barrier()
-    if datasets is None:  # the demo data exists only now
+        check_segmenter_files(cfg.model.segmenter, len(class_names))
+        if method == "dusa":
+            check_window_size(cfg.data.window_size, cfg.model.generator)
+            transformer = check_generator_files(cfg.model.generator)
+            check_class_embedding_file(cfg.model.class_embeddings, class_names, cfg.model.generator, transformer)
+    on_rank0(prepare, rank, world, dist)
+    if datasets is None:
         datasets = open_tasks(cfg.data)
     accelerator = get_accelerator()
     device = torch.device(accelerator.current_device_name())
     visible = f"{accelerator.device_count()} x {accelerator.device_name()} visible"
 
-    engine = tent = segmenter = None
-    stage, num_stages = 0, 1
     if method == "dusa":
         module = build_pipeline(cfg.model, cfg.data, cfg.tta, cfg.pipeline, class_names,
                                 stage_report=print if rank == 0 else (lambda _: None),
-                                dtype=torch.bfloat16 if bf16 else torch.float32)
+                                dtype=torch.bfloat16 if bf16 else torch.float32, precision=precision_of(ds_config))
         engine = TTAEngine(module, ds_config, cfg.tta, adaptive_windows=cfg.data.windows == "adaptive")
         stage, num_stages = engine.engine.stage_id, engine.engine.num_stages
+        adapted = Dusa(engine, cfg, class_names)
         checked = module.front.segmenter if stage == 0 else None
         counts: list = [None] * world
         dist.all_gather_object(counts, (stage, parameter_counts(module, f"stage {stage}")))
@@ -182,23 +341,25 @@ def run(argv=None) -> int:
     elif rank == 0:  # source and tent: the segmenter alone, on rank 0, no generator and no pipeline
         checked = Segmenter.from_pretrained(cfg.model.segmenter).eval().to(device)
         if method == "tent":  # fp32 weights for Adam; bf16 compute by autocast
-            tent = Tent(checked, cfg.tta.segmenter_lr, torch.bfloat16 if bf16 or autocast else None,
-                        cfg.tta.accumulation_steps)
+            adapted = TentMethod(Tent(checked, cfg.tta.segmenter_lr, torch.bfloat16 if bf16 or autocast else None,
+                                      cfg.tta.accumulation_steps), device)
         else:
-            segmenter = (checked.to(torch.bfloat16) if bf16 else checked).requires_grad_(False)
+            adapted = Source((checked.to(torch.bfloat16) if bf16 else checked).requires_grad_(False), device)
         parameters = [parameter_counts(checked, "segmenter")]
         processes = f"{world} (rank 0 runs {method}, the others exit), {visible}"
     else:
-        print(f"rank {rank}: nothing to do for tta.method={method} (it runs on rank 0 alone)")
+        if cfg.logging.verbose:  # other ranks print nothing but errors
+            print(f"rank {rank}: nothing to do for tta.method={method} (it runs on rank 0 alone)")
         return 0
     if checked is not None and checked.num_classes != len(class_names):
         raise ValueError(f"segmenter {cfg.model.segmenter} predicts {checked.num_classes} "
                          f"classes, ADE20K has {len(class_names)}")
+    if rank == 0:  # the run starts: from here on, what it writes stays
+        write_text_atomic(Path(cfg.output_dir) / "config.json", json.dumps(record, indent=2), Path(cfg.output_dir))
+        _started = True
 
     logger = RunLogger(cfg.logging, cfg.output_dir, record, class_names) if rank == 0 else None
-    runner = TTARunner(cfg, class_names, device, engine=engine, tent=tent, segmenter=segmenter, stage=stage,
-                       num_stages=num_stages, logger=logger, config_record=record,
-                       datasets=datasets)
+    runner = TTARunner(cfg, class_names, device, adapted, logger=logger, config_record=record, datasets=datasets)
     if rank == 0:
         print(startup_summary(cfg, config_files, processes, parameters, runner.total_images), flush=True)
     runner.run()
@@ -208,6 +369,7 @@ def run(argv=None) -> int:
     if method == "dusa":  # every stage leaves together: one that tears down its communication threads while
         dist.barrier()   # another still finishes (results, W&B) can abort the process at exit
         dist.destroy_process_group()
+    release_run_folder()
     return 0
 
 

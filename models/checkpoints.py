@@ -14,8 +14,10 @@ def load_checkpoint(name_or_path: str, what: str, load: Callable[[str], T]) -> T
     looks_local = path.is_absolute() or name.startswith((".", "~")) or name.count("/") != 1
     if not path.exists() and looks_local:
         raise FileNotFoundError(f"{what} checkpoint {name} does not exist (a local folder or a hub id like org/name)")
+    from safetensors import SafetensorError
     try:
         return load(str(path) if path.exists() else name)
-    except (OSError, ValueError) as exc:  # hub: offline, gated, invalid id; folder: wrong layout
+    # hub: offline, gated, invalid id; folder: wrong layout, a damaged weights file
+    except (OSError, ValueError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise FileNotFoundError(f"{what} checkpoint {name} could not be loaded: {first}") from exc

@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel
 from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, SegformerConfig,
                           SegformerForSemanticSegmentation, T5Config, T5EncoderModel, T5Tokenizer)
 
-from models.class_embeddings import save_class_embeddings
+from models.class_embeddings import DEFAULT_TEMPLATE, write_class_embeddings
 
 # Text-embedding widths of the tiny SD3 (the real ones are 4096 and 2048, with 77 + 256 = 333 tokens).
 TINY_JOINT_DIM = 32
@@ -117,11 +117,7 @@ def ensure_demo_models(segmenter: str, generator: str, class_embeddings: str, cl
 def make_tiny_class_embeddings(path: str | Path, class_names: Sequence[str], generator: str | Path) -> Path:
     """The class-embedding cache of a tiny SD3 folder, made by the real builder (adds the tiny text
     encoders to the folder first if it has none)."""
-    from launch.embed_classes import DEFAULT_TEMPLATE, build_class_embeddings  # launch imports models
-
     if not has_text_encoders(generator):
         make_tiny_text_encoders(generator)
-    prompt, pooled = build_class_embeddings(str(generator), class_names, DEFAULT_TEMPLATE, TINY_T5_TOKENS,
-                                            "cpu", torch.float32, batch_size=len(class_names), progress=False)
-    return save_class_embeddings(path, prompt, pooled, class_names, str(generator), DEFAULT_TEMPLATE,
-                                 extra={"t5_sequence_length": str(TINY_T5_TOKENS), "dtype": "float32"})
+    return write_class_embeddings(path, str(generator), class_names, DEFAULT_TEMPLATE, TINY_T5_TOKENS, "cpu",
+                                  torch.float32, batch_size=len(class_names), progress=False)

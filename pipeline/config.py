@@ -2,6 +2,7 @@
 every field is a `--group.field` option and the field docstrings are its help text."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -64,6 +65,9 @@ class DataConfig:
     """Background workers that decode and resize the next images (0: in the main process)."""
     build_demo_data: bool = False
     """Write the synthetic demo dataset at `root` first when it is missing (demo only)."""
+    max_windows: int = 32
+    """Refuse, before any model loads, an image that gets more windows than this (an extreme aspect ratio:
+    every window is a micro-batch of the image's step, so time and memory grow with their number)."""
 
 
 @dataclass
@@ -182,6 +186,9 @@ class LoggingConfig:
     under `<output_dir>/pictures/<task>/` and log it to W&B (0: never)."""
     progress: bool = True
     """Show a progress bar per task."""
+    verbose: bool = False
+    """Also show what DeepSpeed, transformers, diffusers, W&B and torch print on their own (banners, topology,
+    per-step lines, weight-loading bars, W&B's summary); off, a run prints one line per event, on rank 0."""
 
 
 @dataclass
@@ -199,3 +206,80 @@ class RunConfig:
     """Where results.json, the effective config and W&B's offline files go."""
     seed: int = 0
     """Seeds the noise, timesteps and candidate sampling of every image (per image, order-free)."""
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def validate(cfg: RunConfig, num_classes: int) -> None:
+    """Every numeric option inside its domain: ValueError, one line naming the option and its domain.
+
+    What depends on files (the window size against the models' latent patch, window counts against
+    image sizes, the DeepSpeed JSON) is checked by pipeline/checks.py.
+    """
+    problems: list[str] = []
+
+    def need(ok: bool, name: str, value, domain: str) -> None:
+        if not ok:
+            problems.append(f"--{name} {value!r} is outside its domain: {domain}")
+
+    def count(name: str, value, low: int, high: int | None = None) -> None:
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (high is None or value <= high)
+        need(ok, name, value, f"an integer {'>= ' + str(low) if high is None else f'in {low}..{high}'}")
+
+    def positive(name: str, value, zero: bool = False) -> None:
+        need(_finite(value) and (value >= 0 if zero else value > 0), name, value,
+             f"a finite number {'>= 0' if zero else '> 0'}")
+
+    data, tta, pipe, log = cfg.data, cfg.tta, cfg.pipeline, cfg.logging
+    count("data.severity", data.severity, 1, 5)
+    if data.limit is not None:
+        count("data.limit", data.limit, 1)
+    need(bool(data.corruptions), "data.corruptions", data.corruptions, "at least one corruption")
+    need(len(set(data.corruptions)) == len(data.corruptions), "data.corruptions", data.corruptions,
+         "each corruption once")
+    count("data.window_size", data.window_size, 1)
+    count("data.window_stride", data.window_stride, 1, data.window_size if _finite(data.window_size) else None)
+    count("data.num_workers", data.num_workers, 0)
+    count("data.max_windows", data.max_windows, 1)
+    if getattr(data, "windows", "grid") == "adaptive":
+        positive("data.adaptive_std", data.adaptive_std, zero=True)
+        count("data.adaptive_dilation", data.adaptive_dilation, 0)
+        count("data.adaptive_min_size", data.adaptive_min_size, 1)
+        count("data.adaptive_max_size", data.adaptive_max_size, max(data.adaptive_min_size, 1)
+              if isinstance(data.adaptive_min_size, int) else 1)
+        positive("data.adaptive_min_distance", data.adaptive_min_distance, zero=True)
+        count("data.adaptive_max_windows", data.adaptive_max_windows, 1, data.max_windows)
+        count("data.adaptive_min_windows", data.adaptive_min_windows, 1, data.adaptive_max_windows)
+
+    for name in ("lr", "lr_segmenter", "lr_generator", "lr_embeddings"):
+        value = getattr(tta, name, None)
+        if value is not None:
+            positive(f"tta.{name}", value, zero=True)  # 0: nothing moves, a valid check against source
+    count("tta.accumulation_steps", getattr(tta, "accumulation_steps", 1), 1)
+    positive("tta.window_tau", getattr(tta, "window_tau", 1.0))
+    count("tta.topk", tta.topk, 1, num_classes)
+    count("tta.area_k", tta.area_k, 1, num_classes)
+    positive("tta.area_threshold", tta.area_threshold, zero=True)
+    count("tta.max_classes", tta.max_classes, 1)  # more than the classes: all of them
+    count("tta.min_classes", tta.min_classes, 0, tta.max_classes if isinstance(tta.max_classes, int) else None)
+    positive("tta.temperature", tta.temperature)
+    t = tuple(tta.timestep_range)
+    need(len(t) == 2 and all(_finite(v) for v in t) and 0 <= t[0] <= t[1] <= 1, "tta.timestep_range", list(t),
+         "two flow times 0 <= low <= high <= 1")
+    count("tta.max_nonfinite", tta.max_nonfinite, 1)
+    bad = [c for c in tta.ignore_classes if not (isinstance(c, int) and 0 <= c < num_classes)]
+    need(not bad, "tta.ignore_classes", tta.ignore_classes, f"class ids in 0..{num_classes - 1}")
+    need(len(set(tta.ignore_classes)) < num_classes, "tta.ignore_classes", tta.ignore_classes,
+         "at least one class left to choose from")
+
+    count("pipeline.num_stages", pipe.num_stages, 1)
+    count("pipeline.activation_checkpoint_interval", pipe.activation_checkpoint_interval, 0)
+    count("pipeline.segmenter_graphs", pipe.segmenter_graphs, 0)
+    count("logging.log_every", log.log_every, 1)
+    count("logging.image_every", log.image_every, 0)
+    count("seed", cfg.seed, 0, 2**63 - 1)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(problems[0] + more)

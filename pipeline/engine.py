@@ -18,6 +18,7 @@ from torch import nn
 
 from pipeline.config import TTAConfig
 from pipeline.layers import JointBlock, SD3Embed, SD3Head, SegmenterFront
+from pipeline.reporting import warn_overridden_ds_keys
 from pipeline.windows import WindowDraw, WindowSampler
 
 DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}}
@@ -80,7 +81,16 @@ def load_ds_config(ds: str | dict[str, Any], lr: float) -> dict[str, Any]:
         # DeepSpeed's ZeRO wrappers list SGD as untested; with one data-parallel rank they only hold its
         # float32 masters, which the tests here check.
         config["zero_allow_untested_optimizer"] = True
+    warn_overridden_ds_keys(ds, config)  # the user's values replaced here, named in one line
     return config
+
+
+def precision_of(ds_config: dict[str, Any]) -> str:
+    """The precision preset of a DeepSpeed JSON: bf16 (bf16 weights, float32 masters), autocast (float32
+    weights, bf16 autocast) or fp32."""
+    if ds_config.get("bf16", {}).get("enabled", False):
+        return "bf16"
+    return "autocast" if ds_config.get("torch_autocast", {}).get("enabled", False) else "fp32"
 
 
 def is_norm_module(module: nn.Module) -> bool:

@@ -29,7 +29,7 @@ from pipeline.graphs import GraphedModule
 from pipeline.loss import (area_k_candidates, area_scores, candidate_statistics, choose_candidates, dusa_loss,
                            logit_norm)
 from pipeline.windows import (AdaptiveWindows, WindowDraw, WindowSampler, adaptive_boxes, entropy_map, resample_window,
-                              window_boxes, window_resampler)
+                              float32_math, window_boxes, window_resampler)
 
 _AS_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
 _AS_FLOAT = {v: k for k, v in _AS_INT.items()}
@@ -128,8 +128,15 @@ class SegmenterFront(nn.Module):
         """
         adapt = any(p.requires_grad for p in self.segmenter.parameters())
         with torch.set_grad_enabled(adapt):
-            logits = self._run_segmenter(image)  # [1, C, h, w] on the whole image
-            normed = logit_norm(logits.float(), dim=1)  # at the segmenter's resolution, as the reference
+            logits = self._run_segmenter(image)  # [1, C, h, w] on the whole image (under the step's precision)
+            with float32_math(image.device):
+                normed = logit_norm(logits.float(), dim=1)  # at the segmenter's resolution, as the reference
+        with float32_math(image.device):
+            return self._prepare(image, logits, normed, windows, loss_scale, window_tau, adapt)
+
+    def _prepare(self, image: torch.Tensor, logits: torch.Tensor, normed: torch.Tensor,
+                 windows: Sequence[WindowDraw] | WindowSampler, loss_scale: float, window_tau: float | None,
+                 adapt: bool) -> PreparedImage:
         self._image, self._normed = image, normed if adapt else None
         self._leaf = normed.detach().requires_grad_(adapt)
         draws = windows(self.place_windows(image, logits)) if callable(windows) else windows
@@ -189,7 +196,8 @@ class SegmenterFront(nn.Module):
         if self._leaf is None:
             raise RuntimeError("SegmenterFront.begin_image must run before the window micro-batches")
         rows, cols, pixel_rows, pixel_cols, noise, t, classes, mask, weight = inputs
-        logits_latent = self._without_ignored(resample_window(self._leaf[0], rows, cols))  # [C, s, s]
+        with float32_math(rows.device):
+            logits_latent = self._without_ignored(resample_window(self._leaf[0], rows, cols))  # [C, s, s]
         window = self._image.index_select(2, pixel_rows).index_select(3, pixel_cols)
         if window.shape[-1] != self.window_size:  # an adaptive window, resized to the generator's size
             window = F.interpolate(window, size=(self.window_size,) * 2, mode="bilinear", align_corners=False)

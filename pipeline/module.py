@@ -62,8 +62,10 @@ class DusaPipeline(PipelineModule):
 
 def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: PipelineConfig,
                    class_names: Sequence[str], stage_report: Callable[[str], None] = print,
-                   dtype: torch.dtype = torch.float32) -> DusaPipeline:
-    """Layer list -> partition -> module; each rank reads only the weights of its stage's layers."""
+                   dtype: torch.dtype = torch.float32, precision: str | None = None) -> DusaPipeline:
+    """Layer list -> partition -> module; each rank reads only the weights of its stage's layers.
+    `precision` (bf16, autocast, fp32; default from `dtype`) picks the measured cost table."""
+    precision = precision or ("bf16" if dtype == torch.bfloat16 else "fp32")
     parts = TransformerParts(model.generator, dtype)
     num_blocks = parts.num_blocks
 
@@ -89,7 +91,7 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
         bounds = check_partition(pipe.partition, len(layers), pipe.num_stages)
         stage_report(f"partition {bounds} (pipeline.partition)")
     else:
-        costs, source = step_costs(model, data, pipe, parts)
+        costs, source = step_costs(model, data, pipe, parts, precision)
         # 15 % left for the allocator's fragmentation, the CUDA context and NCCL buffers.
         budget = 0.85 * torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
         bounds, predicted = plan_partition(costs, pipe.num_stages, memory_budget=budget)
@@ -120,12 +122,12 @@ def adaptive_rule(data: DataConfig) -> AdaptiveWindows | None:
                            data.adaptive_min_distance, data.adaptive_max_windows, data.adaptive_min_windows)
 
 
-def step_costs(model: ModelConfig, data: DataConfig, pipe: PipelineConfig, parts: TransformerParts
-               ) -> tuple[list[StepCosts], str]:
+def step_costs(model: ModelConfig, data: DataConfig, pipe: PipelineConfig, parts: TransformerParts,
+               precision: str = "bf16") -> tuple[list[StepCosts], str]:
     """Per-layer costs for the partition: the measured table for this card and these models (or the
     one named by pipeline.cost_table), else relative defaults; and where they came from."""
     segmenter_config = load_checkpoint(model.segmenter, "segmenter", SegformerConfig.from_pretrained).to_dict()
-    signature = model_signature(dict(parts.config), segmenter_config, data.window_size)
+    signature = model_signature(dict(parts.config), segmenter_config, data.window_size, precision)
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     if pipe.cost_table is not None:
         path = Path(pipe.cost_table)

@@ -174,8 +174,9 @@ def check_partition(bounds: Sequence[int], num_layers: int, num_stages: int) -> 
 
 
 # ----------------------------------------------------------------------------- measured cost tables
-def model_signature(generator_config: dict, segmenter_config: dict, window_size: int) -> dict:
-    """What decides the per-layer costs besides the card: the architectures and the window size."""
+def model_signature(generator_config: dict, segmenter_config: dict, window_size: int, precision: str = "bf16") -> dict:
+    """What decides the per-layer costs besides the card: the architectures, the window size and the
+    precision preset (`precision_of` the DeepSpeed JSON: float32 weights under autocast keep more memory)."""
     gen_keys = ("num_layers", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
                 "caption_projection_dim", "patch_size", "in_channels", "dual_attention_layers", "qk_norm")
     seg_keys = ("depths", "hidden_sizes", "decoder_hidden_size")
@@ -183,7 +184,8 @@ def model_signature(generator_config: dict, segmenter_config: dict, window_size:
     def pick(config, keys):
         return {k: (list(config[k]) if isinstance(config.get(k), (list, tuple)) else config.get(k)) for k in keys}
     segmenter = pick(segmenter_config, seg_keys) | {"num_labels": len(segmenter_config.get("id2label") or {})}
-    return {"generator": pick(generator_config, gen_keys), "segmenter": segmenter, "window_size": window_size}
+    return {"generator": pick(generator_config, gen_keys), "segmenter": segmenter, "window_size": window_size,
+            "precision": precision}
 
 
 def table_costs(table: dict) -> list[StepCosts]:

@@ -98,7 +98,7 @@ def make_picture(image: torch.Tensor, prediction: torch.Tensor, label: torch.Ten
 
 def save_picture(picture: Image.Image, output_dir: str | Path, task: str, name: str) -> Path:
     """Writes `<output_dir>/pictures/<task>/<name>.png`."""
+    from pipeline.rundir import write_atomic
     path = Path(output_dir) / "pictures" / task / f"{name}.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path)
-    return path
+    # A rename into place: never written through a link (or over a file) already at that name.
+    return write_atomic(path, lambda f: picture.save(f, format="PNG"), root=Path(output_dir))

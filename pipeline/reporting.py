@@ -1,6 +1,7 @@
 """Run reporting: Weights & Biases logging (rank 0 only), `results.json` / `results.csv`, terminal tables.
 
-Metric values (`mIoU`, `aAcc`, per-class `IoU`) are fractions in [0, 1]; the tables show them as percentages.
+Metric values (`mIoU`, `aAcc`, per-class `IoU`) are in percent everywhere, as the metric computes them and
+the field prints them: console, results files (`results.json` says so in `metric_unit`) and W&B.
 W&B is optional: it is imported lazily and any failure in it only prints a warning.
 """
 from __future__ import annotations
@@ -11,7 +12,9 @@ import json
 import math
 import netrc
 import os
-import tempfile
+import re
+import secrets
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,9 @@ from pipeline.config import LoggingConfig, RunConfig, WandbConfig
 
 DEFAULT_PROJECT = "dusa-seg-tta"
 DEFAULT_HOST = "api.wandb.ai"
+# Where an output folder keeps the id of its W&B run, so that resuming the sweep continues that run.
+RUN_ID_FILE = "wandb_run_id"
+METRIC_UNIT = "percent"
 
 # Legacy $WANDB_MODE spellings that wandb itself still accepts.
 _MODE_ALIASES = {"dryrun": "offline", "run": "online"}
@@ -61,7 +67,10 @@ def resolve_wandb_mode(cfg: WandbConfig, env: Mapping[str, str] | None = None) -
 class RunLogger:
     """Logs steps, per-task results and the final summary to W&B. Create it only on the logging rank.
 
-    Without W&B (disabled, or `wandb.init` failed) every method is a cheap no-op.
+    One output folder is one W&B run: its id is kept in `<output_dir>/wandb_run_id`, and a rerun that
+    resumes the sweep continues that run (`resume="allow"`), its global step going on from the images of
+    the tasks that results.json already holds. A rerun with every task already done opens no run.
+    Without W&B (disabled, nothing left to do, or `wandb.init` failed) every method is a cheap no-op.
     """
 
     def __init__(self, logging: LoggingConfig, output_dir: str | Path, config: dict,
@@ -73,7 +82,6 @@ class RunLogger:
         self._run_dir: Path | None = None
         self._global_step = 0
         self._tasks_defined: set[str] = set()
-        self._task_iou: dict[str, list[float]] = {}
 
         cfg = logging.wandb
         if not cfg.enabled:
@@ -81,6 +89,14 @@ class RunLogger:
         mode = resolve_wandb_mode(cfg)
         if mode == "disabled":
             return
+        done = _finished_tasks(self.output_dir)
+        tasks = list((config.get("data") or {}).get("corruptions") or [])
+        if tasks and set(tasks) <= set(done):
+            print(f"[reporting] W&B: every task is already done in {self.output_dir}: no W&B run opened")
+            return
+        # As in an uninterrupted sweep: one global step per image of the tasks before.
+        self._global_step = sum(int(res.get("images", 0)) for res in done.values())
+        run_id = _read_run_id(self.output_dir / RUN_ID_FILE)
         env = os.environ
         tags = list(cfg.tags) + [t.strip() for t in env.get("WANDB_TAGS", "").split(",") if t.strip()]
         try:
@@ -95,8 +111,12 @@ class RunLogger:
                 config=config,
                 dir=str(self.output_dir),
                 mode=mode,
+                id=run_id,  # None: W&B makes one, kept below
+                resume="allow",
+                settings=wandb.Settings(silent=not logging.verbose),  # banner and summary: one line below instead
             )
             self._wandb = wandb
+            _write_atomic(self.output_dir / RUN_ID_FILE, f"{self._run.id}\n")
             self._run_dir = Path(self._run.settings.sync_dir)
             # Per-task charts share one x axis that keeps increasing across tasks.
             self._run.define_metric("global_step")
@@ -109,10 +129,17 @@ class RunLogger:
                     pass
             self._run = self._run_dir = None
             return
+        if run_id:
+            print(f"[reporting] W&B: continuing run {run_id} of {self.output_dir} "
+                  f"from global step {self._global_step}")
         auto = not cfg.mode and not env.get("WANDB_MODE")
         if auto and mode == "offline":
+            # A resumed run has one offline folder per attempt: wandb sync uploads them in order, as one run.
+            sync = f"{self._run_dir.parent}/offline-run-*" if run_id else str(self.run_dir)
             print(f"[reporting] W&B: no credentials found, logging offline to {self.run_dir}; "
-                  f"upload later with `wandb sync {self.run_dir}`")
+                  f"upload later with `wandb sync {sync}`")
+        elif not logging.verbose:  # where the run goes: the one line of W&B's own (silenced) worth keeping
+            print(f"[reporting] W&B ({mode}): {getattr(self._run, 'url', None) or self.run_dir}")
 
     @property
     def enabled(self) -> bool:
@@ -154,14 +181,12 @@ class RunLogger:
         self._log(task, data)
 
     def log_task(self, task: str, result: dict) -> None:
-        """Final metrics of one task plus a per-class IoU table."""
-        iou = [float(v) for v in result["IoU"]]
-        self._task_iou[task] = iou
+        """Final metrics of one task (percent) plus a per-class IoU table."""
         if self._run is None:
             return
         try:
-            rows = [[name, _finite_or_none(v)] for name, v in zip(self.class_names, iou, strict=True)]
-            table = self._wandb.Table(columns=["class", "IoU"], data=rows)
+            rows = [[name, _finite_or_none(v)] for name, v in zip(self.class_names, result["IoU"], strict=True)]
+            table = self._wandb.Table(columns=["class", "IoU %"], data=rows)
         except Exception as exc:
             self._disable(exc)
             return
@@ -192,20 +217,47 @@ class RunLogger:
             for task, res in results["tasks"].items():
                 summary[f"{task}/mIoU"] = res["mIoU"]
                 summary[f"{task}/aAcc"] = res["aAcc"]
-            bars = [[task, 100 * res["mIoU"]] for task, res in results["tasks"].items() if res["mIoU"] is not None]
+            bars = [[task, res["mIoU"]] for task, res in results["tasks"].items() if res["mIoU"] is not None]
             if bars:
                 table = self._wandb.Table(columns=["corruption", "mIoU %"], data=bars)
                 run.log({"global_step": self._global_step, "summary/mIoU_per_corruption": self._wandb.plot.bar(
                     table, "corruption", "mIoU %", title="mIoU per corruption")})
-            if self._task_iou:
-                tasks = list(self._task_iou)
-                rows = [[name, *(_finite_or_none(self._task_iou[t][i]) for t in tasks)]
-                        for i, name in enumerate(self.class_names)]
+            # From the results document: the tasks of earlier attempts of a resumed sweep are in it too.
+            tasks = list(results["tasks"])
+            if tasks:
+                rows = [[name, *(_finite_or_none(results["tasks"][t]["IoU"].get(name)) for t in tasks)]
+                        for name in self.class_names]
                 run.log({"global_step": self._global_step,
                          "summary/per_class_IoU": self._wandb.Table(columns=["class", *tasks], data=rows)})
             run.finish()
         except Exception as exc:
             print(f"[reporting] WARNING: W&B finish failed: {type(exc).__name__}: {exc}")
+
+
+def _read_run_id(path: Path) -> str | None:
+    """The W&B run id an earlier attempt kept in the output folder; None (a new run) when absent or unusable."""
+    try:
+        run_id = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        print(f"[reporting] WARNING: cannot read {path} ({exc.strerror}): starting a new W&B run")
+        return None
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", run_id):
+        print(f"[reporting] WARNING: {path} does not hold a W&B run id ({run_id[:40]!r}): starting a new W&B run")
+        return None
+    return run_id
+
+
+def _finished_tasks(output_dir: Path) -> dict[str, dict]:
+    """The tasks results.json in `output_dir` holds (none without one; the runner has checked it already)."""
+    path = output_dir / "results.json"
+    if not path.is_file():
+        return {}
+    try:
+        return dict(read_results(path)["tasks"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def _finite_or_none(value: Any) -> float | None:
@@ -224,7 +276,8 @@ def _mean(values: list[float]) -> float | None:
 
 
 def summarize(task_results: dict[str, dict], config: dict, class_names: Sequence[str]) -> dict:
-    """The results document: per-task metrics (IoU keyed by class, NaN -> None), averages over tasks, config."""
+    """The results document: per-task metrics in percent (IoU keyed by class, NaN -> None), averages over
+    tasks, config."""
     names = list(class_names)
     tasks: dict[str, dict] = {}
     for task, res in task_results.items():  # dicts keep insertion order: the task order of the run
@@ -240,7 +293,37 @@ def summarize(task_results: dict[str, dict], config: dict, class_names: Sequence
             "nonfinite_steps": int(res.get("nonfinite_steps", 0)),
         }
     average = {key: _mean([t[key] for t in tasks.values()]) for key in ("mIoU", "aAcc")}
-    return {"tasks": tasks, "average": average, "config": config}
+    return {"metric_unit": METRIC_UNIT, "tasks": tasks, "average": average, "config": config}
+
+
+def read_results(path: str | Path) -> dict:
+    """A results.json, metrics in percent. Files written before `metric_unit` existed hold fractions in
+    [0, 1]: they are converted, so a sweep started then resumes and compares correctly."""
+    path = Path(path)
+    try:
+        results = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path} is not JSON ({exc})") from None
+    if not isinstance(results, dict):
+        raise ValueError(f"{path} is not a results document (a JSON object)")
+    unit = results.get("metric_unit")
+    if unit == METRIC_UNIT:
+        return results
+    if unit is not None:
+        raise ValueError(f"{path} has metric_unit {unit!r}; only {METRIC_UNIT!r} (or none: fractions) is known")
+
+    def percent(value: Any) -> Any:
+        return None if value is None else 100 * value
+
+    try:
+        for res in (results.get("tasks") or {}).values():
+            res["mIoU"], res["aAcc"] = percent(res.get("mIoU")), percent(res.get("aAcc"))
+            res["IoU"] = {name: percent(v) for name, v in (res.get("IoU") or {}).items()}
+        average = results.get("average") or {}
+        results["average"] = {key: percent(average.get(key)) for key in ("mIoU", "aAcc")}
+    except (AttributeError, TypeError) as exc:
+        raise ValueError(f"{path} is not a results document ({exc})") from None
+    return {"metric_unit": METRIC_UNIT, **results}
 
 
 def _json_safe(obj: Any) -> Any:
@@ -256,7 +339,9 @@ def _json_safe(obj: Any) -> Any:
 
 def _write_atomic(target: Path, text: str) -> None:
     """Write through a temporary file and a rename, so readers never see a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=f"{target.suffix}.tmp")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # os.open with 0o666 gets the umask's permissions, like any other file (mkstemp would give 0600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
@@ -269,7 +354,7 @@ def _write_atomic(target: Path, text: str) -> None:
 
 
 def results_csv(results: dict) -> str:
-    """One row per task: task, mIoU, aAcc, images, seconds, then `IoU/<class>` per class (fractions; empty: n/a)."""
+    """One row per task: task, mIoU, aAcc, images, seconds, then `IoU/<class>` per class (percent; empty: n/a)."""
     tasks = results["tasks"]
     classes = list(next(iter(tasks.values()))["IoU"]) if tasks else []
     buffer = io.StringIO()
@@ -295,7 +380,7 @@ def write_results(results: dict, output_dir: str | Path) -> Path:
 def format_results_table(results: dict) -> str:
     """Plain-text table: one row per task (mIoU %, aAcc %, images, seconds), then the average."""
     def pct(v: float | None) -> str:
-        return "n/a" if v is None or not math.isfinite(v) else f"{100 * v:.2f}"
+        return "n/a" if v is None or not math.isfinite(v) else f"{v:.2f}"
 
     tasks = results["tasks"]
     width = max([len("average"), len("task"), *(len(t) for t in tasks)])
@@ -336,3 +421,24 @@ def startup_summary(cfg: RunConfig, config_files: Sequence[str], processes: str,
              ("config", ", ".join(config_files) or "(defaults)"), ("output", cfg.output_dir)]
     width = max(len(key) for key, _ in rows)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
+
+
+def overridden_ds_keys(user: Mapping[str, Any], effective: Mapping[str, Any]) -> dict[str, Any]:
+    """The user's DeepSpeed JSON values that the effective config drops or changes (`load_ds_config` sets
+    the batch sizes per image), by dotted key, in the user's order."""
+    found: dict[str, Any] = {}
+    for key, value in user.items():
+        if isinstance(value, Mapping) and isinstance(effective.get(key), Mapping):
+            found.update({f"{key}.{k}": v for k, v in overridden_ds_keys(value, effective[key]).items()})
+        elif key not in effective or effective[key] != value:
+            found[key] = value
+    return found
+
+
+def warn_overridden_ds_keys(user: Mapping[str, Any], effective: Mapping[str, Any]) -> None:
+    """One warning line on stderr (first rank only) naming the user's DeepSpeed keys that this program overrides."""
+    found = overridden_ds_keys(user, effective)
+    if found and os.environ.get("RANK", "0") == "0":
+        shown = ", ".join(f"{key}={json.dumps(value)}" for key, value in found.items())
+        print(f"warning: DeepSpeed config values ignored, this program sets these keys itself: {shown}",
+              file=sys.stderr, flush=True)

@@ -1,15 +1,12 @@
 """The TTA loop: tasks (corruptions), one step per image of the chosen method, scoring and results.
 
-Every method (`source`, `tent`, `dusa`) goes through the same data, metric, reset, pictures and logging code;
-only the step that turns an image into scored logits differs.
+Every method (pipeline/methods.py: `source`, `tent`, `dusa`) goes through the same data, metric, reset,
+continual state, pictures and logging code; only the method's step, which turns an image into scored
+logits, differs.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
-import math
-import shutil
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -17,109 +14,24 @@ from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data.ade20k_c import ADE20KC
 from data.metrics import SegmentationMetric
 from pipeline.config import DataConfig, RunConfig
-from pipeline.engine import TTAEngine
+from pipeline.images import PreparedImages, predict, task_order
+from pipeline.methods import Method
 from pipeline.pictures import make_picture, save_picture
 from pipeline.reporting import RunLogger, format_results_table, summarize, write_results
-from pipeline.tent import Tent
-from pipeline.windows import draw_windows, resize_short_edge, resized_size, window_boxes
-
-
-def resume_signature(record: dict[str, Any]) -> dict[str, Any]:
-    """What makes results comparable: a rerun resumes only when this is unchanged (logging, workers,
-    the task list's tail and the stage split may change; the stage split does not change the math)."""
-    record = json.loads(json.dumps(record))  # tuples and lists compare alike, as saved
-    return {"model": {k: v for k, v in record["model"].items() if k != "build_demo_models"},
-            "data": {k: v for k, v in record["data"].items() if k not in ("corruptions", "num_workers", "build_demo_data")},
-            "tta": record["tta"], "seed": record["seed"],
-            "deepspeed": {k: v for k, v in (record.get("deepspeed") or {}).items()
-                          if k not in ("steps_per_print", "wall_clock_breakdown")}}
+from pipeline.resume import check_saved_state, finished_tasks, saved_results, state_path
+from pipeline.rundir import PeerError, file_digests, own_folder, remove_path
 
 
 def open_tasks(data: DataConfig) -> dict[str, ADE20KC]:
     """Every task's dataset, in run order (listing checks folders and annotations)."""
     return {task: ADE20KC(data.root, task, data.severity, data.limit) for task in data.corruptions}
-
-
-def state_path(output_dir: str, task: str) -> Path:
-    """Where a continual run keeps the adapted state after `task` (the latest only)."""
-    return Path(output_dir) / "state" / task
-
-
-def finished_tasks(cfg: RunConfig, record: dict[str, Any], class_names: Sequence[str]) -> dict[str, dict]:
-    """Tasks that results.json in the output folder already holds for this very configuration.
-
-    Raises for an output folder that holds another configuration's results, or tasks in another
-    order, or (continual) no saved state to go on from: mixing them would give wrong numbers.
-    """
-    path = Path(cfg.output_dir) / "results.json"
-    if not path.is_file():
-        return {}
-    saved = json.loads(path.read_text())
-    before, now = resume_signature(saved["config"]), resume_signature(record)
-    differing = [k for k in now if before[k] != now[k]]
-    if differing:
-        raise ValueError(f"{path} holds results of another configuration (differs in: {', '.join(differing)}): "
-                         f"use another --output_dir, or delete that folder to start over")
-    tasks, order = list(saved.get("tasks", {})), list(cfg.data.corruptions)
-    if tasks != order[:len(tasks)]:
-        raise ValueError(f"{path} holds tasks {tasks}, not a beginning of this run's {order}: use another --output_dir")
-    if tasks and cfg.tta.continual and len(tasks) < len(order) and not state_path(cfg.output_dir, tasks[-1]).exists():
-        raise ValueError(f"continual run: no saved state after task {tasks[-1]} in "
-                         f"{state_path(cfg.output_dir, tasks[-1])}; delete {cfg.output_dir} to start over")
-    def restore(value):
-        return math.nan if value is None else value
-    return {t: {**r, "IoU": [restore(r["IoU"].get(n)) for n in class_names], "mIoU": restore(r["mIoU"]),
-                "aAcc": restore(r["aAcc"])} for t, r in saved["tasks"].items()}
-
-
-def image_seed(seed: int, task: str, name: str) -> int:
-    """A per-image seed that depends on the image, not on its position in the run."""
-    return int.from_bytes(hashlib.sha256(f"{seed}/{task}/{name}".encode()).digest()[:7], "little")
-
-
-def task_order(data: DataConfig, seed: int, task: str, size: int) -> list[int]:
-    """The order in which a task's images are adapted: shuffled (`data.shuffle`, as the reference does),
-    seeded from the run's seed and the task so that every stage and every rerun sees the same order;
-    else file order."""
-    if not data.shuffle:
-        return list(range(size))
-    generator = torch.Generator().manual_seed(image_seed(seed, task, "image order"))
-    return torch.randperm(size, generator=generator).tolist()
-
-
-class PreparedImages(Dataset):
-    """ADE20K-C items resized for the segmenter, with their windows (runs in loader workers)."""
-
-    def __init__(self, dataset: ADE20KC, window_size: int, window_stride: int):
-        self.dataset, self.size, self.stride = dataset, window_size, window_stride
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, i: int) -> dict:
-        item = self.dataset[i]
-        image = resize_short_edge(item["image"], self.size).unsqueeze(0)
-        item["image"] = image
-        item["corners"] = window_boxes(image.shape[-2], image.shape[-1], self.size, self.stride)
-        return item
-
-
-def num_windows(dataset: ADE20KC, i: int, window_size: int, window_stride: int) -> int:
-    """Window count of image i from its header alone (ranks that do not need the pixels)."""
-    return len(window_boxes(*resized_size(*dataset.image_size(i), window_size), window_size, window_stride))
-
-
-def predict(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Whole-image logits [1, C, h, w] -> label map [H, W] at the annotation's size."""
-    return F.interpolate(logits.float(), size=tuple(size), mode="bilinear", align_corners=False).argmax(1)[0]
 
 
 # Images/s (never inverted to s/image), then the postfix: running mIoU, loss, ETA of the whole sweep.
@@ -132,18 +44,13 @@ class TTARunner:
     The method's model comes as one argument: `segmenter` (source), `tent` or `engine` (dusa).
     """
 
-    def __init__(self, cfg: RunConfig, class_names: Sequence[str], device: torch.device,
-                 engine: TTAEngine | None = None, tent: Tent | None = None, segmenter: torch.nn.Module | None = None,
-                 stage: int = 0, num_stages: int = 1, logger: RunLogger | None = None,
-                 config_record: dict[str, Any] | None = None, datasets: dict[str, ADE20KC] | None = None):
-        self.method = cfg.tta.method
-        given = {"dusa": engine, "tent": tent, "source": segmenter}
-        if given[self.method] is None or any(v is not None for m, v in given.items() if m != self.method):
-            raise ValueError(f"tta.method={self.method} needs exactly its own model "
-                             f"(engine for dusa, tent for tent, segmenter for source)")
+    def __init__(self, cfg: RunConfig, class_names: Sequence[str], device: torch.device, method: Method,
+                 logger: RunLogger | None = None, config_record: dict[str, Any] | None = None,
+                 datasets: dict[str, ADE20KC] | None = None):
+        if method.name != cfg.tta.method:
+            raise ValueError(f"tta.method={cfg.tta.method} but the runner was given {method.name}")
         self.cfg, self.class_names, self.device = cfg, list(class_names), device
-        self.engine, self.tent, self.segmenter = engine, tent, segmenter
-        self.stage, self.num_stages = stage, num_stages
+        self.method = method
         self.logger = logger
         self.config_record = config_record if config_record is not None else asdict(cfg)
         self.results: dict[str, dict] = {}
@@ -157,23 +64,23 @@ class TTARunner:
 
     @property
     def scoring(self) -> bool:
-        return self.stage == 0
+        return self.method.scoring
 
     def reset(self) -> None:
         """Initial weights and fresh optimizer state of the adapted model (source has none)."""
-        if self.engine is not None:
-            self.engine.reset()
-        elif self.tent is not None:
-            self.tent.reset()
+        self.method.reset()
 
     def run(self) -> dict | None:
-        finished = finished_tasks(self.cfg, self.config_record, self.class_names)
+        # The state is checked where it is loaded (`_load_state`), by its digests in results.json, which
+        # go on into every results.json written here.
+        finished = finished_tasks(self.cfg, self.config_record, self.class_names, check_state=False)
+        self._state_record = (saved_results(self.cfg.output_dir) or {}).get("state") if self.scoring else None
         for index, (task, dataset) in enumerate(self.datasets.items()):
             if task in finished:
                 self.results[task] = finished[task]
                 self._done += len(dataset)
                 if self.scoring:
-                    print(f"{task}: already done in {self.cfg.output_dir} (mIoU {100 * finished[task]['mIoU']:.2f}), "
+                    print(f"{task}: already done in {self.cfg.output_dir} (mIoU {finished[task]['mIoU']:.2f}), "
                           f"skipped", flush=True)
                 if self.cfg.tta.continual and index + 1 == len(finished) < len(self.datasets):
                     self._load_state(task)  # the models and optimizer as they were after that task
@@ -186,74 +93,79 @@ class TTARunner:
             if self.scoring:
                 self.results[task] = result
                 # Saved after every task, so a crash keeps what finished and claims nothing else.
-                write_results(summarize(self.results, self.config_record, self.class_names), self.cfg.output_dir)
+                self._write_results()
                 if self.logger:
                     self.logger.log_task(task, result)
         if not self.scoring:
             return None
-        results = summarize(self.results, self.config_record, self.class_names)
-        write_results(results, self.cfg.output_dir)
+        results = self._write_results()
         print(format_results_table(results), flush=True)
         if self.logger:
             self.logger.finish(results)
         return results
 
     # ------------------------------------------------------------------ resuming an interrupted sweep
+    def _write_results(self) -> dict:
+        """results.json / .csv of the tasks so far, with the record of the saved state (its files' SHA-256),
+        which a resume checks before loading it."""
+        results = summarize(self.results, self.config_record, self.class_names)
+        if getattr(self, "_state_record", None):
+            results["state"] = self._state_record
+        write_results(results, self.cfg.output_dir)
+        return results
+
     def _state_path(self, task: str) -> Path:
         return state_path(self.cfg.output_dir, task)
 
     def _save_state(self, task: str) -> None:
-        """Continual runs keep the adapted state after each task (only the latest), to resume from."""
-        path = self._state_path(task)
-        if self.engine is not None:  # every rank writes its stage (DeepSpeed checkpoint: weights + optimizer)
-            self.engine.engine.save_checkpoint(str(path.parent), tag=task)
-        elif self.tent is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(self.tent.state_dict(), path)
-        else:
+        """Continual runs keep the adapted state after each task (only the latest), to resume from.
+
+        It is written into a fresh folder (no file or link of anyone else in it), its digests are taken,
+        and it is renamed into place: an interrupted save leaves the previous state as it was.
+        """
+        if not self.method.adapts:
             return
-        if dist.is_initialized():
+        output, path = Path(self.cfg.output_dir), self._state_path(task)
+        incoming = path.parent / ".incoming"
+        pipeline = self.method.pipeline and dist.is_initialized()
+        if self.scoring:
+            own_folder(output, "state")
+            if incoming.exists() or incoming.is_symlink():
+                remove_path(incoming)  # left by an interrupted save
+            incoming.mkdir()
+        if pipeline:
+            dist.barrier()
+        self.method.save(incoming, task)  # with a pipeline, every stage writes its part
+        if pipeline:
             dist.barrier()
         if self.scoring:
+            self._state_record = {"task": task, "files": file_digests(incoming, [task])}
+            if path.exists() or path.is_symlink():
+                remove_path(path)
+            os.replace(incoming / task, path)
             for old in path.parent.iterdir():
-                if old.name != task and old.name != "latest":
-                    shutil.rmtree(old) if old.is_dir() else old.unlink()
+                if old.name != task:
+                    remove_path(old)
 
     def _load_state(self, task: str) -> None:
-        path = self._state_path(task)
-        if self.engine is not None:
-            self.engine.engine.load_checkpoint(str(path.parent), tag=task, load_optimizer_states=True,
-                                               load_lr_scheduler_states=False)
-        elif self.tent is not None:
-            self.tent.load_state_dict(torch.load(path))
+        """Loads the state after `task`, once rank 0 found every file as the run recorded it (DeepSpeed
+        and torch read pickles: nothing else may be loaded)."""
+        path, error = self._state_path(task), None
+        if self.scoring:
+            try:
+                check_saved_state(self.cfg.output_dir, saved_results(self.cfg.output_dir) or {}, task)
+            except ValueError as exc:
+                error = str(exc)
+        if self.method.pipeline and dist.is_initialized() and dist.get_world_size() > 1:
+            verdict = [error]
+            dist.broadcast_object_list(verdict, src=0)
+            if verdict[0] is not None and not self.scoring:
+                raise PeerError(verdict[0])
+        if error is not None:
+            raise ValueError(error)
+        self.method.load(path.parent, task)
 
     # ------------------------------------------------------------------ one image
-    def step(self, task: str, item: dict) -> tuple[torch.Tensor, torch.Tensor | None, list | None]:
-        """One image through the method: (whole-image logits scored, loss or None, DUSA's windows as
-        ((top, left, side), candidate classes) or None)."""
-        if self.method == "source":
-            with torch.no_grad():
-                return self.segmenter(item["image"].to(self.device)), None, None
-        if self.method == "tent":
-            logits, loss = self.tent.step(item["image"].to(self.device))
-            return logits, loss, None
-        front, data = self.engine.module.front, self.cfg.data
-        generator = torch.Generator().manual_seed(image_seed(self.cfg.seed, task, item["name"]))
-        latent = (front.encoder.vae.config.latent_channels,) + (data.window_size // front.encoder.downsample,) * 2
-        draw = functools.partial(draw_windows, latent_shape=latent, timestep_range=self.cfg.tta.timestep_range,
-                                 generator=generator)
-        # Adaptive windows are placed by the step's own forward: the front draws for them.
-        out = self.engine.step(item["image"], draw if data.windows == "adaptive" else draw(item["corners"]))
-        return out.logits, out.loss.detach(), list(zip(out.windows, out.candidates))
-
-    def _discard_leftovers(self) -> None:
-        """With gradient accumulation, the gradients of a task's last images that did not make a whole
-        group never reach the weights (as the reference's loop)."""
-        if self.engine is not None:
-            self.engine.discard_accumulated()
-        elif self.tent is not None:
-            self.tent.discard_accumulated()
-
     def _count_nonfinite(self, skipped: bool) -> None:
         """Counts steps whose update was skipped for a NaN/inf loss; too many in a row stop the run."""
         self._nonfinite_run = self._nonfinite_run + 1 if skipped else 0
@@ -268,13 +180,10 @@ class TTARunner:
         data = self.cfg.data
         self._nonfinite_task = 0
         order = task_order(data, self.cfg.seed, task, len(dataset))
-        if not self.scoring:  # later stages: the same steps, window counts from the headers (or stage 0)
+        if not self.scoring:  # later pipeline stages: their part of the same steps
             for i in order:
-                n = None if data.windows == "adaptive" else num_windows(dataset, i, data.window_size,
-                                                                        data.window_stride)
-                self.engine.step(None, None if n is None else [None] * n)
-                self._count_nonfinite(self.engine.skipped)
-            self._discard_leftovers()
+                self._count_nonfinite(self.method.follow(task, dataset, i))
+            self.method.end_task()
             return None
 
         metric = SegmentationMetric(len(self.class_names))
@@ -287,38 +196,35 @@ class TTARunner:
         bar = tqdm(total=len(dataset), desc=description, disable=not self.cfg.logging.progress, dynamic_ncols=True,
                    unit=" img", bar_format=BAR_FORMAT)
         # Fixed order on the bar: running mIoU, last loss, ETA of the whole sweep.
-        self._postfix = {"mIoU": "?", **({} if self.method == "source" else {"loss": "?"}), "sweep ETA": "?"}
+        self._postfix = {"mIoU": "?", **({"loss": "?"} if self.method.adapts else {}), "sweep ETA": "?"}
         for step, item in enumerate(loader):
             label = item["label"].to(self.device, non_blocking=True)
-            logits, loss, candidates = self.step(task, item)
-            if self.method != "source":
-                self._count_nonfinite((self.engine or self.tent).skipped)
-            prediction = predict(logits, label.shape)
+            result = self.method.step(task, item)
+            if self.method.adapts:
+                self._count_nonfinite(result.skipped)
+            prediction = predict(result.logits, label.shape)
             metric.update(prediction, label)
-            picture = self._picture(task, item, prediction, label, candidates) if every and step % every == 0 else None
-            pending.append((step, loss, picture))
+            picture = self._picture(task, item, prediction, label, result.notes) \
+                if every and step % every == 0 else None
+            pending.append((step, result.loss, picture))
             self._done += 1
             self._update_bar(bar)
             if len(pending) >= self.cfg.logging.log_every or step + 1 == len(dataset):
                 self._flush(task, pending, metric, bar)
         bar.close()
-        self._discard_leftovers()
+        self.method.end_task()
         result = metric.compute()
         result.update(images=len(dataset), seconds=time.perf_counter() - start, nonfinite_steps=self._nonfinite_task)
         if self._nonfinite_task:
             print(f"{task}: {self._nonfinite_task} steps had a NaN/inf loss; their updates were skipped", flush=True)
-        print(f"{task}: mIoU {100 * result['mIoU']:.2f}  aAcc {100 * result['aAcc']:.2f}  "
+        print(f"{task}: mIoU {result['mIoU']:.2f}  aAcc {result['aAcc']:.2f}  "
               f"({result['images']} images, {result['seconds']:.1f} s)", flush=True)
         return result
 
     def _picture(self, task: str, item: dict, prediction: torch.Tensor, label: torch.Tensor,
-                 candidates: list | None) -> tuple[Image.Image, str]:
+                 method_notes: list[str]) -> tuple[Image.Image, str]:
         """Input | prediction | ground truth, saved as PNG now and logged to W&B with the step."""
-        notes = [f"{self.method}, {task}, {item['name']}"]
-        if candidates is not None:
-            for w, ((top, left, side), classes) in enumerate(candidates):
-                notes.append(f"window {w + 1} ({side} px at {top}, {left}) candidates: "
-                             + ", ".join(self.class_names[c] for c in classes.tolist()))
+        notes = [f"{self.method.name}, {task}, {item['name']}", *method_notes]
         picture = make_picture(item["image"], prediction, label, self.class_names, notes)
         save_picture(picture, self.cfg.output_dir, task, item["name"])
         return picture, "\n".join(notes)
@@ -343,6 +249,6 @@ class TTARunner:
                     self.logger.log_picture(task, *picture)
             if value is not None:
                 self._postfix["loss"] = f"{value:.4f}"
-        self._postfix["mIoU"] = f"{100 * running:.1f}"
+        self._postfix["mIoU"] = f"{running:.1f}"
         bar.set_postfix(self._postfix)
         pending.clear()

@@ -63,11 +63,18 @@ def window_resampler(source: int, full: int, start: int, size: int, out: int,
     """
     if not 0 <= start <= full - size:
         raise ValueError(f"window [{start}, {start + size}) is outside an edge of {full}")
-    up = _linear_resize_matrix(source, full, device, dtype)[start:start + size]
-    if scaled is not None and scaled != size:  # an adaptive window, resized to the generator's size
-        up = _linear_resize_matrix(size, scaled, device, dtype) @ up
-        size = scaled
-    return up if out == size else _linear_resize_matrix(size, out, device, dtype) @ up
+    with float32_math(device):  # cached for every later call: never made under an autocast's bf16
+        up = _linear_resize_matrix(source, full, device, dtype)[start:start + size]
+        if scaled is not None and scaled != size:  # an adaptive window, resized to the generator's size
+            up = _linear_resize_matrix(size, scaled, device, dtype) @ up
+            size = scaled
+        return up if out == size else _linear_resize_matrix(size, out, device, dtype) @ up
+
+
+def float32_math(device: torch.device | str):
+    """Autocast off: resizing the segmenter's logits, candidates and weights run in float32 (as the
+    reference's interpolations do) also when the step runs under bf16 autocast."""
+    return torch.autocast(torch.device(device).type, enabled=False)
 
 
 def resample_window(logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -107,15 +114,16 @@ def draw_windows(corners: Sequence[Sequence[int]], latent_shape: Sequence[int],
 
 
 class AdaptiveWindows(NamedTuple):
-    """The entropy-guided window placement (`data.windows adaptive`): its seven numbers."""
+    """The entropy-guided window placement (`data.windows adaptive`): its seven numbers (defaults and
+    meaning: the `adaptive_*` options of `DataConfig`)."""
 
-    std: float = 0.5
-    dilation: int = 5
-    min_size: int = 128
-    max_size: int = 512
-    min_distance: float = 64.0
-    max_windows: int = 8
-    min_windows: int = 2
+    std: float
+    dilation: int
+    min_size: int
+    max_size: int
+    min_distance: float
+    max_windows: int
+    min_windows: int
 
 
 def entropy_map(logits: torch.Tensor) -> torch.Tensor:

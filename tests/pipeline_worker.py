@@ -11,7 +11,8 @@ import functools
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=["grads", "bf16grads", "reset", "wiring", "nan", "lrs", "options",
                                            "accumulate"], required=True)
     parser.add_argument("--bf16", action="store_true", help="accumulate: bf16 weights, ZeRO 1")
+    parser.add_argument("--preset", help="reset, nan: a DeepSpeed JSON of ds_configs/ instead of bf16 ZeRO 1")
     parser.add_argument("--immediate", action="store_true", help="bf16grads: DeepSpeed's immediate_grad_update")
     parser.add_argument("--ignore", type=int, nargs="*", default=[], help="tta.ignore_classes")
     parser.add_argument("--assets", required=True)
@@ -101,11 +103,15 @@ def main() -> None:
         out["loss"] = float(tte.step(*fixed_windows(assets, seed=0)).loss)
 
     elif args.mode == "reset":
-        ds = load_ds_config({"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"},
-                             "zero_optimization": {"stage": 1}}, lr=1e-3)
+        ds = load_ds_config(str(ROOT / args.preset) if args.preset else {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"},
+                                            "zero_optimization": {"stage": 1}}, lr=1e-3)
         tte = TTAEngine(module, ds, tta)
+
+        def masters():  # the float32 weights the optimizer updates (the parameters themselves without bf16)
+            flat = getattr(tte.engine.optimizer, "fp32_groups_flat_partition", None)
+            return [t.detach().clone() for t in (flat or [p for p in module.parameters() if p.requires_grad])]
         params0 = {n: p.detach().clone() for n, p in module.named_parameters()}
-        masters0 = [t.detach().clone() for t in tte.engine.optimizer.fp32_groups_flat_partition]
+        masters0 = masters()
         first = float(tte.step(*fixed_windows(assets, seed=0)).loss)
         after_first = {n: p.detach().clone() for n, p in module.named_parameters()}
         for seed in (1, 2):  # "task A" goes on with other images
@@ -113,9 +119,8 @@ def main() -> None:
         out["moved_before_reset"] = any(not torch.equal(params0[n], p) for n, p in module.named_parameters())
         tte.reset()
         out["params_equal"] = all(torch.equal(params0[n], p) for n, p in module.named_parameters())
-        out["masters_equal"] = all(torch.equal(a, b) for a, b in
-                                   zip(masters0, tte.engine.optimizer.fp32_groups_flat_partition))
-        out["state_empty"] = len(tte.engine.optimizer.optimizer.state) == 0
+        out["masters_equal"] = all(torch.equal(a, b) for a, b in zip(masters0, masters()))
+        out["state_empty"] = len(getattr(tte.engine.optimizer, "optimizer", tte.engine.optimizer).state) == 0
         out["dtype"] = str(next(module.parameters()).dtype)
         # The first step of the next task is the first step of a fresh run, bit for bit.
         again = float(tte.step(*fixed_windows(assets, seed=0)).loss)
@@ -123,8 +128,8 @@ def main() -> None:
         out["same_update"] = all(torch.equal(after_first[n], p) for n, p in module.named_parameters())
 
     elif args.mode == "nan":
-        ds = load_ds_config({"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"},
-                             "zero_optimization": {"stage": 1}}, lr=1e-3)
+        ds = load_ds_config(str(ROOT / args.preset) if args.preset else {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"},
+                                            "zero_optimization": {"stage": 1}}, lr=1e-3)
         tte = TTAEngine(module, ds, tta)
         before = {n: p.detach().clone() for n, p in module.named_parameters()}
         image, draws = fixed_windows(assets, seed=0)

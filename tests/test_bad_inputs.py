@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def demo(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("bad")
     ensure_demo_models(str(root / "segformer"), str(root / "sd3"), str(root / "classes.safetensors"), ADE20K_CLASSES)
-    make_demo_dataset(root / "data", num_images=2)
+    make_demo_dataset(root / "data", num_images=2, create=True)
     return root
 
 
@@ -49,6 +49,9 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
 
 CASES = {
     "missing data root": (["--data.root", "/nonexistent/ade20k_c"], "ADE20K-C root /nonexistent/ade20k_c does not exist"),
+    # The demo's builder makes no dataset at a mistyped path.
+    "missing demo data root": (["--data.build_demo_data", "true", "--data.root", "/nonexistent/ade20k_c"],
+                               "data.root /nonexistent/ade20k_c does not exist: the demo builds its data only in"),
     "unknown corruption": (["--data.corruptions", "[fog]"], "corruptions under"),
     "unknown config key": (["--tta.learning_rate", "1e-5"], "unrecognized arguments: --tta.learning_rate"),
     "wrong type": (["--tta.lr", "fast"], 'Parser key "tta.lr"'),
@@ -61,6 +64,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow  # a launch/tta.py process
 @pytest.mark.parametrize("case", CASES)
 def test_bad_input_gives_one_clear_line(demo, case):
     overrides, expected = CASES[case]
@@ -69,6 +73,7 @@ def test_bad_input_gives_one_clear_line(demo, case):
     assert not (demo / case.replace(" ", "_") / "results.json").exists()
 
 
+@pytest.mark.slow  # a launch/tta.py process
 def test_a_cache_for_other_classes_or_another_model_is_refused(demo):
     other = demo / "other-classes.safetensors"
     save_class_embeddings(other, torch.zeros(2, 85, 32), torch.zeros(2, 32), ["cat", "dog"], str(demo / "sd3"), "{}")
@@ -78,6 +83,7 @@ def test_a_cache_for_other_classes_or_another_model_is_refused(demo):
     assert "not the run's generator" in error_line(launch(demo, "model", "--model.class_embeddings", str(model)))
 
 
+@pytest.mark.slow  # a launch/tta.py process
 def test_an_image_without_annotation_and_an_unreadable_image(demo, tmp_path):
     import shutil
     data = tmp_path / "data"
@@ -93,6 +99,7 @@ def test_an_image_without_annotation_and_an_unreadable_image(demo, tmp_path):
     assert not (demo / "unreadable" / "results.json").exists()
 
 
+@pytest.mark.slow  # a launch/tta.py process
 def test_a_very_wide_image_runs_with_many_windows(demo, tmp_path):
     """A 128 x 1100 panorama: 24 windows, so 24 micro-batches in one DUSA step."""
     import numpy as np
@@ -131,6 +138,43 @@ def test_out_of_memory_names_the_knobs(monkeypatch, capsys):
     assert exc.value.code == 2
     line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
     assert len(line) == 1 and "--tta.max_classes" in line[0] and "activation_checkpoint_interval" in line[0]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_mistyped_option_gives_one_line_with_a_guess_on_rank_0_alone(monkeypatch, capsys, tmp_path, rank):
+    """No usage block per rank: rank 0 prints the error with the nearest option and where the options are
+    listed; the other ranks, which refuse the same arguments, print nothing."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    import tta as launcher
+
+    def exit_(code):
+        raise SystemExit(code)
+    monkeypatch.setattr(launcher, "run", launcher.parse)  # the real parser, without the run's signal handlers
+    monkeypatch.setattr(launcher.os, "_exit", exit_)
+    monkeypatch.setattr(launcher.time, "sleep", lambda seconds: None)
+    monkeypatch.delenv("DUSA_TRACEBACK", raising=False)
+    monkeypatch.setenv("RANK", str(rank))
+    with pytest.raises(SystemExit) as exc:
+        launcher.main(["--tta.methd", "tent"])
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines() == ([
+        "error: unrecognized arguments: --tta.methd tent (did you mean --tta.method?)",
+        "`python launch/tta.py --help` lists every option"] if rank == 0 else [])
+    config = tmp_path / "config.json"
+    config.write_text('{"tta": {"learning_rate": 1e-5}}')  # a config file's key gets a guess too
+    with pytest.raises(launcher.BadArguments, match=r"'learning_rate' \(did you mean --tta\.lr\?\)$"):
+        launcher.parse(["--config", str(config)])
+
+
+@pytest.mark.parametrize("typed,guess", [("--tta.learning_rate", "--tta.lr"), ("--data.windowsize", "--data.window_size"),
+                                         ("--tt.lr", "--tta.lr"), ("--tta.verbose", "--logging.verbose"),
+                                         ("--output-dir", "--output_dir"), ("--zzzzqq", None)])
+def test_the_guess_for_a_mistyped_option(typed, guess):
+    sys.path.insert(0, str(ROOT / "launch"))
+    import tta as launcher
+    known = [s for a in launcher.make_parser()._actions for s in a.option_strings if s.startswith("--")]
+    assert launcher.close_option(f"unrecognized arguments: {typed} 1", known) == guess
 
 
 def test_too_many_nonfinite_steps_in_a_row_stop_the_run():

@@ -8,7 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+# launch/bench.py end to end, pipeline and single stage: a minute on a CPU (`-m 'not slow'` skips it).
+pytestmark = pytest.mark.slow
 
 
 def test_bench_dry_run_writes_every_field_and_pipeline_equals_single_stage(tmp_path):

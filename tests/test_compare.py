@@ -1,6 +1,7 @@
 """launch/compare.py: several runs' results.json side by side."""
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -16,23 +17,33 @@ CLASSES = ["wall", "sky"]
 
 
 def make_run(folder: Path, method: str, miou: dict[str, float]) -> Path:
-    tasks = {t: {"mIoU": v, "aAcc": 0.5, "IoU": [v, math.nan], "images": 2, "seconds": 1.0} for t, v in miou.items()}
+    tasks = {t: {"mIoU": v, "aAcc": 50.0, "IoU": [v, math.nan], "images": 2, "seconds": 1.0} for t, v in miou.items()}
     write_results(summarize(tasks, {"tta": {"method": method}}, CLASSES), folder)
     return folder
 
 
 @pytest.fixture
 def runs(tmp_path: Path) -> list[Path]:
-    return [make_run(tmp_path / "src", "source", {"fog": 0.20, "snow": 0.30}),
-            make_run(tmp_path / "tent-a", "tent", {"fog": 0.25, "snow": 0.28}),
-            make_run(tmp_path / "dusa-a", "dusa", {"fog": 0.24999, "frost": 0.40001})]
+    return [make_run(tmp_path / "src", "source", {"fog": 20.0, "snow": 30.0}),
+            make_run(tmp_path / "tent-a", "tent", {"fog": 25.0, "snow": 28.0}),
+            make_run(tmp_path / "dusa-a", "dusa", {"fog": 24.999, "frost": 40.001})]
 
 
 def test_load_run_labels_with_method_and_folder(runs):
     label, scores = load_run(runs[1])
     assert label == "tent (tent-a)"
     assert list(scores) == ["fog", "snow", "average"]
-    assert scores["average"] == pytest.approx(0.265)
+    assert scores["average"] == pytest.approx(26.5)
+
+
+def test_a_results_file_of_fractions_from_before_metric_unit_reads_in_percent(runs, tmp_path: Path):
+    old = json.loads((runs[1] / "results.json").read_text())
+    del old["metric_unit"]
+    for res in [*old["tasks"].values(), old["average"]]:
+        res["mIoU"] /= 100
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text(json.dumps(old))
+    assert load_run(tmp_path / "old")[1] == pytest.approx(load_run(runs[1])[1])
 
 
 def test_markdown_table_bolds_the_best_per_column(runs):

@@ -1,3 +1,4 @@
+import json
 import shutil
 from pathlib import Path
 
@@ -8,7 +9,7 @@ from PIL import Image
 
 from data.ade20k_c import ADE20KC, CORRUPTIONS
 from data.classes import ADE20K_CLASSES, ADE20K_PALETTE
-from data.demo import make_demo_dataset
+from data.demo import DEMO_ROOT, MARKER, check_demo_root, make_demo_dataset
 
 DEMO_CORRUPTIONS = ("gaussian_noise", "defocus_blur")
 
@@ -54,12 +55,12 @@ def test_reader_on_demo(demo, corruption):
 
 
 def test_demo_is_deterministic(tmp_path):
-    a = make_demo_dataset(tmp_path / "a", num_images=2, corruptions=DEMO_CORRUPTIONS, seed=3)
-    b = make_demo_dataset(tmp_path / "b", num_images=2, corruptions=DEMO_CORRUPTIONS, seed=3)
+    a = make_demo_dataset(tmp_path / "a", num_images=2, corruptions=DEMO_CORRUPTIONS, seed=3, create=True)
+    b = make_demo_dataset(tmp_path / "b", num_images=2, corruptions=DEMO_CORRUPTIONS, seed=3, create=True)
     assert files_of(a) == files_of(b) and len(files_of(a)) == 1 + 2 + 2 * 2
     for rel in files_of(a):
         assert (a / rel).read_bytes() == (b / rel).read_bytes(), rel
-    c = make_demo_dataset(tmp_path / "c", num_images=2, corruptions=DEMO_CORRUPTIONS, seed=4)
+    c = make_demo_dataset(tmp_path / "c", num_images=2, corruptions=DEMO_CORRUPTIONS, seed=4, create=True)
     rel = Path("annotations/validation/ADE_val_00000001.png")
     assert not np.array_equal(np.asarray(Image.open(a / rel)), np.asarray(Image.open(c / rel)))
 
@@ -72,12 +73,32 @@ def test_demo_is_idempotent_and_rebuilds_on_new_parameters(tmp_path):
     # Fewer images: the stale third image must go, or the reader would list it.
     make_demo_dataset(tmp_path, num_images=2, corruptions=("gaussian_noise",))
     assert len(ADE20KC(root, "gaussian_noise")) == 2
-    # An interrupted build (no marker) is redone.
-    (root / ".demo_complete").unlink()
+    # An interrupted build (its marker says unfinished) is redone.
+    (root / MARKER).write_text('{"unfinished": true}')
     label = root / "annotations/validation/ADE_val_00000001.png"
     label.unlink()
     make_demo_dataset(tmp_path, num_images=2, corruptions=("gaussian_noise",))
     assert label.is_file()
+
+
+def test_the_launchers_demo_build_writes_only_into_a_demo_folder(tmp_path, monkeypatch):
+    typo = tmp_path / "ade20k-typo"
+    with pytest.raises(ValueError, match=f"data.root {typo} does not exist"):
+        make_demo_dataset(typo, num_images=1)
+    assert not typo.exists()  # nothing made at a mistyped path
+    real = tmp_path / "real"
+    (real / "images").mkdir(parents=True)
+    with pytest.raises(ValueError, match="not an empty folder and holds no demo build"):
+        make_demo_dataset(real, num_images=1)
+    assert files_of(real) == []
+    check_demo_root(tmp_path / "real" / "images")  # an empty folder the user made
+    monkeypatch.chdir(tmp_path)  # the demo's own folder, relative to where the run starts
+    make_demo_dataset(DEMO_ROOT, num_images=1, corruptions=("gaussian_noise",))
+    check_demo_root(tmp_path / DEMO_ROOT)
+    assert len(ADE20KC(tmp_path / DEMO_ROOT, "gaussian_noise")) == 1
+    # The rule's default folder is the demo config's.
+    config = json.loads((Path(__file__).resolve().parents[1] / "ds_configs" / "demo.json").read_text())
+    assert Path(config["data"]["root"]) == DEMO_ROOT
 
 
 def test_missing_root(tmp_path):

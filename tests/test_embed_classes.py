@@ -16,9 +16,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from safetensors import safe_open
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
-import launch.embed_classes as ec
-from launch.embed_classes import EmbedError, build_class_embeddings, main, make_prompts, read_class_list
-from models.class_embeddings import load_class_embeddings
+import models.class_embeddings as ce
+from launch.embed_classes import main
+from models.class_embeddings import (EmbedError, build_class_embeddings, load_class_embeddings, make_prompts,
+                                     read_class_list)
 from models.tiny import (TINY_JOINT_DIM, TINY_POOLED_DIM, TINY_TEXT_TOKENS, make_tiny_class_embeddings,
                          make_tiny_sd3, make_tiny_text_encoders)
 
@@ -108,8 +109,8 @@ def test_encoders_loaded_one_at_a_time(sd3, monkeypatch):
             dtypes.append(next(model.parameters()).dtype)
             return model
 
-    monkeypatch.setattr(ec, "CLIPTextModelWithProjection", Recording(CLIPTextModelWithProjection))
-    monkeypatch.setattr(ec, "T5EncoderModel", Recording(T5EncoderModel))
+    monkeypatch.setattr(ce, "CLIPTextModelWithProjection", Recording(CLIPTextModelWithProjection))
+    monkeypatch.setattr(ce, "T5EncoderModel", Recording(T5EncoderModel))
     prompt_embeds, pooled = build_class_embeddings(str(sd3), CLASSES, TEMPLATE, 8, "cpu", torch.bfloat16, 2,
                                                    progress=False)
     assert live_at_load == [0, 0, 0]  # CLIP-L, CLIP-G, T5: each loads after the previous one was freed

@@ -17,9 +17,9 @@ PRED = torch.tensor([[0, 1, 1, 1],
 # class 2: inter 1, gt 2, pred 1                      -> union 2 -> IoU 1/2, Acc 1/2
 # class 3: inter 0, gt 0, pred 1                      -> union 1 -> IoU 0,   Acc nan (no gt)
 # class 4: only predicted on the ignored pixel        -> union 0 -> IoU nan, Acc nan
-# mIoU over classes with union > 0: (1/3 + 1/2 + 1/2 + 0) / 4 = 1/3;  aAcc = 4/7.
-EXPECTED_IOU = [1 / 3, 1 / 2, 1 / 2, 0.0, math.nan]
-EXPECTED_ACC = [1 / 2, 2 / 3, 1 / 2, math.nan, math.nan]
+# mIoU over classes with union > 0: (1/3 + 1/2 + 1/2 + 0) / 4 = 1/3;  aAcc = 4/7. All reported in percent.
+EXPECTED_IOU = [100 / 3, 100 / 2, 100 / 2, 0.0, math.nan]
+EXPECTED_ACC = [100 / 2, 200 / 3, 100 / 2, math.nan, math.nan]
 
 
 def assert_list_close(got: list[float], want: list[float]) -> None:
@@ -32,8 +32,8 @@ def test_hand_computed_example():
     m = SegmentationMetric(5)
     m.update(PRED, TARGET)
     r = m.compute()
-    assert r["mIoU"] == pytest.approx(1 / 3)
-    assert r["aAcc"] == pytest.approx(4 / 7)
+    assert r["mIoU"] == pytest.approx(100 / 3)
+    assert r["aAcc"] == pytest.approx(400 / 7)
     assert_list_close(r["IoU"], EXPECTED_IOU)
     assert_list_close(r["Acc"], EXPECTED_ACC)
     assert isinstance(r["mIoU"], float) and isinstance(r["aAcc"], float)
@@ -53,19 +53,19 @@ def test_two_updates_equal_one_update_of_concatenation():
     assert a["mIoU"] == pytest.approx(b["mIoU"]) and a["aAcc"] == pytest.approx(b["aAcc"])
     assert_list_close(a["IoU"], b["IoU"])
     assert_list_close(a["Acc"], b["Acc"])
-    assert 0.0 <= a["mIoU"] <= 1.0 and 0.0 <= a["aAcc"] <= 1.0
+    assert 0.0 <= a["mIoU"] <= 100.0 and 0.0 <= a["aAcc"] <= 100.0
 
 
 def test_batched_input_and_reset():
     m = SegmentationMetric(5)
     m.update(torch.stack([PRED, PRED]), torch.stack([TARGET, TARGET]))
     r = m.compute()  # doubling every count leaves every ratio unchanged
-    assert r["mIoU"] == pytest.approx(1 / 3) and r["aAcc"] == pytest.approx(4 / 7)
+    assert r["mIoU"] == pytest.approx(100 / 3) and r["aAcc"] == pytest.approx(400 / 7)
     m.reset()
     m.update(TARGET.clamp(max=4), TARGET)  # perfect prediction after reset
     r = m.compute()
-    assert r["mIoU"] == pytest.approx(1.0) and r["aAcc"] == pytest.approx(1.0)
-    assert_list_close(r["IoU"], [1.0, 1.0, 1.0, math.nan, math.nan])
+    assert r["mIoU"] == pytest.approx(100.0) and r["aAcc"] == pytest.approx(100.0)
+    assert_list_close(r["IoU"], [100.0, 100.0, 100.0, math.nan, math.nan])
 
 
 def test_compute_before_update_is_nan():

@@ -59,18 +59,22 @@ def test_picture_refuses_a_prediction_of_another_size():
         make_picture(torch.rand(3, 8, 8), torch.zeros(4, 4), torch.zeros(8, 8), ADE20K_CLASSES)
 
 
-def test_window_candidates_are_the_ones_the_front_used(tmp_path: Path):
+def tiny_front_and_step(tmp_path: Path, window: int = 64, stride: int = 21):
+    """A SegmenterFront of tiny models (topk 2, a small budget and a minimum: every selection rule,
+    sampling included), a 64 x 96 image with structure and its windows' draws."""
     segformer = make_tiny_segformer(tmp_path / "segformer", ADE20K_CLASSES)
     sd3 = make_tiny_sd3(tmp_path / "sd3", num_layers=1)
-    window, stride = 64, 21
-    # topk 2, a small budget and a minimum exercise every rule of the selection, sampling included.
     front = SegmenterFront(Segmenter.from_pretrained(str(segformer)).eval(), LatentEncoder.from_pretrained(str(sd3)),
                            window, topk=2, max_classes=6, min_classes=3)
     g = torch.Generator().manual_seed(0)
     image = F.interpolate(torch.rand(1, 3, 4, 6, generator=g), size=(80, 120), mode="bilinear")
     image = resize_short_edge(0.8 * image + 0.2 * torch.rand(1, 3, 80, 120, generator=g), window)
     corners = window_boxes(image.shape[-2], image.shape[-1], window, stride)
-    draws = draw_windows(corners, (16, window // 8, window // 8), (0.2, 0.6), g)
+    return front, image, draw_windows(corners, (16, window // 8, window // 8), (0.2, 0.6), g)
+
+
+def test_window_candidates_are_the_ones_the_front_used(tmp_path: Path):
+    front, image, draws = tiny_front_and_step(tmp_path)
     with torch.no_grad():
         prepared = front.begin_image(image, draws)
         used = [unpack(front(inputs))[3] for inputs in prepared.inputs]
@@ -134,3 +138,24 @@ def test_area_k_rule_in_the_front_chooses_from_the_raw_logits_probabilities(tmp_
         want = area_k_candidates(area_scores(small, 5)[0], 3.0)
         assert prepared.candidates[k].tolist() == want.tolist()
         assert prepared.inputs[k][-1].bool().all()  # no pixel mask
+
+
+def test_under_bf16_autocast_the_window_logits_stay_float32(tmp_path: Path):
+    """The autocast preset runs the step under bf16 autocast: SegFormer computes in bf16 there, but the
+    LogitNorm, the window resampling (and its cached matrices) and the candidates stay float32, as the
+    reference's interpolations of the logits do."""
+    from pipeline.windows import resample_window, window_resampler
+    window = 64
+    front, image, draws = tiny_front_and_step(tmp_path, window)
+    window_resampler.cache_clear()  # the matrices are made (and cached) under autocast here
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        prepared = front.begin_image(image, draws)
+        logits = [unpack(front(inputs))[2] for inputs in prepared.inputs]
+    leaf = front._leaf[0]
+    assert leaf.dtype == torch.float32
+    for (top, left), got in zip((d.corner for d in draws), logits):
+        assert got.dtype == torch.float32
+        rows = window_resampler(leaf.shape[-2], image.shape[-2], top, window, 8)
+        cols = window_resampler(leaf.shape[-1], image.shape[-1], left, window, 8)
+        assert rows.dtype == torch.float32
+        torch.testing.assert_close(got, resample_window(leaf, rows, cols), rtol=0, atol=0)

@@ -1,5 +1,5 @@
 """The DUSA step through the real 2-stage DeepSpeed pipeline (2 processes, CPU, gloo) against a
-single-process computation of DESIGN section 2 written out here with the unsplit diffusers model."""
+single-process computation of README's "The method, exactly", written here with the unsplit model."""
 from __future__ import annotations
 
 import math
@@ -216,9 +216,11 @@ def test_pipeline_step_equals_single_process_reference(assets, stages, ignore):
         assert {checkpoint_layer(k) for k in r["loaded_keys"]} <= own_layers
 
 
-def test_reset_restores_parameters_masters_and_optimizer_state_bf16_zero1(assets):
-    for r in run_worker(assets, "reset"):
-        assert r["dtype"] == "torch.bfloat16"
+@pytest.mark.parametrize("preset", [None, "ds_configs/ds_tta.json"])
+def test_reset_restores_parameters_masters_and_optimizer_state(assets, preset):
+    """bf16 ZeRO 1 (float32 masters in the optimizer), and the default autocast preset (float32 weights)."""
+    for r in run_worker(assets, "reset", 2, *(["--preset", preset] if preset else [])):
+        assert r["dtype"] == ("torch.float32" if preset else "torch.bfloat16")
         assert r["moved_before_reset"]
         assert r["params_equal"] and r["masters_equal"] and r["state_empty"]
         # After the reset the run repeats its first step exactly: nothing stale survived.
@@ -237,8 +239,9 @@ def test_twenty_steps_on_one_image_lower_the_loss_and_move_both_models(assets):
     assert stage0["vae_moved"] == 0.0  # frozen
 
 
-def test_a_non_finite_loss_skips_the_update_on_every_stage(assets):
-    for r in run_worker(assets, "nan"):
+@pytest.mark.parametrize("preset", [None, "ds_configs/ds_tta.json"])
+def test_a_non_finite_loss_skips_the_update_on_every_stage(assets, preset):
+    for r in run_worker(assets, "nan", 2, *(["--preset", preset] if preset else [])):
         assert r["nan_loss"] != r["nan_loss"] and r["nan_skipped"]  # NaN, and skipped
         assert r["unchanged"]  # no stage stepped on NaN gradients
         assert r["next_loss"] == r["next_loss"] and not r["next_skipped"] and r["moved_after"]

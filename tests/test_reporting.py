@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -11,13 +12,14 @@ import pytest
 from PIL import Image
 
 from pipeline.config import LoggingConfig, RunConfig, WandbConfig
-from pipeline.reporting import (RunLogger, format_results_table, resolve_wandb_mode, startup_summary, summarize,
-                                wandb_credentials_configured, write_results)
+from pipeline.reporting import (RUN_ID_FILE, RunLogger, format_results_table, overridden_ds_keys, read_results,
+                                resolve_wandb_mode, startup_summary, summarize, wandb_credentials_configured,
+                                warn_overridden_ds_keys, write_results)
 
 CLASSES = ["wall", "sky", "tree"]
 TASK_RESULTS = {
-    "gaussian_noise": {"mIoU": 0.30, "aAcc": 0.70, "IoU": [0.2, math.nan, 0.4], "images": 4, "seconds": 12.5},
-    "fog": {"mIoU": 0.50, "aAcc": 0.90, "IoU": [0.5, 0.6, 0.4], "images": 3, "seconds": 7.25},
+    "gaussian_noise": {"mIoU": 30.0, "aAcc": 70.0, "IoU": [20.0, math.nan, 40.0], "images": 4, "seconds": 12.5},
+    "fog": {"mIoU": 50.0, "aAcc": 90.0, "IoU": [50.0, 60.0, 40.0], "images": 3, "seconds": 7.25},
 }
 CONFIG = {"tta": {"lr": 1e-5}, "data": {"severity": 5}}
 
@@ -25,10 +27,11 @@ CONFIG = {"tta": {"lr": 1e-5}, "data": {"severity": 5}}
 def test_summarize_averages_and_order() -> None:
     res = summarize(TASK_RESULTS, CONFIG, CLASSES)
     assert list(res["tasks"]) == ["gaussian_noise", "fog"]
-    assert res["average"]["mIoU"] == pytest.approx(0.40)
-    assert res["average"]["aAcc"] == pytest.approx(0.80)
+    assert res["metric_unit"] == "percent"
+    assert res["average"]["mIoU"] == pytest.approx(40.0)
+    assert res["average"]["aAcc"] == pytest.approx(80.0)
     g = res["tasks"]["gaussian_noise"]
-    assert g["IoU"] == {"wall": 0.2, "sky": None, "tree": 0.4}
+    assert g["IoU"] == {"wall": 20.0, "sky": None, "tree": 40.0}
     assert g["images"] == 4 and g["seconds"] == 12.5
     assert res["config"] == CONFIG
 
@@ -49,7 +52,7 @@ def test_write_results_nan_to_null_and_atomic(tmp_path: Path) -> None:
     data = json.loads(text)
     assert data["tasks"]["gaussian_noise"]["IoU"]["sky"] is None
     assert data["config"]["odd"] is None
-    assert data["average"]["mIoU"] == pytest.approx(0.40)
+    assert data["average"]["mIoU"] == pytest.approx(40.0) and data["metric_unit"] == "percent"
     # Overwriting works and leaves only the final files behind.
     write_results(res, out)
     assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.json"]
@@ -73,8 +76,8 @@ def test_results_csv_one_row_per_task_then_per_class_iou(tmp_path: Path) -> None
     assert list(rows[0]) == ["task", "mIoU", "aAcc", "images", "seconds", "IoU/wall", "IoU/sky", "IoU/tree"]
     assert [r["task"] for r in rows] == ["gaussian_noise", "fog"]
     g = rows[0]
-    assert float(g["mIoU"]) == 0.30 and float(g["aAcc"]) == 0.70 and int(g["images"]) == 4
-    assert float(g["IoU/wall"]) == 0.2 and g["IoU/sky"] == "" and float(g["IoU/tree"]) == 0.4  # NaN: empty
+    assert float(g["mIoU"]) == 30.0 and float(g["aAcc"]) == 70.0 and int(g["images"]) == 4
+    assert float(g["IoU/wall"]) == 20.0 and g["IoU/sky"] == "" and float(g["IoU/tree"]) == 40.0  # NaN: empty
 
 
 def test_startup_summary_names_what_runs() -> None:
@@ -149,7 +152,7 @@ def test_run_logger_disabled_is_noop(cfg: WandbConfig, monkeypatch: pytest.Monke
     _clear_wandb_env(monkeypatch, tmp_path / "home")
     logger = RunLogger(LoggingConfig(wandb=cfg), tmp_path / "out", CONFIG, CLASSES)
     assert not logger.enabled and logger.run_dir is None
-    logger.log_step("fog", 1, 0.5, running_miou=0.3, extra={"lr": 1e-5})
+    logger.log_step("fog", 1, 0.5, running_miou=30.0, extra={"lr": 1e-5})
     logger.log_task("fog", TASK_RESULTS["fog"])
     logger.finish(summarize(TASK_RESULTS, CONFIG, CLASSES))
     assert not (tmp_path / "out" / "wandb").exists()
@@ -189,7 +192,7 @@ def test_run_logger_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     picture = Image.new("RGB", (24, 8), "white")
     for task in TASK_RESULTS:
         for step in range(3):
-            logger.log_step(task, step, loss=1.0 / (step + 1), running_miou=0.1 * step if step else None)
+            logger.log_step(task, step, loss=1.0 / (step + 1), running_miou=10.0 * step if step else None)
             if step == 0:
                 logger.log_picture(task, picture, caption=f"{task}: input | prediction | ground truth")
         logger.log_task(task, TASK_RESULTS[task])
@@ -201,3 +204,106 @@ def test_run_logger_offline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
     runs = list((out / "wandb").glob("offline-run-*"))
     assert runs == [run_dir]
     assert list(run_dir.glob("run-*.wandb"))
+
+
+def test_read_results_converts_a_file_of_fractions_and_refuses_unknown_units(tmp_path: Path) -> None:
+    path = write_results(summarize(TASK_RESULTS, CONFIG, CLASSES), tmp_path)
+    assert read_results(path) == json.loads(path.read_text())
+    old = json.loads(path.read_text())  # as written before metric_unit: fractions
+    del old["metric_unit"]
+    for res in old["tasks"].values():
+        res["mIoU"], res["aAcc"] = res["mIoU"] / 100, res["aAcc"] / 100
+        res["IoU"] = {c: None if v is None else v / 100 for c, v in res["IoU"].items()}
+    old["average"] = {k: v / 100 for k, v in old["average"].items()}
+    path.write_text(json.dumps(old))
+    converted = read_results(path)
+    assert converted["metric_unit"] == "percent" and converted["average"] == pytest.approx({"mIoU": 40.0, "aAcc": 80.0})
+    assert converted["tasks"]["gaussian_noise"]["IoU"] == {"wall": pytest.approx(20.0), "sky": None,
+                                                           "tree": pytest.approx(40.0)}
+    path.write_text(json.dumps({**old, "metric_unit": "fraction"}))
+    with pytest.raises(ValueError, match="metric_unit 'fraction'"):
+        read_results(path)
+
+
+def test_results_files_get_the_umask_permissions(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        write_results(summarize(TASK_RESULTS, CONFIG, CLASSES), tmp_path)
+    finally:
+        os.umask(old)
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {"results.json": 0o644,
+                                                                             "results.csv": 0o644}
+
+
+def test_a_resumed_sweep_continues_its_wandb_run_and_a_finished_one_opens_none(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _clear_wandb_env(monkeypatch, tmp_path / "home")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "out"
+    config = {**CONFIG, "data": {"corruptions": list(TASK_RESULTS)}}
+    first = RunLogger(LoggingConfig(), out, config, CLASSES)
+    run_id = first._run.id
+    assert (out / RUN_ID_FILE).read_text().strip() == run_id
+    for step in range(4):
+        first.log_step("gaussian_noise", step, loss=1.0)
+    first.log_task("gaussian_noise", TASK_RESULTS["gaussian_noise"])
+    write_results(summarize({"gaussian_noise": TASK_RESULTS["gaussian_noise"]}, config, CLASSES), out)
+    first._run.finish(exit_code=1)  # the sweep is killed during the second task
+    capsys.readouterr()
+
+    again = RunLogger(LoggingConfig(), out, config, CLASSES)
+    assert again.enabled and again._run.id == run_id
+    assert again._global_step == 4  # the images of the finished task, as in an uninterrupted sweep
+    printed = capsys.readouterr().out
+    assert f"continuing run {run_id}" in printed and "offline-run-*" in printed
+    again.log_step("fog", 0, loss=0.5)
+    again.log_task("fog", TASK_RESULTS["fog"])
+    results = summarize(TASK_RESULTS, config, CLASSES)
+    write_results(results, out)
+    again.finish(results)
+    assert "WARNING" not in capsys.readouterr().out
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(run_id in r.name for r in runs)  # one run, one folder per attempt
+
+    done = RunLogger(LoggingConfig(), out, config, CLASSES)  # nothing left to do: no run at all
+    assert not done.enabled and "already done" in capsys.readouterr().out
+    done.finish(results)
+    assert sorted((out / "wandb").glob("offline-run-*")) == runs
+
+
+def test_an_unusable_run_id_file_starts_a_new_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    _clear_wandb_env(monkeypatch, tmp_path / "home")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / RUN_ID_FILE).write_text("not an id\n")
+    logger = RunLogger(LoggingConfig(), out, CONFIG, CLASSES)
+    assert logger.enabled and "does not hold a W&B run id" in capsys.readouterr().out
+    assert (out / RUN_ID_FILE).read_text().strip() == logger._run.id != "not an id"
+    logger.finish(summarize(TASK_RESULTS, CONFIG, CLASSES))
+
+
+def test_the_deepspeed_keys_load_ds_config_overrides_are_named(monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.engine import load_ds_config
+
+    user = {"train_batch_size": 32, "gradient_accumulation_steps": 4, "train_micro_batch_size_per_gpu": 1,
+            "bf16": {"enabled": True}, "data_types": {"buffer_dtype": "fp32"},
+            "optimizer": {"type": "AdamW", "params": {"eps": 1e-8}}}
+    # Kept as given: equal values, the user's buffer dtype, the optimizer (lr is added, not overridden).
+    assert list(overridden_ds_keys(user, load_ds_config(user, lr=1e-4))) == ["train_batch_size",
+                                                                              "gradient_accumulation_steps"]
+    assert overridden_ds_keys({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": 1, "c": 5}}) == {"a.c": 2, "d": 3}
+    capsys.readouterr()
+    monkeypatch.setenv("RANK", "0")
+    warn_overridden_ds_keys(
+        {"train_batch_size": 32, "gradient_accumulation_steps": 4, "zero_optimization": {"stage": 1}},
+        {"gradient_accumulation_steps": 1, "zero_optimization": {"stage": 1}})
+    warn_overridden_ds_keys({"a": 1}, {"a": 1})  # nothing overridden: nothing printed
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: DeepSpeed config values ignored, this program sets these keys itself: train_batch_size=32, "
+        "gradient_accumulation_steps=4"]
+    monkeypatch.setenv("RANK", "1")  # one line per run, not per process
+    warn_overridden_ds_keys({"train_batch_size": 32}, {})
+    assert capsys.readouterr().err == ""

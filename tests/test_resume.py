@@ -5,25 +5,20 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import DataConfig
-from pipeline.tta import task_order
-from tests.test_pipeline import free_port
+from pipeline.images import task_order
+from tests.helpers import demo_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def command(tmp: Path, out: str, *overrides: str) -> list[str]:
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-            "launch/tta.py", "--config", "ds_configs/demo.json", "--output_dir", str(tmp / out),
-            "--model.segmenter", str(tmp / "assets/segformer"), "--model.generator", str(tmp / "assets/sd3"),
-            "--model.class_embeddings", str(tmp / "assets/classes.safetensors"), "--data.root", str(tmp / "data"),
-            "--logging.wandb.enabled", "false", "--logging.image_every", "0", *overrides]
+    return demo_command(tmp, out, "--logging.wandb.enabled", "false", "--logging.image_every", "0", *overrides)
 
 
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
@@ -50,12 +45,14 @@ def tmp(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("resume")
 
 
+@pytest.mark.slow  # a launcher process
 def test_same_config_and_seed_give_identical_results(tmp):
     run(tmp, "once", "--tta.continual", "true")
     run(tmp, "twice", "--tta.continual", "true")
     assert comparable(tmp / "once") == comparable(tmp / "twice")
 
 
+@pytest.mark.slow  # a launcher process
 def test_a_sweep_killed_after_its_first_task_resumes_to_the_same_results(tmp):
     out = tmp / "killed"
     proc = subprocess.Popen(command(tmp, "killed", "--tta.continual", "true"), cwd=ROOT, env=ENV,
@@ -81,6 +78,7 @@ def test_a_sweep_killed_after_its_first_task_resumes_to_the_same_results(tmp):
     assert comparable(out) == comparable(tmp / "once")
 
 
+@pytest.mark.slow  # a launcher process
 def test_a_rerun_with_another_configuration_is_refused(tmp):
     proc = subprocess.run(command(tmp, "once", "--tta.continual", "true", "--tta.lr", "0.5"), cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=900)

@@ -101,3 +101,31 @@ def test_bf16_autocast_keeps_float32_weights(checkpoint):
 def test_a_model_without_norm_layers_is_refused():
     with pytest.raises(ValueError, match="no normalization layer"):
         Tent(nn.Conv2d(3, 4, 1), lr=1e-3)
+
+
+def test_gradient_accumulation_updates_every_k_images_from_their_mean_gradient(checkpoint):
+    """accumulation_steps 2: nothing moves after the 1st image; the 2nd updates with Adam on the mean of
+    both images' gradients (each from its own forward at the same weights); a leftover is dropped."""
+    tent = Tent(load(checkpoint), lr=1e-3, accumulation_steps=2)
+    reference = load(checkpoint)
+    ref_params = [p for n, p in reference.named_parameters()
+                  if n in {m for m, q in tent.segmenter.named_parameters() if q.requires_grad}]
+    before = [p.detach().clone() for p in tent.params]
+    tent.step(image(0))
+    assert all(torch.equal(p, b) for p, b in zip(tent.params, before))
+    tent.step(image(1))
+    losses = [mean_entropy(reference(image(seed))) / 2 for seed in (0, 1)]
+    grads = torch.autograd.grad(sum(losses), ref_params)
+    with torch.no_grad():
+        expected = [p.detach().clone() for p in ref_params]
+        adam = torch.optim.Adam(expected, lr=1e-3, betas=(0.9, 0.999))
+        for e, g in zip(expected, grads):
+            e.grad = g
+        adam.step()
+    for p, e in zip(tent.params, expected):
+        torch.testing.assert_close(p, e, rtol=1e-5, atol=1e-7)
+    after_update = [p.detach().clone() for p in tent.params]
+    tent.step(image(2))
+    tent.discard_accumulated()  # the task's end
+    assert all(p.grad is None for p in tent.params)
+    assert all(torch.equal(p, a) for p, a in zip(tent.params, after_update))

@@ -1,4 +1,4 @@
-"""Independent tests of pipeline.windows against DESIGN section 2, steps 1-2.
+"""Independent tests of pipeline.windows against the method's first two steps, restated here:
 
 - resize so the short edge is 512 (bilinear, antialiased), values in [0, 1];
 - square windows of `size` covering the image; top-left positions 0, stride, 2 stride, ... while

@@ -1,0 +1,149 @@
+"""The adaptation methods behind one interface, and the registry that names them.
+
+A method turns one prepared image into its scored logits, adapting on the way if it adapts; the runner
+(pipeline/tta.py) does the rest the same way for every method: data, metric, reset between tasks,
+continual state, pictures, logging. A new method is one class here and one entry in `METHODS`.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import torch
+
+from data.ade20k_c import ADE20KC
+from pipeline.config import RunConfig
+from pipeline.engine import TTAEngine
+from pipeline.images import image_seed, num_windows
+from pipeline.tent import Tent
+from pipeline.windows import draw_windows
+
+
+class StepResult(NamedTuple):
+    """One image through a method."""
+
+    logits: torch.Tensor  # whole-image logits [1, C, h, w] that are scored (the forward before any update)
+    loss: torch.Tensor | None  # a device tensor, read back in batches; None: the method does not adapt
+    skipped: bool  # the update was skipped for a NaN/inf loss
+    notes: list[str]  # lines for the image's picture (e.g. DUSA's windows and their candidates)
+
+
+class Method:
+    """The interface. `scoring`: this process scores the images (with a pipeline, the stage holding the
+    segmenter; the others `follow`). `adapts`: there is state to reset, save and load. `pipeline`: every
+    process of the run takes part in each step (barriers around saving state)."""
+
+    name = ""
+    adapts = True
+    pipeline = False
+    scoring = True
+
+    def step(self, task: str, item: dict) -> StepResult:
+        raise NotImplementedError
+
+    def follow(self, task: str, dataset: ADE20KC, index: int) -> bool:
+        """A process that does not score takes its part in image `index`'s step; returns `skipped`."""
+        raise NotImplementedError(f"{self.name} runs on the scoring process alone")
+
+    def end_task(self) -> None:
+        """After a task's last image (gradients waiting for an update are dropped)."""
+
+    def reset(self) -> None:
+        """Initial weights and fresh optimizer state."""
+
+    def save(self, folder: Path, task: str) -> None:
+        """This process's adapted state after `task`, as `folder/task` (a file or a folder)."""
+
+    def load(self, folder: Path, task: str) -> None:
+        """The state that `save` wrote (checked by the runner before it calls this)."""
+
+
+class Source(Method):
+    """The unadapted segmenter."""
+
+    name, adapts = "source", False
+
+    def __init__(self, segmenter: torch.nn.Module, device: torch.device):
+        self.segmenter, self.device = segmenter, device
+
+    @torch.no_grad()
+    def step(self, task: str, item: dict) -> StepResult:
+        return StepResult(self.segmenter(item["image"].to(self.device)), None, False, [])
+
+
+class TentMethod(Method):
+    """Tent (pipeline/tent.py) on one process."""
+
+    name = "tent"
+
+    def __init__(self, tent: Tent, device: torch.device):
+        self.tent, self.device = tent, device
+
+    def step(self, task: str, item: dict) -> StepResult:
+        logits, loss = self.tent.step(item["image"].to(self.device))
+        return StepResult(logits, loss, self.tent.skipped, [])
+
+    def end_task(self) -> None:
+        self.tent.discard_accumulated()
+
+    def reset(self) -> None:
+        self.tent.reset()
+
+    def save(self, folder: Path, task: str) -> None:
+        torch.save(self.tent.state_dict(), folder / task)
+
+    def load(self, folder: Path, task: str) -> None:
+        path = folder / task
+        try:
+            state = torch.load(path, weights_only=True)  # tensors and plain containers only
+        except Exception as exc:  # any failure to read it is a damaged file
+            raise ValueError(f"cannot read the saved state {path} ({type(exc).__name__}): "
+                             f"delete the output folder to start over") from exc
+        self.tent.load_state_dict(state)
+
+
+class Dusa(Method):
+    """DUSA through the DeepSpeed pipeline (pipeline/engine.py): stage 0 scores, the others follow."""
+
+    name, pipeline = "dusa", True
+
+    def __init__(self, engine: TTAEngine, cfg: RunConfig, class_names: Sequence[str]):
+        self.engine, self.cfg, self.class_names = engine, cfg, list(class_names)
+        self.scoring = engine.module.front is not None
+
+    def step(self, task: str, item: dict) -> StepResult:
+        front, data = self.engine.module.front, self.cfg.data
+        generator = torch.Generator().manual_seed(image_seed(self.cfg.seed, task, item["name"]))
+        latent = (front.encoder.vae.config.latent_channels,) + (data.window_size // front.encoder.downsample,) * 2
+        draw = functools.partial(draw_windows, latent_shape=latent, timestep_range=self.cfg.tta.timestep_range,
+                                 generator=generator)
+        # Adaptive windows are placed by the step's own forward: the front draws for them.
+        out = self.engine.step(item["image"], draw if data.windows == "adaptive" else draw(item["corners"]))
+        notes = [f"window {w + 1} ({side} px at {top}, {left}) candidates: "
+                 + ", ".join(self.class_names[c] for c in classes.tolist())
+                 for w, ((top, left, side), classes) in enumerate(zip(out.windows, out.candidates))]
+        return StepResult(out.logits, out.loss.detach(), self.engine.skipped, notes)
+
+    def follow(self, task: str, dataset: ADE20KC, index: int) -> bool:
+        data = self.cfg.data  # the window count from the image's header (adaptive: stage 0 sends it)
+        n = None if data.windows == "adaptive" else num_windows(dataset, index, data.window_size, data.window_stride)
+        self.engine.step(None, None if n is None else [None] * n)
+        return self.engine.skipped
+
+    def end_task(self) -> None:
+        self.engine.discard_accumulated()
+
+    def reset(self) -> None:
+        self.engine.reset()
+
+    def save(self, folder: Path, task: str) -> None:  # every stage writes its part (weights + optimizer)
+        self.engine.engine.save_checkpoint(str(folder), tag=task, save_latest=False)
+
+    def load(self, folder: Path, task: str) -> None:
+        self.engine.engine.load_checkpoint(str(folder), tag=task, load_optimizer_states=True,
+                                           load_lr_scheduler_states=False)
+
+
+# tta.method -> the class; launch/tta.py builds each method's model and hands it over.
+METHODS: dict[str, type[Method]] = {"source": Source, "tent": TentMethod, "dusa": Dusa}

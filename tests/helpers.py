@@ -1,0 +1,26 @@
+"""Helpers shared by the tests that start processes: a free port and the demo's launcher command."""
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def demo_command(tmp: Path, out: str, *overrides: str) -> list[str]:
+    """`deepspeed --num_gpus 2 launch/tta.py --config ds_configs/demo.json` (run it from ROOT) into `tmp/out`,
+    on the tiny models under `tmp/assets` and the demo data in `tmp/data`. That folder is made here, empty:
+    the demo builds its data only in a folder that exists."""
+    (tmp / "data").mkdir(parents=True, exist_ok=True)
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+            "launch/tta.py", "--config", "ds_configs/demo.json", "--output_dir", str(tmp / out),
+            "--model.segmenter", str(tmp / "assets/segformer"), "--model.generator", str(tmp / "assets/sd3"),
+            "--model.class_embeddings", str(tmp / "assets/classes.safetensors"), "--data.root", str(tmp / "data"),
+            *overrides]
