@@ -240,11 +240,12 @@ def pipeline_worker(args) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     from data.classes import ADE20K_CLASSES
-    from pipeline.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
+    from pipeline.config import DataConfig, ModelConfig, PipelineConfig, RunConfig, TTAConfig
     from pipeline.engine import TTAEngine, load_ds_config, precision_of
+    from pipeline.methods import Dusa
     from pipeline.module import build_pipeline
     from pipeline.images import predict
-    from pipeline.windows import draw_windows, window_boxes
+    from pipeline.windows import window_boxes
 
     deepspeed.init_distributed()
     rank = dist.get_rank()
@@ -308,12 +309,15 @@ def pipeline_worker(args) -> None:
     instrument(engine, spans)
 
     latent = (16, size // 8, size // 8)
+    # Stage 0 runs the users' step (pipeline/methods.py: Dusa.step, the draws seeded per image as in a run);
+    # the other stages take their part of it with the same window count.
+    method = Dusa(engine, RunConfig(data=data, tta=tta), ADE20K_CLASSES)
 
     def one_step(i: int):
-        draws = draw_windows(corners, latent, (0.25, 0.25), torch.Generator().manual_seed(i))
-        result = engine.step(image if front is not None else None, draws)
-        if front is not None:  # the scored prediction, as the TTA loop makes it
-            predict(result.logits, image.shape[-2:])
+        if front is None:
+            return engine.step(None, [None] * len(corners))
+        result = method.step("bench", {"image": image, "name": f"image{i}", "corners": corners})
+        predict(result.logits, image.shape[-2:])  # the scored prediction, as the TTA loop makes it
         return result
 
     for c in args.classes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import signal
 import re
 import sys
 import time
@@ -115,12 +116,6 @@ def quiet_libraries() -> None:
         importlib.import_module(f"deepspeed.{name}").print = lambda *args, **kwargs: None
 
 
-def parameter_counts(module, part: str) -> tuple[str, int, int]:
-    """(part, trainable, total) parameters of a module on this rank."""
-    params = list(module.parameters())
-    return part, sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
 # Failures a user can fix (bad paths, data, config values, numerics): one line, exit code 2.
 USER_ERRORS = (FileNotFoundError, ValueError, OSError, FloatingPointError, NotImplementedError)
 _run_folder = None  # the claimed --output_dir (rank 0), released on every way out
@@ -131,10 +126,19 @@ OOM_HELP = ("out of GPU memory: lower --tta.max_classes (the transformer batch p
 
 
 def main(argv=None) -> int:
-    from pipeline.rundir import PeerError, Stopped, default_signals
+    from pipeline.rundir import PeerError, Stopped, default_signals, launcher_ended, stop_signal_received
     rank = int(os.environ.get("RANK", "0"))
     try:
-        return run(argv)
+        try:
+            return run(argv)
+        except Exception:
+            received = stop_signal_received()
+            if received is None and launcher_ended():  # the watchdog's notice is at most a second away
+                received = int(signal.SIGTERM)
+            if received is None:
+                raise
+            # Told to stop while waiting on a peer that stopped first: a stop, not a failure.
+            raise Stopped(f"stopped by {signal.Signals(received).name}", 128 + received) from None
     except Stopped as stop:
         default_signals()  # from here, the launcher's SIGTERM ends this process quietly
         if rank == 0:
@@ -252,14 +256,11 @@ def run(argv=None) -> int:
     from deepspeed.accelerator import get_accelerator
 
     from data.demo import make_demo_dataset
-    from models.segformer import Segmenter
     from models.tiny import ensure_demo_models, make_tiny_segformer
-    from pipeline.engine import TTAEngine, load_ds_config, precision_of
-    from pipeline.module import build_pipeline
+    from pipeline.engine import load_ds_config
     from pipeline.reporting import RunLogger, startup_summary
-    from pipeline.tent import Tent
     from pipeline.resume import finished_tasks
-    from pipeline.methods import Dusa, Source, TentMethod
+    from pipeline.methods import METHODS
     from pipeline.tta import TTARunner, open_tasks
 
     if os.environ.get("LOCAL_RANK", "0") == "0":
@@ -282,20 +283,10 @@ def run(argv=None) -> int:
         atexit.register(release_cpu_shared_memory)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.seed)
-    method = cfg.tta.method
-    if method == "dusa" and world != cfg.pipeline.num_stages:
-        raise ValueError(f"pipeline.num_stages={cfg.pipeline.num_stages} but {world} processes were started: "
-                         f"run `deepspeed --num_gpus {cfg.pipeline.num_stages} launch/tta.py ...` "
-                         f"or set --pipeline.num_stages {world}")
-    if method == "dusa" and not (cfg.tta.update_segmenter or cfg.tta.update_generator):
-        raise ValueError("tta.update_segmenter and tta.update_generator are both false: nothing adapts "
-                         "(use --tta.method source for the unadapted model)")
-    if method == "dusa" and cfg.tta.learnable_embedding and not cfg.tta.update_generator:
-        raise ValueError("tta.learnable_embedding adapts with the generator: it needs tta.update_generator true")
+    method = METHODS[cfg.tta.method]  # the registry: its class checks, builds and runs the method
+    method.check(cfg, world)
     ds_config = load_ds_config(cfg.deepspeed, cfg.tta.lr)
     record["deepspeed"] = ds_config
-    bf16 = ds_config.get("bf16", {}).get("enabled", False)
-    autocast = ds_config.get("torch_autocast", {}).get("enabled", False)  # float32 weights, bf16 compute
     datasets = None
 
     def prepare() -> None:
@@ -308,14 +299,14 @@ def run(argv=None) -> int:
         if cfg.data.build_demo_data:
             make_demo_dataset(cfg.data.root, corruptions=tuple(cfg.data.corruptions), severity=cfg.data.severity)
         datasets = open_tasks(cfg.data)
-        if method == "dusa":  # each window is a micro-batch of the image's step
+        if method.generator:  # each window is a micro-batch of the image's step
             check_window_counts(datasets, cfg.data.window_size, cfg.data.window_stride, cfg.data.max_windows)
-        if cfg.model.build_demo_models and method == "dusa":
+        if cfg.model.build_demo_models and method.generator:
             ensure_demo_models(cfg.model.segmenter, cfg.model.generator, cfg.model.class_embeddings, class_names)
         elif cfg.model.build_demo_models and not (Path(cfg.model.segmenter) / "config.json").is_file():
             make_tiny_segformer(cfg.model.segmenter, class_names)  # source and tent need no generator
         check_segmenter_files(cfg.model.segmenter, len(class_names))
-        if method == "dusa":
+        if method.generator:
             check_window_size(cfg.data.window_size, cfg.model.generator)
             transformer = check_generator_files(cfg.model.generator)
             check_class_embedding_file(cfg.model.class_embeddings, class_names, cfg.model.generator, transformer)
@@ -326,31 +317,13 @@ def run(argv=None) -> int:
     device = torch.device(accelerator.current_device_name())
     visible = f"{accelerator.device_count()} x {accelerator.device_name()} visible"
 
-    if method == "dusa":
-        module = build_pipeline(cfg.model, cfg.data, cfg.tta, cfg.pipeline, class_names,
-                                stage_report=print if rank == 0 else (lambda _: None),
-                                dtype=torch.bfloat16 if bf16 else torch.float32, precision=precision_of(ds_config))
-        engine = TTAEngine(module, ds_config, cfg.tta, adaptive_windows=cfg.data.windows == "adaptive")
-        stage, num_stages = engine.engine.stage_id, engine.engine.num_stages
-        adapted = Dusa(engine, cfg, class_names)
-        checked = module.front.segmenter if stage == 0 else None
-        counts: list = [None] * world
-        dist.all_gather_object(counts, (stage, parameter_counts(module, f"stage {stage}")))
-        parameters = [c for _, c in sorted(counts)]
-        processes = f"{world} ({num_stages} pipeline stages), {visible}"
-    elif rank == 0:  # source and tent: the segmenter alone, on rank 0, no generator and no pipeline
-        checked = Segmenter.from_pretrained(cfg.model.segmenter).eval().to(device)
-        if method == "tent":  # fp32 weights for Adam; bf16 compute by autocast
-            adapted = TentMethod(Tent(checked, cfg.tta.segmenter_lr, torch.bfloat16 if bf16 or autocast else None,
-                                      cfg.tta.accumulation_steps), device)
-        else:
-            adapted = Source((checked.to(torch.bfloat16) if bf16 else checked).requires_grad_(False), device)
-        parameters = [parameter_counts(checked, "segmenter")]
-        processes = f"{world} (rank 0 runs {method}, the others exit), {visible}"
-    else:
+    if not method.pipeline and rank > 0:  # source and tent: the segmenter alone, on rank 0
         if cfg.logging.verbose:  # other ranks print nothing but errors
-            print(f"rank {rank}: nothing to do for tta.method={method} (it runs on rank 0 alone)")
+            print(f"rank {rank}: nothing to do for tta.method={method.name} (it runs on rank 0 alone)")
         return 0
+    built = method.build(cfg, class_names, device, ds_config, report=print if rank == 0 else (lambda _: None))
+    adapted, checked, parameters = built.method, built.segmenter, built.parameters
+    processes = f"{world} ({built.processes}{'' if method.pipeline else ', the others exit'}), {visible}"
     if checked is not None and checked.num_classes != len(class_names):
         raise ValueError(f"segmenter {cfg.model.segmenter} predicts {checked.num_classes} "
                          f"classes, ADE20K has {len(class_names)}")
@@ -366,7 +339,7 @@ def run(argv=None) -> int:
     if rank == 0:
         print(f"results: {Path(cfg.output_dir) / 'results.json'} (and .csv); config: "
               f"{Path(cfg.output_dir) / 'config.json'}")
-    if method == "dusa":  # every stage leaves together: one that tears down its communication threads while
+    if method.pipeline:  # every stage leaves together: one that tears down its communication threads while
         dist.barrier()   # another still finishes (results, W&B) can abort the process at exit
         dist.destroy_process_group()
     release_run_folder()

@@ -80,7 +80,8 @@ class TTAConfig:
     continual: bool = False
     """Keep adapting across tasks (no reset of models and optimizer between corruptions)."""
     lr: float = 1e-5
-    """Learning rate of every adapted parameter (dusa: AdamW, written into the DeepSpeed optimizer; tent: Adam)."""
+    """Learning rate of every adapted parameter (dusa: the DeepSpeed JSON's optimizer, AdamW by default, whose
+    file must not set one; tent: Adam)."""
     lr_segmenter: float | None = None
     """Learning rate of the segmenter's parameters (None: `lr`); dusa and tent."""
     lr_generator: float | None = None
@@ -201,7 +202,8 @@ class RunConfig:
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     deepspeed: str | dict = "ds_configs/ds_tta.json"
-    """DeepSpeed engine JSON: a path (relative to the working directory) or an inline dict."""
+    """DeepSpeed engine JSON: a path (relative to the working directory) or an inline dict (default: float32
+    weights under bf16 autocast, the reference's precision; `ds_configs/ds_tta_bf16.json`: bf16 weights)."""
     output_dir: str = "runs/tta"
     """Where results.json, the effective config and W&B's offline files go."""
     seed: int = 0

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from data.ade20k_c import ADE20KC
 from pipeline.config import RunConfig
-from pipeline.engine import TTAEngine
+from pipeline.engine import TTAEngine, precision_of
 from pipeline.images import image_seed, num_windows
 from pipeline.tent import Tent
 from pipeline.windows import draw_windows
@@ -29,15 +31,42 @@ class StepResult(NamedTuple):
     notes: list[str]  # lines for the image's picture (e.g. DUSA's windows and their candidates)
 
 
+class Built(NamedTuple):
+    """What `Method.build` hands the launcher."""
+
+    method: "Method"
+    segmenter: nn.Module | None  # the segmenter on this process (its classes are checked), if it holds one
+    parameters: list[tuple[str, int, int]]  # (part, trainable, total) for the start-up summary
+    processes: str  # how the run uses its processes, for the start-up summary
+
+
+def parameter_counts(module: nn.Module, part: str) -> tuple[str, int, int]:
+    """(part, trainable, total) parameters of a module on this process."""
+    params = list(module.parameters())
+    return part, sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
 class Method:
     """The interface. `scoring`: this process scores the images (with a pipeline, the stage holding the
     segmenter; the others `follow`). `adapts`: there is state to reset, save and load. `pipeline`: every
-    process of the run takes part in each step (barriers around saving state)."""
+    process of the run takes part in each step (barriers around saving state); else the method runs on
+    the first process alone. `generator`: it reads the generator and the class-embedding cache."""
 
     name = ""
     adapts = True
     pipeline = False
+    generator = False
     scoring = True
+
+    @classmethod
+    def check(cls, cfg: RunConfig, processes: int) -> None:
+        """Settings that this method cannot run with (ValueError, one line), before anything loads."""
+
+    @classmethod
+    def build(cls, cfg: RunConfig, class_names: Sequence[str], device: torch.device, ds_config: dict[str, Any],
+              report: Callable[[str], None]) -> Built:
+        """The method's models on this process (`report`: start-up lines, printed by the first process)."""
+        raise NotImplementedError
 
     def step(self, task: str, item: dict) -> StepResult:
         raise NotImplementedError
@@ -67,6 +96,14 @@ class Source(Method):
     def __init__(self, segmenter: torch.nn.Module, device: torch.device):
         self.segmenter, self.device = segmenter, device
 
+    @classmethod
+    def build(cls, cfg, class_names, device, ds_config, report) -> Built:
+        segmenter = load_segmenter(cfg, device)
+        counts = [parameter_counts(segmenter, "segmenter")]
+        if precision_of(ds_config) == "bf16":  # the preset's weights; under autocast, float32
+            segmenter = segmenter.to(torch.bfloat16)
+        return Built(cls(segmenter.requires_grad_(False), device), segmenter, counts, "rank 0 runs source")
+
     @torch.no_grad()
     def step(self, task: str, item: dict) -> StepResult:
         return StepResult(self.segmenter(item["image"].to(self.device)), None, False, [])
@@ -79,6 +116,14 @@ class TentMethod(Method):
 
     def __init__(self, tent: Tent, device: torch.device):
         self.tent, self.device = tent, device
+
+    @classmethod
+    def build(cls, cfg, class_names, device, ds_config, report) -> Built:
+        segmenter = load_segmenter(cfg, device)
+        # float32 weights for Adam; bf16 compute by autocast under either bf16 preset
+        low = torch.bfloat16 if precision_of(ds_config) in ("bf16", "autocast") else None
+        tent = Tent(segmenter, cfg.tta.segmenter_lr, low, cfg.tta.accumulation_steps)
+        return Built(cls(tent, device), segmenter, [parameter_counts(segmenter, "segmenter")], "rank 0 runs tent")
 
     def step(self, task: str, item: dict) -> StepResult:
         logits, loss = self.tent.step(item["image"].to(self.device))
@@ -106,11 +151,36 @@ class TentMethod(Method):
 class Dusa(Method):
     """DUSA through the DeepSpeed pipeline (pipeline/engine.py): stage 0 scores, the others follow."""
 
-    name, pipeline = "dusa", True
+    name, pipeline, generator = "dusa", True, True
 
     def __init__(self, engine: TTAEngine, cfg: RunConfig, class_names: Sequence[str]):
         self.engine, self.cfg, self.class_names = engine, cfg, list(class_names)
         self.scoring = engine.module.front is not None
+
+    @classmethod
+    def check(cls, cfg: RunConfig, processes: int) -> None:
+        if processes != cfg.pipeline.num_stages:
+            raise ValueError(f"pipeline.num_stages={cfg.pipeline.num_stages} but {processes} processes were started: "
+                             f"run `deepspeed --num_gpus {cfg.pipeline.num_stages} launch/tta.py ...` "
+                             f"or set --pipeline.num_stages {processes}")
+        if not (cfg.tta.update_segmenter or cfg.tta.update_generator):
+            raise ValueError("tta.update_segmenter and tta.update_generator are both false: nothing adapts "
+                             "(use --tta.method source for the unadapted model)")
+        if cfg.tta.learnable_embedding and not cfg.tta.update_generator:
+            raise ValueError("tta.learnable_embedding adapts with the generator: it needs tta.update_generator true")
+
+    @classmethod
+    def build(cls, cfg, class_names, device, ds_config, report) -> Built:
+        from pipeline.module import build_pipeline  # DeepSpeed's pipeline modules: only for this method
+        precision = precision_of(ds_config)
+        module = build_pipeline(cfg.model, cfg.data, cfg.tta, cfg.pipeline, class_names, stage_report=report,
+                                dtype=torch.bfloat16 if precision == "bf16" else torch.float32, precision=precision)
+        engine = TTAEngine(module, ds_config, cfg.tta, adaptive_windows=cfg.data.windows == "adaptive")
+        stage = engine.engine.stage_id
+        counts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(counts, (stage, parameter_counts(module, f"stage {stage}")))
+        return Built(cls(engine, cfg, class_names), module.front.segmenter if stage == 0 else None,
+                     [c for _, c in sorted(counts)], f"{engine.engine.num_stages} pipeline stages")
 
     def step(self, task: str, item: dict) -> StepResult:
         front, data = self.engine.module.front, self.cfg.data
@@ -145,5 +215,10 @@ class Dusa(Method):
                                            load_lr_scheduler_states=False)
 
 
-# tta.method -> the class; launch/tta.py builds each method's model and hands it over.
+def load_segmenter(cfg: RunConfig, device: torch.device) -> nn.Module:
+    from models.segformer import Segmenter
+    return Segmenter.from_pretrained(cfg.model.segmenter).eval().to(device)
+
+
+# tta.method -> the class that checks its settings, builds its models and runs its steps.
 METHODS: dict[str, type[Method]] = {"source": Source, "tent": TentMethod, "dusa": Dusa}

@@ -230,11 +230,13 @@ def verify_files(root: Path, names: list[str], expected: dict[str, str], fix: st
 
 # ----------------------------------------------------------------------------------- stopping a rank
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+ECHO_S = 5.0  # a stop signal this soon after the first is its echo, not a second request
 
 
 def stop_on_signals() -> None:
-    """SIGTERM, SIGINT and SIGHUP raise `Stopped` in the main thread; a second one ends the process at
-    once. Processes forked from this one (data-loader workers) just end: their parent reports."""
+    """SIGTERM, SIGINT and SIGHUP raise `Stopped` in the main thread; a second one (more than `ECHO_S`
+    later) ends the process at once. Processes forked from this one (data-loader workers) just end: their
+    parent reports."""
     owner = os.getpid()
 
     def handler(signum, frame):
@@ -242,12 +244,40 @@ def stop_on_signals() -> None:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
+        first = time.monotonic()
+
+        def again(*_):  # echoes of the first (the launcher and the watchdog both pass it on) are ignored
+            if time.monotonic() - first > ECHO_S:
+                os._exit(128 + signum)
         for s in STOP_SIGNALS:
-            signal.signal(s, lambda *_: os._exit(128 + signum))
+            signal.signal(s, again)
         raise Stopped(f"stopped by {signal.Signals(signum).name}", 128 + signum)
     handler.stops_run = True
     for s in STOP_SIGNALS:
         signal.signal(s, handler)
+    # The C-level trace of every signal: one that arrives while the main thread waits in a collective may
+    # never reach `handler` (a peer stopped first and the wait fails), yet the run was told to stop.
+    global _signal_trace
+    if _signal_trace is None:
+        read, write = os.pipe()
+        os.set_blocking(read, False)
+        os.set_blocking(write, False)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        _signal_trace = read
+
+
+_signal_trace: int | None = None
+
+
+def stop_signal_received() -> int | None:
+    """A stop signal this process received so far (its number), whether or not its handler ran."""
+    if _signal_trace is None:
+        return None
+    try:
+        received = os.read(_signal_trace, 1024)
+    except BlockingIOError:
+        return None
+    return next((n for n in received if n in {int(s) for s in STOP_SIGNALS}), None)
 
 
 def default_signals() -> None:
@@ -276,22 +306,34 @@ def launcher_processes() -> list:
     return found
 
 
+_watched: list = []  # the launcher processes that the watchdog watches
+
+
+def _running(process) -> bool:
+    import psutil
+    try:  # an ended launcher stays a zombie until its own parent reaps it
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def launcher_ended() -> bool:
+    """Whether a watched launcher process has ended (the run was told to stop, though the watchdog may not
+    have noticed yet)."""
+    return any(not _running(p) for p in _watched)
+
+
 def stop_when_launcher_ends(processes: list, interval: float = 1.0, grace: float = 60.0) -> threading.Thread | None:
     """A watchdog thread: when one of `processes` has ended (the launcher was killed or told to stop,
     which the single-node launcher does not pass on), this process stops as on SIGTERM, and is ended
     outright if it has not exited `grace` seconds later (blocked in a collective, say)."""
     if not processes:
         return None
-    import psutil
 
-    def running(process) -> bool:
-        try:  # an ended launcher stays a zombie until its own parent reaps it
-            return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-        except psutil.Error:
-            return False
+    _watched[:] = processes
 
     def watch():
-        while all(running(p) for p in processes):
+        while all(_running(p) for p in processes):
             time.sleep(interval)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(grace)

@@ -1,0 +1,89 @@
+#!/usr/bin/env python
+"""Regenerates the README's measured numbers, so none is typed by hand.
+
+    python bench/readme_numbers.py --demo     # the three demo runs and their comparison table (~4 min, CPU)
+    python bench/readme_numbers.py --tests    # times the README's test commands (full suite and -m "not slow")
+
+Each figure goes between its `<!-- NAME:start -->` / `<!-- NAME:end -->` markers in README.md, with the
+command and the machine it came from; the demo runs are left in runs/demo-<method>.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+METHODS = ("source", "tent", "dusa")
+
+
+def replace_block(text: str, name: str, body: str) -> str:
+    """The README text with the block between NAME's markers replaced (the markers must exist once)."""
+    pattern = re.compile(rf"(<!-- {name}:start -->\n).*?(<!-- {name}:end -->)", re.S)
+    if len(pattern.findall(text)) != 1:
+        raise SystemExit(f"README.md needs exactly one <!-- {name}:start --> ... <!-- {name}:end --> block")
+    return pattern.sub(lambda m: m.group(1) + body.rstrip("\n") + "\n" + m.group(2), text)
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+
+
+def demo_table() -> str:
+    from launch.compare import compare_table, load_run
+    runs = []
+    for method in METHODS:
+        out = ROOT / "runs" / f"demo-{method}"
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "launch/tta.py", "--config",
+               "ds_configs/demo.json", "--tta.method", method, "--output_dir", str(out),
+               "--logging.wandb.enabled", "false", "--logging.progress", "false"]
+        if (out / "results.json").exists():  # a finished folder would only be resumed: start over
+            import shutil
+            shutil.rmtree(out)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"the {method} demo run failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        runs.append(load_run(out))
+    return (compare_table(runs, markdown=True) + "\n\n"
+            f"(`python bench/readme_numbers.py --demo`, {machine()}; runs in `runs/demo-<method>`)\n")
+
+
+def test_times() -> str:
+    lines = []
+    for label, extra in (("all tests", []), ('`-m "not slow"`', ["-m", "not slow"])):
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", *extra], cwd=ROOT, capture_output=True, text=True)
+        minutes = (time.perf_counter() - start) / 60
+        summary = (proc.stdout.strip().splitlines() or ["?"])[-1].strip("= ")
+        if proc.returncode:
+            raise SystemExit(f"{label} failed: {summary}\n{proc.stdout[-3000:]}")
+        lines.append(f"- {label}: {minutes:.1f} min ({summary})")
+    return "\n".join(lines) + f"\n\n(`python bench/readme_numbers.py --tests`, {machine()})\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--demo", action="store_true", help="rerun the three demo methods and their table")
+    parser.add_argument("--tests", action="store_true", help="time the test commands")
+    args = parser.parse_args()
+    if not (args.demo or args.tests):
+        parser.error("say what to regenerate: --demo and/or --tests")
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if args.demo:
+        text = replace_block(text, "demo-comparison", demo_table())
+    if args.tests:
+        text = replace_block(text, "test-times", test_times())
+    readme.write_text(text)
+    print(f"README.md updated ({', '.join(k for k in ('demo', 'tests') if getattr(args, k))})")
+
+
+if __name__ == "__main__":
+    main()
