@@ -16,7 +16,6 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from data.ade20k_c import ADE20KC
 from data.metrics import SegmentationMetric
@@ -24,6 +23,7 @@ from pipeline.config import DataConfig, RunConfig
 from pipeline.images import PreparedImages, predict, task_order
 from pipeline.methods import Method
 from pipeline.pictures import make_picture, save_picture
+from pipeline.progress import TaskProgress
 from pipeline.reporting import RunLogger, format_results_table, summarize, write_results
 from pipeline.resume import check_saved_state, finished_tasks, saved_results, state_path
 from pipeline.rundir import PeerError, file_digests, own_folder, remove_path
@@ -32,10 +32,6 @@ from pipeline.rundir import PeerError, file_digests, own_folder, remove_path
 def open_tasks(data: DataConfig) -> dict[str, ADE20KC]:
     """Every task's dataset, in run order (listing checks folders and annotations)."""
     return {task: ADE20KC(data.root, task, data.severity, data.limit) for task in data.corruptions}
-
-
-# Images/s (never inverted to s/image), then the postfix: running mIoU, loss, ETA of the whole sweep.
-BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
 
 
 class TTARunner:
@@ -60,7 +56,6 @@ class TTARunner:
         self.total_images = sum(len(d) for d in self.datasets.values())
         self._done = 0  # images scored so far in the sweep (for its ETA)
         self._nonfinite_run = self._nonfinite_task = 0  # steps with a NaN/inf loss: in a row, in this task
-        self._postfix: dict[str, str] = {}  # what the progress bar shows after its rate
 
     @property
     def scoring(self) -> bool:
@@ -189,14 +184,10 @@ class TTARunner:
         metric = SegmentationMetric(len(self.class_names))
         loader = DataLoader(Subset(PreparedImages(dataset, data.window_size, data.window_stride), order),
                             batch_size=None, num_workers=data.num_workers, pin_memory=self.device.type == "cuda")
-        # (step, loss, picture) per image; losses are read back in batches: no host sync per step.
-        pending: list[tuple[int, torch.Tensor | None, tuple[Image.Image, str] | None]] = []
         every = self.cfg.logging.image_every
         start = time.perf_counter()
-        bar = tqdm(total=len(dataset), desc=description, disable=not self.cfg.logging.progress, dynamic_ncols=True,
-                   unit=" img", bar_format=BAR_FORMAT)
-        # Fixed order on the bar: running mIoU, last loss, ETA of the whole sweep.
-        self._postfix = {"mIoU": "?", **({"loss": "?"} if self.method.adapts else {}), "sweep ETA": "?"}
+        progress = TaskProgress(task, description, len(dataset), self.total_images, self._done,
+                                self.cfg.logging.log_every, self.cfg.logging.progress, self.logger, self.method.adapts)
         for step, item in enumerate(loader):
             label = item["label"].to(self.device, non_blocking=True)
             result = self.method.step(task, item)
@@ -206,12 +197,9 @@ class TTARunner:
             metric.update(prediction, label)
             picture = self._picture(task, item, prediction, label, result.notes) \
                 if every and step % every == 0 else None
-            pending.append((step, result.loss, picture))
-            self._done += 1
-            self._update_bar(bar)
-            if len(pending) >= self.cfg.logging.log_every or step + 1 == len(dataset):
-                self._flush(task, pending, metric, bar)
-        bar.close()
+            progress.add(step, result.loss, picture, metric)
+        progress.close()
+        self._done = progress.sweep_done
         self.method.end_task()
         result = metric.compute()
         result.update(images=len(dataset), seconds=time.perf_counter() - start, nonfinite_steps=self._nonfinite_task)
@@ -228,27 +216,3 @@ class TTARunner:
         picture = make_picture(item["image"], prediction, label, self.class_names, notes)
         save_picture(picture, self.cfg.output_dir, task, item["name"])
         return picture, "\n".join(notes)
-
-    def _update_bar(self, bar: tqdm) -> None:
-        """Advances the bar; the sweep's ETA is its remaining images over the current (smoothed) rate."""
-        rate = bar.format_dict.get("rate")  # None until tqdm has measured one (and when the bar is off)
-        if rate:
-            self._postfix["sweep ETA"] = tqdm.format_interval((self.total_images - self._done) / rate)
-        bar.set_postfix(self._postfix, refresh=False)
-        bar.update(1)
-
-    def _flush(self, task: str, pending: list, metric: SegmentationMetric, bar: tqdm) -> None:
-        running = metric.compute()["mIoU"]
-        losses = [loss for _, loss, _ in pending if loss is not None]
-        values = iter(torch.stack(losses).float().tolist() if losses else [])
-        for k, (step, loss, picture) in enumerate(pending):
-            value = next(values) if loss is not None else None
-            if self.logger:
-                self.logger.log_step(task, step, value, running_miou=running if k == len(pending) - 1 else None)
-                if picture is not None:
-                    self.logger.log_picture(task, *picture)
-            if value is not None:
-                self._postfix["loss"] = f"{value:.4f}"
-        self._postfix["mIoU"] = f"{running:.1f}"
-        bar.set_postfix(self._postfix)
-        pending.clear()

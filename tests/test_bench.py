@@ -1,5 +1,5 @@
 """The benchmark script runs end to end (tiny models, CPU) and its (a)/(b) gradient check agrees.
-Speed itself is measured on GPUs by `launch/bench.py`, never asserted here."""
+Speed itself is measured on GPUs by `bench/bench.py`, never asserted here."""
 from __future__ import annotations
 
 import json
@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# launch/bench.py end to end, pipeline and single stage: a minute on a CPU (`-m 'not slow'` skips it).
+# bench/bench.py end to end, pipeline and single stage: a minute on a CPU (`-m 'not slow'` skips it).
 pytestmark = pytest.mark.slow
 
 
 def test_bench_dry_run_writes_every_field_and_pipeline_equals_single_stage(tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "launch/bench.py", "--tiny", "--workdir", str(tmp_path / "work"), "--out",
+    cmd = [sys.executable, "bench/bench.py", "--tiny", "--workdir", str(tmp_path / "work"), "--out",
            str(tmp_path / "out"), "--classes", "4", "--steps", "1", "--warmup", "0", "--check"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Peak host memory of one pipeline rank loading its stage of a full-size SD3-medium transformer.
 
-    python launch/bench_loading.py --workdir /tmp/loading [--stages 1 2 4] [--dtype bf16]
+    python bench/bench_loading.py --workdir /tmp/loading [--stages 1 2 4] [--dtype bf16]
 
 1. Makes (once) <workdir>/sd3-medium/transformer: the SD3-medium transformer (2.03 B parameters,
    models.architectures.SD3_MEDIUM_TRANSFORMER) with diffusers' default random init, saved in bf16

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Full-size checks on a node with 2 GPUs (random weights of the published models):
-#   1. launch/bench.py: (b) one GPU + the per-layer cost calibration, (a) the pipeline (+ profile, CUDA-graph
+#   1. bench/bench.py: (b) one GPU + the per-layer cost calibration, (a) the pipeline (+ profile, CUDA-graph
 #      check), (c) the old naive split, the (a)/(b) check of loss, gradients and update; extra options pass on;
 #   2. the real launcher end to end on ds_configs/tta.json with 20 synthetic 512x683 images in 2 corruptions.
-# Usage: OUT=bench/results bash launch/gpu_checks.sh [bench.py options]; logs stream into $OUT (7 files).
+# Usage: OUT=bench/results bash bench/gpu_checks.sh [bench.py options]; logs stream into $OUT (7 files).
 # DATA=<ADE20K-C root> uses a demo dataset built elsewhere (data/demo.py needs imagecorruptions).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ E2E_TIMEOUT=${E2E_TIMEOUT:-200}
 PY=${PYTHON:-python}
 mkdir -p "$OUT" "$WORK"
 CK=$WORK/bench/checkpoints
-$PY -u launch/bench.py --workdir "$WORK/bench" --out "$OUT" --log "$OUT/bench.log" --check --profile --calibrate "$@"
+$PY -u bench/bench.py --workdir "$WORK/bench" --out "$OUT" --log "$OUT/bench.log" --check --profile --calibrate "$@"
 DATA=${DATA:-$WORK/ade20k_c}
 [ -d "$DATA" ] || $PY -c "
 from data.demo import make_demo_dataset

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Benchmark of one DUSA TTA step per image at full size (random weights of the published models).
 
-    python launch/bench.py --workdir /tmp/bench --check --profile --calibrate   # on a node with 2 GPUs
-    DS_ACCELERATOR=cpu python launch/bench.py --tiny --workdir /tmp/bench-tiny  # dry run, CPU
+    python bench/bench.py --workdir /tmp/bench --check --profile --calibrate   # on a node with 2 GPUs
+    DS_ACCELERATOR=cpu python bench/bench.py --tiny --workdir /tmp/bench-tiny  # dry run, CPU
 
 Variants, each timed over --steps images after --warmup, per number of candidate classes:
   (a) pipeline: the project's pipeline, default config (2 stages, bf16, ZeRO-1), through the very
@@ -753,7 +753,7 @@ def cost_table_from(calibration: dict, card: str, paths: dict, tiny: bool, preci
                                 SegformerConfig.from_pretrained(paths["segmenter"]).to_dict(), window_size(tiny)[0],
                                 precision)
     return {"card": card, "signature": signature, "measured": f"{datetime.date.today().isoformat()}, "
-            "launch/bench.py --calibrate (one stage, random weights, medians of 5, the benchmark's DeepSpeed preset)",
+            "bench/bench.py --calibrate (one stage, random weights, medians of 5, the benchmark's DeepSpeed preset)",
             "image_size": list(synthetic_image(tiny).shape[-2:]), **calibration}
 
 
@@ -802,7 +802,7 @@ def main() -> None:
     tflops = matmul_tflops()
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     slug = card.lower().replace("nvidia ", "").split()[0] if card != "cpu" else "cpu"
-    common = ["launch/bench.py", "--workdir", str(workdir), "--paths", json.dumps(paths), "--classes",
+    common = ["bench/bench.py", "--workdir", str(workdir), "--paths", json.dumps(paths), "--classes",
               *map(str, args.classes), "--steps", str(args.steps), "--warmup", str(args.warmup)] + \
              (["--tiny"] if args.tiny else []) + (["--check"] if args.check else [])
     log = Path(args.log) if args.log else workdir / "bench.log"

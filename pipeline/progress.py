@@ -1,0 +1,61 @@
+"""One task's progress on the console and in W&B: a bar with images/s, the running mIoU, the last loss and
+the whole sweep's ETA; losses are read back from the device in batches (no host sync per step) and logged
+with the pictures."""
+from __future__ import annotations
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from data.metrics import SegmentationMetric
+from pipeline.reporting import RunLogger
+
+# Images/s (never inverted to s/image), then the postfix: running mIoU, loss, ETA of the whole sweep.
+BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
+
+
+class TaskProgress:
+    """`add` once per scored image; every `log_every` images (and at the task's last) the pending losses are
+    read back at once, logged, and shown."""
+
+    def __init__(self, task: str, description: str, images: int, sweep_images: int, sweep_done: int,
+                 log_every: int, show: bool, logger: RunLogger | None, with_loss: bool):
+        self.task, self.images, self.log_every, self.logger = task, images, log_every, logger
+        self.sweep_images, self.sweep_done = sweep_images, sweep_done  # for the sweep's ETA
+        self.bar = tqdm(total=images, desc=description, disable=not show, dynamic_ncols=True, unit=" img",
+                        bar_format=BAR_FORMAT)
+        # Fixed order on the bar: running mIoU, last loss, ETA of the whole sweep.
+        self.postfix = {"mIoU": "?", **({"loss": "?"} if with_loss else {}), "sweep ETA": "?"}
+        self.pending: list[tuple[int, torch.Tensor | None, tuple[Image.Image, str] | None]] = []
+
+    def add(self, step: int, loss: torch.Tensor | None, picture: tuple[Image.Image, str] | None,
+            metric: SegmentationMetric) -> None:
+        self.pending.append((step, loss, picture))
+        self.sweep_done += 1
+        rate = self.bar.format_dict.get("rate")  # None until tqdm has measured one (and when the bar is off)
+        if rate:
+            self.postfix["sweep ETA"] = tqdm.format_interval((self.sweep_images - self.sweep_done) / rate)
+        self.bar.set_postfix(self.postfix, refresh=False)
+        self.bar.update(1)
+        if len(self.pending) >= self.log_every or step + 1 == self.images:
+            self._flush(metric)
+
+    def _flush(self, metric: SegmentationMetric) -> None:
+        running = metric.compute()["mIoU"]
+        losses = [loss for _, loss, _ in self.pending if loss is not None]
+        values = iter(torch.stack(losses).float().tolist() if losses else [])
+        for k, (step, loss, picture) in enumerate(self.pending):
+            value = next(values) if loss is not None else None
+            if self.logger:
+                self.logger.log_step(self.task, step, value,
+                                     running_miou=running if k == len(self.pending) - 1 else None)
+                if picture is not None:
+                    self.logger.log_picture(self.task, *picture)
+            if value is not None:
+                self.postfix["loss"] = f"{value:.4f}"
+        self.postfix["mIoU"] = f"{running:.1f}"
+        self.bar.set_postfix(self.postfix)
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.bar.close()
