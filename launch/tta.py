@@ -245,10 +245,11 @@ def run(argv=None) -> int:
                                cfg.deepspeed)
     elif isinstance(cfg.deepspeed, dict):
         check_deepspeed_config(cfg.deepspeed, "--deepspeed")
-    if cfg.tta.method == "dusa":
-        check_window_size(cfg.data.window_size, cfg.model.generator)  # from the config files: no weights read
     if not cfg.logging.verbose:
         quiet_libraries()
+    from pipeline.methods import METHODS
+    if METHODS[cfg.tta.method].generator:
+        check_window_size(cfg.data.window_size, cfg.model.generator)  # from the config files: no weights read
 
     import deepspeed
     import torch
@@ -260,7 +261,6 @@ def run(argv=None) -> int:
     from pipeline.engine import load_ds_config
     from pipeline.reporting import RunLogger, startup_summary
     from pipeline.resume import finished_tasks
-    from pipeline.methods import METHODS
     from pipeline.tta import TTARunner, open_tasks
 
     if os.environ.get("LOCAL_RANK", "0") == "0":
