@@ -72,16 +72,24 @@ def load_class_embeddings(path: str | Path, classes: Sequence[str], model: str) 
         raise FileNotFoundError(f"class-embedding cache {path} does not exist: build it with "
                                 f"launch/embed_classes.py or set model.class_embeddings")
     with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        cached = json.loads(meta.get("classes", "[]"))
-        if cached != list(classes):
-            raise ValueError(f"class-embedding cache {path} was made for {len(cached)} other classes "
-                             f"(hash {meta.get('classes_hash')}), not the run's {len(classes)} "
-                             f"(hash {class_list_hash(classes)}): rebuild it for this class list")
-        if model_key(meta.get("model", "")) != model_key(model):
-            raise ValueError(f"class-embedding cache {path} was made with {meta.get('model')!r}, "
-                             f"not the run's generator {model!r}: rebuild it for this model")
+        check_cache_metadata(f.metadata() or {}, path, classes, model)
         return f.get_tensor("prompt_embeds"), f.get_tensor("pooled")
+
+
+def check_cache_metadata(meta: dict, path, classes: Sequence[str], model: str) -> None:
+    """A cache made for these classes (in this order) with this generator, or one line naming the fix."""
+    try:
+        cached = json.loads(meta.get("classes", "[]"))
+    except json.JSONDecodeError:
+        cached = None
+    if cached != list(classes):
+        count = len(cached) if isinstance(cached, list) else "unknown"
+        raise ValueError(f"class-embedding cache {path} was made for {count} other classes "
+                         f"(hash {meta.get('classes_hash')}), not the run's {len(classes)} "
+                         f"(hash {class_list_hash(classes)}): rebuild it for this class list")
+    if model_key(meta.get("model", "")) != model_key(model):
+        raise ValueError(f"class-embedding cache {path} was made with {meta.get('model')!r}, "
+                         f"not the run's generator {model!r}: rebuild it for this model")
 
 
 def read_class_list(path: str | Path) -> list[str]:

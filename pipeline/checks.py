@@ -314,7 +314,7 @@ def check_class_embedding_file(path: str, classes: Sequence[str], generator: str
     """The cache is whole, made for these classes and this generator, and its widths are the
     transformer's (a mismatch would otherwise fail only at the first step, or when a high class id is
     drawn)."""
-    from models.class_embeddings import class_list_hash, model_key
+    from models.class_embeddings import check_cache_metadata
     file = Path(path)
     if not file.is_file():
         return  # the loader's message says how to build it
@@ -325,18 +325,7 @@ def check_class_embedding_file(path: str, classes: Sequence[str], generator: str
     from safetensors import safe_open
     with safe_open(str(file), framework="pt") as f:
         meta = f.metadata() or {}
-    try:
-        cached = json.loads(meta.get("classes", "[]"))
-    except json.JSONDecodeError:
-        cached = None
-    if cached != list(classes):
-        count = len(cached) if isinstance(cached, list) else "unknown"
-        raise ValueError(f"class-embedding cache {file} was made for {count} other classes (hash "
-                         f"{meta.get('classes_hash')}), not the run's {len(classes)} (hash "
-                         f"{class_list_hash(classes)}): rebuild it for this class list")
-    if model_key(meta.get("model", "")) != model_key(generator):
-        raise ValueError(f"class-embedding cache {file} was made with {meta.get('model')!r}, "
-                         f"not the run's generator {generator!r}: rebuild it for this model")
+    check_cache_metadata(meta, file, classes, generator)
     prompt, pooled = tensors["prompt_embeds"][1], tensors["pooled"][1]
     if len(prompt) != 3 or len(pooled) != 2 or prompt[0] != len(classes) or pooled[0] != len(classes):
         raise ValueError(f"class-embedding cache {file} holds prompt_embeds {list(prompt)} and pooled {list(pooled)}, "

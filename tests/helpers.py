@@ -24,3 +24,13 @@ def demo_command(tmp: Path, out: str, *overrides: str) -> list[str]:
             "--model.segmenter", str(tmp / "assets/segformer"), "--model.generator", str(tmp / "assets/sd3"),
             "--model.class_embeddings", str(tmp / "assets/classes.safetensors"), "--data.root", str(tmp / "data"),
             *overrides]
+
+
+def demo_models_and_data(root: Path) -> Path:
+    """The demo's tiny models and a 2-image demo dataset under `root` (for launcher tests of bad input)."""
+    from data.classes import ADE20K_CLASSES
+    from data.demo import make_demo_dataset
+    from models.tiny import ensure_demo_models
+    ensure_demo_models(str(root / "segformer"), str(root / "sd3"), str(root / "classes.safetensors"), ADE20K_CLASSES)
+    make_demo_dataset(root / "data", num_images=2, create=True)
+    return root

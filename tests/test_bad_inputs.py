@@ -11,19 +11,15 @@ import pytest
 import torch
 
 from data.classes import ADE20K_CLASSES
-from data.demo import make_demo_dataset
 from models.class_embeddings import save_class_embeddings
-from models.tiny import ensure_demo_models
+from tests.helpers import demo_models_and_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("bad")
-    ensure_demo_models(str(root / "segformer"), str(root / "sd3"), str(root / "classes.safetensors"), ADE20K_CLASSES)
-    make_demo_dataset(root / "data", num_images=2, create=True)
-    return root
+    return demo_models_and_data(tmp_path_factory.mktemp("bad"))
 
 
 def launch(demo: Path, out: str, *overrides: str) -> subprocess.CompletedProcess:

@@ -22,12 +22,11 @@ from safetensors.torch import save_file
 from data.classes import ADE20K_CLASSES
 from data.demo import make_demo_dataset
 from models.class_embeddings import save_class_embeddings
-from models.tiny import ensure_demo_models
 from pipeline import checks
 from pipeline.config import RunConfig, validate
 from pipeline.rundir import (LOCK_NAME, PeerError, RunFolder, Stopped, file_digests, orphaned_shared_memory,
                              verify_files, write_text_atomic)
-from tests.helpers import free_port
+from tests.helpers import demo_models_and_data, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 C = len(ADE20K_CLASSES)
@@ -35,10 +34,7 @@ C = len(ADE20K_CLASSES)
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("hardening")
-    ensure_demo_models(str(root / "segformer"), str(root / "sd3"), str(root / "classes.safetensors"), ADE20K_CLASSES)
-    make_demo_dataset(root / "data", num_images=2, create=True)
-    return root
+    return demo_models_and_data(tmp_path_factory.mktemp("hardening"))
 
 
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
