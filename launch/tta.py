@@ -121,8 +121,8 @@ USER_ERRORS = (FileNotFoundError, ValueError, OSError, FloatingPointError, NotIm
 _run_folder = None  # the claimed --output_dir (rank 0), released on every way out
 _started = False  # whether the run got past its checks and model loading (then what it wrote stays)
 OOM_HELP = ("out of GPU memory: lower --tta.max_classes (the transformer batch per window), set "
-            "--pipeline.activation_checkpoint_interval 1, or spread the model over more GPUs "
-            "(--pipeline.num_stages with deepspeed --num_gpus)")
+            "--pipeline.activation_checkpoint_interval 1, use bf16 weights (--deepspeed ds_configs/ds_tta_bf16.json), "
+            "or spread the model over more GPUs (--pipeline.num_stages with deepspeed --num_gpus)")
 
 
 def main(argv=None) -> int:
