@@ -98,11 +98,11 @@ class Source(Method):
 
     @classmethod
     def build(cls, cfg, class_names, device, ds_config, report) -> Built:
-        segmenter = load_segmenter(cfg, device)
-        counts = [parameter_counts(segmenter, "segmenter")]
+        segmenter = load_segmenter(cfg, device).requires_grad_(False)
         if precision_of(ds_config) == "bf16":  # the preset's weights; under autocast, float32
             segmenter = segmenter.to(torch.bfloat16)
-        return Built(cls(segmenter.requires_grad_(False), device), segmenter, counts, "rank 0 runs source")
+        return Built(cls(segmenter, device), segmenter, [parameter_counts(segmenter, "segmenter")],
+                     "rank 0 runs source")
 
     @torch.no_grad()
     def step(self, task: str, item: dict) -> StepResult:
