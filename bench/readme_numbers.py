@@ -13,6 +13,7 @@ import argparse
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -45,7 +46,6 @@ def demo_table() -> str:
                "ds_configs/demo.json", "--tta.method", method, "--output_dir", str(out),
                "--logging.wandb.enabled", "false", "--logging.progress", "false"]
         if (out / "results.json").exists():  # a finished folder would only be resumed: start over
-            import shutil
             shutil.rmtree(out)
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode:

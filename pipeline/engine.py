@@ -304,7 +304,8 @@ class TTAEngine:
             microbatches = [(None, self._label)] * count
         self.engine.set_train_batch_size(len(microbatches))
         loss = self.engine.train_batch(iter(microbatches))
-        loss = loss * self.accumulation_steps  # the image's own loss (its gradients were divided)
+        if self.accumulation_steps > 1:
+            loss = loss * self.accumulation_steps  # the image's own loss (its gradients were divided)
         if prepared is None:
             return StepOutput(loss, None, None)
         return StepOutput(loss, prepared.logits, prepared.candidates, prepared.windows)

@@ -157,7 +157,7 @@ class SegmenterFront(nn.Module):
             else:  # from the raw logits' probabilities
                 raw = self._without_ignored(resample_window(logits[0].detach().float(), rows_all, cols_all))
                 stats = area_scores(raw, self.area_k)
-            weights = self._window_weights(logits, boxes, window_tau) * loss_scale
+            weights = self._window_weights(logits, boxes, window_tau, loss_scale)
         stats = stats.cpu()  # the step's one wait for the device: the class sets decide the batch shapes
         offsets = torch.arange(max(side for *_, side in boxes), device=device) if boxes else None
         batches, candidates = [], []
@@ -177,20 +177,20 @@ class SegmenterFront(nn.Module):
         return PreparedImage(batches, logits.detach(), candidates, boxes)
 
     def _window_weights(self, logits: torch.Tensor, boxes: Sequence[tuple[int, int, int]],
-                        tau: float | None) -> torch.Tensor:
-        """Each window's factor on its loss, [windows]: 1 (the mean over windows), or windows x
-        softmax over windows of H / tau, H the window's mean pixel entropy (softmax of the raw logits over
+                        tau: float | None, scale: float) -> torch.Tensor:
+        """Each window's factor on its loss, [windows], times `scale`: 1 (the mean over windows), or windows
+        x softmax over windows of H / tau, H the window's mean pixel entropy (softmax of the raw logits over
         all classes, at the generator's resolution) divided by ln C."""
         n = len(boxes)
         if tau is None:
-            return torch.ones(n, device=logits.device)
+            return torch.full((n,), scale, device=logits.device)
         raw = logits[0].detach().float()
         (height, width), (h, w), size = self._image.shape[-2:], raw.shape[-2:], self.window_size
         entropies = torch.stack([
             entropy_map(resample_window(raw, window_resampler(h, height, top, side, size, raw.device, scaled=size),
                                         window_resampler(w, width, left, side, size, raw.device, scaled=size))).mean()
             for top, left, side in boxes]) / math.log(raw.shape[0])
-        return n * torch.softmax(entropies / tau, dim=0)
+        return n * scale * torch.softmax(entropies / tau, dim=0)
 
     def forward(self, inputs):
         if self._leaf is None:
