@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from data.classes import CORRUPTIONS, IMAGE_SUFFIXES  # noqa: F401 (CORRUPTIONS: part of the reader's API)
-from data.metrics import ade_label_to_train_id
+from data.metrics import ADE_NUM_CLASSES, ade_label_to_train_id
 
 # One-channel 16-bit PNG modes (older Pillow reads them as "I", which no 8-bit .jpg/.png gives).
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
@@ -101,8 +101,8 @@ class ADE20KC(Dataset):
     """Items: dict(image=float [3, H, W] in [0, 1] RGB, label=long [H, W] train ids, name=str)."""
 
     def __init__(self, root: str | Path, corruption: str, severity: int = 5,
-                 limit: int | None = None) -> None:
-        self.root = Path(root)
+                 limit: int | None = None, num_classes: int = ADE_NUM_CLASSES) -> None:
+        self.root, self.num_classes = Path(root), num_classes
         if not self.root.is_dir():
             raise FileNotFoundError(f"ADE20K-C root {self.root} does not exist")
         if limit is not None and limit < 1:
@@ -152,7 +152,7 @@ class ADE20KC(Dataset):
                              f"image {image_path} is {image.shape[1]}x{image.shape[2]}; re-create the wrong "
                              "one (data/make_ade20k_c.py keeps sizes and skips existing files: delete it first)")
         try:
-            label = ade_label_to_train_id(raw)
+            label = ade_label_to_train_id(raw, self.num_classes)
         except ValueError as exc:  # its message does not name the file
             raise ValueError(f"annotation {label_path}: {exc}; {_LABEL_FIX}") from exc
         return {"image": image, "label": label, "name": image_path.stem}

@@ -68,3 +68,24 @@ ADE20K_PALETTE: tuple[tuple[int, int, int], ...] = _bit_palette(len(ADE20K_CLASS
 
 assert len(ADE20K_CLASSES) == 150 and len(set(ADE20K_CLASSES)) == 150
 assert len(set(ADE20K_PALETTE)) == 150
+
+
+def load_class_names(spec: str) -> tuple[str, ...]:
+    """The run's classes: `ade20k` (the 150 above) or a text file, one name per line, line i being annotation
+    value i + 1 (blank lines and `#` comments skipped); a missing file, an empty list or a repeated name
+    is a ValueError naming the file."""
+    if spec == "ade20k":
+        return ADE20K_CLASSES
+    from pathlib import Path
+    try:
+        lines = Path(spec).read_text().splitlines()
+    except OSError as exc:
+        raise ValueError(f"data.classes: cannot read the class list {spec} ({exc.strerror}); give `ade20k` or "
+                         f"a text file with one class name per line") from None
+    names = tuple(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
+    if not names:
+        raise ValueError(f"data.classes: the class list {spec} names no class")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"data.classes: the class list {spec} names {', '.join(map(repr, repeated))} more than once")
+    return names

@@ -16,16 +16,18 @@ ADE_NUM_CLASSES = 150
 IGNORE_INDEX = 255
 
 
-def ade_label_to_train_id(label: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """ADE20K annotation values -> train ids: 0 ("other") -> 255 (ignored), 1..150 -> 0..149."""
+def ade_label_to_train_id(label: np.ndarray | torch.Tensor, num_classes: int = ADE_NUM_CLASSES) -> torch.Tensor:
+    """ADE20K annotation values -> train ids: 0 ("other") -> 255 (ignored), 1..K -> 0..K-1 (K = 150 for
+    ADE20K; another class list, `--data.classes`, has its own K)."""
     # astype copies, so read-only arrays (np.asarray of a PIL image) are fine for from_numpy.
     label = torch.from_numpy(label.astype(np.int64)) if isinstance(label, np.ndarray) else label.long()
     if label.numel():
         # One host read per annotation: labels come from files, so this is on the CPU anyway.
         lo, hi = int(label.min()), int(label.max())
-        if hi > ADE_NUM_CLASSES or lo < 0:
-            bad = hi if hi > ADE_NUM_CLASSES else lo
-            raise ValueError(f"ADE20K annotation value {bad} is outside 0..{ADE_NUM_CLASSES}")
+        if hi > num_classes or lo < 0:
+            bad = hi if hi > num_classes else lo
+            raise ValueError(f"annotation value {bad} is outside 0..{num_classes} (0 ignored, 1..{num_classes} "
+                             f"the classes)")
     return torch.where(label == 0, torch.full_like(label, IGNORE_INDEX), label - 1)
 
 

@@ -236,7 +236,8 @@ def run(argv=None) -> int:
     stop_when_launcher_ends(launcher_processes())  # the single-node launcher does not pass SIGTERM on
     check_argument_files(sys.argv[1:] if argv is None else argv)  # a duplicate key is refused, not resolved
     cfg, record, config_files = parse(argv)
-    from data.classes import ADE20K_CLASSES as class_names
+    from data.classes import load_class_names
+    class_names = load_class_names(cfg.data.classes)
     validate(cfg, len(class_names))
     if not cfg.output_dir.strip():
         raise ValueError("--output_dir is empty: name the folder for the results")
@@ -259,6 +260,7 @@ def run(argv=None) -> int:
     from data.demo import make_demo_dataset
     from models.tiny import ensure_demo_models, make_tiny_segformer
     from pipeline.engine import load_ds_config
+    from pipeline.replicas import ReplicaFeed, Replicas, layout_error
     from pipeline.reporting import RunLogger, startup_summary
     from pipeline.resume import finished_tasks
     from pipeline.tta import TTARunner, open_tasks
@@ -285,6 +287,11 @@ def run(argv=None) -> int:
     torch.manual_seed(cfg.seed)
     method = METHODS[cfg.tta.method]  # the registry: its class checks, builds and runs the method
     method.check(cfg, world)
+    stages = cfg.pipeline.num_stages if method.pipeline else 1  # source and tent: one process per replica
+    wrong = layout_error(world, stages, cfg.tta.continual and method.adapts)
+    if wrong:
+        raise ValueError(wrong)
+    replicas = Replicas.form(stages)
     ds_config = load_ds_config(cfg.deepspeed, cfg.tta.lr)
     record["deepspeed"] = ds_config
     datasets = None
@@ -298,7 +305,7 @@ def run(argv=None) -> int:
         finished_tasks(cfg, record, class_names)
         if cfg.data.build_demo_data:
             make_demo_dataset(cfg.data.root, corruptions=tuple(cfg.data.corruptions), severity=cfg.data.severity)
-        datasets = open_tasks(cfg.data)
+        datasets = open_tasks(cfg.data, len(class_names))
         if method.generator:  # each window is a micro-batch of the image's step
             check_window_counts(datasets, cfg.data.window_size, cfg.data.window_stride, cfg.data.max_windows)
         if cfg.model.build_demo_models and method.generator:
@@ -312,36 +319,39 @@ def run(argv=None) -> int:
             check_class_embedding_file(cfg.model.class_embeddings, class_names, cfg.model.generator, transformer)
     on_rank0(prepare, rank, world, dist)
     if datasets is None:
-        datasets = open_tasks(cfg.data)
+        datasets = open_tasks(cfg.data, len(class_names))
     accelerator = get_accelerator()
     device = torch.device(accelerator.current_device_name())
     visible = f"{accelerator.device_count()} x {accelerator.device_name()} visible"
 
-    if not method.pipeline and rank > 0:  # source and tent: the segmenter alone, on rank 0
-        if cfg.logging.verbose:  # other ranks print nothing but errors
-            print(f"rank {rank}: nothing to do for tta.method={method.name} (it runs on rank 0 alone)")
-        return 0
-    built = method.build(cfg, class_names, device, ds_config, report=print if rank == 0 else (lambda _: None))
+    built = method.build(cfg, class_names, device, ds_config, report=print if rank == 0 else (lambda _: None),
+                         replicas=replicas)
     adapted, checked, parameters = built.method, built.segmenter, built.parameters
-    processes = f"{world} ({built.processes}{'' if method.pipeline else ', the others exit'}), {visible}"
+    processes = f"{world} ({built.processes}{', tasks from a shared queue' if replicas.count > 1 else ''}), {visible}"
     if checked is not None and checked.num_classes != len(class_names):
         raise ValueError(f"segmenter {cfg.model.segmenter} predicts {checked.num_classes} "
-                         f"classes, ADE20K has {len(class_names)}")
+                         f"classes, data.classes={cfg.data.classes} has {len(class_names)}")
     if rank == 0:  # the run starts: from here on, what it writes stays
         write_text_atomic(Path(cfg.output_dir) / "config.json", json.dumps(record, indent=2), Path(cfg.output_dir))
         _started = True
 
-    logger = RunLogger(cfg.logging, cfg.output_dir, record, class_names) if rank == 0 else None
-    runner = TTARunner(cfg, class_names, device, adapted, logger=logger, config_record=record, datasets=datasets)
+    logger = None  # W&B on rank 0; the other replicas' scoring processes feed it
+    if rank == 0:
+        logger = RunLogger(cfg.logging, cfg.output_dir, record, class_names)
+    elif adapted.scoring:
+        logger = ReplicaFeed(replicas)
+    runner = TTARunner(cfg, class_names, device, adapted, logger=logger, config_record=record, datasets=datasets,
+                       replicas=replicas)
     if rank == 0:
         print(startup_summary(cfg, config_files, processes, parameters, runner.total_images), flush=True)
     runner.run()
     if rank == 0:
         print(f"results: {Path(cfg.output_dir) / 'results.json'} (and .csv); config: "
               f"{Path(cfg.output_dir) / 'config.json'}")
-    if method.pipeline:  # every stage leaves together: one that tears down its communication threads while
-        dist.barrier()   # another still finishes (results, W&B) can abort the process at exit
-        dist.destroy_process_group()
+    # The stages of a replica leave together: one that tears down its communication threads while another
+    # still finishes (results, W&B) can abort the process at exit. Replicas do not wait for one another.
+    replicas.barrier()
+    dist.destroy_process_group()
     release_run_folder()
     return 0
 

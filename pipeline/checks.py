@@ -266,8 +266,8 @@ def check_segmenter_files(segmenter: str, num_classes: int) -> None:
     config = _check_checkpoint(folder, "config.json", "model", "segmenter", fix, build)
     labels = config.get("num_labels", len(config.get("id2label") or {}) or None)
     if labels is not None and labels != num_classes:
-        raise ValueError(f"segmenter {segmenter} predicts {labels} classes, ADE20K has {num_classes}: "
-                         f"use an ADE20K checkpoint")
+        raise ValueError(f"segmenter {segmenter} predicts {labels} classes, the run's class list (data.classes) "
+                         f"has {num_classes}: use a checkpoint trained on these classes")
 
 
 def generator_geometry(generator: str) -> tuple[int, int, int | None, dict]:

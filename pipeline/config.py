@@ -29,6 +29,9 @@ class DataConfig:
 
     root: str = "data/ade20k_c"
     """ADE20K-C root holding `images/validation/<corruption>_<severity>/` and `annotations/validation/`."""
+    classes: str = "ade20k"
+    """The class list: `ade20k` (its 150 classes) or a text file with one class name per line, annotation value
+    i + 1 being line i (0 ignored); the segmenter, the class-embedding cache and the metric use it."""
     corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
     """Corruptions to run, one task each, in this order."""
     severity: int = 5

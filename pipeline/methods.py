@@ -18,6 +18,7 @@ from data.ade20k_c import ADE20KC
 from pipeline.config import RunConfig
 from pipeline.engine import TTAEngine, precision_of
 from pipeline.images import image_seed, num_windows
+from pipeline.replicas import Replicas
 from pipeline.tent import Tent
 from pipeline.windows import draw_windows
 
@@ -64,8 +65,9 @@ class Method:
 
     @classmethod
     def build(cls, cfg: RunConfig, class_names: Sequence[str], device: torch.device, ds_config: dict[str, Any],
-              report: Callable[[str], None]) -> Built:
-        """The method's models on this process (`report`: start-up lines, printed by the first process)."""
+              report: Callable[[str], None], replicas: Replicas) -> Built:
+        """The method's models on this process (`report`: start-up lines, printed by the first process;
+        `replicas`: where this process sits among the run's independent replicas)."""
         raise NotImplementedError
 
     def step(self, task: str, item: dict) -> StepResult:
@@ -97,12 +99,12 @@ class Source(Method):
         self.segmenter, self.device = segmenter, device
 
     @classmethod
-    def build(cls, cfg, class_names, device, ds_config, report) -> Built:
+    def build(cls, cfg, class_names, device, ds_config, report, replicas) -> Built:
         segmenter = load_segmenter(cfg, device).requires_grad_(False)
         if precision_of(ds_config) == "bf16":  # the preset's weights; under autocast, float32
             segmenter = segmenter.to(torch.bfloat16)
         return Built(cls(segmenter, device), segmenter, [parameter_counts(segmenter, "segmenter")],
-                     "rank 0 runs source")
+                     f"{replicas.describe()}: source")
 
     @torch.no_grad()
     def step(self, task: str, item: dict) -> StepResult:
@@ -118,12 +120,13 @@ class TentMethod(Method):
         self.tent, self.device = tent, device
 
     @classmethod
-    def build(cls, cfg, class_names, device, ds_config, report) -> Built:
+    def build(cls, cfg, class_names, device, ds_config, report, replicas) -> Built:
         segmenter = load_segmenter(cfg, device)
         # float32 weights for Adam; bf16 compute by autocast under either bf16 preset
         low = torch.bfloat16 if precision_of(ds_config) in ("bf16", "autocast") else None
         tent = Tent(segmenter, cfg.tta.segmenter_lr, low, cfg.tta.accumulation_steps)
-        return Built(cls(tent, device), segmenter, [parameter_counts(segmenter, "segmenter")], "rank 0 runs tent")
+        return Built(cls(tent, device), segmenter, [parameter_counts(segmenter, "segmenter")],
+                     f"{replicas.describe()}: tent")
 
     def step(self, task: str, item: dict) -> StepResult:
         logits, loss = self.tent.step(item["image"].to(self.device))
@@ -159,10 +162,6 @@ class Dusa(Method):
 
     @classmethod
     def check(cls, cfg: RunConfig, processes: int) -> None:
-        if processes != cfg.pipeline.num_stages:
-            raise ValueError(f"pipeline.num_stages={cfg.pipeline.num_stages} but {processes} processes were started: "
-                             f"run `deepspeed --num_gpus {cfg.pipeline.num_stages} launch/tta.py ...` "
-                             f"or set --pipeline.num_stages {processes}")
         if not (cfg.tta.update_segmenter or cfg.tta.update_generator):
             raise ValueError("tta.update_segmenter and tta.update_generator are both false: nothing adapts "
                              "(use --tta.method source for the unadapted model)")
@@ -170,17 +169,19 @@ class Dusa(Method):
             raise ValueError("tta.learnable_embedding adapts with the generator: it needs tta.update_generator true")
 
     @classmethod
-    def build(cls, cfg, class_names, device, ds_config, report) -> Built:
+    def build(cls, cfg, class_names, device, ds_config, report, replicas) -> Built:
         from pipeline.module import build_pipeline  # DeepSpeed's pipeline modules: only for this method
         precision = precision_of(ds_config)
         module = build_pipeline(cfg.model, cfg.data, cfg.tta, cfg.pipeline, class_names, stage_report=report,
-                                dtype=torch.bfloat16 if precision == "bf16" else torch.float32, precision=precision)
+                                dtype=torch.bfloat16 if precision == "bf16" else torch.float32, precision=precision,
+                                replicas=replicas.count)
         engine = TTAEngine(module, ds_config, cfg.tta, adaptive_windows=cfg.data.windows == "adaptive")
         stage = engine.engine.stage_id
-        counts: list = [None] * dist.get_world_size()
-        dist.all_gather_object(counts, (stage, parameter_counts(module, f"stage {stage}")))
+        counts: list = [(stage, parameter_counts(module, f"stage {stage}"))] * replicas.stages
+        if replicas.stages > 1:  # this replica's stages (the other replicas hold the same)
+            dist.all_gather_object(counts, counts[0], group=replicas.group)
         return Built(cls(engine, cfg, class_names), module.front.segmenter if stage == 0 else None,
-                     [c for _, c in sorted(counts)], f"{engine.engine.num_stages} pipeline stages")
+                     [c for _, c in sorted(counts)], f"{replicas.describe()}: dusa")
 
     def step(self, task: str, item: dict) -> StepResult:
         front, data = self.engine.module.front, self.cfg.data

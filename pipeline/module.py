@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.runtime.pipe.topology import ProcessTopology
 from torch import nn
 from transformers import SegformerConfig
 
@@ -19,6 +20,7 @@ from pipeline.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
 from pipeline.layers import DusaLoss, JointBlock, SD3Embed, SD3Head, SegmenterFront
 from pipeline.partition import (StepCosts, check_partition, default_costs, find_cost_table, model_signature,
                                 plan_partition, table_costs)
+from pipeline.replicas import isolate_data_parallel
 from pipeline.windows import AdaptiveWindows
 
 
@@ -37,11 +39,14 @@ class DusaPipeline(PipelineModule):
     """PipelineModule with explicit stage boundaries and eval behaviour in every step."""
 
     def __init__(self, layers: list[LayerSpec], boundaries: list[int], loss_fn, num_stages: int,
-                 activation_checkpoint_interval: int = 0):
+                 activation_checkpoint_interval: int = 0, replicas: int = 1):
         self._boundaries = boundaries  # read by _partition_layers inside PipelineModule.__init__
-        super().__init__(layers=layers, loss_fn=loss_fn, num_stages=num_stages,
-                         topology=None, activation_checkpoint_interval=activation_checkpoint_interval,
-                         dynamic_shape=True)
+        # Replica r is ranks r*S .. r*S+S-1 (pipeline/replicas.py): the data axis first, unlike DeepSpeed's
+        # default, so that a replica's stages are neighbours (one node) and match the runner's replicas.
+        topology = ProcessTopology(axes=["data", "pipe"], dims=[replicas, num_stages])
+        super().__init__(layers=layers, loss_fn=loss_fn, topology=topology,
+                         activation_checkpoint_interval=activation_checkpoint_interval, dynamic_shape=True)
+        isolate_data_parallel(self._grid, replicas * num_stages)  # replicas never share gradients
 
     def _partition_layers(self, method="uniform"):
         # DeepSpeed's hook for the stage split; ours comes precomputed (explicit or by cost).
@@ -62,7 +67,8 @@ class DusaPipeline(PipelineModule):
 
 def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: PipelineConfig,
                    class_names: Sequence[str], stage_report: Callable[[str], None] = print,
-                   dtype: torch.dtype = torch.float32, precision: str | None = None) -> DusaPipeline:
+                   dtype: torch.dtype = torch.float32, precision: str | None = None,
+                   replicas: int = 1) -> DusaPipeline:
     """Layer list -> partition -> module; each rank reads only the weights of its stage's layers.
     `precision` (bf16, autocast, fp32; default from `dtype`) picks the measured cost table."""
     precision = precision or ("bf16" if dtype == torch.bfloat16 else "fp32")
@@ -109,7 +115,7 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
                 busy += f", memory {predicted['memory'][s] / 2**30:.1f} GiB at the most classes measured"
         stage_report(f"stage {s}: layers {a}-{b - 1} ({names[a]} .. {names[b - 1]}){busy}")
     module = DusaPipeline(layers, bounds, DusaLoss(tta.temperature), pipe.num_stages,
-                          pipe.activation_checkpoint_interval)
+                          pipe.activation_checkpoint_interval, replicas)
     module.loaded_keys = parts.loaded_keys
     return module
 

@@ -3,6 +3,8 @@ the whole sweep's ETA; losses are read back from the device in batches (no host 
 with the pictures."""
 from __future__ import annotations
 
+import math
+
 import torch
 from PIL import Image
 from tqdm import tqdm
@@ -19,14 +21,21 @@ class TaskProgress:
     read back at once, logged, and shown."""
 
     def __init__(self, task: str, description: str, images: int, sweep_images: int, sweep_done: int,
-                 log_every: int, show: bool, logger: RunLogger | None, with_loss: bool):
+                 log_every: int, show: bool, logger: RunLogger | None, with_loss: bool, replicas: int = 1):
         self.task, self.images, self.log_every, self.logger = task, images, log_every, logger
-        self.sweep_images, self.sweep_done = sweep_images, sweep_done  # for the sweep's ETA
+        # For the sweep's ETA: images done by every replica (the others' as rank 0 hears of them), at this
+        # replica's rate times the number of replicas.
+        self.sweep_images, self.sweep_done, self.replicas = sweep_images, sweep_done, replicas
         self.bar = tqdm(total=images, desc=description, disable=not show, dynamic_ncols=True, unit=" img",
                         bar_format=BAR_FORMAT)
         # Fixed order on the bar: running mIoU, last loss, ETA of the whole sweep.
         self.postfix = {"mIoU": "?", **({"loss": "?"} if with_loss else {}), "sweep ETA": "?"}
         self.pending: list[tuple[int, torch.Tensor | None, tuple[Image.Image, str] | None]] = []
+        self.loss_sum, self.loss_count = 0.0, 0  # the task's finite losses, for its mean in the results
+
+    @property
+    def mean_loss(self) -> float | None:
+        return self.loss_sum / self.loss_count if self.loss_count else None
 
     def add(self, step: int, loss: torch.Tensor | None, picture: tuple[Image.Image, str] | None,
             metric: SegmentationMetric) -> None:
@@ -34,7 +43,8 @@ class TaskProgress:
         self.sweep_done += 1
         rate = self.bar.format_dict.get("rate")  # None until tqdm has measured one (and when the bar is off)
         if rate:
-            self.postfix["sweep ETA"] = tqdm.format_interval((self.sweep_images - self.sweep_done) / rate)
+            left = max(self.sweep_images - self.sweep_done, 0)
+            self.postfix["sweep ETA"] = tqdm.format_interval(left / (rate * self.replicas))
         self.bar.set_postfix(self.postfix, refresh=False)
         self.bar.update(1)
         if len(self.pending) >= self.log_every or step + 1 == self.images:
@@ -53,6 +63,8 @@ class TaskProgress:
                     self.logger.log_picture(self.task, *picture)
             if value is not None:
                 self.postfix["loss"] = f"{value:.4f}"
+                if math.isfinite(value):
+                    self.loss_sum, self.loss_count = self.loss_sum + value, self.loss_count + 1
         self.postfix["mIoU"] = f"{running:.1f}"
         self.bar.set_postfix(self.postfix)
         self.pending.clear()

@@ -291,6 +291,7 @@ def summarize(task_results: dict[str, dict], config: dict, class_names: Sequence
             "images": int(res["images"]),
             "seconds": float(res["seconds"]),
             "nonfinite_steps": int(res.get("nonfinite_steps", 0)),
+            "loss": _finite_or_none(res.get("loss")),  # the mean adaptation loss of the task's steps (None: source)
         }
     average = {key: _mean([t[key] for t in tasks.values()]) for key in ("mIoU", "aAcc")}
     return {"metric_unit": METRIC_UNIT, "tasks": tasks, "average": average, "config": config}

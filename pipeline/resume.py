@@ -77,8 +77,12 @@ def finished_tasks(cfg: RunConfig, record: dict[str, Any], class_names: Sequence
         raise ValueError(f"{path} holds results of another configuration (differs in: {', '.join(differing)}): "
                          f"use another --output_dir, or delete that folder to start over")
     tasks, order = list(saved.get("tasks", {})), list(cfg.data.corruptions)
-    if tasks != order[:len(tasks)]:
-        raise ValueError(f"{path} holds tasks {tasks}, not a beginning of this run's {order}: use another --output_dir")
+    # Tasks are independent unless continual: replicas finish them in any order, and a resumed sweep runs the
+    # rest. A continual run is one sequence: what is done must be its beginning.
+    continual = cfg.tta.continual and cfg.tta.method != "source"
+    if continual and tasks != order[:len(tasks)] or not set(tasks) <= set(order):
+        raise ValueError(f"{path} holds tasks {tasks}, not {'a beginning' if continual else 'a part'} of this run's "
+                         f"{order}: use another --output_dir")
     if tasks and cfg.tta.continual and len(tasks) < len(order) and cfg.tta.method != "source":
         if not state_path(cfg.output_dir, tasks[-1]).exists():
             raise ValueError(f"continual run: no saved state after task {tasks[-1]} in "

@@ -6,6 +6,7 @@ logits, differs.
 """
 from __future__ import annotations
 
+import io
 import os
 import time
 from dataclasses import asdict
@@ -24,14 +25,15 @@ from pipeline.images import PreparedImages, predict, task_order
 from pipeline.methods import Method
 from pipeline.pictures import make_picture, save_picture
 from pipeline.progress import TaskProgress
+from pipeline.replicas import Replicas, task_result
 from pipeline.reporting import RunLogger, format_results_table, summarize, write_results
 from pipeline.resume import check_saved_state, finished_tasks, saved_results, state_path
 from pipeline.rundir import PeerError, file_digests, own_folder, remove_path
 
 
-def open_tasks(data: DataConfig) -> dict[str, ADE20KC]:
+def open_tasks(data: DataConfig, num_classes: int) -> dict[str, ADE20KC]:
     """Every task's dataset, in run order (listing checks folders and annotations)."""
-    return {task: ADE20KC(data.root, task, data.severity, data.limit) for task in data.corruptions}
+    return {task: ADE20KC(data.root, task, data.severity, data.limit, num_classes) for task in data.corruptions}
 
 
 class TTARunner:
@@ -42,17 +44,18 @@ class TTARunner:
 
     def __init__(self, cfg: RunConfig, class_names: Sequence[str], device: torch.device, method: Method,
                  logger: RunLogger | None = None, config_record: dict[str, Any] | None = None,
-                 datasets: dict[str, ADE20KC] | None = None):
+                 datasets: dict[str, ADE20KC] | None = None, replicas: Replicas | None = None):
         if method.name != cfg.tta.method:
             raise ValueError(f"tta.method={cfg.tta.method} but the runner was given {method.name}")
         self.cfg, self.class_names, self.device = cfg, list(class_names), device
         self.method = method
+        self.replicas = replicas or Replicas()  # default: one process, or one pipeline replica of them
         self.logger = logger
         self.config_record = config_record if config_record is not None else asdict(cfg)
         self.results: dict[str, dict] = {}
         data = cfg.data
         # Every task is listed up front: a missing folder fails now, not hours in, and the sweep's size is known.
-        self.datasets = datasets if datasets is not None else open_tasks(data)
+        self.datasets = datasets if datasets is not None else open_tasks(data, len(self.class_names))
         self.total_images = sum(len(d) for d in self.datasets.values())
         self._done = 0  # images scored so far in the sweep (for its ETA)
         self._nonfinite_run = self._nonfinite_task = 0  # steps with a NaN/inf loss: in a row, in this task
@@ -68,29 +71,44 @@ class TTARunner:
     def run(self) -> dict | None:
         # The state is checked where it is loaded (`_load_state`), by its digests in results.json, which
         # go on into every results.json written here.
-        finished = finished_tasks(self.cfg, self.config_record, self.class_names, check_state=False)
-        self._state_record = (saved_results(self.cfg.output_dir) or {}).get("state") if self.scoring else None
-        for index, (task, dataset) in enumerate(self.datasets.items()):
-            if task in finished:
+        reps = self.replicas
+        finished = {}
+        if reps.root:
+            finished = finished_tasks(self.cfg, self.config_record, self.class_names, check_state=False)
+        names = list(finished)
+        if reps.world > 1 and dist.is_initialized():  # rank 0's reading, for every process (one sweep)
+            box = [names]
+            dist.broadcast_object_list(box, src=0)
+            names = box[0]
+        self._state_record = (saved_results(self.cfg.output_dir) or {}).get("state") if reps.root else None
+        order = list(self.datasets)
+        for task in names:
+            self._done += len(self.datasets[task])
+            if reps.root:
                 self.results[task] = finished[task]
-                self._done += len(dataset)
-                if self.scoring:
-                    print(f"{task}: already done in {self.cfg.output_dir} (mIoU {finished[task]['mIoU']:.2f}), "
-                          f"skipped", flush=True)
-                if self.cfg.tta.continual and index + 1 == len(finished) < len(self.datasets):
-                    self._load_state(task)  # the models and optimizer as they were after that task
-                continue
-            if index > 0 and not self.cfg.tta.continual:
-                self.reset()
-            result = self.run_task(task, dataset, f"[{index + 1}/{len(self.datasets)}] {task}")
-            if self.cfg.tta.continual and index + 1 < len(self.datasets):
+                print(f"{task}: already done in {self.cfg.output_dir} (mIoU {finished[task]['mIoU']:.2f}), "
+                      f"skipped", flush=True)
+        pending = [task for task in order if task not in names]
+        if self.cfg.tta.continual and names and pending:
+            self._load_state(names[-1])  # the models and optimizer as they were after that task (one replica)
+        ran = False
+        for task in reps.tasks(pending):
+            index = order.index(task)
+            if ran and not self.cfg.tta.continual:
+                self.reset()  # every task from the initial weights, whichever ran before on this replica
+            result = self.run_task(task, self.datasets[task], f"[{index + 1}/{len(order)}] {task}")
+            ran = True
+            if self.cfg.tta.continual and index + 1 < len(order):
                 self._save_state(task)  # before results.json names the task finished
             if self.scoring:
-                self.results[task] = result
-                # Saved after every task, so a crash keeps what finished and claims nothing else.
-                self._write_results()
-                if self.logger:
-                    self.logger.log_task(task, result)
+                self._task_done(task, result)
+        if reps.count > 1:
+            reps.barrier()  # this replica's stages are done; the others may be hours from it
+            if not reps.root:
+                return None
+            while len(self.results) < len(order):  # the other replicas' last tasks
+                self._collect()
+                time.sleep(0.2)
         if not self.scoring:
             return None
         results = self._write_results()
@@ -99,11 +117,41 @@ class TTARunner:
             self.logger.finish(results)
         return results
 
+    def _task_done(self, task: str, result: dict, replica: int = 0) -> None:
+        """A finished task's result: rank 0 records it (saved after every task, so a crash keeps what
+        finished and claims nothing else) and logs it; another replica posts it to rank 0."""
+        if self.replicas.root:
+            self.results[task] = result
+            self._write_results()
+            if replica:
+                print(f"{task}: mIoU {result['mIoU']:.2f}  aAcc {result['aAcc']:.2f}  ({result['images']} images, "
+                      f"{result['seconds']:.1f} s, replica {replica})"
+                      + (f"; {result['nonfinite_steps']} steps had a NaN/inf loss, their updates were skipped"
+                         if result.get("nonfinite_steps") else ""), flush=True)
+        if self.logger:
+            self.logger.log_task(task, result)
+
+    def _collect(self, progress: TaskProgress | None = None) -> None:
+        """Rank 0: what the other replicas posted since the last call, into W&B and the results."""
+        for replica, event, blob in self.replicas.collect():
+            kind, task = event["kind"], event["task"]
+            if kind == "result":
+                self._task_done(task, task_result(event), replica)
+            elif kind == "step":
+                self._done += 1
+                if progress is not None:
+                    progress.sweep_done += 1
+                if self.logger:
+                    self.logger.log_step(task, event["step"], event["loss"], event["running_miou"], event["extra"])
+            elif kind == "picture" and self.logger:
+                self.logger.log_picture(task, Image.open(io.BytesIO(blob)), event["caption"])
+
     # ------------------------------------------------------------------ resuming an interrupted sweep
     def _write_results(self) -> dict:
         """results.json / .csv of the tasks so far, with the record of the saved state (its files' SHA-256),
         which a resume checks before loading it."""
-        results = summarize(self.results, self.config_record, self.class_names)
+        ordered = {task: self.results[task] for task in self.datasets if task in self.results}  # the run's order
+        results = summarize(ordered, self.config_record, self.class_names)
         if getattr(self, "_state_record", None):
             results["state"] = self._state_record
         write_results(results, self.cfg.output_dir)
@@ -186,8 +234,10 @@ class TTARunner:
                             batch_size=None, num_workers=data.num_workers, pin_memory=self.device.type == "cuda")
         every = self.cfg.logging.image_every
         start = time.perf_counter()
+        root, others = self.replicas.root, self.replicas.count > 1
         progress = TaskProgress(task, description, len(dataset), self.total_images, self._done,
-                                self.cfg.logging.log_every, self.cfg.logging.progress, self.logger, self.method.adapts)
+                                self.cfg.logging.log_every, self.cfg.logging.progress and root, self.logger,
+                                self.method.adapts, self.replicas.count)
         for step, item in enumerate(loader):
             label = item["label"].to(self.device, non_blocking=True)
             result = self.method.step(task, item)
@@ -198,11 +248,16 @@ class TTARunner:
             picture = self._picture(task, item, prediction, label, result.notes) \
                 if every and step % every == 0 else None
             progress.add(step, result.loss, picture, metric)
+            if root and others:
+                self._collect(progress)
         progress.close()
         self._done = progress.sweep_done
         self.method.end_task()
         result = metric.compute()
-        result.update(images=len(dataset), seconds=time.perf_counter() - start, nonfinite_steps=self._nonfinite_task)
+        result.update(images=len(dataset), seconds=time.perf_counter() - start, nonfinite_steps=self._nonfinite_task,
+                      loss=progress.mean_loss)
+        if not root:  # rank 0 says it when the result reaches it
+            return result
         if self._nonfinite_task:
             print(f"{task}: {self._nonfinite_task} steps had a NaN/inf loss; their updates were skipped", flush=True)
         print(f"{task}: mIoU {result['mIoU']:.2f}  aAcc {result['aAcc']:.2f}  "
