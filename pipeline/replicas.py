@@ -32,7 +32,7 @@ def layout_error(world: int, stages: int, continual: bool) -> str | None:
     """Why G processes cannot run S-stage replicas (one line), or None."""
     if world % stages:
         near = max(stages, world - world % stages)
-        return (f"{world} processes cannot form pipelines of pipeline.num_stages={stages}: start a multiple of "
+        return (f"{world} process{'es' if world > 1 else ''} cannot form pipelines of pipeline.num_stages={stages}: start a multiple of "
                 f"{stages} (`deepspeed --num_gpus {near} launch/tta.py ...`) or set --pipeline.num_stages to a "
                 f"divisor of {world}")
     if continual and world // stages > 1:

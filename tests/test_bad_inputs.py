@@ -51,7 +51,7 @@ CASES = {
     "unknown corruption": (["--data.corruptions", "[fog]"], "corruptions under"),
     "unknown config key": (["--tta.learning_rate", "1e-5"], "unrecognized arguments: --tta.learning_rate"),
     "wrong type": (["--tta.lr", "fast"], 'Parser key "tta.lr"'),
-    "stages vs processes": (["--pipeline.num_stages", "2"], "pipeline.num_stages=2 but 1 processes were started"),
+    "stages vs processes": (["--pipeline.num_stages", "2"], "1 process cannot form pipelines of pipeline.num_stages=2"),
     "stages vs blocks": (["--pipeline.partition", "[0,40]"], "pipeline.partition [0, 40] must be 2 increasing"),
     "missing checkpoint": (["--model.segmenter", "/nonexistent/segformer"], "/nonexistent/segformer"),
     "fp16 engine": (["--deepspeed", '{"fp16": {"enabled": true}}'], "fp16 is not supported"),

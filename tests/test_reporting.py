@@ -85,18 +85,18 @@ def test_startup_summary_names_what_runs() -> None:
         return dict(re.match(r"(.+?)\s{2,}(.+)$", line).groups() for line in text.splitlines())
 
     cfg = RunConfig()
-    rows = fields(startup_summary(cfg, ["ds_configs/tta.json"], "2 (2 pipeline stages), 2 x cuda visible",
+    rows = fields(startup_summary(cfg, ["ds_configs/tta.json"], "2 (1 replica x 2 stages: dusa), 2 x cuda visible",
                                   [("stage 0", 84_700_000, 168_000_000), ("stage 1", 1_200_000_000, 1_200_000_000)],
                                   30000))
     assert rows["method"] == "dusa (lr 1e-05, reset before each task)"
     assert rows["generator"] == cfg.model.generator and rows["segmenter"] == cfg.model.segmenter
     assert rows["parameters, stage 0"] == "84.70M trainable / 168.00M"
     assert rows["parameters, stage 1"] == "1.20B trainable / 1.20B"
-    assert rows["processes"] == "2 (2 pipeline stages), 2 x cuda visible"
+    assert rows["processes"] == "2 (1 replica x 2 stages: dusa), 2 x cuda visible"
     assert rows["data"] == "data/ade20k_c: 15 corruptions at severity 5, 30000 images"
     assert rows["config"] == "ds_configs/tta.json" and rows["output"] == cfg.output_dir
     cfg.tta.method = "source"
-    rows = fields(startup_summary(cfg, [], "1 (rank 0 runs source, the others exit), 1 x cuda visible",
+    rows = fields(startup_summary(cfg, [], "1 (1 replica x 1 stage: source), 1 x cuda visible",
                                   [("segmenter", 0, 84_700_000)], 10))
     assert rows["method"] == "source" and rows["config"] == "(defaults)"
     assert "generator" not in rows and rows["parameters, segmenter"] == "0 trainable / 84.70M"
