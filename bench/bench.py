@@ -3,6 +3,8 @@
 
     python bench/bench.py --workdir /tmp/bench --check --profile --calibrate   # on a node with 2 GPUs
     DS_ACCELERATOR=cpu python bench/bench.py --tiny --workdir /tmp/bench-tiny  # dry run, CPU
+    python bench/bench.py --generator sd3.5-large --variants pipeline --classes 10   # SD3.5-large, 2 stages
+    python bench/bench.py --sweep --classes 10 20 --sweep_images 40            # layouts of the real launcher
 
 Variants, each timed over --steps images after --warmup, per number of candidate classes:
   (a) pipeline: the project's pipeline, default config (2 stages, bf16, ZeRO-1), through the very
@@ -15,8 +17,15 @@ Options: --check compares loss, gradients and the parameter update of one optimi
 (b) (same weights and inputs); --profile records two more steps of (a) per stage (torch.profiler
 traces + a table of where each stage's time goes); --calibrate measures per-layer costs in (b) and
 writes the cost table that the partition of (a) and of users' runs reads (pipeline/costs/); the
-GPU run also checks SegFormer's CUDA graphs against eager and times their capture.
-Writes bench/results/<date>-<card>.json (+ the profile tables) and prints a table.
+GPU run also checks SegFormer's CUDA graphs against eager and times their capture. Every run records
+pipeline/memory.py's estimate per stage beside the measured peaks; a stage that runs out of memory ends
+every stage of its launch at once (recorded, with each stage's peak so far). --generator sd3.5-large runs
+random SD3.5-large weights (split by the memory estimate when no cost table exists for it).
+--sweep: instead of the variants, the real launcher (launch/tta.py on ds_configs/tta.json) over a synthetic
+sweep, once per layout (replicas x stages) and class count: images/s over the sweep, beside the layouts'
+prediction from the measured cost table.
+Writes bench/results/<date>-<card>[-<generator>][-<tag>].json (+ the profile tables; the sweep:
+<date>-<card>-sweep...json) and prints a table.
 """
 from __future__ import annotations
 
@@ -26,6 +35,7 @@ import gzip
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -44,17 +54,23 @@ IMAGE_SIZE = (512, 683)  # a typical ADE20K image after resizing: 2 windows of 5
 
 
 # ----------------------------------------------------------------------------- shared pieces
-def checkpoints(workdir: Path, tiny: bool) -> dict[str, str]:
+def checkpoints(workdir: Path, tiny: bool, generator: str = "sd3-medium") -> dict[str, str]:
+    """Random checkpoints of the published architectures (`generator`: SD3-medium or SD3.5-large), or tiny
+    ones of the same kinds (--tiny: SD3.5-large's tiny stand-in has its RMS q/k norm)."""
     from data.classes import ADE20K_CLASSES
     if tiny:
-        from models.tiny import ensure_demo_models
-        paths = {"segmenter": str(workdir / "segformer"), "generator": str(workdir / "sd3"),
-                 "class_embeddings": str(workdir / "classes.safetensors")}
+        from models.tiny import ensure_demo_models, make_tiny_class_embeddings, make_tiny_sd3
+        name = "sd3" if generator == "sd3-medium" else f"{generator}-tiny"
+        paths = {"segmenter": str(workdir / "segformer"), "generator": str(workdir / name),
+                 "class_embeddings": str(workdir / ("classes.safetensors" if name == "sd3" else f"{name}.safetensors"))}
+        if generator != "sd3-medium" and not (workdir / name / "transformer" / "config.json").is_file():
+            make_tiny_sd3(paths["generator"], num_layers=6, qk_norm="rms_norm")
+            make_tiny_class_embeddings(paths["class_embeddings"], ADE20K_CLASSES, paths["generator"])
         ensure_demo_models(paths["segmenter"], paths["generator"], paths["class_embeddings"], ADE20K_CLASSES)
         return paths
     from models.architectures import make_random_checkpoints
     return make_random_checkpoints(workdir / "checkpoints", ADE20K_CLASSES,
-                                   device="cuda" if torch.cuda.is_available() else "cpu")
+                                   device="cuda" if torch.cuda.is_available() else "cpu", generator=generator)
 
 
 def default_ds_config(tiny: bool) -> Path:
@@ -85,6 +101,68 @@ def sync() -> None:
 
 def peak_memory_gib(device: int | None = None) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if torch.cuda.is_available() else None
+
+
+def peak_reserved_gib(device: int | None = None) -> float | None:
+    """What the caching allocator held at most: also the blocks of CUDA-graph pools that replays reuse."""
+    return torch.cuda.max_memory_reserved(device) / 2**30 if torch.cuda.is_available() else None
+
+
+class StageStop:
+    """Ends every stage of a pipeline launch promptly when one runs out of memory. The other stages then wait
+    inside the step (a receive or the optimizer's all-reduce) and would wait until the variant's timeout: the
+    failing rank records its failure in its result file and writes a flag file; a thread of every other rank
+    watches for it, records the class count it was at (peak memory so far) and ends its process; the failing
+    rank ends with exit code 3 a few seconds later (and DeepSpeed's launcher ends whatever is left)."""
+
+    def __init__(self, workdir: Path, name: str, rank: int, out: dict, path: Path, poll_s: float = 0.2):
+        self.flag, self.rank, self.out, self.path = workdir / f"stop-{name}.json", rank, out, path
+        self.device = torch.cuda.current_device() if torch.cuda.is_available() else None  # threads have their own
+        self.current: int | None = None  # the class count being measured
+        self.poll_s = poll_s
+        import threading
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    def save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.out, indent=2))
+        os.replace(tmp, self.path)
+
+    def _memory(self) -> dict:
+        return {"peak_mem_gib": peak_memory_gib(self.device), "peak_reserved_gib": peak_reserved_gib(self.device)}
+
+    def fail(self, classes: int | None, exc: BaseException, where: str) -> None:
+        error = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:400]
+        info = {"rank": self.rank, "stage": self.out.get("stage"), "classes": classes, "where": where, "error": error}
+        say(f"rank {self.rank}: out of memory at {where} ({classes} classes): {error}")
+        self.out["stopped"] = info
+        if classes is not None:
+            self.out["results"][str(classes)] = {"oom": True, "s_per_image": None, "busy_s": None, "optimizer_s": None,
+                                                 "loss": None, "error": error, **self._memory()}
+        self.save()
+        tmp = self.flag.with_suffix(".tmp")
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, self.flag)
+        time.sleep(10 * self.poll_s + 2)  # the others record their part
+        os._exit(3)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self.poll_s)
+            try:
+                info = json.loads(self.flag.read_text())
+            except (OSError, ValueError):
+                continue
+            if info.get("rank") == self.rank:
+                continue
+            self.out["stopped"] = info
+            if self.current is not None and str(self.current) not in self.out["results"]:
+                self.out["results"][str(self.current)] = {
+                    "oom": False, "stopped_by_stage": info.get("stage"), "s_per_image": None, "busy_s": None,
+                    "optimizer_s": None, "loss": None, **self._memory()}
+            self.save()
+            say(f"rank {self.rank}: stage {info.get('stage')} ran out of memory: this stage stops too")
+            os._exit(0)
 
 
 class Spans:
@@ -263,12 +341,18 @@ def pipeline_worker(args) -> None:
     ds = load_ds_config(args.ds_config or default_ds_config(args.tiny),
                         lr=1e-5)
     bf16 = ds.get("bf16", {}).get("enabled", False)
-    module = build_pipeline(ModelConfig(**paths), data, tta, pipe, ADE20K_CLASSES,
-                            stage_report=print if rank == 0 else (lambda _: None),
-                            dtype=torch.bfloat16 if bf16 else torch.float32, precision=precision_of(ds))
-    say(f"rank {rank}: stage built")
-    engine = TTAEngine(module, ds, tta)
+    out: dict = {"stage": rank, "stages": args.stages, "name": args.name, "results": {}}
+    stopper = StageStop(Path(args.workdir), args.name, rank, out, Path(args.workdir) / f"{tag}.json")
+    try:
+        module = build_pipeline(ModelConfig(**paths), data, tta, pipe, ADE20K_CLASSES,
+                                stage_report=print if rank == 0 else (lambda _: None),
+                                dtype=torch.bfloat16 if bf16 else torch.float32, precision=precision_of(ds))
+        say(f"rank {rank}: stage built")
+        engine = TTAEngine(module, ds, tta)
+    except torch.cuda.OutOfMemoryError as exc:
+        stopper.fail(None, exc, "loading the stage")
     stage = engine.engine.stage_id
+    out.update(stage=stage, partition=list(module.parts))
     say(f"rank {rank}: engine ready")
     front = module.front
     say(f"rank {rank}: stage {stage} on {engine.device} (current device "
@@ -276,8 +360,6 @@ def pipeline_worker(args) -> None:
         f"{next(module.parameters()).device})")
     image = synthetic_image(args.tiny)
     corners = window_boxes(image.shape[-2], image.shape[-1], size, stride)
-    out: dict = {"stage": stage, "stages": args.stages, "name": args.name, "partition": list(module.parts),
-                 "results": {}}
     if front is not None and torch.cuda.is_available() and args.graph_check:
         try:
             out["graphs"] = graph_check(front, image)
@@ -325,17 +407,19 @@ def pipeline_worker(args) -> None:
             front.min_classes = front.max_classes = c
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
+        stopper.current = c
         times, busies, optimizer, oom, loss = [], [], [], False, None
         for i in range(args.warmup + args.steps):
             captured["armed"] = args.check and c == args.classes[0] and i == 0
             sync()
             t0 = time.perf_counter()
             try:
+                if args.inject_oom == f"{stage}:{c}":
+                    raise torch.cuda.OutOfMemoryError("injected by --inject_oom (test)")
                 loss = one_step(i).loss
                 sync()
-            except torch.cuda.OutOfMemoryError:
-                oom = True
-                break
+            except torch.cuda.OutOfMemoryError as exc:  # the other stages wait inside this step: end them too
+                stopper.fail(c, exc, f"step {i}")
             elapsed = time.perf_counter() - t0
             if "grads" in captured:
                 torch.save({"loss": float(loss), "grads": captured.pop("grads"), "updates": captured.pop("updates")},
@@ -351,7 +435,9 @@ def pipeline_worker(args) -> None:
         out["results"][str(c)] = {"oom": oom, "s_per_image": statistics.median(times) if times else None,
                                   "busy_s": statistics.median(busies) if busies else None,
                                   "optimizer_s": statistics.median(optimizer) if optimizer else None,
-                                  "peak_mem_gib": peak_memory_gib(), "loss": float(loss) if loss is not None else None}
+                                  "peak_mem_gib": peak_memory_gib(), "peak_reserved_gib": peak_reserved_gib(),
+                                  "loss": float(loss) if loss is not None else None}
+        stopper.save()  # what is measured so far stays if a later class count runs out of memory
         if args.profile and c == args.classes[0] and not oom:
             out["profile"] = profile_steps(one_step, spans, Path(args.workdir) / f"trace-{tag}.json", args.stages)
     if front is not None and front.graphed is not None:
@@ -361,7 +447,7 @@ def pipeline_worker(args) -> None:
     if args.calibrate:
         out["calibration"] = calibrate(engine, image, corners, latent, args.classes,
                                        out["results"][str(args.classes[0])]["optimizer_s"] or 0.0)
-    (Path(args.workdir) / f"{tag}.json").write_text(json.dumps(out, indent=2))
+    stopper.save()
 
 
 def profile_steps(one_step, spans: Spans, trace: Path, stages: int, steps: int = 2) -> dict:
@@ -696,17 +782,20 @@ def matmul_tflops() -> float | None:
     return 2 * 8192**3 * n / (time.perf_counter() - t0) / 1e12
 
 
-def run(cmd: list[str], log: Path, timeout: float) -> None:
+def run(cmd: list[str], log: Path, timeout: float, timing: dict | None = None) -> str | None:
     """Runs one variant in its own process group; whatever it leaves running (ranks of a failed launch)
     is killed before the next variant starts, so no variant shares the GPUs with another's leftovers."""
     print(f"[{time.strftime('%H:%M:%S')}] $", " ".join(cmd), flush=True)
     with open(log, "a") as f:
+        start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             code = proc.wait(timeout=timeout)
             failed = code != 0 and f"exit {code}"
         except subprocess.TimeoutExpired:
             failed = f"timed out after {timeout:.0f} s"
+        if timing is not None:
+            timing["wall_s"] = time.perf_counter() - start
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -714,6 +803,7 @@ def run(cmd: list[str], log: Path, timeout: float) -> None:
         proc.wait()
     time.sleep(2)  # the driver releases the killed processes' GPU memory
     print(f"[{time.strftime('%H:%M:%S')}] " + (f"failed ({failed}); see {log}" if failed else "done"), flush=True)
+    return failed or None
 
 
 def compare_check(workdir: Path, stages: int) -> dict | None:
@@ -757,6 +847,112 @@ def cost_table_from(calibration: dict, card: str, paths: dict, tiny: bool, preci
             "image_size": list(synthetic_image(tiny).shape[-2:]), **calibration}
 
 
+# ----------------------------------------------------------------------------- sweep: which layout finishes first
+def sweep(args, paths: dict, workdir: Path, out: Path, card: str, slug: str, suffix: str, memory, table,
+          checkpoints_s: float) -> None:
+    """The real launcher over a synthetic sweep (`--sweep_tasks` x `--sweep_images` images of 512 x 683) on G
+    GPUs, once per layout (`--sweep_stages` S: G / S replicas of S stages) and class count (min = max classes
+    per window, so every window is one fixed transformer batch); images/s from the tasks' seconds in
+    results.json (the replicas' tasks scheduled as the shared queue hands them out: the makespan) and from the
+    launcher's wall time (start-up and loading included), beside the prediction from the measured cost table."""
+    from data.demo import make_demo_dataset
+    from pipeline.memory import GIB, memory_split, predict_layouts
+    from pipeline.partition import table_costs
+    gpus = args.sweep_gpus or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
+    card_bytes = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    size = (128, 171) if args.tiny else IMAGE_SIZE
+    data = workdir / "sweep-data"
+    t0 = time.perf_counter()
+    make_demo_dataset(data, num_images=args.sweep_images, corruptions=tuple(args.sweep_tasks), size=size, create=True)
+    dataset_s = time.perf_counter() - t0
+    say(f"sweep data ready in {dataset_s:.0f} s: {len(args.sweep_tasks)} tasks x {args.sweep_images} images")
+    report: dict = {"card": card, "gpus": gpus, "date": datetime.date.today().isoformat(), "tiny": args.tiny,
+                    "generator": args.generator, "ds_config": args.ds_config or "the config's (ds_configs/ds_tta.json)",
+                    "tasks": args.sweep_tasks, "images_per_task": args.sweep_images, "image_size": list(size),
+                    "classes": args.classes, "checkpoints_s": checkpoints_s, "dataset_s": dataset_s,
+                    "command": " ".join(sys.argv), "layouts": []}
+    if table is not None:
+        costs = dict(zip(sorted(int(c) for c in table[1]["classes"]), table_costs(table[1])))
+        report["predicted"] = {"table": table[0].name, "measured_on": table[1]["card"],
+                               "layouts": predict_layouts(costs, gpus, card_bytes, memory)}
+    path = out / f"{report['date']}-{slug}-sweep{suffix}.json"
+    ports = itertools.count(29633)
+    for classes in args.classes:
+        for stages in args.sweep_stages:
+            replicas = gpus // stages
+            row: dict = {"layout": f"{replicas} x {stages}", "replicas": replicas, "stages": stages, "classes": classes}
+            report["layouts"].append(row)
+            if gpus % stages:
+                row["status"] = f"skipped: {stages} stages do not divide {gpus} GPUs"
+                continue
+            bounds = memory_split(memory, stages, classes)
+            peaks = [st["total"] / GIB for st in memory.stages(bounds, classes)]
+            row["estimated_peak_gib"] = [round(m, 1) for m in peaks]
+            if card_bytes and max(peaks) * GIB > card_bytes and not args.sweep_run_unfit:
+                row["status"] = (f"skipped: estimated {max(peaks):.1f} GiB per GPU at the least-memory split "
+                                 f"{bounds}, the card has {card_bytes / GIB:.1f} (--sweep_run_unfit runs it)")
+                say(f"{row['layout']} at {classes} classes {row['status']}")
+                continue
+            name = f"{replicas}x{stages}-{classes}"
+            run_dir, log = workdir / "sweep" / name, workdir / "sweep" / f"{name}.log"
+            shutil.rmtree(run_dir, ignore_errors=True)
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.unlink(missing_ok=True)
+            config = ROOT / "ds_configs" / ("demo.json" if args.tiny else "tta.json")
+            cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(next(ports)), "--num_gpus",
+                   str(gpus), "launch/tta.py", "--config", str(config), "--model.segmenter", paths["segmenter"],
+                   "--model.generator", paths["generator"], "--model.class_embeddings", paths["class_embeddings"],
+                   "--data.root", str(data), "--data.corruptions", "[" + ",".join(args.sweep_tasks) + "]",
+                   "--logging.wandb.enabled", "false", "--logging.progress", "false", "--logging.image_every", "0",
+                   "--pipeline.num_stages", str(stages), "--tta.max_classes", str(classes),
+                   "--tta.min_classes", str(classes), "--output_dir", str(run_dir)]
+            cmd += ["--deepspeed", args.ds_config] if args.ds_config else []
+            if args.tiny:  # the demo config's own models, data and split are not the sweep's
+                cmd += ["--model.build_demo_models", "false", "--data.build_demo_data", "false",
+                        "--pipeline.partition", "null"]
+            timing: dict = {}
+            failed = run(cmd, log, args.timeout, timing)
+            row["launcher_wall_s"] = timing["wall_s"]
+            text = log.read_text(errors="replace") if log.is_file() else ""
+            row["startup"] = [line.strip() for line in text.splitlines()
+                              if line.lstrip().startswith(("partition", "stage ", "layout", "memory per GPU"))][:12]
+            errors = [line.strip() for line in text.splitlines() if line.startswith("error:")]
+            row["status"] = ("out of memory" if "out of GPU memory" in text else failed) if failed else "ok"
+            if errors:
+                row["error"] = errors[0][:400]
+            results = run_dir / "results.json"
+            if results.is_file():
+                tasks = json.loads(results.read_text()).get("tasks", {})
+                seconds = {t: r["seconds"] for t, r in tasks.items()}
+                images = sum(r["images"] for r in tasks.values())
+                # Each replica's tasks one after another: the replica of each task from the log's task lines
+                # ("task: mIoU ... (N images, S s, replica R)"; none: replica 0), else as the shared queue hands
+                # them out (the next task to the replica free first, in the config's order).
+                named = dict(re.findall(r"^(\w+): mIoU .*?\(\d+ images, [\d.]+ s(?:, replica (\d+))?\)", text, re.M))
+                free = [0.0] * replicas
+                for task in args.sweep_tasks:
+                    if task in seconds:
+                        r = int(named[task] or 0) if task in named else free.index(min(free))
+                        free[min(r, replicas - 1)] += seconds[task]
+                row.update(task_seconds=seconds, images=images, tasks_span_s=max(free),
+                           images_per_s=images / max(free) if max(free) else None,
+                           images_per_s_wall=images / row["launcher_wall_s"])
+            say(f"{row['layout']} at {classes} classes: {row['status']}, "
+                f"{row.get('images_per_s') or 0:.2f} images/s over the tasks, "
+                f"{row.get('images_per_s_wall') or 0:.2f} over the launcher's {row['launcher_wall_s']:.0f} s")
+            path.write_text(json.dumps(report, indent=2))  # after every launch: a cut-off sweep keeps its rows
+    path.write_text(json.dumps(report, indent=2))
+    print(f"\n{card}, {gpus} GPUs, {len(args.sweep_tasks)} tasks x {args.sweep_images} images of {list(size)}")
+    predicted = {(p["replicas"], p["stages"]): p["classes"] for p in (report.get("predicted") or {}).get("layouts", [])}
+    print(f"{'layout':>7} {'classes':>7} {'images/s':>9} {'wall':>9} {'predicted':>9} {'est. GiB':>12}  status")
+    for row in report["layouts"]:
+        guess = predicted.get((row["replicas"], row["stages"]), {}).get(row["classes"], {}).get("images_per_s")
+        print(f"{row['layout']:>7} {row['classes']:>7} {row.get('images_per_s') or 0:>9.2f} "
+              f"{row.get('images_per_s_wall') or 0:>9.2f} {guess or 0:>9.2f} "
+              f"{'/'.join(f'{m:.0f}' for m in row.get('estimated_peak_gib', [])):>12}  {row['status']}")
+    print(f"written {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="/tmp/dusa-bench")
@@ -780,6 +976,21 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny models (a dry run that fits a CPU)")
     parser.add_argument("--log", help="worker output (default: <workdir>/bench.log)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed to each variant")
+    parser.add_argument("--generator", choices=["sd3-medium", "sd3.5-large"], default="sd3-medium",
+                        help="the random SD3 of the run (results file <date>-<card>-<generator>.json unless sd3-medium)")
+    parser.add_argument("--tag", help="appended to the results file's name (e.g. the precision preset)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="instead of the variants: images/s of the real launcher over a sweep of synthetic tasks, "
+                             "per layout (replicas x stages) and class count")
+    parser.add_argument("--sweep_images", type=int, default=40, help="images per task of the sweep")
+    parser.add_argument("--sweep_tasks", nargs="+", default=["gaussian_noise", "defocus_blur"],
+                        help="the sweep's corruptions (one task each)")
+    parser.add_argument("--sweep_stages", type=int, nargs="+", default=[2, 1],
+                        help="pipeline.num_stages of each layout (replicas = GPUs / stages)")
+    parser.add_argument("--sweep_gpus", type=int, help="GPUs (processes) of each launch (default: every GPU; 2 on a CPU)")
+    parser.add_argument("--sweep_run_unfit", action="store_true",
+                        help="also launch layouts whose estimated memory exceeds the card (default: recorded as skipped)")
+    parser.add_argument("--inject_oom", help=argparse.SUPPRESS)  # STAGE:CLASSES, tests of the out-of-memory stop
     parser.add_argument("--worker", choices=["pipeline", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--name", default="pipeline", help=argparse.SUPPRESS)
     parser.add_argument("--graph_check", action="store_true", help=argparse.SUPPRESS)
@@ -797,14 +1008,39 @@ def main() -> None:
     for old in [*workdir.glob("*.json"), *workdir.glob("check-*.pt"), *workdir.glob("trace-*.gz")]:
         old.unlink()
     t0 = time.perf_counter()
-    paths = checkpoints(workdir, args.tiny)
-    say(f"checkpoints ready in {time.perf_counter() - t0:.0f} s")
-    tflops = matmul_tflops()
+    paths = checkpoints(workdir, args.tiny, args.generator)
+    checkpoints_s = time.perf_counter() - t0
+    say(f"checkpoints ready in {checkpoints_s:.0f} s")
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # GPU 0 is stage 0's: this process keeps only its context there
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     slug = card.lower().replace("nvidia ", "").split()[0] if card != "cpu" else "cpu"
+    suffix = (f"-{args.generator}" if args.generator != "sd3-medium" else "") + (f"-{args.tag}" if args.tag else "") \
+        + ("-tiny" if args.tiny else "")
+    from pipeline.config import PipelineConfig
+    # The launcher's SegFormer graphs capture up to pipeline.segmenter_graphs shapes (the sweep's images vary in
+    # size); the variants here see one shape.
+    memory, table = memory_model(paths, args, card, PipelineConfig().segmenter_graphs if args.sweep else 1)
+    if args.sweep:
+        return sweep(args, paths, workdir, out, card, slug, suffix, memory, table, checkpoints_s)
+    tflops = matmul_tflops()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     common = ["bench/bench.py", "--workdir", str(workdir), "--paths", json.dumps(paths), "--classes",
               *map(str, args.classes), "--steps", str(args.steps), "--warmup", str(args.warmup)] + \
-             (["--tiny"] if args.tiny else []) + (["--check"] if args.check else [])
+             (["--tiny"] if args.tiny else []) + (["--check"] if args.check else []) + \
+             (["--inject_oom", args.inject_oom] if args.inject_oom else [])
+    card_bytes = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+    if "pipeline" in args.variants and not args.partition and table is None and card_bytes:
+        # No measured costs for these models: the worker would plan with relative times and no memory figures;
+        # plan the split with the memory estimate instead (the fastest that fits, else the least memory).
+        from pipeline.memory import BUDGET
+        from pipeline.partition import default_costs, plan_partition
+        bounds, planned = plan_partition([default_costs(memory.geometry.num_blocks)], args.stages,
+                                         memory_budget=BUDGET * card_bytes, memory=memory.totals(max(args.classes)))
+        args.partition = json.dumps(bounds)
+        say(f"partition {bounds} planned with pipeline/memory.py's estimate at {max(args.classes)} classes "
+            f"({'fits' if planned['fits'] else 'no split fits'} {BUDGET:.0%} of the card)")
     log = Path(args.log) if args.log else workdir / "bench.log"
     ports = itertools.count(29533)  # a port per launch: a stuck earlier launch cannot meet a later one
 
@@ -851,7 +1087,15 @@ def main() -> None:
     if "naive" in args.variants:
         run([sys.executable, *[a for a in common if a != "--check"], "--worker", "naive"], log, args.timeout)
 
-    report = collect(workdir, args, card, tflops, paths)
+    report = collect(workdir, args, card, tflops, paths, memory)
+    report.update(generator=args.generator, ds_config=args.ds_config or str(default_ds_config(args.tiny)),
+                  checkpoints_s=checkpoints_s, command=" ".join(sys.argv))
+    if card_bytes:  # the fewest stages of this card, and of an 80 GB card, that the estimate fits in
+        from pipeline.memory import smallest_layout
+        report["smallest_layouts"] = {
+            str(c): {name: smallest_layout(memory, c, size) for name, size in ((card, card_bytes),
+                                                                               ("80 GB card", 79.6 * 2**30))}
+            for c in args.classes}
     shapes = (report.get("graphs") or {}).get("shapes", {})
     captures = [v["capture_s"] for v in shapes.values() if v.get("capture_s")]
     if shapes.get("512x683") and captures:  # (512 x 683 itself was captured by the equality check before)
@@ -859,7 +1103,7 @@ def main() -> None:
         report["graph_cache_policy"] = {"shape_mix": SHAPE_MIX, "capture_s_used": statistics.median(captures),
                                         **graph_cache_simulation(shape["eager_s"], shape["graphed_s"],
                                                                  statistics.median(captures))}
-    path = out / f"{report['date']}-{slug}{'-tiny' if args.tiny else ''}.json"
+    path = out / f"{report['date']}-{slug}{suffix}.json"
     path.write_text(json.dumps(report, indent=2))
     for r in range(args.stages):
         trace = workdir / f"trace-pipeline-rank{r}.json.gz"
@@ -876,7 +1120,41 @@ def merge(base: dict, override: dict) -> dict:
     return out
 
 
-def collect(workdir: Path, args, card: str, tflops, paths: dict) -> dict:
+def memory_model(paths: dict, args, card: str, graph_shapes: int = 1):
+    """pipeline/memory.py's model of the benchmark's runs (its activations from the measured cost table of
+    these models where there is one), and that table (path, table) or None. `graph_shapes`: image shapes
+    whose SegFormer CUDA graphs stay captured (one here; up to pipeline.segmenter_graphs in the launcher)."""
+    from pipeline.config import ModelConfig, TTAConfig
+    from pipeline.engine import load_ds_config, precision_of
+    from pipeline.memory import build_memory_model, read_configs
+    from pipeline.partition import find_cost_table, model_signature
+    ds = load_ds_config(args.ds_config or default_ds_config(args.tiny), lr=1e-5)
+    generator, vae, segmenter, shape, dtype = read_configs(ModelConfig(**paths))
+    size = window_size(args.tiny)[0]
+    found = find_cost_table(card, model_signature(generator, segmenter, size, precision_of(ds)))
+    if args.cost_table:
+        found = Path(args.cost_table), json.loads(Path(args.cost_table).read_text())
+    model = build_memory_model(generator, vae, segmenter, TTAConfig(), ds, size, shape, None, dtype,
+                               found[1] if found else None,
+                               graph_shapes=graph_shapes if torch.cuda.is_available() else 0,  # graphs: GPU only
+                               image=tuple(synthetic_image(args.tiny).shape[-2:]))
+    return model, found
+
+
+def compare_memory(memory, bounds, classes: int, measured: list | None, reserved: list | None = None) -> dict:
+    """The estimate per stage beside the measured peaks (GiB; error in % of the measured)."""
+    from pipeline.memory import GIB
+    stages = []
+    for s, est in enumerate(memory.stages(list(bounds), classes)):
+        row = {k: round(est[k] / GIB, 3) for k in ("params", "grads", "optimizer", "activations", "total")}
+        got = measured[s] if measured and s < len(measured) else None
+        row.update(measured_gib=got, reserved_gib=reserved[s] if reserved and s < len(reserved) else None,
+                   error_pct=round(100 * (est["total"] / GIB / got - 1), 1) if got else None)
+        stages.append(row)
+    return {"partition": list(bounds), "source": memory.source, "stages": stages}
+
+
+def collect(workdir: Path, args, card: str, tflops, paths: dict, memory=None) -> dict:
     def read(name):
         path = workdir / name
         return json.loads(path.read_text()) if path.is_file() else None
@@ -900,21 +1178,33 @@ def collect(workdir: Path, args, card: str, tflops, paths: dict) -> dict:
                                   "peak_mem_gib": [r["results"][c]["peak_mem_gib"] for r in ranks]}
                               for c in ranks[0]["results"]}
     report["pipeline_variants"] = variants
+    stopped = [p["stopped"] for p in [*pipe, single] if p and p.get("stopped")]
+    stopped = [json.loads(t) for t in dict.fromkeys(json.dumps(x, sort_keys=True) for x in stopped)]  # once each
+    if stopped:
+        report["stopped"] = stopped  # a stage ran out of memory: every stage of that launch ended there
     for c in map(str, args.classes):
         entry: dict = {"classes": int(c)}
-        if all(pipe):
+        if all(pipe) and all(c in p["results"] for p in pipe):
             r0 = pipe[0]["results"][c]
             entry["pipeline_s_per_image"] = r0["s_per_image"]
             entry["stage_busy_s"] = [p["results"][c]["busy_s"] for p in pipe]
             entry["peak_mem_gib"] = [p["results"][c]["peak_mem_gib"] for p in pipe]
+            entry["peak_reserved_gib"] = [p["results"][c].get("peak_reserved_gib") for p in pipe]
             entry["pipeline_oom"] = any(p["results"][c]["oom"] for p in pipe)
             if r0["s_per_image"]:
                 entry["bubble_fraction"] = 1 - sum(b or 0 for b in entry["stage_busy_s"]) / (args.stages * r0["s_per_image"])
-        if single:
+            if memory is not None and pipe[0].get("partition"):
+                entry["memory_estimate"] = compare_memory(memory, pipe[0]["partition"], int(c), entry["peak_mem_gib"],
+                                                          entry["peak_reserved_gib"])
+        if single and c in single["results"]:
             entry["single_gpu_s_per_image"] = single["results"][c]["s_per_image"]
             entry["single_gpu_peak_mem_gib"] = single["results"][c]["peak_mem_gib"]
             entry["single_gpu_oom"] = single["results"][c]["oom"]
-        if naive:
+            if memory is not None:
+                entry["single_gpu_memory_estimate"] = compare_memory(
+                    memory, [0, len(memory.layers)], int(c), [single["results"][c]["peak_mem_gib"]],
+                    [single["results"][c].get("peak_reserved_gib")])
+        if naive and c in naive["results"]:
             entry["naive_split_s_per_image"] = naive["results"][c]["s_per_image"]
             entry["naive_split_peak_mem_gib"] = naive["results"][c]["peak_mem_gib"]
             entry["naive_split_oom"] = naive["results"][c]["oom"]
@@ -959,6 +1249,17 @@ def print_table(report: dict) -> None:
         print("graphs:", json.dumps(report["graphs"]))
     if report.get("check"):
         print("check (a) vs (b):", json.dumps(report["check"]))
+    for c, e in report["by_classes"].items():
+        for key in ("memory_estimate", "single_gpu_memory_estimate"):
+            if e.get(key):
+                rows = e[key]["stages"]
+                print(f"{c} classes, {'pipeline' if key == 'memory_estimate' else '1 GPU'} {e[key]['partition']}: "
+                      "estimate / measured GiB per stage " + ", ".join(
+                          f"{r['total']:.1f} / {f(r['measured_gib'], '{:.1f}')} ({f(r['error_pct'], '{:+.1f}')} %)"
+                          for r in rows))
+    for stop in report.get("stopped", []):
+        print(f"stopped: stage {stop.get('stage')} ran out of memory at {stop.get('where')} "
+              f"({stop.get('classes')} classes): {stop.get('error')}")
 
 
 if __name__ == "__main__":

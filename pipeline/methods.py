@@ -174,7 +174,7 @@ class Dusa(Method):
         precision = precision_of(ds_config)
         module = build_pipeline(cfg.model, cfg.data, cfg.tta, cfg.pipeline, class_names, stage_report=report,
                                 dtype=torch.bfloat16 if precision == "bf16" else torch.float32, precision=precision,
-                                replicas=replicas.count)
+                                replicas=replicas.count, ds_config=ds_config)
         engine = TTAEngine(module, ds_config, cfg.tta, adaptive_windows=cfg.data.windows == "adaptive")
         stage = engine.engine.stage_id
         counts: list = [(stage, parameter_counts(module, f"stage {stage}"))] * replicas.stages

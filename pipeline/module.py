@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -68,9 +69,10 @@ class DusaPipeline(PipelineModule):
 def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: PipelineConfig,
                    class_names: Sequence[str], stage_report: Callable[[str], None] = print,
                    dtype: torch.dtype = torch.float32, precision: str | None = None,
-                   replicas: int = 1) -> DusaPipeline:
+                   replicas: int = 1, ds_config: dict | None = None) -> DusaPipeline:
     """Layer list -> partition -> module; each rank reads only the weights of its stage's layers.
-    `precision` (bf16, autocast, fp32; default from `dtype`) picks the measured cost table."""
+    `precision` (bf16, autocast, fp32; default from `dtype`) picks the measured cost table; with the
+    DeepSpeed config, the split is planned and reported with the memory estimate of pipeline/memory.py."""
     precision = precision or ("bf16" if dtype == torch.bfloat16 else "fp32")
     parts = TransformerParts(model.generator, dtype)
     num_blocks = parts.num_blocks
@@ -100,7 +102,11 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
         costs, source = step_costs(model, data, pipe, parts, precision)
         # 15 % left for the allocator's fragmentation, the CUDA context and NCCL buffers.
         budget = 0.85 * torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
-        bounds, predicted = plan_partition(costs, pipe.num_stages, memory_budget=budget)
+        memory = None
+        if ds_config is not None:  # the estimate at tta.max_classes (parameters, optimizer, activations)
+            from pipeline.memory import run_memory_model
+            memory = run_memory_model(model, data, tta, pipe, ds_config)[0].totals(tta.max_classes)
+        bounds, predicted = plan_partition(costs, pipe.num_stages, memory_budget=budget, memory=memory)
         stage_report(f"partition {bounds} from {source}; predicted step {predicted['step']:.3f} "
                      f"(2 windows, {'relative units' if source.startswith('default') else 's'})")
         if not predicted["fits"]:
@@ -112,8 +118,13 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
         if pipe.partition is None:
             busy = f", predicted busy {predicted['stage_busy'][s]:.3f}"
             if predicted["memory"]:
-                busy += f", memory {predicted['memory'][s] / 2**30:.1f} GiB at the most classes measured"
+                busy += f", memory {predicted['memory'][s] / 2**30:.1f} GiB at " + (
+                    f"{tta.max_classes} classes" if memory else "the most classes measured")
         stage_report(f"stage {s}: layers {a}-{b - 1} ({names[a]} .. {names[b - 1]}){busy}")
+    if ds_config is not None and int(os.environ.get("RANK", "0")) == 0:  # before any weight loads
+        from pipeline.memory import startup_lines
+        for line in startup_lines(model, data, tta, pipe, ds_config, bounds, gpus=replicas * pipe.num_stages):
+            stage_report(line)
     module = DusaPipeline(layers, bounds, DusaLoss(tta.temperature), pipe.num_stages,
                           pipe.activation_checkpoint_interval, replicas)
     module.loaded_keys = parts.loaded_keys

@@ -14,7 +14,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from deepspeed.runtime.pipe import schedule
 
@@ -108,12 +108,13 @@ def simulate_step(costs: StepCosts, bounds: Sequence[int], num_windows: int) -> 
 
 
 def plan_partition(costs: Sequence[StepCosts], num_stages: int, num_windows: int = 2,
-                   memory_budget: float | None = None) -> tuple[list[int], dict]:
+                   memory_budget: float | None = None,
+                   memory: Callable[[list[int]], list[float]] | None = None) -> tuple[list[int], dict]:
     """Boundaries with the shortest simulated step, averaged over the cost sets given (e.g. several
     class counts per window), among those whose predicted memory (at the cost set with the most
-    activation bytes) fits `memory_budget` bytes per GPU when both are known; when none fits, the
-    split with the smallest largest stage memory. Returns (bounds, the simulation of the first cost set,
-    with the predicted memory per stage)."""
+    activation bytes, or `memory(bounds)`: bytes per stage, e.g. pipeline/memory.py's estimate) fits
+    `memory_budget` bytes per GPU when both are known; when none fits, the split with the smallest largest
+    stage memory. Returns (bounds, the simulation of the first cost set, with the predicted memory per stage)."""
     layers = len(costs[0].forward)
     if not 1 <= num_stages <= layers:
         raise ValueError(f"cannot split {layers} layers into {num_stages} stages")
@@ -122,16 +123,19 @@ def plan_partition(costs: Sequence[StepCosts], num_stages: int, num_windows: int
         total = [sum(c.forward[i] + c.backward[i] for c in costs) for i in range(layers)]
         options = [balanced_partition(total, num_stages)[1:-1]]
     largest = max(costs, key=lambda c: sum(c.activation_bytes or [0]))
+    if memory is None:
+        def memory(bounds):
+            return stage_memory(largest, bounds, num_windows)
     ranked = []
     for cuts in options:
         bounds = [0, *cuts, layers]
         time = sum(simulate_step(c, bounds, num_windows)["step"] for c in costs) / len(costs)
-        memory = stage_memory(largest, bounds, num_windows)
-        ranked.append((time, max(memory) if memory else 0.0, bounds))
+        peaks = memory(bounds)
+        ranked.append((time, max(peaks) if peaks else 0.0, bounds))
     fits = [r for r in ranked if memory_budget is None or r[1] <= memory_budget]
     best = min(fits, key=lambda r: r[0]) if fits else min(ranked, key=lambda r: r[1])
     result = simulate_step(costs[0], best[2], num_windows)
-    result["memory"] = stage_memory(largest, best[2], num_windows)
+    result["memory"] = memory(best[2])
     result["fits"] = bool(fits)
     return best[2], result
 
