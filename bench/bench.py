@@ -861,9 +861,11 @@ def sweep(args, paths: dict, workdir: Path, out: Path, card: str, slug: str, suf
     gpus = args.sweep_gpus or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
     card_bytes = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
     size = (128, 171) if args.tiny else IMAGE_SIZE
-    data = workdir / "sweep-data"
+    data = Path(args.sweep_data) if args.sweep_data else workdir / "sweep-data"
     t0 = time.perf_counter()
-    make_demo_dataset(data, num_images=args.sweep_images, corruptions=tuple(args.sweep_tasks), size=size, create=True)
+    if not args.sweep_data:  # else made beforehand (the GPU image may lack imagecorruptions)
+        make_demo_dataset(data, num_images=args.sweep_images, corruptions=tuple(args.sweep_tasks), size=size,
+                          create=True)
     dataset_s = time.perf_counter() - t0
     say(f"sweep data ready in {dataset_s:.0f} s: {len(args.sweep_tasks)} tasks x {args.sweep_images} images")
     report: dict = {"card": card, "gpus": gpus, "date": datetime.date.today().isoformat(), "tiny": args.tiny,
@@ -983,6 +985,8 @@ def main() -> None:
                         help="instead of the variants: images/s of the real launcher over a sweep of synthetic tasks, "
                              "per layout (replicas x stages) and class count")
     parser.add_argument("--sweep_images", type=int, default=40, help="images per task of the sweep")
+    parser.add_argument("--sweep_data", help="an ADE20K-C root holding the sweep's tasks (default: built in the "
+                                             "workdir by data/demo.py)")
     parser.add_argument("--sweep_tasks", nargs="+", default=["gaussian_noise", "defocus_blur"],
                         help="the sweep's corruptions (one task each)")
     parser.add_argument("--sweep_stages", type=int, nargs="+", default=[2, 1],
