@@ -146,7 +146,8 @@ class PipelineConfig:
     """How the DUSA model is split into DeepSpeed pipeline stages."""
 
     num_stages: int = 2
-    """Pipeline stages; the launcher must start exactly this many processes."""
+    """Pipeline stages (S): the launcher starts a multiple of S processes, G / S independent replicas that each
+    take whole tasks (1: every process holds the whole model)."""
     partition: list[int] | None = None
     """Explicit stage boundaries as layer indices over [front, embed, blocks..., head], e.g. [0, 14, 27]
     (None: the boundaries with the shortest predicted step, from measured per-layer costs)."""
