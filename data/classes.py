@@ -70,22 +70,34 @@ assert len(ADE20K_CLASSES) == 150 and len(set(ADE20K_CLASSES)) == 150
 assert len(set(ADE20K_PALETTE)) == 150
 
 
-def load_class_names(spec: str) -> tuple[str, ...]:
-    """The run's classes: `ade20k` (the 150 above) or a text file, one name per line, line i being annotation
-    value i + 1 (blank lines and `#` comments skipped); a missing file, an empty list or a repeated name
-    is a ValueError naming the file."""
-    if spec == "ade20k":
-        return ADE20K_CLASSES
+def check_class_names(classes, source: str, error: type[ValueError] = ValueError) -> None:
+    """A class list names at least one class, each once (`error`: the caller's exception type)."""
+    if not classes:
+        raise error(f"class list {source} is empty")
+    from collections import Counter
+    duplicates = sorted(c for c, n in Counter(classes).items() if n > 1)
+    if duplicates:
+        raise error(f"class list {source} has duplicates: {', '.join(map(repr, duplicates))}")
+
+
+def read_class_names(path, error: type[ValueError] = ValueError) -> list[str]:
+    """A class-list file: one class per line; blank lines and lines starting with `#` are skipped."""
     from pathlib import Path
     try:
-        lines = Path(spec).read_text().splitlines()
+        lines = Path(path).read_text().splitlines()
     except OSError as exc:
-        raise ValueError(f"data.classes: cannot read the class list {spec} ({exc.strerror}); give `ade20k` or "
-                         f"a text file with one class name per line") from None
-    names = tuple(line.strip() for line in lines if line.strip() and not line.strip().startswith("#"))
-    if not names:
-        raise ValueError(f"data.classes: the class list {spec} names no class")
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ValueError(f"data.classes: the class list {spec} names {', '.join(map(repr, repeated))} more than once")
-    return names
+        raise error(f"cannot read class list {path}: {exc.strerror}") from None
+    classes = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    check_class_names(classes, str(path), error)
+    return classes
+
+
+def load_class_names(spec: str) -> tuple[str, ...]:
+    """The run's classes: `ade20k` (the 150 above) or a class-list file (`read_class_names`), line i being
+    annotation value i + 1; a missing file, an empty list or a repeated name is a ValueError naming the file."""
+    if spec == "ade20k":
+        return ADE20K_CLASSES
+    try:
+        return tuple(read_class_names(spec))
+    except ValueError as exc:
+        raise ValueError(f"data.classes: {exc} (give `ade20k` or a text file with one class name per line)") from None

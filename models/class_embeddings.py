@@ -16,7 +16,6 @@ import gc
 import hashlib
 import json
 import sys
-from collections import Counter
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -28,6 +27,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from data.classes import check_class_names, read_class_names
 from models.checkpoints import load_checkpoint
 
 DEFAULT_TEMPLATE = "a photo of a {}"
@@ -94,21 +94,11 @@ def check_cache_metadata(meta: dict, path, classes: Sequence[str], model: str) -
 
 def read_class_list(path: str | Path) -> list[str]:
     """One class per line; blank lines and lines starting with `#` are skipped."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise EmbedError(f"cannot read class list {path}: {e.strerror}") from None
-    classes = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-    check_class_list(classes, str(path))
-    return classes
+    return read_class_names(path, EmbedError)
 
 
 def check_class_list(classes: Sequence[str], source: str) -> None:
-    if not classes:
-        raise EmbedError(f"class list {source} is empty")
-    duplicates = sorted(c for c, n in Counter(classes).items() if n > 1)
-    if duplicates:
-        raise EmbedError(f"class list {source} has duplicates: {', '.join(map(repr, duplicates))}")
+    check_class_names(classes, source, EmbedError)
 
 
 def make_prompts(template: str, classes: Sequence[str], custom: Mapping[str, str] | None = None) -> list[str]:
