@@ -491,15 +491,16 @@ def run_memory_model(model: Any, data: Any, tta: Any, pipe: Any, ds_config: Mapp
 
 
 def startup_lines(model: Any, data: Any, tta: Any, pipe: Any, ds_config: Mapping, bounds: Sequence[int],
-                  gpus: int, card: str | None = None, card_bytes: float | None = None) -> list[str]:
+                  gpus: int, card: str | None = None, card_bytes: float | None = None,
+                  estimate: tuple[MemoryModel, tuple[Path, dict] | None] | None = None) -> list[str]:
     """The start-up estimate of a DUSA run (rank 0, before weights load): one line per stage at
     tta.max_classes, and the layout line with the other layouts' predicted images/s where a measured cost
-    table for these models exists."""
+    table for these models exists. `estimate`: `run_memory_model`'s result when the caller has it already."""
     from pipeline.partition import table_costs
     if card is None:
         card, card_bytes = card_memory()
     try:
-        memory, found = run_memory_model(model, data, tta, pipe, ds_config, card)
+        memory, found = estimate or run_memory_model(model, data, tta, pipe, ds_config, card)
     except Exception as exc:  # noqa: BLE001 - a start-up print never stops a run
         return [f"memory estimate unavailable ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"]
     graphs = pipe.segmenter_graphs if card != "cpu" else 0

@@ -94,6 +94,7 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
     layers.append(_BuiltBy(SD3Head, lambda: SD3Head(parts.load("norm_out"), parts.load("proj_out"),
                                                     parts.config["patch_size"], parts.out_channels)))
 
+    estimate = None  # the memory model, made once for the planner and the start-up lines
     names = ["SegmenterFront", "SD3Embed"] + [f"JointBlock{i}" for i in range(num_blocks)] + ["SD3Head"]
     if pipe.partition is not None:
         bounds = check_partition(pipe.partition, len(layers), pipe.num_stages)
@@ -105,7 +106,8 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
         memory = None
         if ds_config is not None:  # the estimate at tta.max_classes (parameters, optimizer, activations)
             from pipeline.memory import run_memory_model
-            memory = run_memory_model(model, data, tta, pipe, ds_config)[0].totals(tta.max_classes)
+            estimate = run_memory_model(model, data, tta, pipe, ds_config)
+            memory = estimate[0].totals(tta.max_classes)
         bounds, predicted = plan_partition(costs, pipe.num_stages, memory_budget=budget, memory=memory)
         stage_report(f"partition {bounds} from {source}; predicted step {predicted['step']:.3f} "
                      f"(2 windows, {'relative units' if source.startswith('default') else 's'})")
@@ -123,7 +125,8 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
         stage_report(f"stage {s}: layers {a}-{b - 1} ({names[a]} .. {names[b - 1]}){busy}")
     if ds_config is not None and int(os.environ.get("RANK", "0")) == 0:  # before any weight loads
         from pipeline.memory import startup_lines
-        for line in startup_lines(model, data, tta, pipe, ds_config, bounds, gpus=replicas * pipe.num_stages):
+        for line in startup_lines(model, data, tta, pipe, ds_config, bounds, gpus=replicas * pipe.num_stages,
+                                  estimate=estimate):
             stage_report(line)
     module = DusaPipeline(layers, bounds, DusaLoss(tta.temperature), pipe.num_stages,
                           pipe.activation_checkpoint_interval, replicas)
