@@ -33,7 +33,6 @@ import json
 import math
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -46,6 +45,7 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from pipeline.rundir import free_local_port  # noqa: E402
 from bench.miniature_make import (CLASSES, FULL, TINY, K, Sizes, encode_windows, latent_labels,  # noqa: E402
                                   render_split, sizes_record, train_segmenter, train_transformer, train_vae,
                                   write_json)
@@ -441,12 +441,6 @@ def run_name(run: dict) -> str:
     return f"{run['method']}-{run['preset']}{lr}-s{run['seed']}"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch_command(wd: Workdir, run: dict, gpus: int) -> list[str]:
     """The launcher command of one run: with GPUs, `deepspeed --num_gpus G` (dusa: G / 2 replicas of a 2-stage
     pipeline; source and tent: G one-process replicas; replicas take the corruptions from a shared queue);
@@ -464,7 +458,7 @@ def launch_command(wd: Workdir, run: dict, gpus: int) -> list[str]:
         args += ["--tta.lr", repr(run["lr"])]
     if gpus == 0:
         return [sys.executable, *args, "--data.num_workers", "0"]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(free_port()), "--num_gpus",
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(free_local_port()), "--num_gpus",
             str(gpus), *args]
 
 

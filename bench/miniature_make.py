@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.rundir import write_text_atomic
+
 CLASSES: tuple[str, ...] = ("sky", "mountain", "water", "grass", "sand", "road", "tree", "building", "car",
                             "person", "rock", "flower")
 K = len(CLASSES)
@@ -574,10 +576,7 @@ def train_transformer(latents: torch.Tensor, ids: torch.Tensor, sizes: Sizes, se
 
 
 def write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def sizes_record(sizes: Sizes) -> dict:

@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from pipeline.rundir import free_local_port  # noqa: E402
 
 PRESETS = ["ds_configs/ds_tta_bf16.json", "ds_configs/ds_tta.json"]
 LOWER_PRECISION_MODULES = ("Linear", "Conv1d", "Conv2d", "Conv3d")  # run in bf16 under autocast
@@ -147,10 +148,7 @@ def main() -> None:
     ensure_demo_models(str(work / "segformer"), str(work / "sd3"), str(work / "classes.safetensors"), ADE20K_CLASSES)
     results = {"steps": args.steps, "lr": args.lr, "models": "demo (models/tiny.py)", "device": "cpu", "presets": {}}
     for preset in args.presets:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(port),
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_local_port()),
                str(Path(__file__).resolve()), "--worker", "--preset", preset, "--workdir", str(work),
                "--steps", str(args.steps), "--lr", str(args.lr)]
         proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"),

@@ -272,11 +272,9 @@ def run(argv=None) -> int:
             print(f"removed {len(removed)} shared-memory buffers of ended DeepSpeed runs from /dev/shm")
 
     if "RANK" not in os.environ:  # started without a launcher: one process, like `deepspeed --num_gpus 1`
-        import socket
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        from pipeline.rundir import free_local_port
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_local_port()))
     deepspeed.init_distributed()
     if torch.cuda.is_available():  # this rank's GPU before anything touches CUDA
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))

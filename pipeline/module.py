@@ -19,6 +19,7 @@ from models.sd3 import LatentEncoder, TransformerParts
 from models.segformer import Segmenter
 from pipeline.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
 from pipeline.layers import DusaLoss, JointBlock, SD3Embed, SD3Head, SegmenterFront
+from pipeline.memory import BUDGET
 from pipeline.partition import (StepCosts, check_partition, default_costs, find_cost_table, model_signature,
                                 plan_partition, table_costs)
 from pipeline.replicas import isolate_data_parallel
@@ -101,8 +102,8 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
         stage_report(f"partition {bounds} (pipeline.partition)")
     else:
         costs, source = step_costs(model, data, pipe, parts, precision)
-        # 15 % left for the allocator's fragmentation, the CUDA context and NCCL buffers.
-        budget = 0.85 * torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
+        # 15 % left for the allocator's fragmentation, the CUDA context and NCCL buffers (memory.BUDGET).
+        budget = BUDGET * torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
         memory = None
         if ds_config is not None:  # the estimate at tta.max_classes (parameters, optimizer, activations)
             from pipeline.memory import run_memory_model

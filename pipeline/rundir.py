@@ -183,6 +183,14 @@ def write_text_atomic(target: Path, text: str, root: Path | None = None) -> Path
     return write_atomic(target, lambda f: f.write(text.encode()), root)
 
 
+def free_local_port() -> int:
+    """A TCP port free on this host now (for a launcher's --master_port or a one-process run)."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def remove_path(path: Path) -> None:
     """Removes a file, a link (not its target) or a folder tree."""
     if path.is_symlink() or path.is_file():

@@ -1,17 +1,15 @@
 """Helpers shared by the tests that start processes: a free port and the demo's launcher command."""
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
+
+from pipeline.rundir import free_local_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = free_local_port  # the tests' name for it
 
 
 def demo_command(tmp: Path, out: str, *overrides: str) -> list[str]:
