@@ -18,6 +18,7 @@ from torch import nn
 
 from pipeline.config import TTAConfig
 from pipeline.layers import JointBlock, SD3Embed, SD3Head, SegmenterFront
+from pipeline.low_precision import WorkingWeights, cast_frozen_layers
 from pipeline.reporting import warn_overridden_ds_keys
 from pipeline.windows import WindowDraw, WindowSampler
 
@@ -152,9 +153,12 @@ class TTAEngine:
     """One DeepSpeed PipelineEngine step per image, and the reset of models and optimizer."""
 
     def __init__(self, module: nn.Module, ds_config: dict[str, Any], tta: TTAConfig,
-                 optimizer: Callable[[Any], torch.optim.Optimizer] | None = None, adaptive_windows: bool = False):
+                 optimizer: Callable[[Any], torch.optim.Optimizer] | None = None, adaptive_windows: bool = False,
+                 working_weights: bool = True):
         """`optimizer`: a function of the parameter groups (tests), else the DeepSpeed JSON's optimizer;
-        `adaptive_windows`: stage 0 decides each image's window count and tells the other stages."""
+        `adaptive_windows`: stage 0 decides each image's window count and tells the other stages;
+        `working_weights`: under autocast, the generator's Linear/Conv weights are cast once per step, not
+        per window (pipeline/low_precision.py; False: autocast's own casts, for comparisons)."""
         params = parameter_groups(module, tta)
         if optimizer is None:
             optimizer = optimizer_factory(ds_config.get("optimizer", DEFAULT_OPTIMIZER))
@@ -174,15 +178,41 @@ class TTAEngine:
         self._accumulated = 0  # images whose gradients wait for the next update
         self.skipped = False  # whether the last step's update was skipped (non-finite loss)
         self._label = torch.zeros(1, device=self.engine.device)  # the last stage reads one per micro-batch
+        self.working = self._working_weights(module, tta) if working_weights else None
         self._extend_schedule()
         # Initial state of everything that adapts, after DeepSpeed's dtype cast, kept on the host.
         self._initial = {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters() if p.requires_grad}
 
+    def _working_weights(self, module: nn.Module, tta: TTAConfig) -> WorkingWeights | None:
+        """Under autocast with float32 weights: frozen Linear/Conv weights (the VAE; a frozen generator)
+        stored in bf16, and bf16 working copies of the adapted generator's, made once per step. Not with
+        activation checkpointing (its recomputed forwards run outside the step's windows)."""
+        eng = self.engine
+        if not eng.torch_autocast_enabled() or getattr(eng, "using_bf16_optimizer", False) \
+                or eng.torch_autocast_dtype() != torch.bfloat16 or module.activation_checkpoint_interval:
+            return None
+        layers = [layer for layer in module.forward_funcs if isinstance(layer, nn.Module)]
+        front = module.front
+        cast_frozen_layers([front.encoder] if front is not None else [])
+        generator = [layer for layer in layers if not isinstance(layer, SegmenterFront)]
+        cast_frozen_layers(generator)
+        if not any(p.requires_grad for layer in generator for p in layer.parameters()):
+            return None
+        try:
+            return WorkingWeights(generator)
+        except ValueError:  # nothing of this stage's generator computes in bf16 (e.g. norm layers only)
+            return None
+
     def _extend_schedule(self) -> None:
-        """Three changes to DeepSpeed's pipeline schedule, for this engine only (the engine runs each
+        """Five changes to DeepSpeed's pipeline schedule, for this engine only (the engine runs each
         instruction through its instance's table, so the table is extended, not the class):
 
         - the backward pass of a stage that is not the last runs one autograd pass for all its outputs;
+        - with working weights (`_working_weights`), each forward computes with the bf16 copies and each
+          backward's gradients are folded into the float32 ones;
+        - the gradient reduction is skipped when this process is its data-parallel group alone (always:
+          replicas never share gradients, pipeline/replicas.py), except for DeepSpeed's float32 ZeRO
+          optimizer, whose reduction also fills its own gradient buffers;
         - before the tied-gradient reduction, which follows the backward of the last window: the
           segmenter's one backward of the step (`SegmenterFront.backward_segmenter`);
         - at the optimizer step: every stage skips the update of a step whose loss is NaN or infinite.
@@ -192,11 +222,23 @@ class TTAEngine:
         """
         engine = self.engine
         table = dict(engine._INSTRUCTION_MAP)
+        forward_pass = table[schedule.ForwardPass]
         backward_pass = table[schedule.BackwardPass]
+        reduce_grads = table[schedule.ReduceGrads]
         reduce_tied_grads = table[schedule.ReduceTiedGrads]
         optimizer_step = table[schedule.OptimizerStep]
 
-        def one_backward_pass(eng, buffer_id):
+        working = self.working
+
+        def forward_with_working_weights(eng, buffer_id):
+            with working.active():
+                return forward_pass(eng, buffer_id)
+
+        def backward_then_fold(eng, buffer_id):
+            stage_backward(eng, buffer_id)
+            working.fold()
+
+        def stage_backward(eng, buffer_id):
             # DeepSpeed runs one backward per float output of a stage: every joint block before a stage
             # boundary would run its backward twice (image and text streams both depend on it). One
             # autograd pass over all outputs computes the same gradients once.
@@ -221,6 +263,13 @@ class TTAEngine:
             for name in timers:
                 eng.timers(name).stop()
 
+        alone = engine.dp_world_size == 1 and type(engine.optimizer).__name__ != "DeepSpeedZeroOptimizer"
+
+        def reduce_if_shared(eng, *args, **kwargs):
+            # With one process in the group, DeepSpeed still flattens, all-reduces and copies back every
+            # gradient (0.08 s per step for SD3-medium on an H200): nothing to do.
+            return None if alone else reduce_grads(eng, *args, **kwargs)
+
         def segmenter_backward_then_reduce(eng, *args, **kwargs):
             front = self.module.front
             if front is not None:
@@ -241,9 +290,18 @@ class TTAEngine:
             if self._accumulated < self.accumulation_steps:
                 return None  # the gradients stay for the next images
             self._accumulated = 0
-            return optimizer_step(eng, *args, **kwargs)
+            if working is None:
+                return optimizer_step(eng, *args, **kwargs)
+            working.release_unused()
+            try:
+                return optimizer_step(eng, *args, **kwargs)
+            finally:
+                working.updated()
 
-        table[schedule.BackwardPass] = one_backward_pass
+        table[schedule.BackwardPass] = stage_backward if working is None else backward_then_fold
+        if working is not None:
+            table[schedule.ForwardPass] = forward_with_working_weights
+        table[schedule.ReduceGrads] = reduce_if_shared
         table[schedule.ReduceTiedGrads] = segmenter_backward_then_reduce
         table[schedule.OptimizerStep] = guarded_step
         engine._INSTRUCTION_MAP = table
@@ -266,6 +324,8 @@ class TTAEngine:
 
     def _drop_gradients(self) -> None:
         optimizer = self.engine.optimizer
+        if self.working is not None:
+            self.working.drop()
         if getattr(self.engine, "using_bf16_optimizer", False):  # its zero_grad() leaves the float32 gradients
             optimizer.clear_hp_grads()
             optimizer.clear_lp_grads()
@@ -303,6 +363,8 @@ class TTAEngine:
         if front is None:
             microbatches = [(None, self._label)] * count
         self.engine.set_train_batch_size(len(microbatches))
+        if self.working is not None:
+            self.working.refresh()
         loss = self.engine.train_batch(iter(microbatches))
         if self.accumulation_steps > 1:
             loss = loss * self.accumulation_steps  # the image's own loss (its gradients were divided)

@@ -72,7 +72,25 @@ class _Replay(torch.autograd.Function):
         graphs.backward.replay()
         # Copies, not the static buffers: autograd may keep an incoming gradient as `param.grad`, and
         # the next replay would then overwrite (and double) it.
-        return (None, None, *(None if g is None else g.clone() for g in graphs.static_grads))
+        return (None, None, *copies(graphs.static_grads))
+
+
+def copies(tensors: tuple[torch.Tensor | None, ...]) -> list[torch.Tensor | None]:
+    """Copies of the tensors as views of one new buffer per dtype, made by one multi-tensor copy (hundreds
+    of separate clones would each be a kernel launch)."""
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t is not None:
+            by_dtype.setdefault(t.dtype, []).append(i)
+    for dtype, index in by_dtype.items():
+        sources = [tensors[i] for i in index]
+        flat = torch.empty(sum(t.numel() for t in sources), dtype=dtype, device=sources[0].device)
+        views = [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in sources]), sources)]
+        torch._foreach_copy_(views, sources)
+        for i, v in zip(index, views):
+            out[i] = v
+    return out
 
 
 class GraphedModule:

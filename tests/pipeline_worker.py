@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true", help="accumulate: bf16 weights, ZeRO 1")
     parser.add_argument("--preset", help="reset, nan: a DeepSpeed JSON of ds_configs/ instead of bf16 ZeRO 1")
     parser.add_argument("--immediate", action="store_true", help="bf16grads: DeepSpeed's immediate_grad_update")
+    parser.add_argument("--autocast_casts", action="store_true",
+                        help="autocast's own per-window casts instead of the engine's working weights")
     parser.add_argument("--ignore", type=int, nargs="*", default=[], help="tta.ignore_classes")
     parser.add_argument("--assets", required=True)
     parser.add_argument("--stages", type=int, default=2)
@@ -73,9 +75,11 @@ def main() -> None:
     if module.front is not None:
         module.front.segmenter.model.register_forward_hook(lambda *_: forwards.append(1))
 
-    if args.mode == "grads":
-        ds = load_ds_config({"bf16": {"enabled": False}, "zero_optimization": {"stage": 0}}, lr=0.0)
-        tte = TTAEngine(module, ds, tta, optimizer=GradRecorder)
+    if args.mode == "grads":  # float32, or a preset of ds_configs/ (its optimizer replaced by the recorder)
+        ds = load_ds_config(str(ROOT / args.preset) if args.preset else
+                            {"bf16": {"enabled": False}, "zero_optimization": {"stage": 0}}, lr=0.0)
+        tte = TTAEngine(module, ds, tta, optimizer=GradRecorder, working_weights=not args.autocast_casts)
+        out["working_weights"] = tte.working is not None
         out["loss"] = float(tte.step(*fixed_windows(assets, seed=0)).loss)
         names = {id(p): n for n, p in module.named_parameters()}
         out["grads"] = {names[k]: g for k, g in tte.engine.optimizer.recorded.items()}

@@ -216,6 +216,21 @@ def test_pipeline_step_equals_single_process_reference(assets, stages, ignore):
         assert {checkpoint_layer(k) for k in r["loaded_keys"]} <= own_layers
 
 
+def test_autocast_working_weights_equal_autocasts_own_casts_bit_for_bit(assets):
+    """The default preset (float32 weights, bf16 autocast): the generator's weights cast once per step and
+    its gradients folded once per window give exactly the loss and gradients of autocast's per-window casts."""
+    preset = ["--preset", "ds_configs/ds_tta.json"]
+    working = run_worker(assets, "grads", 2, *preset)
+    casts = run_worker(assets, "grads", 2, *preset, "--autocast_casts")
+    assert [r["working_weights"] for r in working] == [True, True]
+    assert [r["working_weights"] for r in casts] == [False, False]
+    for a, b in zip(working, casts):
+        assert a["loss"] == b["loss"]
+        assert sorted(a["grads"]) == sorted(b["grads"]) == a["trainable"]
+        for name, grad in a["grads"].items():
+            assert torch.equal(grad, b["grads"][name]), name
+
+
 @pytest.mark.parametrize("preset", [None, "ds_configs/ds_tta.json"])
 def test_reset_restores_parameters_masters_and_optimizer_state(assets, preset):
     """bf16 ZeRO 1 (float32 masters in the optimizer), and the default autocast preset (float32 weights)."""
