@@ -338,6 +338,7 @@ def pipeline_worker(args) -> None:
                           cost_table=args.cost_table)
     if args.segmenter_graphs is not None:
         pipe.segmenter_graphs = args.segmenter_graphs
+    pipe.compile_blocks = args.compile_blocks
     ds = load_ds_config(args.ds_config or default_ds_config(args.tiny),
                         lr=1e-5)
     bf16 = ds.get("bf16", {}).get("enabled", False)
@@ -348,7 +349,7 @@ def pipeline_worker(args) -> None:
                                 stage_report=print if rank == 0 else (lambda _: None),
                                 dtype=torch.bfloat16 if bf16 else torch.float32, precision=precision_of(ds))
         say(f"rank {rank}: stage built")
-        engine = TTAEngine(module, ds, tta)
+        engine = TTAEngine(module, ds, tta, working_weights=not args.autocast_casts)
     except torch.cuda.OutOfMemoryError as exc:
         stopper.fail(None, exc, "loading the stage")
     stage = engine.engine.stage_id
@@ -408,7 +409,7 @@ def pipeline_worker(args) -> None:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         stopper.current = c
-        times, busies, optimizer, oom, loss = [], [], [], False, None
+        times, busies, optimizer, oom, loss, first = [], [], [], False, None, None
         for i in range(args.warmup + args.steps):
             captured["armed"] = args.check and c == args.classes[0] and i == 0
             sync()
@@ -421,9 +422,10 @@ def pipeline_worker(args) -> None:
             except torch.cuda.OutOfMemoryError as exc:  # the other stages wait inside this step: end them too
                 stopper.fail(c, exc, f"step {i}")
             elapsed = time.perf_counter() - t0
+            first = elapsed if first is None else first
             if "grads" in captured:
                 torch.save({"loss": float(loss), "grads": captured.pop("grads"), "updates": captured.pop("updates")},
-                           Path(args.workdir) / f"check-{args.stages}stage-rank{rank}.pt")
+                           Path(args.workdir) / f"check-{args.name}-rank{rank}.pt")
             step_spans = spans.take()
             busy = sum(step_spans.get(k, 0.0) for k in WORK) - step_spans.get("segmenter backward", 0.0)
             say(f"rank {rank}: {c} classes, step {i}: {elapsed:.3f} s, busy {busy:.3f} s, "
@@ -433,6 +435,7 @@ def pipeline_worker(args) -> None:
                 busies.append(busy)
                 optimizer.append(step_spans.get("OptimizerStep", 0.0))
         out["results"][str(c)] = {"oom": oom, "s_per_image": statistics.median(times) if times else None,
+                                  "first_step_s": first,  # with compilation or graph captures
                                   "busy_s": statistics.median(busies) if busies else None,
                                   "optimizer_s": statistics.median(optimizer) if optimizer else None,
                                   "peak_mem_gib": peak_memory_gib(), "peak_reserved_gib": peak_reserved_gib(),
@@ -806,17 +809,17 @@ def run(cmd: list[str], log: Path, timeout: float, timing: dict | None = None) -
     return failed or None
 
 
-def compare_check(workdir: Path, stages: int) -> dict | None:
-    """Loss, gradients and the first optimizer step's parameter update of the pipeline against the
-    1-stage run on the same weights and inputs (strided samples of every tensor)."""
+def compare_check(workdir: Path, name: str, reference: str = "single") -> dict | None:
+    """Loss, gradients and the first optimizer step's parameter update of run `name` (the pipeline, or a
+    variant) against the `reference` run on the same weights and inputs (strided samples of every tensor)."""
     def load(n):
-        files = sorted(workdir.glob(f"check-{n}stage-rank*.pt"))
+        files = sorted(workdir.glob(f"check-{n}-rank*.pt"))
         if not files:
             return None
         dumps = [torch.load(f) for f in files]
         return (dumps[0]["loss"], {k: v for d in dumps for k, v in d["grads"].items()},
                 {k: v for d in dumps for k, v in d["updates"].items()})
-    a, b = load(stages), load(1)
+    a, b = load(name), load(reference)
     if a is None or b is None:
         return None
 
@@ -970,7 +973,8 @@ def main() -> None:
     parser.add_argument("--pipeline_variants", default="{}",
                         help='more (a) runs as JSON {name: DeepSpeed JSON merged over the default, and optionally '
                              '"partition": [...], "segmenter_graphs": N}, e.g. '
-                             '\'{"immediate": {"bf16": {"immediate_grad_update": true}}}\'')
+                             '\'{"immediate": {"bf16": {"immediate_grad_update": true}}}\'; engine switches: '
+                             '"autocast_casts": true (autocast\'s own per-window casts), "compile_blocks": true')
     parser.add_argument("--ds_config", help="DeepSpeed JSON of (a) and (b) (default: ds_configs/ds_tta.json)")
     parser.add_argument("--check", action="store_true", help="compare loss, gradients and update of (a) and (b)")
     parser.add_argument("--profile", action="store_true", help="profile two more steps of (a) on every stage")
@@ -998,6 +1002,8 @@ def main() -> None:
     parser.add_argument("--worker", choices=["pipeline", "naive"], help=argparse.SUPPRESS)
     parser.add_argument("--name", default="pipeline", help=argparse.SUPPRESS)
     parser.add_argument("--graph_check", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--autocast_casts", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--compile_blocks", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -1054,7 +1060,8 @@ def main() -> None:
     table_path = None
     if "single" in args.variants:
         run(launcher() + ["--num_gpus", "1", *common, *base_ds, "--worker", "pipeline", "--stages", "1", "--name", "single"]
-            + (["--calibrate"] if args.calibrate else []), log, args.timeout)
+            + (["--calibrate"] if args.calibrate else [])
+            + (["--profile"] if args.profile and "pipeline" not in args.variants else []), log, args.timeout)
         single_out = workdir / "single-rank0.json"
         if args.calibrate and single_out.is_file():
             from pipeline.engine import load_ds_config, precision_of
@@ -1077,12 +1084,14 @@ def main() -> None:
         override = dict(override)
         partition = override.pop("partition", None)
         graphs = override.pop("segmenter_graphs", None)
+        switches = [flag for key, flag in (("autocast_casts", "--autocast_casts"), ("compile_blocks", "--compile_blocks"))
+                    if override.pop(key, False)]
         ds = load_ds_config(args.ds_config or default_ds_config(args.tiny),
                             lr=1.0)
         ds["optimizer"]["params"].pop("lr")
         path = workdir / f"ds-{name}.json"
         path.write_text(json.dumps(merge(ds, override)))
-        variant_args = [a for a in pipeline_args if a != "--check"]
+        variant_args = list(pipeline_args) + switches
         if partition is not None:
             variant_args = [a for a in variant_args if a != "--partition"] + ["--partition", json.dumps(partition)]
         if graphs is not None:
@@ -1174,11 +1183,14 @@ def collect(workdir: Path, args, card: str, tflops, paths: dict, memory=None) ->
         report["profile"] = {f"stage{p['stage']}": p["profile"] for p in pipe if "profile" in p}
         report["graphs"] = next((p["graphs"] for p in pipe if "graphs" in p), None)
         report["graph_cache_in_run"] = next((p["graph_cache"] for p in pipe if "graph_cache" in p), None)
+    if single and "profile" in single:
+        report.setdefault("profile", {})["single"] = single["profile"]
     variants = {}
     for name in json.loads(args.pipeline_variants):
         ranks = [read(f"pipeline-{name}-rank{r}.json") for r in range(args.stages)]
         if all(ranks):
             variants[name] = {c: {"s_per_image": ranks[0]["results"][c]["s_per_image"],
+                                  "first_step_s": ranks[0]["results"][c].get("first_step_s"),
                                   "peak_mem_gib": [r["results"][c]["peak_mem_gib"] for r in ranks]}
                               for c in ranks[0]["results"]}
     report["pipeline_variants"] = variants
@@ -1223,7 +1235,11 @@ def collect(workdir: Path, args, card: str, tflops, paths: dict, memory=None) ->
             entry["speedup_vs_naive"] = cc / a
         report["by_classes"][c] = entry
     if args.check:
-        report["check"] = compare_check(workdir, args.stages)
+        report["check"] = compare_check(workdir, "pipeline")
+        # Each variant against the run it changes: the pipeline, or with --variants single, the one-GPU run.
+        base = "pipeline" if "pipeline" in args.variants else "single"
+        report["variant_checks"] = {name: compare_check(workdir, f"pipeline-{name}", base)
+                                    for name in json.loads(args.pipeline_variants)}
     # The top level carries the default workload (the first class count), as the issue names the fields.
     report.update({k: v for k, v in report["by_classes"][str(args.classes[0])].items() if k != "classes"},
                   classes=args.classes[0])
@@ -1253,6 +1269,8 @@ def print_table(report: dict) -> None:
         print("graphs:", json.dumps(report["graphs"]))
     if report.get("check"):
         print("check (a) vs (b):", json.dumps(report["check"]))
+    for name, check in (report.get("variant_checks") or {}).items():
+        print(f"check variant {name}:", json.dumps(check))
     for c, e in report["by_classes"].items():
         for key in ("memory_estimate", "single_gpu_memory_estimate"):
             if e.get(key):

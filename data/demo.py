@@ -98,12 +98,16 @@ def check_demo_root(root: str | Path) -> None:
 def make_demo_dataset(root: str | Path, num_images: int = 4,
                       corruptions: tuple[str, ...] = ("gaussian_noise", "defocus_blur"),
                       severity: int = 5, size: tuple[int, int] = (128, 171), seed: int = 0,
-                      create: bool = False) -> Path:
+                      create: bool = False, sizes: list[tuple[int, int]] | None = None) -> Path:
     """Write the demo dataset under `root` (skipped when a marker with these parameters exists).
 
-    size is (H, W) before the per-image jitter of up to 8 pixels. Deterministic for a seed. Without
+    size is (H, W) before the per-image jitter of up to 8 pixels; `sizes`: each image's exact (H, W) instead
+    (a benchmark's mix of shapes; `num_images` is then its length). Deterministic for a seed. Without
     `create`, `root` must pass `check_demo_root`; with it (an output folder the user named), it is made.
     """
+    if sizes is not None:
+        sizes = [(int(h), int(w)) for h, w in sizes]
+        num_images = len(sizes)
     if not create:
         check_demo_root(root)
     # Heavy (scipy, skimage, cv2): imported only when a dataset is actually built.
@@ -116,10 +120,12 @@ def make_demo_dataset(root: str | Path, num_images: int = 4,
         raise ValueError(f"unknown corruptions {unknown}; known: {get_corruption_names('all')}")
     if not 1 <= severity <= 5:
         raise ValueError(f"severity must be in 1..5, got {severity}")
-    if min(size) < 48:  # imagecorruptions needs >= 32 pixels after the jitter
-        raise ValueError(f"size must be at least 48 x 48, got {size}")
+    if min(min(s) for s in sizes or [size]) < 48:  # imagecorruptions needs >= 32 pixels after the jitter
+        raise ValueError(f"image sizes must be at least 48 x 48, got {min(sizes or [size], key=min)}")
     params = {"version": _FORMAT_VERSION, "num_images": num_images, "corruptions": list(corruptions),
               "severity": severity, "size": list(size), "seed": seed}
+    if sizes is not None:
+        params["sizes"] = [list(s) for s in sizes]
     marker = root / MARKER
     try:
         if json.loads(marker.read_text()) == params:
@@ -145,7 +151,7 @@ def make_demo_dataset(root: str | Path, num_images: int = 4,
     try:
         for i, name in enumerate(names):
             rng = np.random.default_rng([seed, i])  # per image: independent of num_images
-            h, w = _image_size(rng, i, size)
+            h, w = _image_size(rng, i, size) if sizes is None else sizes[i]
             label = _label_map(rng, h, w)
             clean = _render(rng, label)
             Image.fromarray(label).save(label_dir / f"{name}.png")

@@ -21,6 +21,7 @@ from typing import Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from pipeline import timing  # noqa: E402,F401  (first: its clock starts with the process)
 from argparse import ArgumentError  # noqa: E402
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings  # noqa: E402
@@ -256,6 +257,7 @@ def run(argv=None) -> int:
     import torch
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
+    timing.mark("imports")
 
     from data.demo import make_demo_dataset
     from models.tiny import ensure_demo_models, make_tiny_segformer
@@ -278,6 +280,7 @@ def run(argv=None) -> int:
     deepspeed.init_distributed()
     if torch.cuda.is_available():  # this rank's GPU before anything touches CUDA
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    timing.mark("distributed init")
     if get_accelerator().device_name() == "cpu":
         import atexit
         atexit.register(release_cpu_shared_memory)
@@ -318,8 +321,10 @@ def run(argv=None) -> int:
     on_rank0(prepare, rank, world, dist)
     if datasets is None:
         datasets = open_tasks(cfg.data, len(class_names))
+    timing.mark("checks and data listed")
     accelerator = get_accelerator()
     device = torch.device(accelerator.current_device_name())
+    timing.configure(cfg.logging.timing, device)
     visible = f"{accelerator.device_count()} x {accelerator.device_name()} visible"
 
     built = method.build(cfg, class_names, device, ds_config, report=print if rank == 0 else (lambda _: None),
@@ -342,7 +347,9 @@ def run(argv=None) -> int:
                        replicas=replicas)
     if rank == 0:
         print(startup_summary(cfg, config_files, processes, parameters, runner.total_images), flush=True)
+    timing.mark("runner ready")
     runner.run()
+    timing.RECORDER.write(cfg.output_dir, rank)
     if rank == 0:
         print(f"results: {Path(cfg.output_dir) / 'results.json'} (and .csv); config: "
               f"{Path(cfg.output_dir) / 'config.json'}")

@@ -156,6 +156,10 @@ class PipelineConfig:
     pipeline/costs/ measured on this GPU model for these models, else relative default costs)."""
     activation_checkpoint_interval: int = 0
     """Recompute activations every N layers in backward (0: off; trades time for memory)."""
+    compile_blocks: bool = False
+    """Run the SD3 joint blocks through torch.compile (inductor): fused kernels, fewer launches. The first images
+    pay the compilation (a graph per block form, for one class count and for many; cached on disk for later
+    runs by torch's compile cache)."""
     segmenter_graphs: int = 16
     """On a GPU, SegFormer's forward and backward are replayed as CUDA graphs, one per image shape, keeping
     at most this many (least recently used out; 0: eager). Images of equal size share one."""
@@ -191,6 +195,10 @@ class LoggingConfig:
     under `<output_dir>/pictures/<task>/` and log it to W&B (0: never)."""
     progress: bool = True
     """Show a progress bar per task."""
+    timing: bool = False
+    """Write where the time goes to `<output_dir>/timing-rank<r>.json` (per process): start-up milestones and, per
+    image, the host and device seconds of each phase (data wait, segmenter, window forwards and backwards,
+    optimizer, scoring, logging, the host's waits for the device); `bench/record.py` reports them."""
     verbose: bool = False
     """Also show what DeepSpeed, transformers, diffusers, W&B and torch print on their own (banners, topology,
     per-step lines, weight-loading bars, W&B's summary); off, a run prints one line per event, on rank 0."""

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline import timing
 from pipeline.graphs import GraphedModule
 from pipeline.loss import (area_k_candidates, area_scores, candidate_statistics, choose_candidates, dusa_loss,
                            logit_norm)
@@ -158,7 +159,8 @@ class SegmenterFront(nn.Module):
                 raw = self._without_ignored(resample_window(logits[0].detach().float(), rows_all, cols_all))
                 stats = area_scores(raw, self.area_k)
             weights = self._window_weights(logits, boxes, window_tau, loss_scale)
-        stats = stats.cpu()  # the step's one wait for the device: the class sets decide the batch shapes
+        with timing.phase("wait: candidate classes"):
+            stats = stats.cpu()  # the step's one wait for the device: the class sets decide the batch shapes
         offsets = torch.arange(max(side for *_, side in boxes), device=device) if boxes else None
         batches, candidates = [], []
         for k, draw in enumerate(draws):
@@ -262,14 +264,22 @@ class SD3Embed(nn.Module):
 
 
 class JointBlock(nn.Module):
-    """One SD3 joint transformer block, adapted to tuples."""
+    """One SD3 joint transformer block, adapted to tuples; `compile_backend` (e.g. "inductor"): the block runs
+    through torch.compile, the class samples' count a dynamic dimension (one compiled graph serves every count
+    above 1, and every block of the same form)."""
 
-    def __init__(self, block: nn.Module):
+    def __init__(self, block: nn.Module, compile_backend: str | None = None):
         super().__init__()
         self.block = block
+        self.compiled = compile_backend is not None
+        if self.compiled:
+            self.block.compile(backend=compile_backend, dynamic=None)
 
     def forward(self, inputs):
         hidden_states, encoder_hidden_states, temb, *rest = unpack(inputs)
+        if self.compiled:  # before the first call: no graph specialised to the first count
+            for t in (hidden_states, encoder_hidden_states, temb):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
         encoder_hidden_states, hidden_states = self.block(
             hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb)
         if self.block.context_pre_only:  # the last block returns no text stream

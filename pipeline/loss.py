@@ -32,8 +32,10 @@ def dusa_loss(logits: torch.Tensor, classes: torch.Tensor, mask: torch.Tensor, v
     p = torch.softmax(logits.float()[classes] / temperature, dim=0)  # [N, h, w]
     v_bar = (p.unsqueeze(1) * velocity.float()).sum(dim=0)  # [ch, h, w]
     err = (v_bar - target.float()).square()
-    m = mask.to(torch.bool).unsqueeze(0).expand_as(err)
-    return err[m].mean()
+    # The mean over unmasked pixels and channels, as a weighted sum: selecting them (err[mask]) would have
+    # a data-dependent size, which makes the host wait for the device at every window.
+    keep = mask.to(torch.float32)
+    return (err * keep).sum() / (keep.sum() * err.shape[0])
 
 
 def candidate_statistics(logits: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:

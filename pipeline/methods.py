@@ -15,6 +15,7 @@ import torch.distributed as dist
 from torch import nn
 
 from data.ade20k_c import ADE20KC
+from pipeline import timing
 from pipeline.config import RunConfig
 from pipeline.engine import TTAEngine, precision_of
 from pipeline.images import image_seed, num_windows
@@ -175,7 +176,10 @@ class Dusa(Method):
         module = build_pipeline(cfg.model, cfg.data, cfg.tta, cfg.pipeline, class_names, stage_report=report,
                                 dtype=torch.bfloat16 if precision == "bf16" else torch.float32, precision=precision,
                                 replicas=replicas.count, ds_config=ds_config)
+        timing.mark("weights loaded")
         engine = TTAEngine(module, ds_config, cfg.tta, adaptive_windows=cfg.data.windows == "adaptive")
+        timing.mark("engine ready")
+        timing.instrument(engine)
         stage = engine.engine.stage_id
         counts: list = [(stage, parameter_counts(module, f"stage {stage}"))] * replicas.stages
         if replicas.stages > 1:  # this replica's stages (the other replicas hold the same)

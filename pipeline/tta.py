@@ -23,6 +23,7 @@ from data.metrics import SegmentationMetric
 from pipeline.config import DataConfig, RunConfig
 from pipeline.images import PreparedImages, predict, task_order
 from pipeline.methods import Method
+from pipeline import timing
 from pipeline.pictures import make_picture, save_picture
 from pipeline.progress import TaskProgress
 from pipeline.replicas import Replicas, task_result
@@ -94,8 +95,11 @@ class TTARunner:
         ran = False
         for task in reps.tasks(pending):
             index = order.index(task)
+            self._reset_s = 0.0
             if ran and not self.cfg.tta.continual:
+                start = time.perf_counter()
                 self.reset()  # every task from the initial weights, whichever ran before on this replica
+                self._reset_s = time.perf_counter() - start
             result = self.run_task(task, self.datasets[task], f"[{index + 1}/{len(order)}] {task}")
             ran = True
             if self.cfg.tta.continual and index + 1 < len(order):
@@ -223,10 +227,15 @@ class TTARunner:
         data = self.cfg.data
         self._nonfinite_task = 0
         order = task_order(data, self.cfg.seed, task, len(dataset))
+        timer = timing.RECORDER
         if not self.scoring:  # later pipeline stages: their part of the same steps
+            start = time.perf_counter()
             for i in order:
+                timer.begin_image(task)
                 self._count_nonfinite(self.method.follow(task, dataset, i))
+                timer.end_image()
             self.method.end_task()
+            self._timing_task_done(task, len(order), time.perf_counter() - start)
             return None
 
         metric = SegmentationMetric(len(self.class_names))
@@ -238,24 +247,34 @@ class TTARunner:
         progress = TaskProgress(task, description, len(dataset), self.total_images, self._done,
                                 self.cfg.logging.log_every, self.cfg.logging.progress and root, self.logger,
                                 self.method.adapts, self.replicas.count)
-        for step, item in enumerate(loader):
+        items = iter(loader)
+        for step in range(len(order)):
+            timer.begin_image(task)
+            with timer.phase("data wait"):
+                item = next(items)
             label = item["label"].to(self.device, non_blocking=True)
-            result = self.method.step(task, item)
+            with timer.phase("step other (engine, method)"):
+                result = self.method.step(task, item)
             if self.method.adapts:
                 self._count_nonfinite(result.skipped)
-            prediction = predict(result.logits, label.shape)
-            metric.update(prediction, label)
-            picture = self._picture(task, item, prediction, label, result.notes) \
-                if every and step % every == 0 else None
-            progress.add(step, result.loss, picture, metric)
-            if root and others:
-                self._collect(progress)
+            with timer.phase("scoring and metric"):
+                prediction = predict(result.logits, label.shape)
+                metric.update(prediction, label)
+            with timer.phase("pictures"):
+                picture = self._picture(task, item, prediction, label, result.notes) \
+                    if every and step % every == 0 else None
+            with timer.phase("progress and logging"):
+                progress.add(step, result.loss, picture, metric)
+                if root and others:
+                    self._collect(progress)
+            timer.end_image()
         progress.close()
         self._done = progress.sweep_done
         self.method.end_task()
         result = metric.compute()
         result.update(images=len(dataset), seconds=time.perf_counter() - start, nonfinite_steps=self._nonfinite_task,
                       loss=progress.mean_loss)
+        self._timing_task_done(task, len(dataset), result["seconds"])
         if not root:  # rank 0 says it when the result reaches it
             return result
         if self._nonfinite_task:
@@ -263,6 +282,13 @@ class TTARunner:
         print(f"{task}: mIoU {result['mIoU']:.2f}  aAcc {result['aAcc']:.2f}  "
               f"({result['images']} images, {result['seconds']:.1f} s)", flush=True)
         return result
+
+    def _timing_task_done(self, task: str, images: int, seconds: float) -> None:
+        """`--logging.timing`: the task's images into this process's timing file (rewritten after each task)."""
+        timer = timing.RECORDER
+        if timer.enabled:
+            timer.end_task(task, images, seconds, getattr(self, "_reset_s", 0.0))
+            timer.write(self.cfg.output_dir, self.replicas.rank)
 
     def _picture(self, task: str, item: dict, prediction: torch.Tensor, label: torch.Tensor,
                  method_notes: list[str]) -> tuple[Image.Image, str]:
