@@ -169,6 +169,7 @@ class TTAEngine:
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, model_parameters=params or [nn.Parameter(torch.zeros(1))], config=ds_config,
             optimizer=optimizer)
+        timing.mark("deepspeed initialized")
         if tta.accumulation_steps > 1 and type(self.engine.optimizer).__name__ == "DeepSpeedZeroOptimizer":
             raise ValueError("tta.accumulation_steps > 1 needs ZeRO stage 0 or bf16 with ZeRO stage 1 (DeepSpeed's "
                              "float32 ZeRO optimizer reduces its gradients away at every image)")
@@ -191,6 +192,7 @@ class TTAEngine:
         self.engine.zero_grad = zero_grad
         # Initial state of everything that adapts, after DeepSpeed's dtype cast, kept on the host.
         self._initial = {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters() if p.requires_grad}
+        timing.mark("initial weights kept")
 
     def _working_weights(self, module: nn.Module, tta: TTAConfig) -> WorkingWeights | None:
         """Under autocast with float32 weights: frozen Linear/Conv weights (the VAE; a frozen generator)

@@ -86,6 +86,7 @@ class WorkingWeights:
         self.leaves = [v.view_as(p).requires_grad_(True) for v, p in zip(self.low.split(sizes), self.params)]
         self.received = [False] * len(self.params)  # which weights got a gradient since the last update
         self._attached = False  # whether the parameters' gradients are the buffer's views, holding a sum
+        self._empty = True  # no window folded into the float32 gradients since they were attached
 
     @property
     def numel(self) -> int:
@@ -94,12 +95,11 @@ class WorkingWeights:
     @torch.no_grad()
     def refresh(self) -> None:
         """The bf16 copies of the current float32 weights (one kernel), and the float32 gradients as views
-        of one buffer: zeroed after an update or a drop; kept while gradients of earlier images wait for an
-        update (accumulation)."""
+        of one buffer: started anew after an update or a drop (the first fold writes it); kept while gradients
+        of earlier images wait for an update (accumulation)."""
         self.low.copy_(self.master)
         if not self._attached:
-            self._attached = True
-            self.grad.zero_()
+            self._attached, self._empty = True, True
             for p, g in zip(self.params, self.grad_views):
                 p.grad = g
             self.received = [False] * len(self.params)
@@ -126,7 +126,11 @@ class WorkingWeights:
         if len(got) < len(self.leaves):
             self.low_grad.zero_()
         torch._foreach_copy_([self.low_grad_views[i] for i in got], [self.leaves[i].grad for i in got])
-        self.grad.add_(self.low_grad)
+        if self._empty:  # the first window's: a copy (0 + g is g), no zeroing and reading of the buffer
+            self.grad.copy_(self.low_grad)
+            self._empty = False
+        else:
+            self.grad.add_(self.low_grad)
         for i in got:
             self.leaves[i].grad = None
             self.received[i] = True

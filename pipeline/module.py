@@ -17,6 +17,7 @@ from models.checkpoints import load_checkpoint
 from models.class_embeddings import load_class_embeddings
 from models.sd3 import LatentEncoder, TransformerParts
 from models.segformer import Segmenter
+from pipeline import timing
 from pipeline.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
 from pipeline.layers import DusaLoss, JointBlock, SD3Embed, SD3Head, SegmenterFront
 from pipeline.memory import BUDGET
@@ -138,6 +139,7 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
         for line in startup_lines(model, data, tta, pipe, ds_config, bounds, gpus=replicas * pipe.num_stages,
                                   estimate=estimate):
             stage_report(line)
+    timing.mark("partition planned")
     module = DusaPipeline(layers, bounds, DusaLoss(tta.temperature), pipe.num_stages,
                           pipe.activation_checkpoint_interval, replicas)
     module.loaded_keys = parts.loaded_keys
