@@ -145,11 +145,11 @@ def main(argv=None) -> int:
     except Stopped as stop:
         default_signals()  # from here, the launcher's SIGTERM ends this process quietly
         several = int(os.environ.get("WORLD_SIZE", "1")) > 1
-        if rank == 0:
+        if rank == 0 and not (several and other_ranks_running() is False):  # else the launcher is ending us
             kept = (f"finished tasks are kept in {Path(_run_folder.path) / 'results.json'}; rerun the same command "
                     f"to resume" if _started and _run_folder is not None else "nothing was written")
             print(f"\n{stop.why}{f' (rank {rank})' if several else ''}: {kept}", file=sys.stderr, flush=True)
-        elif stopped_alone():
+        elif rank and stopped_alone():
             print(f"\n{stop.why} (rank {rank}): the run stops; rerun the same command to resume", file=sys.stderr,
                   flush=True)
         leave(stop.code)
@@ -187,21 +187,27 @@ PEER_LOST_WAIT_S = 3.0  # the launcher polls its ranks every second and ends the
 STOP_NOTICE_S = 2.0
 
 
-def stopped_alone() -> bool:
-    """Whether this rank (not rank 0) was told to stop on its own, rather than with the whole run: after a
-    moment, its launcher is still there and so are the other ranks it started (a run-wide stop ends rank 0 at
-    once, and the launcher then ends this process quietly during the wait)."""
+def other_ranks_running() -> bool | None:
+    """Whether every other rank that this rank's launcher started on this node is still running (None: no
+    launcher, or it has ended). A rank that ended first means the launcher is stopping the rest after it."""
     from pipeline.rundir import launcher_ended, launcher_processes
-    time.sleep(STOP_NOTICE_S)
     launchers = launcher_processes()
     if launcher_ended() or not launchers:
-        return False
+        return None
     import psutil
     try:
         siblings = [p for p in launchers[0].children() if p.pid != os.getpid()]
-        return bool(siblings) and all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in siblings)
+        return all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in siblings)
     except psutil.Error:
-        return False
+        return None
+
+
+def stopped_alone() -> bool:
+    """Whether this rank (not rank 0) was told to stop on its own, rather than with the whole run: after a
+    moment, its launcher is still there and so are the other ranks (a run-wide stop ends rank 0 at once, and
+    the launcher then ends this process quietly during the wait)."""
+    time.sleep(STOP_NOTICE_S)
+    return other_ranks_running() is True
 
 
 def peer_lost(exc: BaseException) -> bool:
