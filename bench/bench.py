@@ -1149,6 +1149,9 @@ def argument_error(args) -> str | None:
             return f"--{name} {values} must be >= {low}"
     if not (args.timeout > 0):
         return f"--timeout {args.timeout} must be > 0"
+    from data.classes import safe_name
+    if args.tag is not None and not safe_name(args.tag):  # it becomes part of the results file's name
+        return f"--tag {args.tag!r} must be letters, digits and _ - . + (it names the results file)"
     try:
         partition = json.loads(args.partition) if args.partition else None
         variants = json.loads(args.pipeline_variants)

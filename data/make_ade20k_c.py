@@ -180,6 +180,8 @@ def check_arguments(corruptions: list[str], severities: list[int], fmt: str) -> 
     bad = [s for s in severities if not 1 <= s <= 5]
     if bad:
         raise BuildError(f"severity must be in 1..5, got {', '.join(map(str, bad))}")
+    if len(set(corruptions)) != len(corruptions) or len(set(severities)) != len(severities):
+        raise BuildError("name each corruption and severity once")
     if fmt not in FORMATS:
         raise BuildError(f"format must be one of {', '.join(FORMATS)}, got {fmt}")
 

@@ -5,6 +5,7 @@ published checkpoints, so every run loads them through the real `from_pretrained
 """
 from __future__ import annotations
 
+import os
 import re
 import string
 from pathlib import Path
@@ -127,7 +128,14 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 def hub_id_shaped(name: str) -> bool:
-    return _HUB_ID.fullmatch(str(name)) is not None
+    """Whether `name` reads as owner/name, also once normalised (`./org/model`) or taken relative to the working
+    folder (an absolute path into it): the forms in which a folder there would be loaded for a hub id."""
+    forms = {str(name), os.path.normpath(str(name))}
+    try:
+        forms.add(os.path.relpath(Path(name).resolve(), Path.cwd().resolve()))
+    except ValueError:  # another drive
+        pass
+    return any(_HUB_ID.fullmatch(form) for form in forms)
 
 
 def _under_demo_assets(path: Path) -> bool:
@@ -143,7 +151,7 @@ def check_demo_model_path(path: str, option: str, folder: bool = True) -> None:
     if _under_demo_assets(target):
         return
     if folder and hub_id_shaped(path):
-        raise ValueError(f"{option} {path} does not exist and looks like a hub id: the demo never builds its random "
+        raise ValueError(f"{option} {path} holds no model and looks like a hub id: the demo never builds its random "
                          f"models there (the folder would stand in for the real model); use a path under "
                          f"{DEMO_ASSETS}/, or --model.build_demo_models false to load the real one")
     parent = target.parent

@@ -92,9 +92,11 @@ def file_identity(path: str) -> dict[str, Any]:
 
 
 def images_identity(dataset) -> str:
-    """Digest of a task's image list: every image's and annotation's name and size."""
-    return _sha([[p.name, p.stat().st_size, q.name, q.stat().st_size]
-                 for p, q in zip(dataset._images, dataset._labels)])
+    """Digest of a task's image list: every image's and annotation's name, size and modification time."""
+    def stat(path: Path) -> list:
+        found = path.stat()
+        return [path.name, found.st_size, found.st_mtime_ns]
+    return _sha([[*stat(p), *stat(q)] for p, q in zip(dataset._images, dataset._labels)])
 
 
 def input_identity(model, class_names: Sequence[str], datasets: Mapping[str, Any], generator: bool) -> dict:

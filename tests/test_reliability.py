@@ -120,12 +120,14 @@ def test_the_demo_never_builds_at_a_typed_or_hub_shaped_path(tmp_path, monkeypat
     from models.tiny import ASSETS_MARKER, build_demo_models, check_demo_model_path
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty").mkdir()
+    (tmp_path / "org" / "model").mkdir(parents=True)  # empty, but a hub id's folder
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "old").write_text("x")
     before = listing(tmp_path)
     for path, expected in [("nvidia/segformer-b0-finetuned-ade-512-512", "looks like a hub id"),
                            ("typo/deeper/segformer", "builds its random models only under"),
-                           ("runs", "exists but holds no model"), ("segformer", "builds its random models only")]:
+                           ("runs", "exists but holds no model"), ("segformer", "builds its random models only"),
+                           ("./org/model", "looks like a hub id"), (str(tmp_path / "org/model"), "looks like a hub id")]:
         with pytest.raises(ValueError, match=expected):
             build_demo_models(path, None, None, ADE20K_CLASSES)
     with pytest.raises(ValueError, match="hub id"):  # the generator too, before anything is built
@@ -133,10 +135,13 @@ def test_the_demo_never_builds_at_a_typed_or_hub_shaped_path(tmp_path, monkeypat
     assert listing(tmp_path) == before
     check_demo_model_path("demo_assets/segformer-tiny", "--model.segmenter")  # the demo's own folder
     check_demo_model_path("demo_assets/class_embeddings.safetensors", "--model.class_embeddings", folder=False)
-    (tmp_path / "assets").mkdir()  # an empty folder the user made: built in, and marked as the demo's
-    build_demo_models(str(tmp_path / "assets" / "seg"), None, None, ADE20K_CLASSES[:3])
-    assert (tmp_path / "assets" / ASSETS_MARKER).is_file() and (tmp_path / "assets" / "seg" / "config.json").is_file()
-    check_demo_model_path(str(tmp_path / "assets" / "sd3"), "--model.generator")  # beside it: allowed
+    assets = tmp_path / "my" / "assets"  # an empty folder the user made: built in, and marked as the demo's
+    assets.mkdir(parents=True)
+    build_demo_models(str(assets / "seg"), None, None, ADE20K_CLASSES[:3])
+    assert (assets / ASSETS_MARKER).is_file() and (assets / "seg" / "config.json").is_file()
+    check_demo_model_path(str(assets / "sd3"), "--model.generator")  # beside it: allowed
+    with pytest.raises(ValueError, match="looks like a hub id"):  # my/assets is fine, my/sd3 reads as a hub id
+        check_demo_model_path(str(tmp_path / "my" / "sd3"), "--model.generator")
 
 
 # ------------------------------------------------------------------ 3. resume identity
@@ -270,6 +275,8 @@ def _ade(root: Path) -> Path:
 def test_the_builder_records_seed_and_format_and_rebuilds_only_when_asked(tmp_path, capsys):
     from data.make_ade20k_c import BuildError, build, main
     ade, out = _ade(tmp_path / "ade"), tmp_path / "c"
+    with pytest.raises(BuildError, match="each corruption and severity once"):
+        build(ade, out, ["contrast", "contrast"], [3], progress=False)
     assert build(ade, out, ["contrast"], [3], progress=False) == (2, 0)
     jpg = out / "images/validation/contrast_3/ADE_val_0.jpg"
     before = listing(out)
@@ -450,7 +457,8 @@ def test_miniature_refuses_a_file_as_workdir_and_reports_nothing_from_nothing(tm
     (["--partition", "[0, 13"], "--partition / --pipeline_variants is not JSON"),
     (["--partition", "[0, 20, 13]"], "--partition [0, 20, 13] must be 3 increasing layer indices"),
     (["--variants", "pipline"], "--variants 'pipline' is not one of single, pipeline, naive"),
-    (["--classes", "0"], "--classes [0] must be >= 1")])
+    (["--classes", "0"], "--classes [0] must be >= 1"),
+    (["--tag", "../x"], "--tag '../x' must be letters")])
 def test_bench_refuses_bad_arguments_before_any_work_and_writes_nothing(tmp_path, args, message):
     proc = _run("bench/bench.py", "--tiny", "--workdir", str(tmp_path / "work"), *args)
     assert message in one_error_line(proc)
