@@ -24,8 +24,9 @@ random SD3.5-large weights (split by the memory estimate when no cost table exis
 --sweep: instead of the variants, the real launcher (launch/tta.py on ds_configs/tta.json) over a synthetic
 sweep, once per layout (replicas x stages) and class count: images/s over the sweep, beside the layouts'
 prediction from the measured cost table.
-Writes bench/results/<date>-<card>[-<generator>][-<tag>].json (+ the profile tables; the sweep:
-<date>-<card>-sweep...json) and prints a table.
+Writes <out>/<date>-<card>[-<generator>][-<tag>].json (+ the profile tables; the sweep:
+<date>-<card>-sweep...json; --out defaults to <workdir>/results, `--out bench/results` publishes) and prints a
+table; exits non-zero when nothing was measured.
 """
 from __future__ import annotations
 
@@ -947,6 +948,9 @@ def sweep(args, paths: dict, workdir: Path, out: Path, card: str, slug: str, suf
                 f"{row.get('images_per_s_wall') or 0:.2f} over the launcher's {row['launcher_wall_s']:.0f} s")
             path.write_text(json.dumps(report, indent=2))  # after every launch: a cut-off sweep keeps its rows
     path.write_text(json.dumps(report, indent=2))
+    if not any(row["status"] == "ok" for row in report["layouts"]):
+        print(f"error: no layout ran to the end (see the status of each in {path})", file=sys.stderr)
+        sys.exit(1)
     print(f"\n{card}, {gpus} GPUs, {len(args.sweep_tasks)} tasks x {args.sweep_images} images of {list(size)}")
     predicted = {(p["replicas"], p["stages"]): p["classes"] for p in (report.get("predicted") or {}).get("layouts", [])}
     print(f"{'layout':>7} {'classes':>7} {'images/s':>9} {'wall':>9} {'predicted':>9} {'est. GiB':>12}  status")
@@ -960,8 +964,10 @@ def sweep(args, paths: dict, workdir: Path, out: Path, card: str, slug: str, suf
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", default="/tmp/dusa-bench")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--workdir", default="/tmp/dusa-bench",
+                        help="scratch folder (made here, or one this tool made: its old JSON files are removed)")
+    parser.add_argument("--out", help="where the results JSON goes (default: <workdir>/results; bench/results/ "
+                                      "only when named here)")
     parser.add_argument("--classes", type=int, nargs="+", default=[10, 20])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -1012,8 +1018,14 @@ def main() -> None:
     if args.worker == "naive":
         return naive_worker(args)
 
-    workdir, out = Path(args.workdir), Path(args.out)
+    wrong = argument_error(args)
+    if wrong:
+        print(f"error: {wrong}", file=sys.stderr)
+        sys.exit(2)
+    workdir = Path(args.workdir)
+    out = Path(args.out) if args.out else workdir / "results"
     workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / WORKDIR_MARKER).touch()
     out.mkdir(parents=True, exist_ok=True)
     for old in [*workdir.glob("*.json"), *workdir.glob("check-*.pt"), *workdir.glob("trace-*.gz")]:
         old.unlink()
@@ -1068,7 +1080,7 @@ def main() -> None:
             precision = precision_of(load_ds_config(args.ds_config or default_ds_config(args.tiny), lr=1.0))
             table = cost_table_from(json.loads(single_out.read_text())["calibration"], card, paths, args.tiny, precision)
             name = f"{slug}-{Path(paths['generator']).name}-{Path(paths['segmenter']).name}-{precision}.json"
-            table_path = (workdir if args.tiny else ROOT / "pipeline" / "costs") / name
+            table_path = workdir / name  # copied to --out; into pipeline/costs/ by hand, to be the default
             table_path.parent.mkdir(parents=True, exist_ok=True)
             table_path.write_text(json.dumps(table, indent=1) + "\n")
             shutil.copy(table_path, out / f"costs-{name}")
@@ -1116,6 +1128,11 @@ def main() -> None:
         report["graph_cache_policy"] = {"shape_mix": SHAPE_MIX, "capture_s_used": statistics.median(captures),
                                         **graph_cache_simulation(shape["eager_s"], shape["graphed_s"],
                                                                  statistics.median(captures))}
+    measured = [e for e in report["by_classes"].values() for k in ("pipeline_s_per_image", "single_gpu_s_per_image",
+                                                                   "naive_split_s_per_image") if e.get(k)]
+    if not measured and not any(report["pipeline_variants"].values()):
+        print(f"error: nothing was measured (every variant failed or was left out): see {log}", file=sys.stderr)
+        sys.exit(1)
     path = out / f"{report['date']}-{slug}{suffix}.json"
     path.write_text(json.dumps(report, indent=2))
     for r in range(args.stages):
@@ -1124,6 +1141,50 @@ def main() -> None:
             shutil.copy(trace, out / f"{report['date']}-{slug}-trace-stage{r}.json.gz")
     print_table(report)
     print(f"written {path}")
+
+
+VARIANTS = ("single", "pipeline", "naive")
+WORKDIR_MARKER = ".dusa-bench"  # a workdir this tool made: the only kind whose old JSON files it removes
+
+
+def argument_error(args) -> str | None:
+    """The first argument the benchmark cannot run with, checked before anything is built (None: all fine)."""
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        return f"--variants {unknown[0]!r} is not one of {', '.join(VARIANTS)}"
+    for name, low in (("classes", 1), ("steps", 1), ("warmup", 0), ("stages", 1), ("sweep_images", 1)):
+        values = getattr(args, name)
+        if any(v < low for v in (values if isinstance(values, list) else [values])):
+            return f"--{name} {values} must be >= {low}"
+    if not (args.timeout > 0):
+        return f"--timeout {args.timeout} must be > 0"
+    from data.classes import safe_name
+    if args.tag is not None and not safe_name(args.tag):  # it becomes part of the results file's name
+        return f"--tag {args.tag!r} must be letters, digits and _ - . + (it names the results file)"
+    try:
+        partition = json.loads(args.partition) if args.partition else None
+        variants = json.loads(args.pipeline_variants)
+    except json.JSONDecodeError as exc:
+        return f"--partition / --pipeline_variants is not JSON ({exc.msg})"
+    if partition is not None and not (isinstance(partition, list) and len(partition) == args.stages + 1
+                                      and all(isinstance(b, int) and not isinstance(b, bool) for b in partition)
+                                      and partition[0] == 0 and all(a < b for a, b in zip(partition, partition[1:]))):
+        return (f"--partition {args.partition} must be {args.stages + 1} increasing layer indices from 0 "
+                f"(one range per stage of --stages {args.stages})")
+    if not (isinstance(variants, dict) and all(isinstance(v, dict) for v in variants.values())):
+        return "--pipeline_variants must be a JSON object {name: DeepSpeed JSON override}"
+    for option in ("cost_table", "ds_config", "sweep_data"):
+        value = getattr(args, option)
+        if value and not Path(value).exists():
+            return f"--{option} {value} does not exist"
+    workdir = Path(args.workdir)
+    if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())
+                             and not (workdir / WORKDIR_MARKER).is_file()):
+        return (f"--workdir {workdir} is not a folder this tool made (its JSON files would be removed): "
+                f"name a new or empty folder")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        return f"--out {args.out} is a file, not a folder"
+    return None
 
 
 def merge(base: dict, override: dict) -> dict:

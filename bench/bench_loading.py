@@ -31,7 +31,8 @@ Note: a child started by subprocess (vfork + exec) inherits the parent's peak RS
 ru_maxrss, so this parent never imports torch and stays at a few tens of MB; every child also
 reports VmHWM (the peak of its own address space), which has no such inheritance.
 
-Writes bench/results/<date>-loading-cpu.json and prints a table.
+Writes <out>/<date>-loading-cpu.json (default <workdir>/results; `--out bench/results` publishes) and prints a
+table.
 """
 from __future__ import annotations
 
@@ -373,7 +374,7 @@ def main() -> None:
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 4],
                         help="pipeline sizes to measure (1: the whole transformer through TransformerParts)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="dtype of the staged loads")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", help="where the results JSON goes (default: <workdir>/results)")
     parser.add_argument("--no-fp32", action="store_true", help="skip the fp32 from_pretrained comparison")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per worker")
@@ -399,8 +400,13 @@ def main() -> None:
             result = worker_load(args)
         print(json.dumps(result), flush=True)
         return
-    if not args.workdir:
-        parser.error("--workdir is required")
+    problem = ("--workdir is required" if not args.workdir else
+               f"--workdir {args.workdir} is a file, not a folder" if Path(args.workdir).is_file() else
+               f"--stages {args.stages} must be >= 1" if min(args.stages) < 1 else
+               f"--timeout {args.timeout} must be > 0" if not args.timeout > 0 else None)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
 
     workdir = Path(args.workdir).resolve()
     generator = workdir / "sd3-medium"
@@ -486,7 +492,7 @@ def main() -> None:
         report["check"] = (f"the stages of each partition load {total_params} parameters in all, "
                            f"as from_pretrained does (no missing/unexpected keys)")
 
-    out = Path(args.out)
+    out = Path(args.out) if args.out else workdir / "results"
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{report['date']}-loading-cpu.json"
     path.write_text(json.dumps(report, indent=2) + "\n")

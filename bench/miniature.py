@@ -8,7 +8,7 @@ on corrupted test images made by data/make_ade20k_c.py.
     python bench/miniature.py train    --workdir W [--part segmenter|vae|transformer|all] [--minutes M]
     python bench/miniature.py sanity   --workdir W       # the DUSA signal before any adaptation (sanity.json)
     python bench/miniature.py adapt    --workdir W --gpus 2 [--parallel P] [--limit N] [--deadline MIN]
-    python bench/miniature.py report   --workdir W --out bench/results
+    python bench/miniature.py report   --workdir W [--out bench/results]   # default: W/report
     python bench/miniature.py all --tiny --workdir /tmp/m  # CPU smoke run of the whole chain (no quality claim)
 
 Every step is resumable: what exists is skipped (data, each trained part, each finished run; the launcher
@@ -67,6 +67,10 @@ SEGMENTER, GENERATOR, CACHE = "segformer-miniature", "sd3-miniature", "sd3-minia
 
 
 # ------------------------------------------------------------------------------------------------ workdir
+class MiniatureError(ValueError):
+    """A user's mistake (a workdir of another scale, a step run before the one it needs): one line, exit 2."""
+
+
 class Workdir:
     """Where one benchmark lives. `models/` and `sanity.json` are what a later machine needs carried over
     (megabytes); the data is remade from its seeds."""
@@ -76,11 +80,13 @@ class Workdir:
         self.tiny = tiny
         self.sizes: Sizes = TINY if tiny else FULL
         self.corruptions = TINY_CORRUPTIONS if tiny else CORRUPTIONS
+        if self.root.exists() and not self.root.is_dir():
+            raise MiniatureError(f"--workdir {root} is a file, not a folder")
         self.root.mkdir(parents=True, exist_ok=True)
         marker, scale = self.root / "scale.json", {"tiny": tiny}
         if marker.is_file() and json.loads(marker.read_text()) != scale:
-            raise SystemExit(f"error: {self.root} holds a {'tiny' if not tiny else 'full'} benchmark; "
-                             f"use another --workdir")
+            raise MiniatureError(f"{self.root} holds a {'tiny' if not tiny else 'full'} benchmark; "
+                                 f"use another --workdir")
         write_json(marker, scale)
 
     classes = property(lambda self: self.root / "classes.txt")
@@ -186,7 +192,7 @@ def cmd_train(wd: Workdir, args) -> None:
         log(f"train: {', '.join(PARTS if args.part == 'all' else (args.part,))} already trained in {wd.models}")
         return
     if "transformer" in todo and "vae" not in records and "vae" not in todo:
-        raise SystemExit("error: the transformer is trained on the VAE's latents: train --part vae first")
+        raise MiniatureError("the transformer is trained on the VAE's latents: train --part vae first")
     device = torch.device(args.device) if args.device else default_device()
     torch.backends.cudnn.benchmark = True  # fixed shapes: the VAE's convolutions pick their fastest kernels
     s = wd.sizes
@@ -244,7 +250,7 @@ def cmd_train(wd: Workdir, args) -> None:
 def need_models(wd: Workdir) -> None:
     missing = [part for part in PARTS if part not in wd.records()]
     if missing:
-        raise SystemExit(f"error: {', '.join(missing)} not trained in {wd.models}: run `bench/miniature.py train` "
+        raise MiniatureError(f"{', '.join(missing)} not trained in {wd.models}: run `bench/miniature.py train` "
                          f"first (or carry that folder here)")
 
 
@@ -674,12 +680,14 @@ def plot(rows: list[dict], corruptions, path: Path, clean: float | None = None, 
 
 def cmd_report(wd: Workdir, args) -> dict:
     rows = collect(wd)
+    if not rows:  # nothing measured: no report (an empty one would read as a result)
+        raise MiniatureError(f"nothing to report: no adaptation run finished in {wd.runs} (run `adapt` first)")
     records = wd.records()
     sanity = json.loads(wd.sanity.read_text()) if wd.sanity.is_file() else None
     clean = records.get("segmenter", {}).get("clean_test_mIoU")
     date = datetime.date.today().isoformat()
     stem = f"{date}-miniature{'-tiny' if wd.tiny else ''}"
-    out = Path(args.out)
+    out = Path(args.out) if args.out else wd.root / "report"
     table = markdown_table(rows, wd.corruptions, clean) + "\n\n" + summary_lines(records, sanity)
     walls = {run["name"]: json.loads((wd.logs / f"{run['name']}.wall.json").read_text())["seconds"]
              for run in grid(wd.tiny) if (wd.logs / f"{run['name']}.wall.json").is_file()}
@@ -731,18 +739,26 @@ def main(argv=None) -> int:
     parser.add_argument("--deadline", type=float, default=None,
                         help="adapt: minutes after which no run starts and running ones are stopped (resumable)")
     parser.add_argument("--limit", type=int, default=None, help="adapt: images per corruption (default all)")
-    parser.add_argument("--out", default="bench/results", help="report: folder of the JSON and the PNG")
+    parser.add_argument("--out", default=None,
+                        help="report: folder of the JSON and the PNG (default: <workdir>/report; the published "
+                             "results go to bench/results only when named here)")
     parser.add_argument("--until", choices=STEPS, default="report", help="all: the last step to run")
     args = parser.parse_args(argv)
     if args.tiny:
         args.device = args.device or "cpu"
         args.gpus = 0 if args.gpus is None else args.gpus
-    wd = Workdir(args.workdir, args.tiny)
-    import diffusers
-    import transformers
-    for library in (transformers, diffusers):  # their weight-writing bars would fill the logs
-        library.utils.logging.disable_progress_bar()
-    COMMANDS[args.command](wd, args)
+    try:
+        wd = Workdir(args.workdir, args.tiny)
+        import diffusers
+        import transformers
+        for library in (transformers, diffusers):  # their weight-writing bars would fill the logs
+            library.utils.logging.disable_progress_bar()
+        COMMANDS[args.command](wd, args)
+    except (ValueError, OSError) as exc:  # MiniatureError, a damaged results file, an unwritable folder
+        if os.environ.get("DUSA_TRACEBACK"):
+            raise
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -11,7 +11,7 @@ bf16 cast of Linear/Conv weights (the ops autocast runs in bf16) and the float32
 (norm layers, which autocast keeps in float32). Reported: the fraction of trainable parameter elements
 whose forward value changed, overall and for normalization layers' own affine parameters alone; and
 after the first step, among norm elements whose gradient exceeds Adam's eps (Adam then steps them by at
-least lr / 2), the fraction that moved, and how many of the norm tensors with a gradient moved. Writes bench/results/<date>-precision-reach-cpu.json.
+least lr / 2), the fraction that moved, and how many of the norm tensors with a gradient moved. Writes <out>/<date>-precision-reach-cpu.json (default <workdir>/results; `--out bench/results` publishes).
 """
 from __future__ import annotations
 
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--workdir", default=None, help="where the demo models are built (default: a temporary folder)")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", help="where the results JSON goes (default: <workdir>/results)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--preset", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
@@ -144,6 +144,13 @@ def main() -> None:
         return worker(args)
     from data.classes import ADE20K_CLASSES
     from models.tiny import ensure_demo_models
+    problem = (f"--steps {args.steps} must be >= 1" if args.steps < 1 else
+               f"--lr {args.lr} must be a finite number >= 0" if not 0 <= args.lr < float("inf") else
+               next((f"--presets {p}: no such DeepSpeed JSON" for p in args.presets if not (ROOT / p).is_file()), None)
+               or (f"--workdir {args.workdir} is a file" if args.workdir and Path(args.workdir).is_file() else None))
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="precision-reach-"))
     ensure_demo_models(str(work / "segformer"), str(work / "sd3"), str(work / "classes.safetensors"), ADE20K_CLASSES)
     results = {"steps": args.steps, "lr": args.lr, "models": "demo (models/tiny.py)", "device": "cpu", "presets": {}}
@@ -164,7 +171,7 @@ def main() -> None:
         print(f"{preset:34} {100 * r['changed_all']:12.1f}% {100 * r['changed_norm']:6.1f}% "
               f"{100 * r['norm_elements_above_eps_moved_first_step']:25.1f}% "
               f"{r['norm_tensors_with_gradient_moved_first_step']:>10} of {r['norm_tensors_with_gradient']}")
-    out = Path(args.out) / f"{datetime.date.today()}-precision-reach-cpu.json"
+    out = Path(args.out or work / "results") / f"{datetime.date.today()}-precision-reach-cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
     print(f"written {out}")

@@ -73,8 +73,9 @@ def main() -> None:
     parser.add_argument("--demo", action="store_true", help="rerun the three demo methods and their table")
     parser.add_argument("--tests", action="store_true", help="time the test commands")
     args = parser.parse_args()
-    if not (args.demo or args.tests):
-        parser.error("say what to regenerate: --demo and/or --tests")
+    if not (args.demo or args.tests):  # README.md, the file it exists to rewrite, is written only when asked
+        print("error: say what to regenerate in README.md: --demo and/or --tests", file=sys.stderr)
+        sys.exit(2)
     readme = ROOT / "README.md"
     text = readme.read_text()
     if args.demo:

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data.classes import CORRUPTIONS, IMAGE_SUFFIXES  # noqa: F401 (CORRUPTIONS: part of the reader's API)
+from data.classes import CORRUPTIONS, IMAGE_SUFFIXES, safe_name  # noqa: F401 (CORRUPTIONS: the reader's API)
 from data.metrics import ADE_NUM_CLASSES, ade_label_to_train_id
 
 # One-channel 16-bit PNG modes (older Pillow reads them as "I", which no 8-bit .jpg/.png gives).
@@ -107,6 +107,8 @@ class ADE20KC(Dataset):
             raise FileNotFoundError(f"ADE20K-C root {self.root} does not exist")
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be None or >= 1, got {limit}")
+        if not safe_name(corruption):  # it names a folder under the root: never `..` or a separator
+            raise ValueError(f"corruption {corruption!r} is not a task name (letters, digits and _ - . + only)")
         # layout: "flat" (<corruption>_<severity> folders), "reference" (ADE20K_val-c/<corruption>/<severity>/
         # validation) or "nested" (<corruption>/<severity>).
         self.layout, self.image_dir, self.label_dir = _locate(self.root, corruption, severity)
@@ -114,6 +116,13 @@ class ADE20KC(Dataset):
                         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES), key=lambda p: p.name)
         if not paths:
             raise FileNotFoundError(f"no {'/'.join(IMAGE_SUFFIXES)} images in {self.image_dir}")
+        stems: dict[str, Path] = {}
+        for p in paths:  # X.jpg and X.png would score annotation X twice
+            if p.stem in stems:
+                raise ValueError(f"{self.image_dir} holds {stems[p.stem].name} and {p.name}: two images of one "
+                                 f"annotation ({p.stem}.png) would be scored twice; keep one (data/make_ade20k_c.py "
+                                 f"--format: build each root in one format)")
+            stems[p.stem] = p
         self._images = paths[:limit]
         # Checked up front so that a missing file fails at start, not hours into a task.
         self._labels = [self.label_dir / f"{p.stem}.png" for p in self._images]

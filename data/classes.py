@@ -6,6 +6,8 @@ is the one of SegFormer's `id2label` / mmsegmentation's ADE20KDataset.
 """
 from __future__ import annotations
 
+import re
+
 # The 15 benchmark corruptions, in imagecorruptions' order.
 CORRUPTIONS: tuple[str, ...] = (
     "gaussian_noise", "shot_noise", "impulse_noise",
@@ -14,6 +16,16 @@ CORRUPTIONS: tuple[str, ...] = (
     "contrast", "elastic_transform", "pixelate", "jpeg_compression",
 )
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+# A name that becomes one component of a path (a task's folders under the data root, `pictures/<task>/`,
+# `state/<task>`): letters, digits, `_`, `-`, `.` and `+`, starting with a letter or digit (no `..`, no
+# separator, nothing hidden).
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,127}")
+
+
+def safe_name(name) -> bool:
+    """Whether `name` may be one component of a path this program writes or reads (see SAFE_NAME)."""
+    return isinstance(name, str) and SAFE_NAME.fullmatch(name) is not None and ".." not in name
+
 
 ADE20K_CLASSES: tuple[str, ...] = (
     "wall", "building", "sky", "floor", "tree",                                        # 0-4
@@ -71,9 +83,14 @@ assert len(set(ADE20K_PALETTE)) == 150
 
 
 def check_class_names(classes, source: str, error: type[ValueError] = ValueError) -> None:
-    """A class list names at least one class, each once (`error`: the caller's exception type)."""
+    """A class list names at least one class, each once, each printable text without a path separator (names
+    go into prompts, CSV headers, W&B keys and picture legends; `error`: the caller's exception type)."""
     if not classes:
         raise error(f"class list {source} is empty")
+    bad = [c for c in classes if not (isinstance(c, str) and c.isprintable() and not {"/", "\\"} & set(c)
+                                      and c.strip() not in ("", ".", ".."))]
+    if bad:
+        raise error(f"class list {source} has a name that is not printable text without / or \\: {bad[0]!r}")
     from collections import Counter
     duplicates = sorted(c for c, n in Counter(classes).items() if n > 1)
     if duplicates:
@@ -81,12 +98,15 @@ def check_class_names(classes, source: str, error: type[ValueError] = ValueError
 
 
 def read_class_names(path, error: type[ValueError] = ValueError) -> list[str]:
-    """A class-list file: one class per line; blank lines and lines starting with `#` are skipped."""
+    """A class-list file (UTF-8, a leading byte-order mark dropped): one class per line; blank lines and lines
+    starting with `#` are skipped."""
     from pathlib import Path
     try:
-        lines = Path(path).read_text().splitlines()
+        lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     except OSError as exc:
         raise error(f"cannot read class list {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise error(f"class list {path} is not UTF-8 text") from None
     classes = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
     check_class_names(classes, str(path), error)
     return classes

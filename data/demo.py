@@ -182,8 +182,16 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=[128, 171], metavar=("H", "W"))
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    root = make_demo_dataset(args.root, args.num_images, tuple(args.corruptions), args.severity,
-                             (args.size[0], args.size[1]), args.seed, create=True)
+    try:
+        if args.num_images < 1:
+            raise ValueError(f"--num-images {args.num_images} must be >= 1")
+        if Path(args.root).exists() and not Path(args.root).is_dir():
+            raise ValueError(f"--root {args.root} is a file, not a folder")
+        root = make_demo_dataset(args.root, args.num_images, tuple(args.corruptions), args.severity,
+                                 (args.size[0], args.size[1]), args.seed, create=True)
+    except (ValueError, OSError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        sys.exit(2)
     print(f"demo dataset ready at {root}")
 
 

@@ -8,12 +8,15 @@ Writes the layout `data.ade20k_c.ADE20KC` reads:
     <out>/annotations/validation/ADE_val_00000001.png   (copied byte for byte)
 
 Deterministic (numpy is seeded per image, corruption and severity from a stable hash) and
-resumable (finished files are skipped; files are written under a temporary name and renamed).
+resumable (finished files are skipped; files are written under a temporary name and renamed). The seed and
+format are recorded in <out>/.make_ade20k_c.json: a rerun with others is refused unless --rebuild is given,
+which replaces the images it plans (by their exact names) instead of keeping the old ones.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -85,6 +88,39 @@ def corrupt_image(rgb: np.ndarray, corruption: str, severity: int, seed: int) ->
     return fit_size(np.asarray(out, dtype=np.uint8), h, w)
 
 
+RECORD = ".make_ade20k_c.json"  # the seed and format a build of <out> used
+
+
+def check_sources(images: list[Path], labels: list[Path]) -> None:
+    """Every source image and annotation opens and has pixels (headers only): a damaged or empty file is named
+    before any work, not by a traceback in a worker."""
+    for path, what in [*((p, "image") for p in images), *((p, "annotation") for p in labels)]:
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except Exception as exc:  # PIL raises several types for a file that is not an image
+            raise BuildError(f"cannot read source {what} {path} ({' '.join(f'{type(exc).__name__}: {exc}'.split())})"
+                             f": replace it from the ADE20K download") from None
+        if not (w and h):
+            raise BuildError(f"source {what} {path} has no pixels ({w}x{h}): replace it from the ADE20K download")
+
+
+def check_record(out: Path, seed: int, fmt: str, rebuild: bool) -> dict | None:
+    """The seed and format <out> was built with (None: a fresh folder); a rerun with others needs --rebuild."""
+    path = out / RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        before = (record["seed"], record["format"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise BuildError(f"{path} is damaged: delete it and pass --rebuild to build {out} again") from None
+    if before != (seed, fmt) and not rebuild:
+        raise BuildError(f"{out} was built with --seed {before[0]} --format {before[1]}, not --seed {seed} --format "
+                         f"{fmt}: pass --rebuild to replace its images, or use another --out")
+    return record
+
+
 def _write_atomic(path: Path, write) -> None:
     """write(tmp_path), then rename: an interrupted write leaves only a temp file, never a short output."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
@@ -104,9 +140,12 @@ def _is_done(path: Path) -> bool:
 
 def run_job(job: Job) -> None:
     """Corrupt one image at one severity and save it (format from the target's suffix)."""
-    with Image.open(job.source) as im:
-        # No EXIF transpose: the annotations match the pixels as stored.
-        rgb = np.asarray(im.convert("RGB"))
+    try:
+        with Image.open(job.source) as im:
+            # No EXIF transpose: the annotations match the pixels as stored.
+            rgb = np.asarray(im.convert("RGB"))
+    except Exception as err:  # a file that changed since the plan checked its header
+        raise RuntimeError(f"cannot decode source image {job.source}: {type(err).__name__}: {err}") from None
     try:
         out = corrupt_image(rgb, job.corruption, job.severity, job.seed)
     except Exception as err:  # name the file: a bare library error says nothing about which one
@@ -141,6 +180,8 @@ def check_arguments(corruptions: list[str], severities: list[int], fmt: str) -> 
     bad = [s for s in severities if not 1 <= s <= 5]
     if bad:
         raise BuildError(f"severity must be in 1..5, got {', '.join(map(str, bad))}")
+    if len(set(corruptions)) != len(corruptions) or len(set(severities)) != len(severities):
+        raise BuildError("name each corruption and severity once")
     if fmt not in FORMATS:
         raise BuildError(f"format must be one of {', '.join(FORMATS)}, got {fmt}")
 
@@ -162,6 +203,13 @@ def plan(ade_root: str | Path, out: str | Path, corruptions: list[str], severiti
     missing = [src for src, _ in labels if not src.is_file()]
     if missing:  # checked before any work: the reader would refuse the output later anyway
         raise BuildError(f"{len(missing)} of {len(images)} images have no annotation, e.g. {missing[0]}")
+    stems = [p.stem for p in images]
+    twice = sorted({s for s in stems if stems.count(s) > 1})
+    if twice:
+        raise BuildError(f"{image_dir} holds two images named {twice[0]} (one annotation each): keep one")
+    if out.exists() and not out.is_dir():
+        raise BuildError(f"--out {out} is a file, not a folder")
+    check_sources(images, [src for src, _ in labels])
     jobs = [Job(p, out / "images" / "validation" / f"{c}_{s}" / f"{p.stem}.{fmt}", c, s,
                 job_seed(seed, p.stem, c, s))
             for c in corruptions for s in severities for p in images]
@@ -170,12 +218,32 @@ def plan(ade_root: str | Path, out: str | Path, corruptions: list[str], severiti
 
 def build(ade_root: str | Path, out: str | Path, corruptions: list[str] | tuple[str, ...] = CORRUPTIONS,
           severities: list[int] | tuple[int, ...] = (5,), workers: int = 0, fmt: str = "jpg",
-          seed: int = 0, progress: bool = True) -> tuple[int, int]:
+          seed: int = 0, progress: bool = True, rebuild: bool = False) -> tuple[int, int]:
     """Write ADE20K-C under `out`; returns (written, skipped) counts of corrupted images.
 
-    workers 0 or 1 runs in this process. Raises BuildError for bad inputs.
+    workers 0 or 1 runs in this process. Raises BuildError for bad inputs, and for a rerun with another seed
+    or format unless `rebuild`, which first removes the planned images in any format (their exact names).
     """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise BuildError(f"--workers must be a count >= 0, got {workers}")
     jobs, labels = plan(ade_root, out, list(corruptions), list(severities), fmt, seed)
+    out = Path(out)
+    record = check_record(out, seed, fmt, rebuild)
+    formats = {j.target.parent: set() for j in jobs}
+    for folder in formats:  # another format beside the planned one would score an annotation twice
+        if folder.is_dir():
+            formats[folder] = {p.suffix[1:] for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    mixed = sorted(str(f) for f, found in formats.items() if found - {fmt})
+    if mixed and not rebuild:
+        raise BuildError(f"{mixed[0]} holds images of another format than --format {fmt}: pass --rebuild to "
+                         f"replace them, or use another --out")
+    if rebuild:
+        for job in jobs:
+            for suffix in IMAGE_SUFFIXES:
+                job.target.with_suffix(suffix).unlink(missing_ok=True)
+    if record != {"seed": seed, "format": fmt}:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / RECORD, lambda tmp: tmp.write_text(json.dumps({"seed": seed, "format": fmt}) + "\n"))
     for folder in {j.target.parent for j in jobs} | {labels[0][1].parent}:
         folder.mkdir(parents=True, exist_ok=True)
         # Temp files of a killed run are never read, but would pile up.
@@ -219,12 +287,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--format", default="jpg", choices=list(FORMATS),
                         help="jpg (JPEG quality %d) or png (lossless); default jpg" % JPEG_QUALITY)
     parser.add_argument("--seed", type=int, default=0, help="base seed of the corruption noise")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="replace the images of an earlier build made with another --seed or --format")
     args = parser.parse_args(argv)
     try:
         written, skipped = build(args.ade_root, args.out, args.corruptions, args.severities,
-                                 args.workers, args.format, args.seed)
-    except BuildError as err:
-        parser.exit(2, f"{parser.prog}: error: {err}\n")
+                                 args.workers, args.format, args.seed, rebuild=args.rebuild)
+    except (BuildError, OSError, RuntimeError) as err:  # RuntimeError: a job's failure, naming its file
+        parser.exit(2, f"{parser.prog}: error: {' '.join(str(err).split())}\n")
     print(f"written {written}, skipped {skipped} corrupted images; ADE20K-C at {Path(args.out)}")
 
 

@@ -14,7 +14,7 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from pipeline.reporting import read_results  # noqa: E402
+from pipeline.reporting import read_results, task_result_problem  # noqa: E402
 
 AVERAGE = "average"
 
@@ -27,10 +27,18 @@ def load_run(run_dir: str | Path) -> tuple[str, dict[str, float | None]]:
     try:
         results = read_results(path)  # in percent, whichever version wrote it
         method = results.get("config", {}).get("tta", {}).get("method", "?")
+        for task, res in results["tasks"].items():
+            wrong = task_result_problem(res)
+            if wrong:
+                raise ValueError(f"task {task}: {wrong}")
         scores = {task: res["mIoU"] for task, res in results["tasks"].items()}
-        scores[AVERAGE] = results["average"]["mIoU"]
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"{path} is not a results.json of launch/tta.py ({type(exc).__name__}: {exc})") from exc
+        average = results["average"]["mIoU"]
+        if average is not None and not (isinstance(average, (int, float)) and not isinstance(average, bool)):
+            raise ValueError(f"average mIoU {average!r} is not a number")
+        scores[AVERAGE] = average
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not a results.json of launch/tta.py "
+                         f"({type(exc).__name__}: {' '.join(str(exc).split())})") from None
     return f"{method} ({Path(run_dir).resolve().name})", scores
 
 

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
-from models.class_embeddings import (DEFAULT_TEMPLATE, EmbedError, make_prompts, read_class_list,  # noqa: E402
-                                     read_custom_prompts, write_class_embeddings)
+from models.class_embeddings import (DEFAULT_TEMPLATE, EmbedError, check_output_file,  # noqa: E402
+                                     make_prompts, read_class_list, read_custom_prompts, write_class_embeddings)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -64,12 +64,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             classes = list(ADE20K_CLASSES)
         else:
             classes = read_class_list(args.classes)
+        check_output_file(args.out)
         custom = read_custom_prompts(args.prompts) if args.prompts else {}
         make_prompts(args.template, classes, custom)  # fail on the prompts before loading anything
         out = write_class_embeddings(args.out, args.model, classes, args.template, args.max_sequence_length,
                                      device, dtype, args.batch_size, custom=custom)
     except EmbedError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # writing the cache (a full disk, a read-only folder)
+        print(f"error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
         return 2
 
     with safe_open(str(out), framework="pt") as f:  # shapes from the header: no tensor is read back

@@ -62,7 +62,10 @@ def parse(argv=None) -> tuple[RunConfig, dict, list[str]]:
         message = " ".join(str(exc).split())  # jsonargparse's messages span lines
         guess = close_option(message, [s for a in parser._actions for s in a.option_strings if s.startswith("--")])
         raise BadArguments(f"{message} (did you mean {guess}?)" if guess else message) from None
-    objects = parser.instantiate(ns)
+    try:
+        objects = parser.instantiate(ns)
+    except TypeError as exc:  # a section given as something other than a mapping of its options
+        raise BadArguments(f"a config section has the wrong type: {' '.join(str(exc).split())[:200]}") from None
     cfg = RunConfig(**{name: objects[name] for name in GROUPS}, deepspeed=ns.deepspeed,
                     output_dir=ns.output_dir, seed=ns.seed)
     return cfg, asdict(cfg), [str(path) for path in ns.get("config") or []]
@@ -142,10 +145,14 @@ def main(argv=None) -> int:
             raise Stopped(f"stopped by {signal.Signals(received).name}", 128 + received) from None
     except Stopped as stop:
         default_signals()  # from here, the launcher's SIGTERM ends this process quietly
-        if rank == 0:
+        several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        if rank == 0 and not (several and other_ranks_running() is False):  # else the launcher is ending us
             kept = (f"finished tasks are kept in {Path(_run_folder.path) / 'results.json'}; rerun the same command "
                     f"to resume" if _started and _run_folder is not None else "nothing was written")
-            print(f"\n{stop.why}: {kept}", file=sys.stderr, flush=True)
+            print(f"\n{stop.why}{f' (rank {rank})' if several else ''}: {kept}", file=sys.stderr, flush=True)
+        elif rank and stopped_alone():
+            print(f"\n{stop.why} (rank {rank}): the run stops; rerun the same command to resume", file=sys.stderr,
+                  flush=True)
         leave(stop.code)
     except Exception as exc:  # noqa: BLE001 - sorted below: only user-facing failures are shortened
         default_signals()
@@ -158,7 +165,12 @@ def main(argv=None) -> int:
         import torch
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (isinstance(exc, PeerError) and rank or peer_lost(exc)) \
                 and not os.environ.get("DUSA_TRACEBACK"):
-            leave(2)  # another rank failed first and says why: one message, not one per rank
+            # Another rank failed or was stopped first and says why: one message, not one per rank. A lost peer
+            # may have been stopped by a signal: its status (128 + the signal) reaches the launcher first.
+            if peer_lost(exc):
+                release_run_folder()
+                time.sleep(PEER_LOST_WAIT_S)
+            leave(2)
         oom = isinstance(exc, torch.OutOfMemoryError)
         if not (oom or isinstance(exc, USER_ERRORS)) or os.environ.get("DUSA_TRACEBACK"):
             release_run_folder()
@@ -170,6 +182,33 @@ def main(argv=None) -> int:
         print(f"\nerror: {f'[rank {rank}] ' if rank else ''}{OOM_HELP if oom else lines[0]}"
               f"{' (DUSA_TRACEBACK=1 shows the traceback)' if not oom else ''}", file=sys.stderr, flush=True)
         leave(2)
+
+
+PEER_LOST_WAIT_S = 3.0  # the launcher polls its ranks every second and ends the rest at the first failure
+STOP_NOTICE_S = 2.0
+
+
+def other_ranks_running() -> bool | None:
+    """Whether every other rank that this rank's launcher started on this node is still running (None: no
+    launcher, or it has ended). A rank that ended first means the launcher is stopping the rest after it."""
+    from pipeline.rundir import launcher_ended, launcher_processes
+    launchers = launcher_processes()
+    if launcher_ended() or not launchers:
+        return None
+    import psutil
+    try:
+        siblings = [p for p in launchers[0].children() if p.pid != os.getpid()]
+        return all(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in siblings)
+    except psutil.Error:
+        return None
+
+
+def stopped_alone() -> bool:
+    """Whether this rank (not rank 0) was told to stop on its own, rather than with the whole run: after a
+    moment, its launcher is still there and so are the other ranks (a run-wide stop ends rank 0 at once, and
+    the launcher then ends this process quietly during the wait)."""
+    time.sleep(STOP_NOTICE_S)
+    return other_ranks_running() is True
 
 
 def peer_lost(exc: BaseException) -> bool:
@@ -226,10 +265,10 @@ def on_rank0(work, rank: int, world: int, dist) -> None:
 
 def run(argv=None) -> int:
     global _started
-    from pipeline.checks import (check_argument_files, check_class_embedding_file, check_deepspeed_config,
-                                 check_generator_files, check_segmenter_files, check_window_counts, check_window_size,
-                                 load_unique)
-    from pipeline.config import validate
+    from pipeline.checks import (check_accumulation, check_argument_files, check_class_embedding_file,
+                                 check_deepspeed_config, check_generator_files, check_segmenter_files,
+                                 check_window_counts, check_window_size, load_unique, read_cost_table)
+    from pipeline.config import cap_class_budget, validate
     from pipeline.rundir import (RunFolder, launcher_processes, remove_orphaned_shared_memory, stop_on_signals,
                                  stop_when_launcher_ends, write_text_atomic)
 
@@ -240,6 +279,10 @@ def run(argv=None) -> int:
     from data.classes import load_class_names
     class_names = load_class_names(cfg.data.classes)
     validate(cfg, len(class_names))
+    for note in cap_class_budget(cfg, len(class_names)):
+        record["tta"].update(max_classes=cfg.tta.max_classes, min_classes=cfg.tta.min_classes)  # as it runs
+        if os.environ.get("RANK", "0") == "0":
+            print(note, file=sys.stderr, flush=True)
     if not cfg.output_dir.strip():
         raise ValueError("--output_dir is empty: name the folder for the results")
     if isinstance(cfg.deepspeed, str) and Path(cfg.deepspeed).is_file():
@@ -260,11 +303,12 @@ def run(argv=None) -> int:
     timing.mark("imports")
 
     from data.demo import make_demo_dataset
-    from models.tiny import ensure_demo_models, make_tiny_segformer
+    from models.tiny import build_demo_models
     from pipeline.engine import load_ds_config
     from pipeline.replicas import ReplicaFeed, Replicas, layout_error
     from pipeline.reporting import RunLogger, startup_summary
-    from pipeline.resume import finished_tasks
+    from pipeline.identity import input_identity
+    from pipeline.resume import finished_tasks, saved_results
     from pipeline.tta import TTARunner, open_tasks
 
     if os.environ.get("LOCAL_RANK", "0") == "0":
@@ -303,21 +347,28 @@ def run(argv=None) -> int:
         global _run_folder
         nonlocal datasets
         _run_folder = RunFolder.claim(cfg.output_dir)
-        finished_tasks(cfg, record, class_names)
+        saved_results(cfg.output_dir)  # a damaged results.json is named before anything is built
         if cfg.data.build_demo_data:
             make_demo_dataset(cfg.data.root, corruptions=tuple(cfg.data.corruptions), severity=cfg.data.severity)
         datasets = open_tasks(cfg.data, len(class_names))
+        if method.adapts:
+            note = check_accumulation(cfg.tta.accumulation_steps, {t: len(d) for t, d in datasets.items()})
+            if note:
+                print(note, file=sys.stderr, flush=True)
+        if cfg.pipeline.cost_table is not None and method.pipeline:
+            read_cost_table(Path(cfg.pipeline.cost_table), "--pipeline.cost_table")
         if method.generator:  # each window is a micro-batch of the image's step
             check_window_counts(datasets, cfg.data.window_size, cfg.data.window_stride, cfg.data.max_windows)
-        if cfg.model.build_demo_models and method.generator:
-            ensure_demo_models(cfg.model.segmenter, cfg.model.generator, cfg.model.class_embeddings, class_names)
-        elif cfg.model.build_demo_models and not (Path(cfg.model.segmenter) / "config.json").is_file():
-            make_tiny_segformer(cfg.model.segmenter, class_names)  # source and tent need no generator
+        if cfg.model.build_demo_models:  # source and tent need no generator
+            build_demo_models(cfg.model.segmenter, cfg.model.generator if method.generator else None,
+                              cfg.model.class_embeddings, class_names)
         check_segmenter_files(cfg.model.segmenter, len(class_names))
         if method.generator:
             check_window_size(cfg.data.window_size, cfg.model.generator)
             transformer = check_generator_files(cfg.model.generator)
             check_class_embedding_file(cfg.model.class_embeddings, class_names, cfg.model.generator, transformer)
+        record["inputs"] = input_identity(cfg.model, class_names, datasets, method.generator)
+        finished_tasks(cfg, record, class_names)  # the same options and inputs as the results it resumes
     on_rank0(prepare, rank, world, dist)
     if datasets is None:
         datasets = open_tasks(cfg.data, len(class_names))

@@ -117,16 +117,34 @@ def make_prompts(template: str, classes: Sequence[str], custom: Mapping[str, str
 
 def read_custom_prompts(path: str | Path) -> dict[str, str]:
     """A JSON or YAML mapping class name -> full prompt."""
-    import yaml  # JSON is YAML too
+    from pipeline.checks import load_unique  # JSON or YAML, a repeated class refused
     try:
-        mapping = yaml.safe_load(Path(path).read_text())
+        text = Path(path).read_text(encoding="utf-8-sig")  # a leading byte-order mark is dropped
     except OSError as e:
         raise EmbedError(f"cannot read prompts file {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise EmbedError(f"prompts file {path} is not JSON or YAML: {' '.join(str(e).split())}") from None
+    except UnicodeDecodeError:
+        raise EmbedError(f"prompts file {path} is not UTF-8 text (JSON or YAML)") from None
+    try:
+        mapping = load_unique(text, f"prompts file {path}")
+    except ValueError as e:
+        raise EmbedError(str(e)) from None
     if not isinstance(mapping, dict):
         raise EmbedError(f"prompts file {path} must map class names to prompts")
     return {str(k): v for k, v in mapping.items()}
+
+
+def check_output_file(out: str | Path) -> Path:
+    """Where the cache goes can take a file: not a folder, its parent a folder or creatable (checked before
+    any encoder runs)."""
+    out = Path(out)
+    if out.is_dir():
+        raise EmbedError(f"--out {out} is a folder: name the cache file (e.g. {out / 'classes.safetensors'})")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise EmbedError(f"--out {out}: {parent} is a file, not a folder")
+            break
+    return out
 
 
 def resolve_model(model: str) -> tuple[Path, bool]:

@@ -5,10 +5,11 @@ published checkpoints, so every run loads them through the real `from_pretrained
 """
 from __future__ import annotations
 
+import os
+import re
+import string
 from pathlib import Path
 from typing import Sequence
-
-import string
 
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
@@ -104,14 +105,83 @@ def has_text_encoders(path: str | Path) -> bool:
                for kind in ("text_encoder", "tokenizer") for suffix in ("", "_2", "_3"))
 
 
-def ensure_demo_models(segmenter: str, generator: str, class_embeddings: str, class_names: Sequence[str]) -> None:
-    """Builds the tiny checkpoints at the configured paths unless they are already there."""
+def ensure_demo_models(segmenter: str, generator: str | None, class_embeddings: str | None,
+                       class_names: Sequence[str]) -> None:
+    """Builds the tiny checkpoints at the given paths unless they are already there (generator None: the
+    segmenter only). For paths a program chose; the launcher goes through `build_demo_models`."""
     if not (Path(segmenter) / "config.json").is_file():
         make_tiny_segformer(segmenter, class_names)
+    if generator is None:
+        return
     if not (Path(generator) / "transformer" / "config.json").is_file():
         make_tiny_sd3(generator)
-    if not Path(class_embeddings).is_file():
+    if class_embeddings is not None and not Path(class_embeddings).is_file():
         make_tiny_class_embeddings(class_embeddings, class_names, generator)
+
+
+# The demo's own asset folder (ds_configs/demo.json's model paths), relative to where the run starts, as
+# data.demo.DEMO_ROOT; and the marker the builder leaves in any other folder it builds in.
+DEMO_ASSETS = Path("demo_assets")
+ASSETS_MARKER = ".demo_assets"
+# owner/name, the shape of a hub id: a folder of that name would shadow the real model for every run started here.
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def hub_id_shaped(name: str) -> bool:
+    """Whether `name` reads as owner/name, also once normalised (`./org/model`) or taken relative to the working
+    folder (an absolute path into it): the forms in which a folder there would be loaded for a hub id."""
+    forms = {str(name), os.path.normpath(str(name))}
+    try:
+        forms.add(os.path.relpath(Path(name).resolve(), Path.cwd().resolve()))
+    except ValueError:  # another drive
+        pass
+    return any(_HUB_ID.fullmatch(form) for form in forms)
+
+
+def _under_demo_assets(path: Path) -> bool:
+    return path.resolve().is_relative_to(DEMO_ASSETS.resolve())
+
+
+def check_demo_model_path(path: str, option: str, folder: bool = True) -> None:
+    """Raises unless `model.build_demo_models` may build a random tiny model at `path`: under the demo's own
+    asset folder (`demo_assets/`); else, never at a path shaped like a hub id, and only in an existing empty
+    folder or beside models the demo built before (its marker in the parent folder). A typo or a real
+    model's name never gets a random model that later runs would load under that name."""
+    target = Path(path)
+    if _under_demo_assets(target):
+        return
+    if folder and hub_id_shaped(path):
+        raise ValueError(f"{option} {path} holds no model and looks like a hub id: the demo never builds its random "
+                         f"models there (the folder would stand in for the real model); use a path under "
+                         f"{DEMO_ASSETS}/, or --model.build_demo_models false to load the real one")
+    parent = target.parent
+    empty = folder and target.is_dir() and not any(target.iterdir())
+    if target.exists() and not empty:
+        raise ValueError(f"{option} {path} exists but holds no model the program can read: the demo does not build "
+                         f"into it; fix the path, or set --model.build_demo_models false")
+    if empty or parent.is_dir() and ((parent / ASSETS_MARKER).is_file() or not any(parent.iterdir())):
+        return
+    raise ValueError(f"{option} {path} does not exist, and the demo builds its random models only under "
+                     f"{DEMO_ASSETS}/, in an empty folder or beside models it built before: fix the path, or set "
+                     f"--model.build_demo_models false")
+
+
+def build_demo_models(segmenter: str, generator: str | None, class_embeddings: str | None,
+                      class_names: Sequence[str]) -> None:
+    """The launcher's `model.build_demo_models`: every missing path is checked (`check_demo_model_path`) before
+    anything is built, then built, and the folders built in are marked as the demo's."""
+    wanted = [(segmenter, "--model.segmenter", True, not (Path(segmenter) / "config.json").is_file())]
+    if generator is not None:
+        wanted += [(generator, "--model.generator", True, not (Path(generator) / "transformer" / "config.json").is_file()),
+                   (class_embeddings, "--model.class_embeddings", False, not Path(class_embeddings).is_file())]
+    missing = [(path, option, folder) for path, option, folder, absent in wanted if absent]
+    for path, option, folder in missing:
+        check_demo_model_path(path, option, folder)
+    ensure_demo_models(segmenter, generator, class_embeddings, class_names)
+    for path, _, _ in missing:
+        parent = Path(path).parent
+        if not _under_demo_assets(Path(path)) and not (parent / ASSETS_MARKER).is_file():
+            (parent / ASSETS_MARKER).write_text("random tiny models of the demo (models/tiny.py), not real ones\n")
 
 
 def make_tiny_class_embeddings(path: str | Path, class_names: Sequence[str], generator: str | Path) -> Path:

@@ -60,9 +60,29 @@ def load_unique(text: str, source: str) -> Any:
         raise ValueError(f"{source} is neither JSON nor YAML: {' '.join(str(exc).split())}") from None
 
 
+# The config's sections (option groups), each a mapping of its options; `deepspeed` is a path or a mapping.
+SECTIONS = ("model", "data", "tta", "pipeline", "logging", "logging.wandb")
+
+
+def check_config_sections(loaded: Any, source: str) -> None:
+    """A config file is a mapping whose sections (SECTIONS) are mappings: a list or a number there is refused
+    in one line naming the section, instead of failing inside the parser."""
+    if not isinstance(loaded, Mapping):
+        raise ValueError(f"{source} must be a mapping of option groups (model, data, tta, ...), not a "
+                         f"{type(loaded).__name__}")
+    for section in SECTIONS:
+        parent, _, name = section.rpartition(".")
+        holder = loaded.get(parent) if parent else loaded
+        if isinstance(holder, Mapping) and name in holder and not isinstance(holder[name], Mapping):
+            raise ValueError(f"{source}: section {section} must be a mapping of its options, not "
+                             f"{holder[name]!r}")
+    if "deepspeed" in loaded and not isinstance(loaded["deepspeed"], (str, Mapping)):
+        raise ValueError(f"{source}: deepspeed must be a path or a mapping, not {loaded['deepspeed']!r}")
+
+
 def check_argument_files(argv: Sequence[str]) -> None:
     """The files (or inline texts) given to --config and --deepspeed hold no duplicate keys; a config
-    file's `deepspeed` path is checked too."""
+    file's sections are mappings; a config file's `deepspeed` path is checked too."""
     values = []
     for i, arg in enumerate(argv):
         for option in ("--config", "--deepspeed"):
@@ -77,11 +97,15 @@ def check_argument_files(argv: Sequence[str]) -> None:
                 loaded = load_unique(path.read_text(), f"{option} file {path}")
             except UnicodeDecodeError:
                 raise ValueError(f"{option} file {path} is not a text file") from None
+            if option == "--config":
+                check_config_sections(loaded, f"--config file {path}")
             nested = loaded.get("deepspeed") if option == "--config" and isinstance(loaded, dict) else None
             if isinstance(nested, str) and Path(nested).is_file():
                 load_unique(Path(nested).read_text(), f"DeepSpeed config {nested} (from {path})")
         elif value.lstrip().startswith("{"):
-            load_unique(value, f"{option} text")
+            loaded = load_unique(value, f"{option} text")
+            if option == "--config":
+                check_config_sections(loaded, "--config text")
 
 
 # ------------------------------------------------------------------------------ the DeepSpeed JSON
@@ -89,13 +113,57 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# Switches that DeepSpeed or torch's optimizers read as truth values, by key, at any depth (`enabled` of every
+# section): a string such as "no" would be read as true.
+BOOLEAN_KEYS = frozenset({
+    "enabled", "immediate_grad_update", "check_grad_overflow", "wall_clock_breakdown", "memory_breakdown",
+    "zero_allow_untested_optimizer", "prescale_gradients", "sparse_gradients", "dump_state", "auto_cast",
+    "contiguous_gradients", "overlap_comm", "reduce_scatter", "allgather_partitions", "round_robin_gradients",
+    "elastic_checkpoint", "load_from_fp32_weights", "use_multi_rank_bucket_allreduce", "ignore_unused_parameters",
+    "amsgrad", "fused", "foreach", "maximize", "capturable", "differentiable", "nesterov", "torch_adam",
+    "adam_w_mode", "decoupled_weight_decay", "bf16_master_weights_and_grads", "bf16_optimizer_states"})
+# DeepSpeed's spellings of bfloat16 for torch_autocast.dtype (runtime/config.py: DtypeEnum).
+BF16_NAMES = ("torch.bfloat16", "bfloat16", "bf16")
+
+
+def _not_boolean(ds: Any, path: str = "") -> tuple[str, Any] | None:
+    """The first (dotted key, value) of a switch in BOOLEAN_KEYS whose value is not true or false."""
+    if isinstance(ds, Mapping):
+        for key, value in ds.items():
+            name = f"{path}.{key}" if path else str(key)
+            if key in BOOLEAN_KEYS and not isinstance(value, bool):
+                return name, value
+            found = _not_boolean(value, name)
+            if found:
+                return found
+    elif isinstance(ds, list):
+        for item in ds:
+            found = _not_boolean(item, path)
+            if found:
+                return found
+    return None
+
+
 def check_deepspeed_config(ds: Mapping[str, Any], source: str) -> None:
     """What the pipeline engine can take: ZeRO stage 0 or 1 (DeepSpeed's pipeline refuses 2 and 3),
-    gradient clipping >= 0, AdamW-style optimizer parameters in their domains."""
+    gradient clipping >= 0, AdamW-style optimizer parameters in their domains, switches that are true or
+    false, and autocast to bfloat16 only (fp16 overflows in SD3)."""
     def refuse(what: str) -> None:
         raise ValueError(f"DeepSpeed config {source}: {what}")
     if not isinstance(ds, Mapping):
         refuse("must be a JSON object")
+    switch = _not_boolean(ds)
+    if switch:
+        refuse(f"{switch[0]} {switch[1]!r} must be true or false (JSON booleans, not strings or numbers)")
+    for key in ("torch_autocast", "optimizer", "bf16", "fp16", "zero_optimization"):
+        if key in ds and not isinstance(ds[key], Mapping):
+            refuse(f"{key} must be an object, not {ds[key]!r}")
+    autocast = ds.get("torch_autocast", {})
+    if autocast.get("enabled", False) and autocast.get("dtype", "bfloat16") not in BF16_NAMES:
+        dtype = autocast.get("dtype")
+        half = str(dtype).lower() in ("torch.float16", "fp16", "float16", "half")
+        refuse(f"torch_autocast.dtype {dtype!r} is not supported: "
+               + ("fp16 overflows in SD3; use bfloat16" if half else "autocast here is to bfloat16 (\"bfloat16\")"))
     zero = ds.get("zero_optimization", {})
     if not isinstance(zero, Mapping):
         refuse("zero_optimization must be an object")
@@ -126,6 +194,67 @@ def check_deepspeed_config(ds: Mapping[str, Any], source: str) -> None:
     decay = params.get("weight_decay", 0.0)
     if not (_number(decay) and decay >= 0):
         refuse(f"optimizer.params.weight_decay {decay!r} must be a finite number >= 0")
+    for key in ("momentum", "dampening"):
+        value = params.get(key, 0.0)
+        if not (_number(value) and value >= 0):
+            refuse(f"optimizer.params.{key} {value!r} must be a finite number >= 0")
+    kind = optimizer.get("type", "AdamW")
+    if not isinstance(kind, str):
+        refuse(f"optimizer.type {kind!r} must be a name: AdamW, Adam or SGD")
+
+
+# ------------------------------------------------------------------------------ cost tables
+def check_cost_table(table: Any, source: str) -> dict:
+    """A per-layer cost table as `bench/bench.py --calibrate` writes it (what `partition.table_costs` reads):
+    card, signature, segmenter_ms (forward, backward), optimizer_ms and optional state_mib per layer, and per
+    class count forward_ms, backward_ms and optional activation_mib per layer; every time and size a finite
+    number >= 0 (memory figures: finite; a measured difference may dip below 0). ValueError naming `source`
+    otherwise."""
+    def refuse(what: str):
+        raise ValueError(f"{source} is not a cost table of bench/bench.py --calibrate ({what}): measure it again "
+                         f"or use another")
+
+    def numbers(value, key: str, length: int | None = None, signed: bool = False) -> int:
+        if not (isinstance(value, list) and value and all(_number(v) and (signed or v >= 0) for v in value)):
+            refuse(f"{key} must be a list of {'finite numbers' if signed else 'numbers >= 0'}")
+        if length is not None and len(value) != length:
+            refuse(f"{key} has {len(value)} entries, not one per layer ({length})")
+        return len(value)
+    if not isinstance(table, Mapping):
+        refuse("not a JSON object")
+    if not isinstance(table.get("card"), str) or not isinstance(table.get("signature"), Mapping):
+        refuse("no card name or signature")
+    numbers(table.get("segmenter_ms"), "segmenter_ms", 2)
+    layers = numbers(table.get("optimizer_ms"), "optimizer_ms")
+    if "state_mib" in table and table["state_mib"] is not None:
+        numbers(table["state_mib"], "state_mib", layers, signed=True)
+    classes = table.get("classes")
+    if not isinstance(classes, Mapping) or not classes:
+        refuse("no per-class-count entries")
+    for count, entry in classes.items():
+        if not (isinstance(count, str) and count.isdigit() and isinstance(entry, Mapping)):
+            refuse(f"classes entry {count!r} must be a class count with an object")
+        numbers(entry.get("forward_ms"), f"classes.{count}.forward_ms", layers)
+        numbers(entry.get("backward_ms"), f"classes.{count}.backward_ms", layers)
+        if entry.get("activation_mib") is not None:
+            numbers(entry["activation_mib"], f"classes.{count}.activation_mib", layers, signed=True)
+    return dict(table)
+
+
+def read_cost_table(path: Path, source: str) -> dict:
+    """A cost table file, read and checked (`check_cost_table`); ValueError naming `source` and the file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read {source} {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{source} {path} is not a JSON text file") from None
+    try:
+        table = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{source} {path} is not valid JSON ({exc.msg} at line {exc.lineno}): cut short or "
+                         f"damaged; measure it again (bench/bench.py --calibrate) or use another") from None
+    return check_cost_table(table, f"{source} {path}")
 
 
 # ------------------------------------------------------------------------------ model files
@@ -335,6 +464,22 @@ def check_class_embedding_file(path: str, classes: Sequence[str], generator: str
         raise ValueError(f"class-embedding cache {file} has widths {prompt[2]} / {pooled[1]} but the generator "
                          f"{generator} takes {joint} / {pooled_dim} (joint_attention_dim / pooled_projection_dim): "
                          f"it was made for another model; {fix}")
+
+
+# ------------------------------------------------------------------------------ tasks
+def check_accumulation(steps: int, sizes: Mapping[str, int]) -> str | None:
+    """Gradient accumulation drops a task's leftover images: steps larger than every task would never update
+    (ValueError); larger than some tasks, those never update (the returned warning line)."""
+    if steps <= 1 or not sizes:
+        return None
+    if steps > max(sizes.values()):
+        raise ValueError(f"--tta.accumulation_steps {steps} is larger than every task (at most "
+                         f"{max(sizes.values())} images): no update would ever happen; lower it")
+    short = [task for task, size in sizes.items() if size < steps]
+    if short:
+        return (f"warning: --tta.accumulation_steps {steps} is larger than {len(short)} task(s) ({', '.join(short[:3])}"
+                f"{', ...' if len(short) > 3 else ''}): their images are scored without any update")
+    return None
 
 
 # ------------------------------------------------------------------------------ windows

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from data.classes import CORRUPTIONS
+from data.classes import CORRUPTIONS, safe_name  # noqa: F401 (safe_name: the check's home for pipeline/)
 
 
 @dataclass
@@ -222,6 +222,14 @@ class RunConfig:
     """Seeds the noise, timesteps and candidate sampling of every image (per image, order-free)."""
 
 
+# W&B project and entity names become parts of URLs and of W&B's own paths; W&B refuses these characters.
+WANDB_RESERVED = set('/\\#?%:')
+
+
+def _printable(text, longest: int, reserved: set[str] = frozenset()) -> bool:
+    return isinstance(text, str) and 0 < len(text) <= longest and text.isprintable() and not reserved & set(text)
+
+
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -253,6 +261,9 @@ def validate(cfg: RunConfig, num_classes: int) -> None:
     need(bool(data.corruptions), "data.corruptions", data.corruptions, "at least one corruption")
     need(len(set(data.corruptions)) == len(data.corruptions), "data.corruptions", data.corruptions,
          "each corruption once")
+    unsafe = [c for c in data.corruptions if not safe_name(c)]
+    need(not unsafe, "data.corruptions", unsafe[:1], "task names of letters, digits and _ - . + (they name folders: "
+         "no separator, no `..`, not starting with a dot)")
     count("data.window_size", data.window_size, 1)
     count("data.window_stride", data.window_stride, 1, data.window_size if _finite(data.window_size) else None)
     count("data.num_workers", data.num_workers, 0)
@@ -294,6 +305,30 @@ def validate(cfg: RunConfig, num_classes: int) -> None:
     count("logging.log_every", log.log_every, 1)
     count("logging.image_every", log.image_every, 0)
     count("seed", cfg.seed, 0, 2**63 - 1)
+    wandb = log.wandb
+    for name in ("project", "entity"):
+        value = getattr(wandb, name)
+        if value is not None:
+            need(_printable(value, 128, WANDB_RESERVED), f"logging.wandb.{name}", value,
+                 f"printable text of at most 128 characters, none of {''.join(sorted(WANDB_RESERVED))}")
+    if wandb.name is not None:
+        need(_printable(wandb.name, 128), "logging.wandb.name", wandb.name, "printable text (at most 128 characters)")
+    bad_tags = [t for t in wandb.tags if not _printable(t, 64)]
+    need(not bad_tags, "logging.wandb.tags", bad_tags[:1], "printable texts (at most 64 characters each)")
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise ValueError(problems[0] + more)
+
+
+def cap_class_budget(cfg: RunConfig, num_classes: int) -> list[str]:
+    """A class budget above the class count means every class: `tta.max_classes` (and `min_classes`) are capped
+    at it, so that memory estimates and plans count the transformer batch that can really occur. Returns one
+    warning line per capped option."""
+    notes = []
+    for name in ("max_classes", "min_classes"):
+        value = getattr(cfg.tta, name)
+        if value > num_classes:
+            notes.append(f"warning: --tta.{name} {value} is more than the {num_classes} classes of data.classes: "
+                         f"capped at {num_classes}")
+            setattr(cfg.tta, name, num_classes)
+    return notes

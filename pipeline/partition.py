@@ -10,7 +10,6 @@ simulated step. Costs come from a table measured on the card (`pipeline/costs/*.
 from __future__ import annotations
 
 import itertools
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +206,8 @@ def table_costs(table: dict) -> list[StepCosts]:
 def find_cost_table(card: str, signature: dict, folder: Path = COST_TABLES) -> tuple[Path, dict] | None:
     """The measured table for these models on this card; else one measured on another card (its
     memory figures hold anywhere, its times roughly, on GPUs of one generation); else None."""
-    tables = [(path, json.loads(path.read_text())) for path in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+    from pipeline.checks import read_cost_table
+    tables = [(path, read_cost_table(path, "cost table")) for path in sorted(folder.glob("*.json"))] \
+        if folder.is_dir() else []
     same = [(path, table) for path, table in tables if table.get("signature") == signature]
     return next(((path, table) for path, table in same if table.get("card") == card), same[0] if same else None)

@@ -243,6 +243,9 @@ def _read_run_id(path: Path) -> str | None:
     except OSError as exc:
         print(f"[reporting] WARNING: cannot read {path} ({exc.strerror}): starting a new W&B run")
         return None
+    except UnicodeDecodeError:  # damaged (binary): W&B problems warn, never stop the run
+        print(f"[reporting] WARNING: {path} is not text (damaged): starting a new W&B run")
+        return None
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", run_id):
         print(f"[reporting] WARNING: {path} does not hold a W&B run id ({run_id[:40]!r}): starting a new W&B run")
         return None
@@ -295,6 +298,30 @@ def summarize(task_results: dict[str, dict], config: dict, class_names: Sequence
         }
     average = {key: _mean([t[key] for t in tasks.values()]) for key in ("mIoU", "aAcc")}
     return {"metric_unit": METRIC_UNIT, "tasks": tasks, "average": average, "config": config}
+
+
+def _number(value, empty: bool = True) -> bool:
+    return (value is None and empty) or isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and math.isfinite(value)
+
+
+def task_result_problem(result) -> str | None:
+    """What is wrong with one task's entry of results.json (its schema, as `summarize` writes it), or None."""
+    if not isinstance(result, dict):
+        return "not an object"
+    for key in ("mIoU", "aAcc", "loss"):
+        if not _number(result.get(key)):
+            return f"{key} {result.get(key)!r} is not a number"
+    iou = result.get("IoU")
+    if not isinstance(iou, dict) or not all(isinstance(k, str) and _number(v) for k, v in iou.items()):
+        return "IoU is not an object of class name -> number"
+    for key in ("images", "nonfinite_steps"):
+        value = result.get(key, 0)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return f"{key} {value!r} is not a count"
+    if not _number(result.get("seconds"), empty=False) and "seconds" in result:
+        return f"seconds {result.get('seconds')!r} is not a number"
+    return None
 
 
 def read_results(path: str | Path) -> dict:

@@ -7,8 +7,9 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.config import RunConfig
-from pipeline.reporting import read_results
+from pipeline.config import RunConfig, safe_name
+from pipeline.identity import changed_inputs
+from pipeline.reporting import read_results, task_result_problem
 from pipeline.rundir import verify_files
 
 
@@ -16,6 +17,7 @@ def resume_signature(record: dict[str, Any]) -> dict[str, Any]:
     """What makes results comparable: a rerun resumes only when this is unchanged (logging, workers,
     the task list's tail and the stage split may change; the stage split does not change the math)."""
     record = json.loads(json.dumps(record))  # tuples and lists compare alike, as saved
+    # `inputs` (the digests of the files behind these options) is compared apart, to name what changed.
     return {"model": {k: v for k, v in record["model"].items() if k != "build_demo_models"},
             "data": {k: v for k, v in record["data"].items() if k not in ("corruptions", "num_workers", "build_demo_data")},
             "tta": record["tta"], "seed": record["seed"],
@@ -24,7 +26,10 @@ def resume_signature(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def state_path(output_dir: str, task: str) -> Path:
-    """Where a continual run keeps the adapted state after `task` (the latest only)."""
+    """Where a continual run keeps the adapted state after `task` (the latest only): always a direct entry of
+    `<output_dir>/state/` (the task's name is one safe path component, as `validate` checks)."""
+    if not safe_name(task):
+        raise ValueError(f"task name {task!r} cannot name a state folder (letters, digits and _ - . + only)")
     return Path(output_dir) / "state" / task
 
 
@@ -38,6 +43,12 @@ def saved_results(output_dir: str) -> dict[str, Any] | None:
         if not (isinstance(saved, dict) and isinstance(saved.get("config"), dict)
                 and isinstance(saved.get("tasks", {}), dict)):
             raise ValueError("not a results document")
+        for task, result in saved.get("tasks", {}).items():
+            wrong = task_result_problem(result)
+            if wrong:
+                raise ValueError(f"task {task}: {wrong}")
+        if "state" in saved and not isinstance(saved["state"], dict):
+            raise ValueError("its state record is not an object")
     except (ValueError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path} is damaged ({' '.join(str(exc).split())}): delete {output_dir} to start over, "
                          f"or use another --output_dir") from None
@@ -77,6 +88,11 @@ def finished_tasks(cfg: RunConfig, record: dict[str, Any], class_names: Sequence
         raise ValueError(f"{path} holds results of another configuration (differs in: {', '.join(differing)}): "
                          f"use another --output_dir, or delete that folder to start over")
     tasks, order = list(saved.get("tasks", {})), list(cfg.data.corruptions)
+    if "inputs" in record:  # the launcher's record: what the results depend on besides the options
+        changed = changed_inputs(saved["config"].get("inputs"), record["inputs"], tasks)
+        if changed:
+            raise ValueError(f"{path} holds results made from other inputs: {changed}; use another --output_dir, "
+                             f"or delete that folder to start over")
     # Tasks are independent unless continual: replicas finish them in any order, and a resumed sweep runs the
     # rest. A continual run is one sequence: what is done must be its beginning.
     continual = cfg.tta.continual and cfg.tta.method != "source"

@@ -102,10 +102,13 @@ class TTARunner:
                 self._reset_s = time.perf_counter() - start
             result = self.run_task(task, self.datasets[task], f"[{index + 1}/{len(order)}] {task}")
             ran = True
-            if self.cfg.tta.continual and index + 1 < len(order):
+            saved = self.cfg.tta.continual and index + 1 < len(order) and self.method.adapts
+            if saved:
                 self._save_state(task)  # before results.json names the task finished
             if self.scoring:
                 self._task_done(task, result)
+                if saved:
+                    self._drop_old_states()  # after results.json names the new state: a crash keeps one
         if reps.count > 1:
             reps.barrier()  # this replica's stages are done; the others may be hours from it
             if not reps.root:
@@ -190,9 +193,17 @@ class TTARunner:
             if path.exists() or path.is_symlink():
                 remove_path(path)
             os.replace(incoming / task, path)
-            for old in path.parent.iterdir():
-                if old.name != task:
-                    remove_path(old)
+            remove_path(incoming)  # emptied by the rename (its exact name, inside state/)
+
+    def _drop_old_states(self) -> None:
+        """Once results.json names the latest state, the states of the run's other tasks go: by their exact
+        names, inside `<output_dir>/state/` only (anything else there is left alone)."""
+        keep = (self._state_record or {}).get("task")
+        for task in self.datasets:
+            if task != keep:
+                path = self._state_path(task)
+                if path.exists() or path.is_symlink():
+                    remove_path(path)
 
     def _load_state(self, task: str) -> None:
         """Loads the state after `task`, once rank 0 found every file as the run recorded it (DeepSpeed

@@ -14,9 +14,10 @@ free_port = free_local_port  # the tests' name for it
 
 def demo_command(tmp: Path, out: str, *overrides: str) -> list[str]:
     """`deepspeed --num_gpus 2 launch/tta.py --config ds_configs/demo.json` (run it from ROOT) into `tmp/out`,
-    on the tiny models under `tmp/assets` and the demo data in `tmp/data`. That folder is made here, empty:
-    the demo builds its data only in a folder that exists."""
+    on the tiny models under `tmp/assets` and the demo data in `tmp/data`. Both folders are made here, empty:
+    the demo builds its data and models only in folders that exist (or under its own `demo_assets/`)."""
     (tmp / "data").mkdir(parents=True, exist_ok=True)
+    (tmp / "assets").mkdir(parents=True, exist_ok=True)
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
             "launch/tta.py", "--config", "ds_configs/demo.json", "--output_dir", str(tmp / out),
             "--model.segmenter", str(tmp / "assets/segformer"), "--model.generator", str(tmp / "assets/sd3"),

@@ -374,6 +374,15 @@ REFUSED = {  # class: (overrides, what the line says)
     "duplicate key": (["--deepspeed", '{"bf16": {"enabled": false}, "bf16": {"enabled": true}}'], "twice"),
     "missing checkpoint": (["--model.segmenter", "/nonexistent/segformer"], "/nonexistent/segformer"),
     "empty output folder": (["--output_dir", ""], "--output_dir is empty"),
+    # Issue 20: names that would leave a folder, the demo's random model under a hub id, wrong types.
+    "task name with ..": (["--data.corruptions", "[../../runs]"], "--data.corruptions ['../../runs'] is outside"),
+    "demo model at a hub id": (["--model.build_demo_models", "true", "--tta.method", "source", "--model.segmenter",
+                                "nvidia/segformer-b0-finetuned-ade-512-512"], "looks like a hub id"),
+    "config section of the wrong type": (["--config", '{"tta": [1, 2]}'], "section tta must be a mapping"),
+    "fp16 autocast": (["--deepspeed", '{"torch_autocast": {"enabled": true, "dtype": "torch.float16"}}'],
+                      "fp16 overflows in SD3"),
+    "not a cost table": (["--pipeline.cost_table", "ds_configs/demo.json"], "no card name or signature"),
+    "accumulation longer than every task": (["--tta.accumulation_steps", "3"], "larger than every task"),
 }
 
 
@@ -382,8 +391,10 @@ REFUSED = {  # class: (overrides, what the line says)
 def test_a_refused_run_prints_one_line_and_writes_nothing(demo, tmp_path, case):
     overrides, expected = REFUSED[case]
     out = tmp_path / "runs" / "out"
+    before = sorted(p.name for p in ROOT.iterdir())
     assert expected in error_line(launch(demo, out, *overrides))
     assert not (tmp_path / "runs").exists()  # nothing behind, not even the folder
+    assert sorted(p.name for p in ROOT.iterdir()) == before  # nor in the working folder (a hub id's folder)
 
 
 @pytest.mark.slow
@@ -428,11 +439,23 @@ def test_a_second_run_into_a_held_folder_is_refused_and_links_are_not_followed(d
     (out / "results.json").unlink()
     for name in ("config.json", "results.csv"):  # written: replaced, the link's target kept
         (out / name).symlink_to(victim)
-    proc = launch(demo, out, "--tta.method", "source", "--logging.image_every", "1")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(ADE20K_CLASSES) + "\n")
+    proc = launch(demo, out, "--tta.method", "source", "--logging.image_every", "1", "--data.classes", str(classes))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert victim.read_text() == "keep me" and not any(p.is_symlink() for p in out.rglob("*"))
-    assert json.loads((out / "results.json").read_text())["tasks"] and list(out.glob("pictures/*/*.png"))
+    results = json.loads((out / "results.json").read_text())
+    assert results["tasks"] and list(out.glob("pictures/*/*.png"))
+    assert results["config"]["inputs"]["segmenter"]["source"] == "local"  # where each model came from
     assert not (out / LOCK_NAME).exists()
+    # The class list edited in place (two names swapped): the resume is refused, naming it, and nothing changes.
+    names = list(ADE20K_CLASSES)
+    names[0], names[1] = names[1], names[0]
+    classes.write_text("\n".join(names) + "\n")
+    results_before = (out / "results.json").read_bytes()
+    line = error_line(launch(demo, out, "--tta.method", "source", "--data.classes", str(classes)))
+    assert "holds results made from other inputs: the class list (data.classes) changed" in line
+    assert (out / "results.json").read_bytes() == results_before
 
 
 @pytest.mark.slow
@@ -475,9 +498,11 @@ def test_a_failure_on_one_rank_gives_one_line(demo, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_launcher_stops_every_rank(demo, tmp_path):
+@pytest.mark.parametrize("target", ["launcher", "rank 1"])
+def test_sigterm_to_the_launcher_stops_every_rank(demo, tmp_path, target):
     """The single-node deepspeed launcher ends on SIGTERM without passing it on: the ranks notice, stop
-    between steps, unlock the folder and claim no unfinished task."""
+    between steps, unlock the folder and claim no unfinished task. SIGTERM to one rank alone stops the run
+    too, with one line naming that rank and the signal, and the launcher's status 143."""
     data = tmp_path / "data"
     make_demo_dataset(data, num_images=30, corruptions=("gaussian_noise",), create=True)
     out, log = tmp_path / "out", tmp_path / "log.txt"
@@ -493,11 +518,18 @@ def test_sigterm_to_the_launcher_stops_every_rank(demo, tmp_path):
         ranks = [p for p in psutil.Process(launcher.pid).children(recursive=True)
                  if any(arg.startswith("--local_rank") for arg in p.cmdline())]
         assert len(ranks) == 2
-        launcher.send_signal(signal.SIGTERM)
+        if target == "launcher":
+            launcher.send_signal(signal.SIGTERM)
+        else:
+            next(p for p in ranks if "--local_rank=1" in p.cmdline()).send_signal(signal.SIGTERM)
         gone, alive = psutil.wait_procs(ranks, timeout=60)
         assert not alive, "ranks still running after their launcher was stopped"
         text = log.read_text()
         assert "stopped by SIGTERM" in text and "Traceback" not in text, text[-3000:]
+        if target == "rank 1":
+            assert launcher.wait(timeout=60) == 143, text[-3000:]
+            stops = [line for line in text.splitlines() if "stopped by" in line or line.startswith("error")]
+            assert len(stops) == 1 and stops[0].startswith("stopped by SIGTERM (rank 1)"), text[-3000:]
     finally:
         if launcher.poll() is None:
             os.killpg(launcher.pid, signal.SIGKILL)

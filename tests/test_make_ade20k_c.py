@@ -68,6 +68,7 @@ def test_layout_sizes_and_annotations(ade, built):
     assert counts == (len(SOURCES) * len(CORRS) * len(SEVS), 0) == (24, 0)
     expected = [Path("annotations/validation") / f"{n}.png" for n in SOURCES]
     expected += [Path("images/validation") / f"{c}_{s}" / f"{n}.jpg" for c in CORRS for s in SEVS for n in SOURCES]
+    expected.append(Path(mk.RECORD))  # the seed and format of the build
     assert files_of(out) == sorted(expected)  # no temp files left behind either
     for name, (h, w, _, _) in SOURCES.items():
         label = f"annotations/validation/{name}.png"

@@ -263,7 +263,7 @@ def test_tiny_training_and_sanity_records(chain):
 
 
 def test_a_workdir_keeps_its_scale(chain):
-    with pytest.raises(SystemExit, match="tiny benchmark"):
+    with pytest.raises(mini.MiniatureError, match="tiny benchmark"):
         mini.Workdir(chain, tiny=False)
 
 
