@@ -14,8 +14,8 @@ For each layout (replicas x stages over the node's GPUs) and class count, in one
      `--logging.timing true`: start-up (broken down), the first image, the steady seconds per image (the
      tasks after the first: their shapes were seen before, as in a real sweep of 15 tasks over the same
      2000 images) and where each steady image's time goes (host and device seconds per phase).
-Writes bench/results/<date>-<card>-record[-<tag>].json (a list of rows, one per layout and class count) and
-prints a table. The corrupted data needs imagecorruptions: made here unless `--data` names it made before
+Writes <out>/<date>-<card>-record[-<tag>].json (a list of rows, one per layout and class count; --out defaults
+to <workdir>/results, `--out bench/results` publishes) and prints a table; exits 1 when a launch failed. The corrupted data needs imagecorruptions: made here unless `--data` names it made before
 (the GPU image lacks the package: make it on a CPU machine with `--data_only` and carry it).
 """
 from __future__ import annotations
@@ -31,7 +31,8 @@ from pathlib import Path
 # Run as a script, Python puts bench/ first on the path, where bench.py would shadow the bench folder.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from bench.bench import IMAGE_SIZE, SHAPE_MIX, checkpoints, run, say, shape_sequence  # noqa: E402
+from bench.bench import (IMAGE_SIZE, SHAPE_MIX, WORKDIR_MARKER, checkpoints, run, say,  # noqa: E402
+                         shape_sequence)
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("defocus_blur", "brightness", "contrast", "fog", "jpeg_compression")  # smooth: small JPEGs to carry
@@ -55,6 +56,7 @@ def step_benchmark(args, paths: dict, stages: int, classes: int, workdir: Path) 
            "--stages", str(stages), "--classes", str(classes), "--steps", str(args.steps), "--warmup", "3"]
     cmd += (["--tiny"] if args.tiny else []) + (["--ds_config", args.ds_config] if args.ds_config else [])
     out.mkdir(parents=True, exist_ok=True)
+    (out / WORKDIR_MARKER).touch()  # bench.py's own kind of workdir: it clears its old results there
     for old in out.glob("*.json"):
         old.unlink()
     # bench.py makes (or finds) the same random checkpoints under its workdir: point it at ours.
@@ -171,10 +173,31 @@ def print_table(rows: list[dict]) -> None:
             print("   start-up: " + ", ".join(f"{k} {v:.1f}" for k, v in r["startup"].items()))
 
 
+def argument_error(args) -> str | None:
+    """What is wrong with the arguments (one line), before anything is made or run."""
+    if not 1 <= args.tasks <= len(TASKS):
+        return f"--tasks {args.tasks} must be in 1..{len(TASKS)}"
+    if args.images < 2 or args.steps < 1 or min(args.classes) < 1:
+        return "--images must be at least 2, --steps and every --classes at least 1"
+    for layout in args.layouts or []:
+        parts = layout.split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            return f"--layouts {layout}: write replicas x stages, e.g. 1x2"
+    if args.data and not (Path(args.data) / "annotations").is_dir():
+        return f"--data {args.data} holds no tasks made by --data_only (no annotations/ folder)"
+    workdir = Path(args.workdir)
+    if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())
+                             and not (workdir / WORKDIR_MARKER).is_file()):
+        return f"--workdir {workdir} is not a folder this tool made: name a new or empty folder"
+    if args.tag and not all(c.isalnum() or c in "-_." for c in args.tag):
+        return f"--tag {args.tag!r}: letters, digits, '-', '_' and '.' only"
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="/tmp/dusa-record")
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out", help="where the record goes (default: <workdir>/results)")
     parser.add_argument("--classes", type=int, nargs="+", default=[10])
     parser.add_argument("--layouts", nargs="+", help="RxS layouts (default: 1xG and Gx1 for G GPUs; 1x1 on one)")
     parser.add_argument("--tasks", type=int, default=3, help=f"corruption tasks (at most {len(TASKS)})")
@@ -188,10 +211,13 @@ def main() -> None:
     parser.add_argument("--tag", help="appended to the results file's name")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed to each launch")
     args = parser.parse_args()
-    if not 1 <= args.tasks <= len(TASKS):
-        parser.error(f"--tasks must be in 1..{len(TASKS)}")
+    wrong = argument_error(args)
+    if wrong:
+        print(f"error: {wrong}", file=sys.stderr)
+        sys.exit(2)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / WORKDIR_MARKER).touch()
     data = Path(args.data) if args.data else workdir / "data"
     if not args.data:
         t0 = time.perf_counter()
@@ -209,7 +235,7 @@ def main() -> None:
     say(f"checkpoints ready in {time.perf_counter() - t0:.0f} s")
     rows: list[dict] = []
     date = datetime.date.today().isoformat()
-    path = Path(args.out) / f"{date}-{slug}-record{'-' + args.tag if args.tag else ''}{'-tiny' if args.tiny else ''}.json"
+    path = Path(args.out or workdir / "results") / f"{date}-{slug}-record{'-' + args.tag if args.tag else ''}{'-tiny' if args.tiny else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     port = 29733
     for classes in args.classes:
