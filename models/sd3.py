@@ -34,10 +34,13 @@ class TransformerParts:
     safetensors shards, so host memory holds one stage's weights, not the model's.
     """
 
-    def __init__(self, name_or_path: str, dtype: torch.dtype = torch.float32):
+    def __init__(self, name_or_path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        """`device`: where the pieces are made and their tensors read to (a GPU: the checkpoint's 16-bit tensors
+        travel, and are widened there, instead of float32 copies made on the host)."""
         self.folder = resolve_subfolder(name_or_path, "transformer")
         self.config = SD3Transformer2DModel.load_config(self.folder)
         self.dtype = dtype
+        self.device = torch.device(device)
         index = self.folder / f"{WEIGHTS.removesuffix('.safetensors')}.safetensors.index.json"
         if index.is_file():
             self.weight_map = {k: self.folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
@@ -65,7 +68,7 @@ class TransformerParts:
         keys = [k for k in self.weight_map if k.startswith(prefixes)]
         tensors: dict[str, torch.Tensor] = {}
         for file in sorted({self.weight_map[k] for k in keys}):
-            with safe_open(str(file), framework="pt") as f:
+            with safe_open(str(file), framework="pt", device=str(self.device)) as f:
                 for k in keys:
                     if self.weight_map[k] == file:
                         tensors[k] = f.get_tensor(k)
@@ -76,7 +79,7 @@ class TransformerParts:
         """Submodule `name` (e.g. "pos_embed", "transformer_blocks.7"), built on the meta device and
         materialised with its own weights only."""
         # Cast on the meta device first: memory is allocated once, directly in the target dtype.
-        module = self._skeleton.get_submodule(name).to(self.dtype).to_empty(device="cpu")
+        module = self._skeleton.get_submodule(name).to(self.dtype).to_empty(device=self.device)
         if any(m._non_persistent_buffers_set for m in module.modules()):
             raise NotImplementedError(f"{name} has buffers that are not in the checkpoint")
         prefix = f"{name}."

@@ -162,7 +162,7 @@ class PipelineConfig:
     runs by torch's compile cache)."""
     segmenter_graphs: int = 16
     """On a GPU, SegFormer's forward and backward are replayed as CUDA graphs, one per image shape, keeping
-    at most this many (least recently used out; 0: eager). Images of equal size share one."""
+    at most this many (the most frequently seen shapes; 0: eager). Images of equal size share one."""
 
 
 @dataclass

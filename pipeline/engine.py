@@ -191,7 +191,11 @@ class TTAEngine:
                 p.grad = None
         self.engine.zero_grad = zero_grad
         # Initial state of everything that adapts, after DeepSpeed's dtype cast, kept on the host.
-        self._initial = {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters() if p.requires_grad}
+        # The working weights' float32 buffer in one host copy; the other adapted parameters one by one.
+        held = {id(p) for p in self.working.params} if self.working is not None else set()
+        self._initial_flat = self.working.master.to("cpu", copy=True) if self.working is not None else None
+        self._initial = {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters()
+                         if p.requires_grad and id(p) not in held}
         timing.mark("initial weights kept")
 
     def _working_weights(self, module: nn.Module, tta: TTAConfig) -> WorkingWeights | None:
@@ -398,6 +402,8 @@ class TTAEngine:
         for name, p in self.module.named_parameters():
             if name in self._initial:
                 p.copy_(self._initial[name])
+        if self._initial_flat is not None:
+            self.working.master.copy_(self._initial_flat)
         wrapper = self.engine.optimizer
         base = getattr(wrapper, "optimizer", wrapper)  # DeepSpeed's bf16/ZeRO wrappers hold the torch one
         base.state.clear()

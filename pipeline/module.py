@@ -83,7 +83,9 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
     `precision` (bf16, autocast, fp32; default from `dtype`) picks the measured cost table; with the
     DeepSpeed config, the split is planned and reported with the memory estimate of pipeline/memory.py."""
     precision = precision or ("bf16" if dtype == torch.bfloat16 else "fp32")
-    parts = TransformerParts(model.generator, dtype)
+    # Each stage reads its blocks straight to its GPU (DeepSpeed would move them there anyway).
+    parts = TransformerParts(model.generator, dtype,
+                             f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     num_blocks = parts.num_blocks
 
     def front():
