@@ -103,13 +103,50 @@ def launcher_run(args, paths: dict, data: Path, gpus: int, stages: int, classes:
     failed = run(cmd, log, args.timeout, timing)
     files = {int(p.stem.rsplit("rank", 1)[1]): json.loads(p.read_text()) for p in run_dir.glob("timing-rank*.json")}
     results = run_dir / "results.json"
-    return {"failed": failed, "wall_s": timing.get("wall_s"), "started": started, "timing": files,
+    return {"failed": failed, "wall_s": timing.get("wall_s"), "started": started, "timing": files, "run_dir": str(run_dir),
             "results": json.loads(results.read_text()) if results.is_file() else None,
             "log_tail": log.read_text(errors="replace").splitlines()[-20:] if failed and log.is_file() else None}
 
 
+def windows_from_data(run_dir: Path) -> dict[str, list[int]]:
+    """Per task, the windows of each image in the order the run adapted them, from the run's effective config
+    (config.json, or the copy in results.json) and the images' headers (for timing files written before they
+    recorded it themselves; grid windows only)."""
+    from data.ade20k_c import ADE20KC
+    from pipeline.config import DataConfig
+    from pipeline.images import task_order
+    from pipeline.windows import resized_size, window_boxes
+    config = run_config(run_dir)
+    data = DataConfig(**{k: v for k, v in config["data"].items() if k in DataConfig.__dataclass_fields__})
+    out = {}
+    for task in data.corruptions:
+        dataset = ADE20KC(data.root, task, data.severity, data.limit, 150)
+        out[task] = [len(window_boxes(*resized_size(*dataset.image_size(i), data.window_size), data.window_size,
+                                      data.window_stride))
+                     for i in task_order(data, config["seed"], task, len(dataset))]
+    return out
+
+
+def run_config(run_dir: Path) -> dict:
+    """The effective config a run recorded (config.json, else results.json's copy)."""
+    if (run_dir / "config.json").is_file():
+        return json.loads((run_dir / "config.json").read_text())
+    return json.loads((run_dir / "results.json").read_text())["config"]
+
+
+def by_windows(images: list[dict]) -> dict[str, dict]:
+    """Images grouped by their number of windows (micro-batches of the step): count, mean and median seconds."""
+    groups: dict[int, list[float]] = {}
+    for im in images:
+        groups.setdefault(im.get("windows", 0), []).append(im["wall_s"])
+    return {str(w): {"images": len(v), "mean_s": statistics.mean(v), "median_s": statistics.median(v)}
+            for w, v in sorted(groups.items())}
+
+
 def row_from(run_out: dict, card: str, gpus: int, stages: int, classes: int, step_s: float | None) -> dict:
-    """One row of the record: the launcher's figures (rank 0, and each stage's busy time) beside the step's."""
+    """One row of the record: the launcher's figures (rank 0, and each stage's busy time) beside the step's.
+    The step benchmark's image has 2 windows; the mix's images have 1 to 5 (2.27 on average in 3 x 100): the
+    like-for-like ratio is the steady 2-window images' mean over the step."""
     row: dict = {"card": card, "gpus": gpus, "replicas": gpus // stages, "stages": stages, "classes": classes,
                  "step_s_per_image": step_s, "status": run_out["failed"] or "ok", "launcher_wall_s": run_out["wall_s"]}
     files = run_out["timing"]
@@ -117,6 +154,12 @@ def row_from(run_out: dict, card: str, gpus: int, stages: int, classes: int, ste
         row["log_tail"] = run_out["log_tail"]
         return row
     zero = files[0]
+    if run_out.get("run_dir") and any("windows" not in im for im in zero["images"]):
+        counts = windows_from_data(Path(run_out["run_dir"]))
+        seen: dict[str, int] = {}
+        for im in zero["images"]:
+            im["windows"] = counts[im["task"]][seen.setdefault(im["task"], 0)]
+            seen[im["task"]] += 1
     marks = zero["marks"]
     spawn = zero["process_start"] - run_out["started"]  # the deepspeed launcher until this process began
     startup = {"launcher": spawn, **{k: v for k, v in marks.items() if k != "first image done"}}
@@ -151,23 +194,33 @@ def row_from(run_out: dict, card: str, gpus: int, stages: int, classes: int, ste
                task_mean_s_per_image={t["task"]: statistics.mean(im["wall_s"] for im in zero["images"]
                                                                  if im["task"] == t["task"]) for t in tasks},
                median_s_per_image=statistics.median(im["wall_s"] for im in later),
+               steady_by_windows=by_windows(later),
+               mean_windows_per_image=statistics.mean(im.get("windows", 0) for im in zero["images"]),
                startup_s=spawn + marks.get("runner ready", 0.0), startup=startup, first_image_s=first,
                breakdown=breakdown)
+    two = row["steady_by_windows"].get("2")
     if step_s:
-        row["steady_over_step"] = steady / step_s
+        row["steady_over_step"] = steady / step_s  # the mix against the step's 2-window image
+        if two:
+            row["steady_2_windows_over_step"] = two["mean_s"] / step_s  # like for like
     return row
 
 
 def print_table(rows: list[dict]) -> None:
     def f(v, fmt="{:.3f}"):
         return "-" if v is None else fmt.format(v)
-    print(f"\n{'layout':>7} {'classes':>7} {'images':>6} {'step s':>7} {'steady s':>8} {'ratio':>6} {'mean s':>7} "
-          f"{'start-up s':>10} {'1st image s':>11} status")
+    print(f"\n{'layout':>7} {'classes':>7} {'images':>6} {'step s':>7} {'steady s':>8} {'2-win s':>8} {'ratio':>6} "
+          f"{'mean s':>7} {'start-up s':>10} {'1st image s':>11} status")
     for r in rows:
+        two = (r.get("steady_by_windows") or {}).get("2", {}).get("mean_s")
         print(f"{r['replicas']}x{r['stages']:<5} {r['classes']:>7} {f(r.get('images'), '{}'):>6} "
-              f"{f(r['step_s_per_image']):>7} {f(r.get('steady_s_per_image')):>8} {f(r.get('steady_over_step'), '{:.2f}'):>6} "
+              f"{f(r['step_s_per_image']):>7} {f(r.get('steady_s_per_image')):>8} {f(two):>8} "
+              f"{f(r.get('steady_2_windows_over_step'), '{:.2f}'):>6} "
               f"{f(r.get('mean_s_per_image')):>7} {f(r.get('startup_s'), '{:.1f}'):>10} "
               f"{f(r.get('first_image_s'), '{:.2f}'):>11} {r['status']}")
+        if r.get("steady_by_windows"):
+            print("   steady s/image by windows: " + ", ".join(
+                f"{w}: {v['mean_s']:.3f} ({v['images']})" for w, v in r["steady_by_windows"].items()))
         if r.get("breakdown"):
             host = r["breakdown"]["host_s"]
             print("   host s/image: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(host.items(), key=lambda x: -x[1])
@@ -177,6 +230,29 @@ def print_table(rows: list[dict]) -> None:
                 print("   device s/image: " + ", ".join(f"{k} {v:.3f}" for k, v in
                                                         sorted(device.items(), key=lambda x: -x[1]) if v >= 0.002))
             print("   start-up: " + ", ".join(f"{k} {v:.1f}" for k, v in r["startup"].items()))
+
+
+def summarise(args) -> None:
+    """The record's row of a run folder that launch/tta.py wrote with --logging.timing."""
+    run_dir = Path(args.summarise)
+    files = {int(p.stem.rsplit("rank", 1)[1]): json.loads(p.read_text()) for p in run_dir.glob("timing-rank*.json")}
+    if not files or not any((run_dir / name).is_file() for name in ("config.json", "results.json")):
+        print(f"error: {run_dir} holds no timing-rank*.json and config.json (run launch/tta.py with --logging.timing "
+              f"true)", file=sys.stderr)
+        sys.exit(2)
+    cfg = run_config(run_dir)
+    stages = cfg["pipeline"]["num_stages"] if cfg["tta"]["method"] == "dusa" else 1
+    gpus = max(files) + 1
+    # The process start is the launcher's start here: the launcher's own seconds are not in the files.
+    out = {"failed": None, "wall_s": None, "started": files[0]["process_start"], "timing": files, "run_dir": str(run_dir)}
+    row = row_from(out, args.card or "unknown", gpus, stages, cfg["tta"]["max_classes"], args.step_s)
+    row.update(run_dir=str(run_dir), command=" ".join(sys.argv))
+    print_table([row])
+    if args.out:
+        path = Path(args.out) / f"{run_dir.name}-record.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps([row], indent=1) + "\n")
+        print(f"written {path}")
 
 
 def argument_error(args) -> str | None:
@@ -216,7 +292,14 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny models: a dry run that fits a CPU")
     parser.add_argument("--tag", help="appended to the results file's name")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed to each launch")
+    parser.add_argument("--summarise", metavar="RUN_DIR",
+                        help="no runs: the record's row of a run folder made with --logging.timing (its timing-rank*.json, "
+                             "config.json and results.json), printed and written to --out")
+    parser.add_argument("--card", help="--summarise: the card the run ran on")
+    parser.add_argument("--step_s", type=float, help="--summarise: the step benchmark's seconds per image to set beside it")
     args = parser.parse_args()
+    if args.summarise:
+        return summarise(args)
     wrong = argument_error(args)
     if wrong:
         print(f"error: {wrong}", file=sys.stderr)

@@ -31,6 +31,7 @@ class StepResult(NamedTuple):
     loss: torch.Tensor | None  # a device tensor, read back in batches; None: the method does not adapt
     skipped: bool  # the update was skipped for a NaN/inf loss
     notes: list[str]  # lines for the image's picture (e.g. DUSA's windows and their candidates)
+    windows: int = 0  # the micro-batches of the image's step (DUSA's windows; 0: the method has none)
 
 
 class Built(NamedTuple):
@@ -198,7 +199,7 @@ class Dusa(Method):
         notes = [f"window {w + 1} ({side} px at {top}, {left}) candidates: "
                  + ", ".join(self.class_names[c] for c in classes.tolist())
                  for w, ((top, left, side), classes) in enumerate(zip(out.windows, out.candidates))]
-        return StepResult(out.logits, out.loss.detach(), self.engine.skipped, notes)
+        return StepResult(out.logits, out.loss.detach(), self.engine.skipped, notes, len(out.windows))
 
     def follow(self, task: str, dataset: ADE20KC, index: int) -> bool:
         data = self.cfg.data  # the window count from the image's header (adaptive: stage 0 sends it)

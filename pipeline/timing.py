@@ -82,6 +82,11 @@ class Timing:
         self._image = {"task": task, "host": {}, "_inner": 0.0, "_events": [], "_start": time.perf_counter(),
                        "captures": self._captures()}
 
+    def note(self, key: str, value: Any) -> None:
+        """A fact about the current image (e.g. its number of windows), kept in its record."""
+        if self._image is not None:
+            self._image[key] = value
+
     def end_image(self) -> None:
         image, self._image = self._image, None
         if image is None:

@@ -266,6 +266,7 @@ class TTARunner:
             label = item["label"].to(self.device, non_blocking=True)
             with timer.phase("step other (engine, method)"):
                 result = self.method.step(task, item)
+            timer.note("windows", result.windows)
             if self.method.adapts:
                 self._count_nonfinite(result.skipped)
             with timer.phase("scoring and metric"):

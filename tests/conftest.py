@@ -1,12 +1,14 @@
-"""DeepSpeed's CPU all-reduce leaves a shared-memory buffer per rank in /dev/shm (RAM) after every
-run; tests start many runs, so each test removes the ones it created."""
+"""Shared fixtures. DeepSpeed's CPU all-reduce leaves a shared-memory buffer per rank in /dev/shm (RAM) after
+every run; tests start many runs, so each test removes the ones it created."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
 SHM = Path("/dev/shm")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -16,3 +18,16 @@ def release_deepspeed_shared_memory():
     if SHM.is_dir():
         for leftover in set(SHM.glob("deepspeed_allreduce_buffer_*")) - before:
             leftover.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def launcher_main(monkeypatch):
+    """launch/tta.py imported in this process, its hard exit turned into SystemExit."""
+    sys.path.insert(0, str(ROOT / "launch"))
+    import tta as launcher
+
+    def exit_(code):
+        raise SystemExit(code)
+    monkeypatch.setattr(launcher.os, "_exit", exit_)
+    monkeypatch.delenv("DUSA_TRACEBACK", raising=False)
+    return launcher

@@ -75,3 +75,30 @@ def test_sweep_dry_run_times_both_layouts_of_the_launcher(tmp_path):
     # One replica runs the tasks one after the other; two run one each.
     assert rows["1 x 2"]["tasks_span_s"] == pytest.approx(sum(rows["1 x 2"]["task_seconds"].values()))
     assert rows["2 x 1"]["tasks_span_s"] == pytest.approx(max(rows["2 x 1"]["task_seconds"].values()))
+
+
+def test_record_dry_run_times_the_launcher_beside_the_step_and_summarises_a_run_folder(tmp_path):
+    """bench/record.py end to end on tiny models: the step benchmark and launch/tta.py with --logging.timing over
+    3 tasks of the shape mix; the row's fields; --summarise on the run folder gives the same figures."""
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "bench/record.py", "--tiny", "--workdir", str(tmp_path / "work"), "--tasks", "3",
+           "--images", "3", "--steps", "1", "--classes", "3"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (row,) = json.loads(next((tmp_path / "work" / "results").glob("*-cpu-record-tiny.json")).read_text())
+    assert row["status"] == "ok" and row["images"] == 9 and (row["replicas"], row["stages"]) == (1, 1)
+    assert row["step_s_per_image"] > 0 and row["steady_s_per_image"] > 0 and row["steady_images"] == 3
+    assert row["steady_over_step"] > 0 and row["first_image_s"] > 0 and row["startup_s"] > row["startup"]["launcher"] > 0
+    assert {"imports", "distributed init", "weights loaded", "deepspeed initialized", "runner ready"} <= set(row["startup"])
+    host = row["breakdown"]["host_s"]
+    assert {"data wait", "segmenter forward and candidates", "window forwards", "window backwards", "optimizer",
+            "scoring and metric", "wait: candidate classes", "wait: NaN guard"} <= set(host)
+    assert sum(v["images"] for v in row["steady_by_windows"].values()) == 3 and row["mean_windows_per_image"] >= 1
+    run_dir = tmp_path / "work" / "run-1x1-3"
+    timing = json.loads((run_dir / "timing-rank0.json").read_text())
+    assert len(timing["images"]) == 9 and all(im["windows"] >= 1 for im in timing["images"])
+    summary = subprocess.run([sys.executable, "bench/record.py", "--summarise", str(run_dir), "--out",
+                              str(tmp_path / "summary")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert summary.returncode == 0, summary.stderr[-2000:]
+    (again,) = json.loads(next((tmp_path / "summary").glob("*.json")).read_text())
+    assert again["steady_s_per_image"] == row["steady_s_per_image"] and again["steady_by_windows"] == row["steady_by_windows"]

@@ -324,17 +324,6 @@ def test_orphaned_shared_memory_is_removed_only_when_proven(tmp_path):
     assert sorted(orphaned_shared_memory(prefix, shm=tmp_path)) == sorted([old, mapped])
 
 
-@pytest.fixture
-def launcher_main(monkeypatch):
-    sys.path.insert(0, str(ROOT / "launch"))
-    import tta as launcher
-
-    def exit_(code):
-        raise SystemExit(code)
-    monkeypatch.setattr(launcher.os, "_exit", exit_)
-    monkeypatch.delenv("DUSA_TRACEBACK", raising=False)
-    return launcher
-
 
 @pytest.mark.parametrize("rank, failure", [
     (1, PeerError("bad value")),  # rank 0 found it and prints it

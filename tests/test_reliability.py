@@ -377,18 +377,6 @@ def test_wandb_names_are_checked(key, value):
 
 
 # ------------------------------------------------------------------ 6. a stopped rank
-@pytest.fixture
-def launcher_main(monkeypatch):
-    sys.path.insert(0, str(ROOT / "launch"))
-    import tta as launcher
-
-    def exit_(code):
-        raise SystemExit(code)
-    monkeypatch.setattr(launcher.os, "_exit", exit_)
-    monkeypatch.delenv("DUSA_TRACEBACK", raising=False)
-    return launcher
-
-
 @pytest.mark.parametrize("rank, alone, line", [(1, True, "stopped by SIGTERM (rank 1): the run stops"),
                                                (1, False, None), (0, False, "stopped by SIGTERM (rank 0): nothing")])
 def test_a_rank_stopped_by_a_signal_says_which_in_one_line(launcher_main, monkeypatch, capsys, rank, alone, line):

@@ -79,3 +79,27 @@ def test_loading_in_bf16_and_clear_errors(tmp_path):
         f.unlink()
     with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model.safetensors"):
         TransformerParts(str(folder))
+
+
+def test_a_compiled_joint_block_equals_the_eager_block_for_every_class_count(tmp_path):
+    """pipeline.compile_blocks: the block through torch.compile (here its `aot_eager` backend, which needs no
+    compiler on the CPU; the runs use inductor) computes what the eager block computes, with the class count
+    a dynamic dimension (2, 5 and the specialised 1)."""
+    import copy
+    make_tiny_sd3(tmp_path / "sd3", num_layers=2)
+    block = TransformerParts(str(tmp_path / "sd3")).load("transformer_blocks.0")
+    eager, compiled = JointBlock(copy.deepcopy(block)), JointBlock(copy.deepcopy(block), compile_backend="aot_eager")
+    torch._dynamo.reset()
+    for n in (2, 5, 1):
+        g = torch.Generator().manual_seed(n)
+        inputs = [torch.randn(n, 64, 16, generator=g), torch.randn(n, 12, 16, generator=g), torch.randn(n, 16, generator=g)]
+        outs = []
+        for layer in (eager, compiled):
+            leaves = [t.clone().requires_grad_(True) for t in inputs]
+            out = unpack(layer(pack(*leaves)))
+            (out[0].square().mean() + out[1].square().mean()).backward()
+            outs.append((out, [t.grad for t in leaves], [p.grad.clone() for p in layer.parameters()]))
+            layer.zero_grad()
+        (a, ga, pa), (b, gb, pb) = outs
+        for x, y in zip([*a, *ga, *pa], [*b, *gb, *pb]):
+            assert torch.allclose(x, y, rtol=1e-4, atol=1e-6)
