@@ -388,6 +388,14 @@ def pipeline_worker(args) -> None:
         captured["updates"] = {n: sample(master(p)) - before[n] for n, p in named}
         return result
     table[schedule.OptimizerStep] = capturing_step
+    if args.inject_oom and args.inject_oom.split(":")[0] == str(stage):  # tests: an out-of-memory inside the step,
+        forward_pass = table[schedule.ForwardPass]                       # where the other stages wait on this one
+
+        def failing_forward(*a, **k):
+            if args.inject_oom == f"{stage}:{stopper.current}":
+                raise torch.cuda.OutOfMemoryError("injected by --inject_oom (test)")
+            return forward_pass(*a, **k)
+        table[schedule.ForwardPass] = failing_forward
     engine.engine._INSTRUCTION_MAP = table
     spans = Spans()
     instrument(engine, spans)
@@ -416,8 +424,6 @@ def pipeline_worker(args) -> None:
             sync()
             t0 = time.perf_counter()
             try:
-                if args.inject_oom == f"{stage}:{c}":
-                    raise torch.cuda.OutOfMemoryError("injected by --inject_oom (test)")
                 loss = one_step(i).loss
                 sync()
             except torch.cuda.OutOfMemoryError as exc:  # the other stages wait inside this step: end them too
