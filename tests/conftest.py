@@ -2,6 +2,7 @@
 every run; tests start many runs, so each test removes the ones it created."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,9 @@ import pytest
 
 SHM = Path("/dev/shm")
 ROOT = Path(__file__).resolve().parents[1]
+# One build folder of DeepSpeed's extensions per environment, for this process and every launch it starts
+# (shared ~/.cache/torch_extensions made two environments rebuild it in turns, 25-40 s each).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
 
 @pytest.fixture(autouse=True)
