@@ -32,6 +32,7 @@ from pathlib import Path
 # Run as a script, Python puts bench/ first on the path, where bench.py would shadow the bench folder.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
+from pipeline.timing import phase_means  # noqa: E402
 from bench.bench import (IMAGE_SIZE, SHAPE_MIX, WORKDIR_MARKER, checkpoints, run, say,  # noqa: E402
                          shape_sequence)
 
@@ -173,8 +174,7 @@ def row_from(run_out: dict, card: str, gpus: int, stages: int, classes: int, ste
     first = zero["images"][0]["wall_s"] if zero["images"] else None
 
     def means(key: str, records: list[dict]) -> dict:
-        names = sorted({n for im in records for n in im.get(key, {})})
-        return {n: round(sum(im.get(key, {}).get(n, 0.0) for im in records) / len(records), 5) for n in names}
+        return {n: round(v, 5) for n, v in phase_means(records, key).items()}
     captures = [sum(v[0] for v in im.get("captures", {}).values()) for im in zero["images"]]
     capture_s = [sum(v[1] for v in im.get("captures", {}).values()) for im in zero["images"]]
     breakdown = {"host_s": means("host", later), "device_s": means("device", later),

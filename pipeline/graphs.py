@@ -141,7 +141,7 @@ class GraphedModule:
     def __init__(self, module: nn.Module, max_graphs: int, warmup: int = 2, capture_after: int = 2):
         if max_graphs < 1 or capture_after < 1:
             raise ValueError(f"max_graphs={max_graphs} and capture_after={capture_after} must be >= 1")
-        self.module, self.max_graphs, self.warmup, self.capture_after = module, max_graphs, warmup, capture_after
+        self.module, self.warmup = module, warmup
         self.cache: dict[tuple, _Graphs] = {}
         self.shapes = FrequentShapes(max_graphs, capture_after)
         self.stats = GraphStats()

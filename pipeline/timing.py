@@ -40,7 +40,6 @@ class Timing:
         self.tasks: list[dict[str, Any]] = []  # per task: reset seconds, images, seconds
         self._image: dict[str, Any] | None = None
         self._open: list[dict[str, Any]] = []  # images whose device events are not read yet
-        self._stack: list[str] = []
         self.graphs: dict[str, Callable[[], dict]] = {}  # name -> current statistics of a graph cache
 
     def mark(self, name: str) -> None:
@@ -62,12 +61,10 @@ class Timing:
             import torch
             events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
             events[0].record()
-        self._stack.append(name)
         inner_before = image["_inner"]
         try:
             yield
         finally:
-            self._stack.pop()
             spent = time.perf_counter() - start
             inner = image["_inner"] - inner_before  # what nested phases took inside this one
             image["host"][name] = image["host"].get(name, 0.0) + spent - inner
@@ -127,14 +124,10 @@ class Timing:
         (every image but each task's first)."""
         images = [{k: v for k, v in image.items() if not k.startswith("_")} for image in self.images]
         steady = [im for i, im in enumerate(images) if i and images[i - 1]["task"] == im["task"]] or images
-
-        def mean(key: str) -> dict[str, float]:
-            names = sorted({n for im in steady for n in im.get(key, {})})
-            return {n: sum(im.get(key, {}).get(n, 0.0) for im in steady) / len(steady) for n in names}
         return {"process_start": PROCESS_START, "marks": self.marks, "tasks": self.tasks, "graphs": {k: v() for k, v in self.graphs.items()},
                 "steady_images": len(steady),
                 "steady_wall_s": statistics.mean(im["wall_s"] for im in steady) if steady else None,
-                "steady_host_s": mean("host") if steady else {}, "steady_device_s": mean("device") if steady else {},
+                "steady_host_s": phase_means(steady, "host"), "steady_device_s": phase_means(steady, "device"),
                 "images": images}
 
     def write(self, folder: str | Path, rank: int) -> None:
@@ -143,6 +136,12 @@ class Timing:
         from pipeline.rundir import write_text_atomic
         folder = Path(folder)
         write_text_atomic(folder / f"timing-rank{rank}.json", json.dumps(self.summary()), folder)
+
+
+def phase_means(images: list[dict[str, Any]], key: str) -> dict[str, float]:
+    """Seconds per image of each phase over `images` (`key`: "host" or "device"; a phase an image lacks counts 0)."""
+    names = sorted({n for im in images for n in im.get(key, {})})
+    return {n: sum(im.get(key, {}).get(n, 0.0) for im in images) / len(images) for n in names}
 
 
 RECORDER = Timing()
@@ -168,7 +167,6 @@ def mark(name: str) -> None:
 def instrument(engine, recorder: Timing | None = None) -> None:
     """Times the engine's instructions (its own table, the TTAEngine's wrappers included) and the front's
     per-image calls as phases of the recorder (default: the process's)."""
-    from deepspeed.runtime.pipe import schedule
     recorder = recorder or RECORDER
     if not recorder.enabled:
         return
@@ -196,7 +194,6 @@ def instrument(engine, recorder: Timing | None = None) -> None:
                 return backward(*args, **kwargs)
         front.begin_image, front.backward_segmenter = begin_image, backward_segmenter
         recorder.graphs["segmenter"] = lambda: _graph_stats(front.graphed)
-    del schedule
 
 
 def _graph_stats(graphed) -> dict:

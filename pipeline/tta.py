@@ -60,6 +60,7 @@ class TTARunner:
         self.total_images = sum(len(d) for d in self.datasets.values())
         self._done = 0  # images scored so far in the sweep (for its ETA)
         self._nonfinite_run = self._nonfinite_task = 0  # steps with a NaN/inf loss: in a row, in this task
+        self._reset_s = 0.0  # the reset before the current task (for --logging.timing)
 
     @property
     def scoring(self) -> bool:
@@ -299,7 +300,7 @@ class TTARunner:
         """`--logging.timing`: the task's images into this process's timing file (rewritten after each task)."""
         timer = timing.RECORDER
         if timer.enabled:
-            timer.end_task(task, images, seconds, getattr(self, "_reset_s", 0.0))
+            timer.end_task(task, images, seconds, self._reset_s)
             timer.write(self.cfg.output_dir, self.replicas.rank)
 
     def _picture(self, task: str, item: dict, prediction: torch.Tensor, label: torch.Tensor,
