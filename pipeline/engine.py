@@ -139,6 +139,17 @@ def parameter_groups(module: nn.Module, tta: TTAConfig) -> list[dict[str, Any]]:
     return groups
 
 
+def host_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A host copy of a device tensor that the host does not wait for: page-locked memory filled by an
+    asynchronous copy on the current stream (SD3-medium's 8 GB of float32 weights: 6.4 s through pageable
+    memory on an H200). Whatever reads it back is ordered after the copy on the same stream."""
+    if tensor.device.type != "cuda":
+        return tensor.to("cpu", copy=True)
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
+
+
 class StepOutput(NamedTuple):
     """One TTA step: the image's loss (a device tensor, not read back) and, on the stage with the
     segmenter, the scored whole-image logits, each window's candidate classes and its box
@@ -193,8 +204,8 @@ class TTAEngine:
         # Initial state of everything that adapts, after DeepSpeed's dtype cast, kept on the host.
         # The working weights' float32 buffer in one host copy; the other adapted parameters one by one.
         held = {id(p) for p in self.working.params} if self.working is not None else set()
-        self._initial_flat = self.working.master.to("cpu", copy=True) if self.working is not None else None
-        self._initial = {n: p.detach().to("cpu", copy=True) for n, p in module.named_parameters()
+        self._initial_flat = host_copy(self.working.master) if self.working is not None else None
+        self._initial = {n: host_copy(p.detach()) for n, p in module.named_parameters()
                          if p.requires_grad and id(p) not in held}
         timing.mark("initial weights kept")
 
@@ -401,9 +412,9 @@ class TTAEngine:
         self.discard_accumulated()
         for name, p in self.module.named_parameters():
             if name in self._initial:
-                p.copy_(self._initial[name])
+                p.copy_(self._initial[name], non_blocking=True)
         if self._initial_flat is not None:
-            self.working.master.copy_(self._initial_flat)
+            self.working.master.copy_(self._initial_flat, non_blocking=True)
         wrapper = self.engine.optimizer
         base = getattr(wrapper, "optimizer", wrapper)  # DeepSpeed's bf16/ZeRO wrappers hold the torch one
         base.state.clear()

@@ -385,6 +385,30 @@ def predict_layouts(costs: Mapping[int, StepCosts], gpus: int, card_bytes: float
     return out
 
 
+def this_layout_prediction(predictions: Sequence[Mapping], stages: int, max_classes: int, source: str) -> dict:
+    """One replica's predicted images/s for the layout with `stages` stages, at the measured class count
+    nearest `max_classes`, for `WINDOWS` windows per image; {} when that layout was not predicted."""
+    for p in predictions:
+        if p["stages"] == stages:
+            classes = min(p["classes"], key=lambda c: (abs(c - max_classes), -c))
+            return {"images_per_s": p["classes"][classes]["images_per_s"] / p["replicas"], "classes": classes,
+                    "windows": WINDOWS, "source": source}
+    return {}
+
+
+def prediction_line(prediction: Mapping, images: int, seconds: float, windows: int) -> str:
+    """After the first task: its measured images/s beside the start-up prediction (one replica), the latter
+    also scaled to the task's mean windows per image (a step's time grows about in proportion to them)."""
+    measured = images / seconds
+    per_image = windows / images if images else 0.0
+    line = (f"speed: {measured:.2f} images/s measured over the first task ({images} images, "
+            f"{per_image:.2f} windows per image); predicted at start-up {prediction['images_per_s']:.2f} at "
+            f"{prediction['classes']} classes and {prediction['windows']} windows per image")
+    if per_image:
+        line += f", {prediction['images_per_s'] * prediction['windows'] / per_image:.2f} at {per_image:.2f}"
+    return line + f" ({prediction['source']})"
+
+
 def format_layouts(predictions: Sequence[Mapping], current: tuple[int, int], source: str) -> str:
     """One line: this run's layout and the predicted images/s of each alternative, per class count."""
     parts = []
@@ -492,10 +516,13 @@ def run_memory_model(model: Any, data: Any, tta: Any, pipe: Any, ds_config: Mapp
 
 def startup_lines(model: Any, data: Any, tta: Any, pipe: Any, ds_config: Mapping, bounds: Sequence[int],
                   gpus: int, card: str | None = None, card_bytes: float | None = None,
-                  estimate: tuple[MemoryModel, tuple[Path, dict] | None] | None = None) -> list[str]:
+                  estimate: tuple[MemoryModel, tuple[Path, dict] | None] | None = None,
+                  prediction: dict | None = None) -> list[str]:
     """The start-up estimate of a DUSA run (rank 0, before weights load): one line per stage at
     tta.max_classes, and the layout line with the other layouts' predicted images/s where a measured cost
-    table for these models exists. `estimate`: `run_memory_model`'s result when the caller has it already."""
+    table for these models exists. `estimate`: `run_memory_model`'s result when the caller has it already;
+    `prediction`: filled with this layout's predicted images/s per replica at the cost table's class count
+    nearest tta.max_classes (`this_layout_prediction`), for the line printed after the first task."""
     from pipeline.partition import table_costs
     if card is None:
         card, card_bytes = card_memory()
@@ -513,6 +540,8 @@ def startup_lines(model: Any, data: Any, tta: Any, pipe: Any, ds_config: Mapping
         costs = dict(zip(sorted(int(c) for c in table["classes"]), table_costs(table)))
         predictions = predict_layouts(costs, gpus, card_bytes, memory)
         lines.append(format_layouts(predictions, (gpus // stages, stages), f"{path.name}, measured on {table['card']}"))
+        if prediction is not None:
+            prediction.update(this_layout_prediction(predictions, stages, tta.max_classes, path.name))
     else:
         lines.append(f"layout {gpus // stages} x {stages} (no measured cost table for these models: "
                      f"`bench/bench.py --calibrate` measures one on this card, then the other layouts are predicted)")

@@ -56,6 +56,7 @@ class Method:
     the first process alone. `generator`: it reads the generator and the class-embedding cache."""
 
     name = ""
+    prediction: dict | None = None  # start-up images/s of one replica (pipeline/memory.py: this_layout_prediction)
     adapts = True
     pipeline = False
     generator = False
@@ -185,7 +186,9 @@ class Dusa(Method):
         counts: list = [(stage, parameter_counts(module, f"stage {stage}"))] * replicas.stages
         if replicas.stages > 1:  # this replica's stages (the other replicas hold the same)
             dist.all_gather_object(counts, counts[0], group=replicas.group)
-        return Built(cls(engine, cfg, class_names), module.front.segmenter if stage == 0 else None,
+        method = cls(engine, cfg, class_names)
+        method.prediction = getattr(module, "prediction", None)
+        return Built(method, module.front.segmenter if stage == 0 else None,
                      [c for _, c in sorted(counts)], f"{replicas.describe()}: dusa")
 
     def step(self, task: str, item: dict) -> StepResult:

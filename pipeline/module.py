@@ -136,15 +136,17 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
                 busy += f", memory {predicted['memory'][s] / 2**30:.1f} GiB at " + (
                     f"{tta.max_classes} classes" if memory else "the most classes measured")
         stage_report(f"stage {s}: layers {a}-{b - 1} ({names[a]} .. {names[b - 1]}){busy}")
+    prediction = {}  # this layout's images/s from the card's cost table, printed again after the first task
     if ds_config is not None and int(os.environ.get("RANK", "0")) == 0:  # before any weight loads
         from pipeline.memory import startup_lines
         for line in startup_lines(model, data, tta, pipe, ds_config, bounds, gpus=replicas * pipe.num_stages,
-                                  estimate=estimate):
+                                  estimate=estimate, prediction=prediction):
             stage_report(line)
     timing.mark("partition planned")
     module = DusaPipeline(layers, bounds, DusaLoss(tta.temperature), pipe.num_stages,
                           pipe.activation_checkpoint_interval, replicas)
     module.loaded_keys = parts.loaded_keys
+    module.prediction = prediction or None
     return module
 
 

@@ -22,6 +22,7 @@ from data.ade20k_c import ADE20KC
 from data.metrics import SegmentationMetric
 from pipeline.config import DataConfig, RunConfig
 from pipeline.images import PreparedImages, predict, task_order
+from pipeline.memory import prediction_line
 from pipeline.methods import Method
 from pipeline import timing
 from pipeline.pictures import make_picture, save_picture
@@ -61,6 +62,7 @@ class TTARunner:
         self._done = 0  # images scored so far in the sweep (for its ETA)
         self._nonfinite_run = self._nonfinite_task = 0  # steps with a NaN/inf loss: in a row, in this task
         self._reset_s = 0.0  # the reset before the current task (for --logging.timing)
+        self._predicted_shown = False  # the start-up speed prediction beside the first task's measured one
 
     @property
     def scoring(self) -> bool:
@@ -260,6 +262,7 @@ class TTARunner:
                                 self.cfg.logging.log_every, self.cfg.logging.progress and root, self.logger,
                                 self.method.adapts, self.replicas.count)
         items = iter(loader)
+        windows = 0
         for step in range(len(order)):
             timer.begin_image(task)
             with timer.phase("data wait"):
@@ -268,6 +271,7 @@ class TTARunner:
             with timer.phase("step other (engine, method)"):
                 result = self.method.step(task, item)
             timer.note("windows", result.windows)
+            windows += result.windows
             if self.method.adapts:
                 self._count_nonfinite(result.skipped)
             with timer.phase("scoring and metric"):
@@ -294,6 +298,9 @@ class TTARunner:
             print(f"{task}: {self._nonfinite_task} steps had a NaN/inf loss; their updates were skipped", flush=True)
         print(f"{task}: mIoU {result['mIoU']:.2f}  aAcc {result['aAcc']:.2f}  "
               f"({result['images']} images, {result['seconds']:.1f} s)", flush=True)
+        if self.method.prediction and not self._predicted_shown:
+            self._predicted_shown = True
+            print(prediction_line(self.method.prediction, len(dataset), result["seconds"], windows), flush=True)
         return result
 
     def _timing_task_done(self, task: str, images: int, seconds: float) -> None:

@@ -224,6 +224,23 @@ def test_layout_prediction_on_hand_made_costs():
     assert [(p["replicas"], p["stages"]) for p in predict_layouts(costs, 4, 1e6, small)] == [(4, 1), (2, 2), (1, 4)]
 
 
+def test_this_layouts_prediction_and_the_line_after_the_first_task():
+    from pipeline.memory import prediction_line, this_layout_prediction
+    costs = {10: uniform_costs(), 20: StepCosts([2.0] * 4, [4.0] * 4, (0.5, 1.0), [0.1] * 4)}
+    out = predict_layouts(costs, gpus=2, card_bytes=1e6, memory=hand_model(Precision("autocast", 4, 4, 8, False,
+                                                                                      None, 4)))
+    two = next(p for p in out if p["replicas"] == 2)
+    # One replica's images/s at the measured class count nearest max_classes (ties: the larger count).
+    for max_classes, classes in ((8, 10), (15, 20), (30, 20)):
+        got = this_layout_prediction(out, 1, max_classes, "table.json")
+        assert got == {"images_per_s": two["classes"][classes]["images_per_s"] / 2, "classes": classes,
+                       "windows": 2, "source": "table.json"}
+    assert this_layout_prediction(out, 3, 10, "table.json") == {}
+    line = prediction_line({"images_per_s": 0.8, "classes": 10, "windows": 2, "source": "t.json"}, 100, 125.0, 250)
+    assert line == ("speed: 0.80 images/s measured over the first task (100 images, 2.50 windows per image); "
+                    "predicted at start-up 0.80 at 10 classes and 2 windows per image, 0.64 at 2.50 (t.json)")
+
+
 def test_plan_partition_takes_a_memory_estimate():
     costs = [uniform_costs(6)]
     fastest, _ = plan_partition(costs, 2)

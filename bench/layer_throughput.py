@@ -1,0 +1,245 @@
+#!/usr/bin/env python
+"""Achieved TFLOP/s of each layer of the DUSA step, at full size (random weights of the published configs).
+
+    python bench/layer_throughput.py --out bench/results            # on one GPU: a few minutes
+    python bench/layer_throughput.py --tiny --out /tmp/layers         # dry run on the CPU, tiny widths
+
+Each row times one layer's forward and backward (or forward only where the step has no backward: the frozen
+VAE encoder) in the precision the step uses: the generator's joint blocks with bf16 working weights under
+bf16 autocast (pipeline/low_precision.py), SegFormer-B5 with float32 weights under autocast, attention alone
+under each of SDPA's backends, and the fused AdamW update over the adapted parameters. FLOPs are counted by
+torch's FlopCounterMode (matmuls, convolutions, attention), time is the median of --repeats runs after a
+warm-up, and the card's reach is a large bf16 matmul measured in the same run. Writes
+<out>/<date>-<card>-layers.json and prints a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from models.architectures import SD3_MEDIUM_TRANSFORMER, SD3_TEXT_TOKENS, SD3_VAE, SEGFORMER_B5  # noqa: E402
+
+WINDOW = 512  # the generator's window side (pixels)
+IMAGE = (512, 683)  # SegFormer's whole image, a typical ADE20K size after resizing
+BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int = 2) -> float:
+    """Median seconds of fn over `repeats` runs, each ended by a device sync."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def flops_of(fn: Callable[[], None]) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_tflops(device: torch.device, n: int) -> float:
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    return 2 * n**3 / timed(lambda: a @ b, device, repeats=10) / 1e12
+
+
+def forward_backward(fn: Callable, make_inputs: Callable[[], tuple], autocast: bool, device: torch.device,
+                     owner: torch.nn.Module | None = None) -> Callable[[], None]:
+    """One forward and one backward of `fn` from fresh inputs, the output's gradient all ones (as the sum
+    of every float output); the gradients of `owner`'s parameters are dropped after each run."""
+    params = [p for p in owner.parameters() if p.requires_grad] if owner is not None else []
+
+    def run():
+        with torch.autocast(device.type, torch.bfloat16, enabled=autocast, cache_enabled=False):
+            out = fn(*make_inputs())
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        tensors = [o for o in outs if isinstance(o, torch.Tensor) and o.requires_grad]
+        torch.autograd.backward(tensors, [torch.ones_like(t) for t in tensors])
+        for p in params:
+            p.grad = None
+    return run
+
+
+def block_rows(config: dict, classes: list[int], device: torch.device, repeats: int, compile_block: bool) -> list:
+    """SD3's joint blocks (a middle block and the last, text-stream-free one) at each class count, with bf16
+    weights (the working weights) under autocast; attention alone under each SDPA backend."""
+    from diffusers import SD3Transformer2DModel
+    cfg = dict(config, num_layers=2)
+    with torch.device(device):
+        model = SD3Transformer2DModel(**cfg).to(torch.bfloat16)
+    width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    tokens = (cfg["sample_size"] // 2 if device.type == "cpu" else WINDOW // 8 // cfg["patch_size"]) ** 2
+    text = 8 if device.type == "cpu" else SD3_TEXT_TOKENS
+    rows = []
+
+    def inputs(n):
+        def make():
+            h = torch.randn(n, tokens, width, device=device, dtype=torch.bfloat16, requires_grad=True)
+            e = torch.randn(n, text, width, device=device, dtype=torch.bfloat16, requires_grad=True)
+            t = torch.randn(n, width, device=device, dtype=torch.bfloat16, requires_grad=True)
+            return h, e, t
+        return make
+
+    def block_call(block):
+        return lambda h, e, t: block(hidden_states=h, encoder_hidden_states=e, temb=t)
+
+    variants = [("joint block", model.transformer_blocks[0]), ("last joint block", model.transformer_blocks[1])]
+    compiled = torch.compile(model.transformer_blocks[0], dynamic=False) if compile_block else None
+    for n in classes:
+        for name, block in variants:
+            run = forward_backward(block_call(block), inputs(n), True, device, block)
+            rows.append(row(name, n, f"{n} x ({tokens} + {text}) tokens, width {width}", run, device, repeats))
+        if compiled is not None:
+            t0 = time.perf_counter()
+            run = forward_backward(block_call(compiled), inputs(n), True, device, compiled)
+            run()
+            sync(device)
+            r = row("joint block, torch.compile", n, f"compiled in {time.perf_counter() - t0:.1f} s", run, device,
+                    repeats)
+            rows.append(r)
+        heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
+
+        def qkv(n=n):
+            return tuple(torch.randn(n, heads, tokens + text, head_dim, device=device, dtype=torch.bfloat16,
+                                     requires_grad=True) for _ in range(3))
+        for backend, kind in BACKENDS.items():
+            if device.type == "cpu" and backend not in ("math", "flash"):
+                continue
+
+            def attention(q, k, v, kind=kind):
+                with sdpa_kernel([kind]):
+                    return F.scaled_dot_product_attention(q, k, v)
+            try:
+                run = forward_backward(attention, qkv, False, device)
+                rows.append(row(f"attention ({backend})", n, f"{n} x {heads} heads x {tokens + text} tokens",
+                                run, device, repeats))
+            except RuntimeError as exc:  # the backend does not take these shapes on this card
+                rows.append(dict(layer=f"attention ({backend})", classes=n, error=str(exc).splitlines()[0][:200]))
+    return rows
+
+
+def row(layer: str, classes: int | None, shape: str, run: Callable[[], None], device: torch.device,
+        repeats: int) -> dict:
+    seconds = timed(run, device, repeats)
+    flops = flops_of(run)
+    return dict(layer=layer, classes=classes, shape=shape, ms=seconds * 1e3, gflop=flops / 1e9,
+                tflops=flops / seconds / 1e12)
+
+
+def model_rows(device: torch.device, repeats: int, tiny: bool) -> list:
+    """SegFormer-B5 forward + backward on the whole image (float32 weights, autocast), the VAE encoder's
+    forward on one window (bf16, frozen)."""
+    from diffusers import AutoencoderKL
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+    seg_cfg = dict(SEGFORMER_B5, num_labels=150)
+    vae_cfg = dict(SD3_VAE)
+    image, window = IMAGE, WINDOW
+    if tiny:
+        seg_cfg.update(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 24, 32], decoder_hidden_size=32)
+        vae_cfg.update(block_out_channels=(8, 8, 16, 16), norm_num_groups=8, layers_per_block=1)
+        image, window = (64, 85), 64
+    with torch.device(device):
+        segformer = SegformerForSemanticSegmentation(SegformerConfig(**seg_cfg)).eval()
+        encoder = AutoencoderKL(**vae_cfg).encoder.to(torch.bfloat16).requires_grad_(False)
+
+    def seg_inputs():
+        return (torch.randn(1, 3, *image, device=device),)
+    run = forward_backward(lambda x: segformer(pixel_values=x).logits, seg_inputs, True, device, segformer)
+    rows = [row("SegFormer-B5", None, f"1 x 3 x {image[0]} x {image[1]}", run, device, repeats)]
+    x = torch.randn(1, 3, window, window, device=device, dtype=torch.bfloat16)
+
+    @torch.no_grad()
+    def encode():
+        encoder(x)
+    rows.append(row("VAE encoder (forward)", None, f"1 x 3 x {window} x {window}", encode, device, repeats))
+    return rows
+
+
+def optimizer_row(numel: int, device: torch.device, repeats: int) -> dict:
+    """Fused AdamW over `numel` float32 parameters in 16 tensors: a memory-bound update, as GB/s."""
+    chunks = [torch.zeros(numel // 16, device=device, requires_grad=True) for _ in range(16)]
+    for p in chunks:
+        p.grad = torch.randn_like(p) * 1e-3
+    optimizer = torch.optim.AdamW(chunks, lr=1e-5, fused=device.type == "cuda")
+    seconds = timed(optimizer.step, device, repeats)
+    moved = numel * 4 * 7  # reads parameter, gradient, 2 moments; writes parameter, 2 moments
+    return dict(layer="AdamW (fused) update", classes=None, shape=f"{numel / 1e9:.2f} B float32 parameters",
+                ms=seconds * 1e3, gbytes_per_s=moved / seconds / 1e9)
+
+
+def markdown(rows: list, peak: float) -> str:
+    lines = ["| layer | classes | shape | ms | GFLOP | TFLOP/s | of measured matmul peak |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['layer']} | {r['classes']} | - | - | - | - | {r['error']} |")
+        elif "tflops" in r:
+            lines.append(f"| {r['layer']} | {r['classes'] or '-'} | {r['shape']} | {r['ms']:.2f} | {r['gflop']:.1f} | "
+                         f"{r['tflops']:.1f} | {r['tflops'] / peak:.0%} |")
+        else:
+            lines.append(f"| {r['layer']} | - | {r['shape']} | {r['ms']:.2f} | - | {r['gbytes_per_s']:.0f} GB/s | - |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for <date>-<card>-layers.json")
+    parser.add_argument("--classes", type=int, nargs="+", default=[2, 10, 20], help="candidate classes per window")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per row (the median is kept)")
+    parser.add_argument("--tiny", action="store_true", help="tiny widths on the CPU (a dry run of this script)")
+    parser.add_argument("--no_compile", action="store_true", help="leave out the torch.compile row")
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    if device.type == "cpu" and not args.tiny:
+        parser.error("no GPU here: add --tiny for a dry run with tiny widths")
+    config = SD3_MEDIUM_TRANSFORMER if not args.tiny else dict(
+        SD3_MEDIUM_TRANSFORMER, sample_size=16, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+        caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=32)
+    torch.manual_seed(0)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = matmul_tflops(device, 256 if args.tiny else 8192)
+    rows = block_rows(config, args.classes, device, args.repeats, compile_block=not args.no_compile and not args.tiny)
+    rows += model_rows(device, args.repeats, args.tiny)
+    numel = 2_028_328_000 if not args.tiny else 1_600_000  # SD3-medium's transformer + SegFormer-B5 (adapted)
+    rows.append(optimizer_row(numel, device, args.repeats))
+    date = datetime.date.today().isoformat()
+    slug = re.sub(r"[^a-z0-9]+", "-", card.lower().replace("nvidia", "")).strip("-") + ("-tiny" if args.tiny else "")
+    report = dict(date=date, card=card, torch=torch.__version__, matmul_bf16_tflops=peak, rows=rows,
+                  command="python " + " ".join([f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]]))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{date}-{slug}-layers.json"
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"{card}: bf16 matmul {peak:.0f} TFLOP/s\n")
+    print(markdown(rows, peak))
+    print(f"\nsaved {path}")
+
+
+if __name__ == "__main__":
+    main()
