@@ -153,6 +153,34 @@ def row(layer: str, classes: int | None, shape: str, run: Callable[[], None], de
                 tflops=flops / seconds / 1e12)
 
 
+def attention_precision(device: torch.device, n: int, heads: int, tokens: int, head_dim: int) -> dict:
+    """Each SDPA backend's output and input gradients in bf16 against float32 math on the same inputs:
+    relative L2 error (the backends differ only in rounding; the bf16 flash figure is the yardstick)."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(n, heads, tokens, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
+    grad = torch.randn(n, heads, tokens, head_dim, device=device, dtype=torch.bfloat16)
+
+    def run(kind, dtype):
+        leaves = [t.to(dtype, copy=True).requires_grad_() for t in (q, k, v)]
+        with sdpa_kernel([kind]):
+            out = F.scaled_dot_product_attention(*leaves)
+        out.backward(grad.to(dtype))
+        return [out.detach().float()] + [t.grad.float() for t in leaves]
+    reference = run(SDPBackend.MATH, torch.float32)
+    out = {}
+    for backend, kind in BACKENDS.items():
+        if device.type == "cpu" and backend not in ("math", "flash"):
+            continue
+        try:
+            got = run(kind, torch.bfloat16)
+        except RuntimeError as exc:
+            out[backend] = str(exc).splitlines()[0][:200]
+            continue
+        out[backend] = {name: float((g - r).norm() / r.norm()) for name, g, r in zip(("out", "dq", "dk", "dv"), got,
+                                                                                       reference)}
+    return out
+
+
 def model_rows(device: torch.device, repeats: int, tiny: bool) -> list:
     """SegFormer-B5 forward + backward on the whole image (float32 weights, autocast), the VAE encoder's
     forward on one window (bf16, frozen)."""
@@ -226,18 +254,25 @@ def main() -> None:
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = matmul_tflops(device, 256 if args.tiny else 8192)
     rows = block_rows(config, args.classes, device, args.repeats, compile_block=not args.no_compile and not args.tiny)
+    heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
+    tokens = 72 if args.tiny else (WINDOW // 16) ** 2 + SD3_TEXT_TOKENS
+    precision = attention_precision(device, 10, heads, tokens, head_dim)
     rows += model_rows(device, args.repeats, args.tiny)
     numel = 2_028_328_000 if not args.tiny else 1_600_000  # SD3-medium's transformer + SegFormer-B5 (adapted)
     rows.append(optimizer_row(numel, device, args.repeats))
     date = datetime.date.today().isoformat()
     slug = re.sub(r"[^a-z0-9]+", "-", card.lower().replace("nvidia", "")).strip("-") + ("-tiny" if args.tiny else "")
     report = dict(date=date, card=card, torch=torch.__version__, matmul_bf16_tflops=peak, rows=rows,
+                  attention_relative_error_vs_float32_math_at_10_classes=precision,
                   command="python " + " ".join([f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]]))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{date}-{slug}-layers.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"{card}: bf16 matmul {peak:.0f} TFLOP/s\n")
     print(markdown(rows, peak))
+    print("\nattention in bf16 vs float32 math, relative L2 error at 10 classes (out, dq, dk, dv):")
+    for backend, errors in precision.items():
+        print(f"  {backend}: " + (", ".join(f"{v:.2e}" for v in errors.values()) if isinstance(errors, dict) else errors))
     print(f"\nsaved {path}")
 
 

@@ -18,12 +18,14 @@ layer restores it with `unpack(...)`. Genuine integers use other dtypes (int64 c
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline import timing
 from pipeline.graphs import GraphedModule
@@ -263,15 +265,34 @@ class SD3Embed(nn.Module):
         return pack(hidden_states, encoder_hidden_states, temb, logits, classes, mask, target, weight)
 
 
+# SDPA's backends by their names in `pipeline.attention_backend`.
+ATTENTION_BACKENDS = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+                      "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+
+
+def attention_order(first: str) -> list[SDPBackend] | None:
+    """SDPA's backends in the order torch tries them: `first` ahead of the others, which stay as fallbacks
+    for shapes or cards it does not take ("default": None, torch's own order)."""
+    if first == "default":
+        return None
+    if first not in ATTENTION_BACKENDS:
+        raise ValueError(f"pipeline.attention_backend {first!r}: one of {', '.join(ATTENTION_BACKENDS)}, default")
+    return [ATTENTION_BACKENDS[first]] + [b for name, b in ATTENTION_BACKENDS.items() if name != first]
+
+
 class JointBlock(nn.Module):
     """One SD3 joint transformer block, adapted to tuples; `compile_backend` (e.g. "inductor"): the block runs
     through torch.compile, the class samples' count marked dynamic (every block of the same form shares the
-    compiled code; on an H200 a new count still compiled once more at 10 and at 20 after 2)."""
+    compiled code; on an H200 a new count still compiled once more at 10 and at 20 after 2); `attention`:
+    SDPA's backends in the order to try them (`attention_order`; None: torch's own). The backward runs in
+    the backend its forward chose."""
 
-    def __init__(self, block: nn.Module, compile_backend: str | None = None):
+    def __init__(self, block: nn.Module, compile_backend: str | None = None,
+                 attention: list[SDPBackend] | None = None):
         super().__init__()
         self.block = block
         self.compiled = compile_backend is not None
+        self.attention = attention
         if self.compiled:
             self.block.compile(backend=compile_backend, dynamic=None)
 
@@ -280,8 +301,9 @@ class JointBlock(nn.Module):
         if self.compiled:  # before the first call: no graph specialised to the first count
             for t in (hidden_states, encoder_hidden_states, temb):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
-        encoder_hidden_states, hidden_states = self.block(
-            hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb)
+        with sdpa_kernel(self.attention, set_priority=True) if self.attention else contextlib.nullcontext():
+            encoder_hidden_states, hidden_states = self.block(
+                hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb)
         if self.block.context_pre_only:  # the last block returns no text stream
             return pack(hidden_states, temb, *rest)
         return pack(hidden_states, encoder_hidden_states, temb, *rest)

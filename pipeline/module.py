@@ -19,7 +19,7 @@ from models.sd3 import LatentEncoder, TransformerParts
 from models.segformer import Segmenter
 from pipeline import timing
 from pipeline.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
-from pipeline.layers import DusaLoss, JointBlock, SD3Embed, SD3Head, SegmenterFront
+from pipeline.layers import DusaLoss, JointBlock, SD3Embed, SD3Head, SegmenterFront, attention_order
 from pipeline.memory import BUDGET
 from pipeline.partition import (StepCosts, check_partition, default_costs, find_cost_table, model_signature,
                                 plan_partition, table_costs)
@@ -101,8 +101,9 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
 
     layers = [_BuiltBy(SegmenterFront, front), _BuiltBy(SD3Embed, embed)]
     backend = "inductor" if pipe.compile_blocks else None
+    attention = attention_order(pipe.attention_backend)
     layers += [_BuiltBy(JointBlock, functools.partial(
-        lambda i: JointBlock(parts.load(f"transformer_blocks.{i}"), compile_backend=backend), i))
+        lambda i: JointBlock(parts.load(f"transformer_blocks.{i}"), compile_backend=backend, attention=attention), i))
         for i in range(num_blocks)]
     layers.append(_BuiltBy(SD3Head, lambda: SD3Head(parts.load("norm_out"), parts.load("proj_out"),
                                                     parts.config["patch_size"], parts.out_channels)))

@@ -103,3 +103,29 @@ def test_a_compiled_joint_block_equals_the_eager_block_for_every_class_count(tmp
         (a, ga, pa), (b, gb, pb) = outs
         for x, y in zip([*a, *ga, *pa], [*b, *gb, *pb]):
             assert torch.allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_attention_backend_order_and_a_block_that_prefers_one(tmp_path):
+    """pipeline.attention_backend: the named SDPA backend first, every other kept as a fallback; on the CPU
+    (flash and math only) a block that prefers cuDNN computes bit for bit what the default block computes."""
+    from torch.nn.attention import SDPBackend
+    from pipeline.layers import ATTENTION_BACKENDS, attention_order
+    order = attention_order("cudnn")
+    assert order[0] == SDPBackend.CUDNN_ATTENTION and sorted(order, key=str) == sorted(ATTENTION_BACKENDS.values(),
+                                                                                       key=str)
+    assert attention_order("math")[0] == SDPBackend.MATH and attention_order("default") is None
+    with pytest.raises(ValueError, match="^pipeline.attention_backend 'fast': one of cudnn, flash, efficient, math, "
+                                         "default$"):
+        attention_order("fast")
+    make_tiny_sd3(tmp_path / "sd3", num_layers=2)
+    block = TransformerParts(str(tmp_path / "sd3")).load("transformer_blocks.0")
+    g = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(3, 64, 16, generator=g), torch.randn(3, 12, 16, generator=g), torch.randn(3, 16, generator=g)]
+    outs = []
+    for layer in (JointBlock(block), JointBlock(block, attention=order)):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        out = unpack(layer(pack(*leaves)))
+        (out[0].square().mean() + out[1].square().mean()).backward()
+        outs.append([*out, *(t.grad for t in leaves), *(p.grad.clone() for p in layer.parameters())])
+        layer.zero_grad()
+    assert all(torch.equal(x, y) for x, y in zip(*outs))
