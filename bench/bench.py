@@ -342,6 +342,7 @@ def pipeline_worker(args) -> None:
     if args.segmenter_graphs is not None:
         pipe.segmenter_graphs = args.segmenter_graphs
     pipe.compile_blocks = args.compile_blocks
+    pipe.attention_backend = args.attention_backend
     ds = load_ds_config(args.ds_config or default_ds_config(args.tiny),
                         lr=1e-5)
     bf16 = ds.get("bf16", {}).get("enabled", False)
@@ -1039,6 +1040,7 @@ def main() -> None:
     parser.add_argument("--graph_check", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--autocast_casts", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compile_blocks", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--attention_backend", default="cudnn", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -1125,6 +1127,7 @@ def main() -> None:
         override = dict(override)
         partition = override.pop("partition", None)
         graphs = override.pop("segmenter_graphs", None)
+        attention = override.pop("attention_backend", None)
         switches = [flag for key, flag in (("autocast_casts", "--autocast_casts"), ("compile_blocks", "--compile_blocks"))
                     if override.pop(key, False)]
         ds = load_ds_config(args.ds_config or default_ds_config(args.tiny),
@@ -1137,6 +1140,8 @@ def main() -> None:
             variant_args = [a for a in variant_args if a != "--partition"] + ["--partition", json.dumps(partition)]
         if graphs is not None:
             variant_args += ["--segmenter_graphs", str(graphs)]
+        if attention is not None:
+            variant_args += ["--attention_backend", attention]
         run(launcher() + variant_args + ["--ds_config", str(path), "--name", f"pipeline-{name}"], log, args.timeout)
     if "naive" in args.variants:
         run([sys.executable, *[a for a in common if a != "--check"], "--worker", "naive"], log, args.timeout)
