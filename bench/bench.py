@@ -1040,7 +1040,7 @@ def main() -> None:
     parser.add_argument("--graph_check", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--autocast_casts", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compile_blocks", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--attention_backend", default="cudnn", help=argparse.SUPPRESS)
+    parser.add_argument("--attention_backend", default="default", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args()

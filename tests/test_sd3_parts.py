@@ -114,6 +114,8 @@ def test_attention_backend_order_and_a_block_that_prefers_one(tmp_path):
     assert order[0] == SDPBackend.CUDNN_ATTENTION and sorted(order, key=str) == sorted(ATTENTION_BACKENDS.values(),
                                                                                        key=str)
     assert attention_order("math")[0] == SDPBackend.MATH and attention_order("default") is None
+    from pipeline.config import PipelineConfig
+    assert PipelineConfig().attention_backend == "default"  # torch's own order, as the reference runs
     with pytest.raises(ValueError, match="^pipeline.attention_backend 'fast': one of cudnn, flash, efficient, math, "
                                          "default$"):
         attention_order("fast")
