@@ -306,13 +306,14 @@ def run(argv=None) -> int:
     from deepspeed.accelerator import get_accelerator
     timing.mark("imports")
 
-    from data.demo import make_demo_dataset
+    from data.demo import make_demo_data
     from models.tiny import build_demo_models
     from pipeline.engine import load_ds_config
     from pipeline.replicas import ReplicaFeed, Replicas, layout_error
     from pipeline.reporting import RunLogger, startup_summary
     from pipeline.identity import input_identity
     from pipeline.resume import finished_tasks, saved_results
+    from pipeline.protocol import task_sequence
     from pipeline.tta import TTARunner, open_tasks
 
     if os.environ.get("LOCAL_RANK", "0") == "0":
@@ -353,7 +354,9 @@ def run(argv=None) -> int:
         _run_folder = RunFolder.claim(cfg.output_dir)
         saved_results(cfg.output_dir)  # a damaged results.json is named before anything is built
         if cfg.data.build_demo_data:
-            make_demo_dataset(cfg.data.root, corruptions=tuple(cfg.data.corruptions), severity=cfg.data.severity)
+            sequence = task_sequence(cfg.data)
+            make_demo_data(cfg.data.dataset, cfg.data.root, list(dict.fromkeys(t.domain for t in sequence)),
+                           [t.severity for t in sequence if t.severity is not None])
         datasets = open_tasks(cfg.data, len(class_names))
         if method.adapts:
             note = check_accumulation(cfg.tta.accumulation_steps, {t: len(d) for t, d in datasets.items()})
@@ -362,7 +365,8 @@ def run(argv=None) -> int:
         if cfg.pipeline.cost_table is not None and method.pipeline:
             read_cost_table(Path(cfg.pipeline.cost_table), "--pipeline.cost_table")
         if method.generator:  # each window is a micro-batch of the image's step
-            check_window_counts(datasets, cfg.data.window_size, cfg.data.window_stride, cfg.data.max_windows)
+            check_window_counts(datasets, cfg.data.window_size, cfg.data.window_stride, cfg.data.max_windows,
+                                cfg.data.short_edge)
         if cfg.model.build_demo_models:  # source and tent need no generator
             build_demo_models(cfg.model.segmenter, cfg.model.generator if method.generator else None,
                               cfg.model.class_embeddings, class_names)

@@ -296,8 +296,16 @@ def summarize(task_results: dict[str, dict], config: dict, class_names: Sequence
             "nonfinite_steps": int(res.get("nonfinite_steps", 0)),
             "loss": _finite_or_none(res.get("loss")),  # the mean adaptation loss of the task's steps (None: source)
         }
+        for key in ("round", "domain", "severity"):  # its place in the run's sequence (pipeline/protocol.py)
+            if key in res:
+                tasks[task][key] = res[key]
     average = {key: _mean([t[key] for t in tasks.values()]) for key in ("mIoU", "aAcc")}
-    return {"metric_unit": METRIC_UNIT, "tasks": tasks, "average": average, "config": config}
+    document = {"metric_unit": METRIC_UNIT, "tasks": tasks, "average": average, "config": config}
+    from pipeline.protocol import round_means
+    rounds = round_means(tasks, int(((config or {}).get("data") or {}).get("rounds") or 1))
+    if rounds is not None:
+        document["rounds"] = rounds
+    return document
 
 
 def _number(value, empty: bool = True) -> bool:
@@ -418,6 +426,10 @@ def format_results_table(results: dict) -> str:
         lines.append(f"{task:<{width}}  {pct(res['mIoU']):>8}  {pct(res['aAcc']):>8}  "
                      f"{res['images']:>7d}  {res['seconds']:>9.1f}")
     lines.append("-" * len(header))
+    for entry in results.get("rounds") or []:  # a run of several rounds: each round's mean
+        if entry["tasks"]:
+            lines.append(f"{'round ' + str(entry['round']):<{width}}  {pct(entry['mIoU']):>8}  {pct(entry['aAcc']):>8}"
+                         f"  {entry['tasks']:>7d} tasks")
     avg = results["average"]
     lines.append(f"{'average':<{width}}  {pct(avg['mIoU']):>8}  {pct(avg['aAcc']):>8}")
     return "\n".join(lines)
