@@ -47,6 +47,21 @@ def task_sequence(data) -> list[Task]:
             for r in range(1, data.rounds + 1) for key, domain, severity in one_round]
 
 
+def describe_tasks(data) -> str:
+    """The task sequence in a few words, for the start-up summary."""
+    from data.datasets import DATASETS
+    info = DATASETS[data.dataset]
+    if not info.severities:
+        words = f"{info.title}, {len(data.corruptions)} conditions"
+    elif data.gradual:
+        words = f"{len(data.corruptions)} corruptions at severities {'-'.join(map(str, GRADUAL_SEVERITIES))}"
+    else:
+        words = f"{len(data.corruptions)} corruptions at severity {data.severity}"
+    if data.dataset not in ("ade20k", "acdc"):
+        words = f"{info.title}, {words}"
+    return words + (f", {data.rounds} rounds" if data.rounds > 1 else "")
+
+
 def round_means(tasks: Mapping[str, Mapping], rounds: int) -> list[dict] | None:
     """Per round (of `rounds`, None when 1): how many of its tasks finished, and their mIoU and aAcc averaged
     (None while a task's is undefined). `tasks`: results.json's task entries, which carry their round."""

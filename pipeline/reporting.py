@@ -456,8 +456,8 @@ def startup_summary(cfg: RunConfig, config_files: Sequence[str], processes: str,
     rows.append(("processes", processes))
     rows += [(f"parameters, {part}", f"{_count(trainable)} trainable / {_count(total)}")
              for part, trainable, total in parameters]
-    rows += [("data", f"{cfg.data.root}: {len(cfg.data.corruptions)} corruptions at severity {cfg.data.severity}, "
-                      f"{images} images"),
+    from pipeline.protocol import describe_tasks
+    rows += [("data", f"{cfg.data.root}: {describe_tasks(cfg.data)}, {images} images"),
              ("config", ", ".join(config_files) or "(defaults)"), ("output", cfg.output_dir)]
     width = max(len(key) for key, _ in rows)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)
