@@ -4,12 +4,12 @@ builder of Cityscapes-C; in-process and quick."""
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from data.acdc import ACDC
@@ -130,7 +130,7 @@ def test_each_dataset_brings_its_defaults_and_explicit_options_win():
 
 
 def test_a_class_embedding_cache_of_another_dataset_is_refused_in_one_line():
-    meta = {"classes": __import__("json").dumps(list(ADE20K_CLASSES)), "classes_hash": class_list_hash(ADE20K_CLASSES),
+    meta = {"classes": json.dumps(list(ADE20K_CLASSES)), "classes_hash": class_list_hash(ADE20K_CLASSES),
             "model": "sd3"}
     with pytest.raises(ValueError) as err:
         check_cache_metadata(meta, "ade.safetensors", CITYSCAPES_CLASSES, "sd3")
