@@ -338,7 +338,8 @@ def run(argv=None) -> int:
     method = METHODS[cfg.tta.method]  # the registry: its class checks, builds and runs the method
     method.check(cfg, world)
     stages = cfg.pipeline.num_stages if method.pipeline else 1  # source and tent: one process per replica
-    wrong = layout_error(world, stages, cfg.tta.continual and method.adapts)
+    wrong = layout_error(world, stages, cfg.tta.continual and method.adapts,
+                         "data.gradual" if cfg.data.gradual else "tta.continual")
     if wrong:
         raise ValueError(wrong)
     replicas = Replicas.form(stages)
