@@ -214,6 +214,8 @@ class RunLogger:
             summary = run.summary
             summary["average/mIoU"] = results["average"]["mIoU"]
             summary["average/aAcc"] = results["average"]["aAcc"]
+            for entry in results.get("rounds") or []:  # several rounds: each one's mean
+                summary[f"round{entry['round']}/mIoU"] = entry["mIoU"]
             for task, res in results["tasks"].items():
                 summary[f"{task}/mIoU"] = res["mIoU"]
                 summary[f"{task}/aAcc"] = res["aAcc"]
