@@ -23,6 +23,7 @@ class DatasetInfo:
     short_edge: int | None  # None: the window size (one row of windows along the long edge)
     window_stride: int
     max_windows: int
+    aspect: float  # a typical image's long edge over its short one (the memory estimate's image)
     reader: Callable[[], type]  # the reader class, imported when used (torch, PIL)
 
     def open(self, root: str, task: str, severity: int | None, limit: int | None, num_classes: int):
@@ -50,15 +51,15 @@ DATASETS: dict[str, DatasetInfo] = {
     "ade20k": DatasetInfo(
         "ade20k", "ADE20K-C", "ade20k", CORRUPTIONS, True, "data/ade20k_c",
         "nvidia/segformer-b5-finetuned-ade-640-640", "class_embeddings/sd3-medium-ade20k.safetensors",
-        None, 256, 32, _ade20k),
+        None, 256, 32, 4 / 3, _ade20k),
     "cityscapes": DatasetInfo(
         "cityscapes", "Cityscapes-C", "cityscapes", CORRUPTIONS, True, "data/cityscapes",
         CITYSCAPES_SEGMENTER, "class_embeddings/sd3-medium-cityscapes.safetensors",
-        1024, 171, 64, _cityscapes),
+        1024, 171, 64, 2.0, _cityscapes),
     "acdc": DatasetInfo(
         "acdc", "ACDC", "cityscapes", ("fog", "night", "rain", "snow"), False, "data/acdc",
         CITYSCAPES_SEGMENTER, "class_embeddings/sd3-medium-cityscapes.safetensors",
-        1080, 171, 64, _acdc),
+        1080, 171, 64, 16 / 9, _acdc),
 }
 
 
