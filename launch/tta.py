@@ -179,13 +179,22 @@ def main(argv=None) -> int:
         if not (oom or isinstance(exc, USER_ERRORS)) or os.environ.get("DUSA_TRACEBACK"):
             release_run_folder()
             raise
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
         if rank:  # rank 0 mostly fails alike: give the launcher time to stop this process first
             time.sleep(3)
         # Leading newline: a progress bar may hold the current line.
-        print(f"\nerror: {f'[rank {rank}] ' if rank else ''}{OOM_HELP if oom else lines[0]}"
+        print(f"\nerror: {f'[rank {rank}] ' if rank else ''}{OOM_HELP if oom else error_line(exc)}"
               f"{' (DUSA_TRACEBACK=1 shows the traceback)' if not oom else ''}", file=sys.stderr, flush=True)
         leave(2)
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line that says what went wrong: the message's first line, or for an error raised in a data
+    loader worker (which torch re-raises as "Caught ValueError in DataLoader worker process 0." and the
+    worker's traceback) the worker's own message, its traceback's last line."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0] and len(lines) > 1:
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0]
 
 
 PEER_LOST_WAIT_S = 3.0  # the launcher polls its ranks every second and ends the rest at the first failure

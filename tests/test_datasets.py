@@ -157,3 +157,20 @@ def test_the_builder_makes_cityscapes_c_that_the_reader_reads_deterministically_
     main(["--dataset", "cityscapes", "--root", str(source), "--out", str(tmp_path / "b"), "--corruptions", "fog",
           "contrast", "--severities", "1", "3", "--workers", "0"])
     assert digests(tmp_path / "a") == digests(tmp_path / "b")
+
+
+def test_a_bad_label_map_read_by_a_loader_worker_is_still_one_clear_line(cityscapes, launcher_main):
+    """The shipped configs read images in loader workers: torch re-raises a worker's error under a line of its
+    own; the launcher's error line is the reader's message."""
+    from torch.utils.data import DataLoader
+    ids = np.full((4, 34), 7, dtype=np.uint8)
+    ids[1, 1] = 99
+    write(cityscapes / "gtFine/val/lindau/lindau_000000_000019_gtFine_labelIds.png", ids)
+    with pytest.raises(ValueError) as err:
+        list(DataLoader(CityscapesC(cityscapes, "fog", 3), batch_size=None, num_workers=1))
+    assert str(err.value).startswith("Caught ValueError in DataLoader worker process 0.")
+    line = launcher_main.error_line(err.value)
+    assert line.startswith("annotation ") and line.endswith(
+        "lindau_000000_000019_gtFine_labelIds.png: label ids [99] are not Cityscapes label ids (0..33): not a "
+        "*_gtFine_labelIds.png; replace it from Cityscapes' gtFine download")
+    assert launcher_main.error_line(ValueError("one\ntwo")) == "one"
