@@ -21,6 +21,8 @@ The declared grid (fixed before any adaptation result was seen; nothing else is 
   source (deterministic: one run per precision preset);
   tent at LEARNING_RATES (its bf16 autocast is the same under both presets: autocast preset only);
   dusa at LEARNING_RATES, one 2-stage pipeline, under both presets (PRESETS);
+  the continual row: the corruptions in sequence for CONTINUAL_ROUNDS rounds without a reset (--tta.continual
+  true --data.rounds 3), for source, tent and dusa at LEARNING_RATES, seed 0, autocast preset (--tiny: dusa);
   everything else is ds_configs/miniature.json (the launcher's defaults, window 256 / stride 128).
 With GPUs every run is `deepspeed --num_gpus G launch/tta.py --config ds_configs/miniature.json ...` (source and
 tent: G one-process replicas sharing the corruptions); several runs share the GPUs at once (`--parallel`).
@@ -59,6 +61,7 @@ SEVERITY = 3
 SEEDS = (0, 1)
 LEARNING_RATES = (1e-5, 1e-4, 1e-3)  # the launcher's default lr and one and two decades above
 PRESETS = {"autocast": "ds_configs/ds_tta.json", "bf16": "ds_configs/ds_tta_bf16.json"}
+CONTINUAL_ROUNDS = 3  # the continual row: whether adaptation holds or collapses over time
 CONFIG = "ds_configs/miniature.json"
 MINUTES = {"segmenter": 2.0, "vae": 1.5, "transformer": 2.5}  # per part, on one H100
 TINY_MINUTES = 0.2
@@ -437,14 +440,34 @@ def grid(tiny: bool) -> list[dict]:
             for method in ("dusa", "tent"):
                 runs += [dict(method=method, preset="autocast", lr=lr, seed=seed) for seed in SEEDS]
         runs += [dict(method="dusa", preset="bf16", lr=lr, seed=seed) for lr in LEARNING_RATES for seed in SEEDS]
+    runs += continual_runs(tiny)
     for run in runs:
+        run.setdefault("rounds", 1)
         run["name"] = run_name(run)
     return runs
 
 
+def continual_runs(tiny: bool) -> list[dict]:
+    """The continual row of the grid: every corruption in turn, CONTINUAL_ROUNDS times, never reset."""
+    rounds = {"seed": 0, "preset": "autocast", "rounds": CONTINUAL_ROUNDS}
+    if tiny:
+        return [dict(method="dusa", lr=1e-4, **rounds)]
+    return [dict(method="source", lr=None, **rounds),
+            *(dict(method=method, lr=lr, **rounds) for method in ("tent", "dusa") for lr in LEARNING_RATES)]
+
+
 def run_name(run: dict) -> str:
     lr = "" if run["lr"] is None else f"-lr{run['lr']:.0e}"
-    return f"{run['method']}-{run['preset']}{lr}-s{run['seed']}"
+    rounds = f"-continual{run['rounds']}" if run.get("rounds", 1) > 1 else ""
+    return f"{run['method']}-{run['preset']}{lr}-s{run['seed']}{rounds}"
+
+
+def expected_tasks(wd: Workdir, run: dict) -> list[str]:
+    """The task keys a finished run's results.json holds (the launcher's own sequence)."""
+    from pipeline.config import DataConfig
+    from pipeline.protocol import task_sequence
+    data = DataConfig(corruptions=list(wd.corruptions), rounds=run.get("rounds", 1))
+    return [task.key for task in task_sequence(data)]
 
 
 def launch_command(wd: Workdir, run: dict, gpus: int) -> list[str]:
@@ -462,6 +485,10 @@ def launch_command(wd: Workdir, run: dict, gpus: int) -> list[str]:
             "--pipeline.num_stages", str(2 if gpus >= 2 else 1)]
     if run["lr"] is not None:
         args += ["--tta.lr", repr(run["lr"])]
+    if run.get("rounds", 1) > 1:  # one sequence: one replica of the method (source adapts nothing: any)
+        args += ["--tta.continual", "true", "--data.rounds", str(run["rounds"])]
+        if run["method"] != "source":
+            gpus = min(gpus, 2 if run["method"] == "dusa" else 1)
     if gpus == 0:
         return [sys.executable, *args, "--data.num_workers", "0"]
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--master_port", str(free_local_port()), "--num_gpus",
@@ -472,7 +499,7 @@ def finished(wd: Workdir, run: dict) -> bool:
     path = wd.runs / run["name"] / "results.json"
     if not path.is_file():
         return False
-    return set(json.loads(path.read_text()).get("tasks", {})) >= set(wd.corruptions)
+    return set(json.loads(path.read_text()).get("tasks", {})) >= set(expected_tasks(wd, run))
 
 
 def cmd_adapt(wd: Workdir, args) -> None:
@@ -545,7 +572,7 @@ def collect(wd: Workdir) -> list[dict]:
     rows: dict[str, dict] = {}
     for run in grid(wd.tiny):
         path = wd.runs / run["name"] / "results.json"
-        if not path.is_file():
+        if not path.is_file() or run["rounds"] > 1:  # the continual row: `collect_continual`
             continue
         results = read_results(path)
         label = row_label(run)
@@ -566,6 +593,40 @@ def collect(wd: Workdir) -> list[dict]:
         row["seconds_per_image"] = float(np.mean([s["seconds"] / s["images"] for s in seeds]))
     order = {"source": 0, "tent": 1, "dusa": 2}
     return sorted(rows.values(), key=lambda r: (order[r["method"]], r["preset"] != "autocast", r["lr"] or 0))
+
+
+def collect_continual(wd: Workdir) -> list[dict]:
+    """The continual row: per run, each round's mean mIoU over the corruptions (None until the round is whole)."""
+    from pipeline.reporting import read_results
+    rows = []
+    for run in grid(wd.tiny):
+        path = wd.runs / run["name"] / "results.json"
+        if run["rounds"] == 1 or not path.is_file():
+            continue
+        tasks = read_results(path)["tasks"]
+        keys = expected_tasks(wd, run)
+        per_round = len(keys) // run["rounds"]
+        means = []
+        for r in range(run["rounds"]):
+            values = [tasks[k]["mIoU"] for k in keys[r * per_round:(r + 1) * per_round] if k in tasks]
+            whole = len(values) == per_round and all(v is not None for v in values)
+            means.append(float(np.mean(values)) if whole else None)
+        rows.append({"label": row_label(run), "method": run["method"], "lr": run["lr"], "rounds": run["rounds"],
+                     "round_mIoU": means, "seconds": sum(t["seconds"] for t in tasks.values())})
+    return rows
+
+
+def continual_table(rows: list[dict]) -> str:
+    """Mean mIoU over the corruptions per round, and the last round's change from the first."""
+    rounds = max(row["rounds"] for row in rows)
+    head = ["continual (no reset)", *(f"round {r + 1}" for r in range(rounds)), "last - first"]
+    lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
+    for row in rows:
+        means = row["round_mIoU"]
+        change = means[-1] - means[0] if None not in (means[0], means[-1]) else None
+        cells = ["–" if m is None else f"{m:.1f}" for m in means] + ["–" if change is None else f"{change:+.1f}"]
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def markdown_table(rows: list[dict], corruptions, clean: float | None) -> str:
@@ -679,8 +740,8 @@ def plot(rows: list[dict], corruptions, path: Path, clean: float | None = None, 
 
 
 def cmd_report(wd: Workdir, args) -> dict:
-    rows = collect(wd)
-    if not rows:  # nothing measured: no report (an empty one would read as a result)
+    rows, continual = collect(wd), collect_continual(wd)
+    if not rows and not continual:  # nothing measured: no report (an empty one would read as a result)
         raise MiniatureError(f"nothing to report: no adaptation run finished in {wd.runs} (run `adapt` first)")
     records = wd.records()
     sanity = json.loads(wd.sanity.read_text()) if wd.sanity.is_file() else None
@@ -688,19 +749,23 @@ def cmd_report(wd: Workdir, args) -> dict:
     date = datetime.date.today().isoformat()
     stem = f"{date}-miniature{'-tiny' if wd.tiny else ''}"
     out = Path(args.out) if args.out else wd.root / "report"
-    table = markdown_table(rows, wd.corruptions, clean) + "\n\n" + summary_lines(records, sanity)
+    table = (markdown_table(rows, wd.corruptions, clean) if rows else "") + "\n\n" + summary_lines(records, sanity)
+    if continual:
+        table += "\n\n" + continual_table(continual)
     walls = {run["name"]: json.loads((wd.logs / f"{run['name']}.wall.json").read_text())["seconds"]
              for run in grid(wd.tiny) if (wd.logs / f"{run['name']}.wall.json").is_file()}
     document = {
         "date": date, "tiny": wd.tiny, "classes": list(CLASSES), "corruptions": list(wd.corruptions),
         "severity": SEVERITY, "seeds": list(SEEDS), "learning_rates": list(LEARNING_RATES), "presets": PRESETS,
         "config": CONFIG, "sizes": sizes_record(wd.sizes), "training": records, "sanity": sanity, "rows": rows,
-        "run_wall_seconds": walls, "markdown": table,
+        "run_wall_seconds": walls, "markdown": table, "continual_rounds": CONTINUAL_ROUNDS,
+        "continual_rows": continual,
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
     write_json(out / f"{stem}.json", document)
-    plot(rows, wd.corruptions, out / f"{stem}.png", clean,
-         f"miniature benchmark, severity {SEVERITY}; bars: mean over seeds, whiskers: their range")
+    if rows:
+        plot(rows, wd.corruptions, out / f"{stem}.png", clean,
+             f"miniature benchmark, severity {SEVERITY}; bars: mean over seeds, whiskers: their range")
     print(table)
     log(f"report: {out / (stem + '.json')}, {out / (stem + '.png')}")
     return document

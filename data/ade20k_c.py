@@ -13,52 +13,19 @@ Three layouts, detected from the folders under <root> (images: .jpg / .jpeg / .p
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import Dataset
 
 from data.classes import CORRUPTIONS, IMAGE_SUFFIXES, safe_name  # noqa: F401 (CORRUPTIONS: the reader's API)
+from data.labelled_images import LabelledImages, image_tensor as _image_tensor, listing as _listing  # noqa: F401
+from data.labelled_images import subdirs as _subdirs
 from data.metrics import ADE_NUM_CLASSES, ade_label_to_train_id
 
-# One-channel 16-bit PNG modes (older Pillow reads them as "I", which no 8-bit .jpg/.png gives).
-_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")
-_LABEL_MODES = ("L", "P", *_SIXTEEN_BIT)
 _IMAGE_FIX = "re-create it (data/make_ade20k_c.py skips existing files: delete it first)"
 _LABEL_FIX = ("re-create it (data/make_ade20k_c.py copies it from ADEChallengeData2016 and skips "
               "existing files: delete it first)")
-
-
-@contextmanager
-def _reading(path: Path, what: str, fix: str):
-    """Turn any failure to open or decode `path` into one ValueError naming the file and the fix."""
-    try:
-        yield
-    except Exception as exc:  # PIL raises OSError, SyntaxError, struct.error, zlib.error, ... for bad files
-        reason = " ".join(f"{type(exc).__name__}: {exc}".split())  # one line
-        raise ValueError(f"cannot read {what} {path}: {reason}; {fix}") from exc
-
-
-def _image_tensor(im: Image.Image) -> torch.Tensor:
-    """float [3, H, W] in [0, 1] RGB from a decoded PIL image."""
-    if im.mode in _SIXTEEN_BIT:
-        # convert("RGB") would clip every value above 255 to white: scale by the 16-bit range.
-        gray = torch.from_numpy(np.asarray(im).astype(np.float32) / 65535.0).clamp_(0.0, 1.0)
-        return gray.expand(3, -1, -1).contiguous()
-    # convert handles 1, L, LA, RGBA (alpha dropped), P and CMYK alike.
-    rgb = np.asarray(im.convert("RGB"))
-    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).float().div_(255.0)
-
-
-def _subdirs(folder: Path) -> list[Path]:
-    return sorted((p for p in folder.iterdir() if p.is_dir()), key=lambda p: p.name) if folder.is_dir() else []
-
-
-def _listing(names: list[str]) -> str:
-    return ", ".join(names) if names else "none"
 
 
 REFERENCE_FOLDER = "ADE20K_val-c"
@@ -97,8 +64,11 @@ def _locate(root: Path, corruption: str, severity: int) -> tuple[str, Path, Path
     return "nested", image_dir, label_dir
 
 
-class ADE20KC(Dataset):
+class ADE20KC(LabelledImages):
     """Items: dict(image=float [3, H, W] in [0, 1] RGB, label=long [H, W] train ids, name=str)."""
+
+    image_fix, label_fix = _IMAGE_FIX, _LABEL_FIX
+    size_fix = "re-create the wrong one (data/make_ade20k_c.py keeps sizes and skips existing files: delete it first)"
 
     def __init__(self, root: str | Path, corruption: str, severity: int = 5,
                  limit: int | None = None, num_classes: int = ADE_NUM_CLASSES) -> None:
@@ -131,37 +101,5 @@ class ADE20KC(Dataset):
                 raise FileNotFoundError(f"image {image} has no annotation {label}")
         self.corruption, self.severity = corruption, severity
 
-    def __len__(self) -> int:
-        return len(self._images)
-
-    @property
-    def names(self) -> list[str]:
-        return [p.stem for p in self._images]
-
-    def image_size(self, i: int) -> tuple[int, int]:
-        """(H, W) from the file header only: PIL opens lazily and decodes no pixels here, so a file
-        cut after its header passes here and fails in __getitem__."""
-        with _reading(self._images[i], "image", _IMAGE_FIX), Image.open(self._images[i]) as im:
-            w, h = im.size
-        return h, w
-
-    def __getitem__(self, i: int) -> dict:
-        image_path, label_path = self._images[i], self._labels[i]
-        # load() decodes here, so a truncated file fails now with its name, not later without it.
-        with _reading(image_path, "image", _IMAGE_FIX), Image.open(image_path) as im:
-            im.load()
-            image = _image_tensor(im)
-        with _reading(label_path, "annotation", _LABEL_FIX), Image.open(label_path) as lm:
-            lm.load()
-            mode, raw = lm.mode, np.asarray(lm)
-        if mode not in _LABEL_MODES:
-            raise ValueError(f"annotation {label_path} has mode {mode}, expected one channel; {_LABEL_FIX}")
-        if raw.shape != image.shape[1:]:
-            raise ValueError(f"annotation {label_path} is {raw.shape[0]}x{raw.shape[1]} (HxW) but "
-                             f"image {image_path} is {image.shape[1]}x{image.shape[2]}; re-create the wrong "
-                             "one (data/make_ade20k_c.py keeps sizes and skips existing files: delete it first)")
-        try:
-            label = ade_label_to_train_id(raw, self.num_classes)
-        except ValueError as exc:  # its message does not name the file
-            raise ValueError(f"annotation {label_path}: {exc}; {_LABEL_FIX}") from exc
-        return {"image": image, "label": label, "name": image_path.stem}
+    def to_train_ids(self, raw: np.ndarray) -> torch.Tensor:
+        return ade_label_to_train_id(raw, self.num_classes)

@@ -113,11 +113,15 @@ def read_class_names(path, error: type[ValueError] = ValueError) -> list[str]:
 
 
 def load_class_names(spec: str) -> tuple[str, ...]:
-    """The run's classes: `ade20k` (the 150 above) or a class-list file (`read_class_names`), line i being
-    annotation value i + 1; a missing file, an empty list or a repeated name is a ValueError naming the file."""
-    if spec == "ade20k":
-        return ADE20K_CLASSES
+    """The run's classes: `ade20k` (the 150 above), `cityscapes` (its 19 train ids) or a class-list file
+    (`read_class_names`), line i being annotation value i + 1; a missing file, an empty list or a repeated name
+    is a ValueError naming the file."""
+    from data.datasets import class_list_of
+    known = class_list_of(spec)
+    if known is not None:
+        return known
     try:
         return tuple(read_class_names(spec))
     except ValueError as exc:
-        raise ValueError(f"data.classes: {exc} (give `ade20k` or a text file with one class name per line)") from None
+        raise ValueError(f"data.classes: {exc} (give `ade20k`, `cityscapes` or a text file with one class name "
+                         f"per line)") from None

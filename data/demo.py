@@ -19,6 +19,7 @@ import os
 import sys
 import zlib
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -97,11 +98,11 @@ def check_demo_root(root: str | Path) -> None:
 
 def make_demo_dataset(root: str | Path, num_images: int = 4,
                       corruptions: tuple[str, ...] = ("gaussian_noise", "defocus_blur"),
-                      severity: int = 5, size: tuple[int, int] = (128, 171), seed: int = 0,
+                      severity: int | Sequence[int] = 5, size: tuple[int, int] = (128, 171), seed: int = 0,
                       create: bool = False, sizes: list[tuple[int, int]] | None = None) -> Path:
     """Write the demo dataset under `root` (skipped when a marker with these parameters exists).
 
-    size is (H, W) before the per-image jitter of up to 8 pixels; `sizes`: each image's exact (H, W) instead
+    `severity`: one, or several (the gradual protocol's). size is (H, W) before the per-image jitter of up to 8 pixels; `sizes`: each image's exact (H, W) instead
     (a benchmark's mix of shapes; `num_images` is then its length). Deterministic for a seed. Without
     `create`, `root` must pass `check_demo_root`; with it (an output folder the user named), it is made.
     """
@@ -118,12 +119,13 @@ def make_demo_dataset(root: str | Path, num_images: int = 4,
     unknown = [c for c in corruptions if c not in get_corruption_names("all")]
     if unknown:
         raise ValueError(f"unknown corruptions {unknown}; known: {get_corruption_names('all')}")
-    if not 1 <= severity <= 5:
+    levels = (severity,) if isinstance(severity, int) else tuple(severity)
+    if not levels or not all(1 <= s <= 5 for s in levels):
         raise ValueError(f"severity must be in 1..5, got {severity}")
     if min(min(s) for s in sizes or [size]) < 48:  # imagecorruptions needs >= 32 pixels after the jitter
         raise ValueError(f"image sizes must be at least 48 x 48, got {min(sizes or [size], key=min)}")
     params = {"version": _FORMAT_VERSION, "num_images": num_images, "corruptions": list(corruptions),
-              "severity": severity, "size": list(size), "seed": seed}
+              "severity": severity if isinstance(severity, int) else list(levels), "size": list(size), "seed": seed}
     if sizes is not None:
         params["sizes"] = [list(s) for s in sizes]
     marker = root / MARKER
@@ -138,7 +140,7 @@ def make_demo_dataset(root: str | Path, num_images: int = 4,
     _write_marker(marker, {"unfinished": True})
 
     label_dir = root / "annotations" / "validation"
-    image_dirs = {c: root / "images" / "validation" / f"{c}_{severity}" for c in corruptions}
+    image_dirs = {(c, s): root / "images" / "validation" / f"{c}_{s}" for c in corruptions for s in levels}
     names = [f"ADE_val_{i:08d}" for i in range(1, num_images + 1)]
     for folder in (label_dir, *image_dirs.values()):
         folder.mkdir(parents=True, exist_ok=True)
@@ -155,16 +157,114 @@ def make_demo_dataset(root: str | Path, num_images: int = 4,
             label = _label_map(rng, h, w)
             clean = _render(rng, label)
             Image.fromarray(label).save(label_dir / f"{name}.png")
-            for c, folder in image_dirs.items():
+            for (c, s), folder in image_dirs.items():
                 # Seed from (seed, image, corruption name): independent of the corruption order.
                 np.random.seed(np.random.SeedSequence([seed, i, zlib.crc32(c.encode())]).generate_state(1)[0])
-                out = np.clip(np.asarray(corrupt(clean, corruption_name=c, severity=severity)), 0, 255)
+                out = np.clip(np.asarray(corrupt(clean, corruption_name=c, severity=s)), 0, 255)
                 Image.fromarray(out.astype(np.uint8)).save(folder / f"{name}.jpg", quality=95)
     finally:
         np.random.set_state(global_state)
 
     _write_marker(marker, params)  # written last
     return root
+
+
+# ACDC's conditions drawn as corruptions of the clean picture (night: a dark, noisy picture).
+_CONDITION_LOOKS = {"fog": "fog", "rain": "motion_blur", "snow": "snow"}
+DEMO_CITIES = ("aachen", "bremen")
+
+
+def _street_label(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """uint8 [h, w] of Cityscapes train ids: sky, buildings, road, a few objects; 255 (ignored) border."""
+    label = np.full((h, w), 2, dtype=np.uint8)  # building
+    yy, xx = np.mgrid[:h, :w]
+    label[yy < rng.uniform(0.2, 0.35) * h] = 10  # sky
+    label[yy > rng.uniform(0.6, 0.7) * h] = 0  # road
+    for c in rng.choice([5, 8, 11, 13, 18], size=int(rng.integers(2, 4)), replace=False):  # pole, vegetation, ...
+        cy, cx = rng.uniform(0.4, 0.8) * h, rng.uniform(0.1, 0.9) * w
+        ry, rx = rng.uniform(0.08, 0.2) * h, rng.uniform(0.05, 0.15) * w
+        label[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0] = c
+    label[:2, :] = label[-2:, :] = label[:, :2] = label[:, -2:] = 255
+    return label
+
+
+def make_demo_street(root: str | Path, dataset: str, tasks: Sequence[str], severities: Sequence[int] = (5,),
+                     num_images: int = 3, size: tuple[int, int] = (96, 192), seed: int = 0,
+                     create: bool = False) -> Path:
+    """Synthetic street scenes in the official Cityscapes (`dataset` cityscapes: the clean val set, its
+    corruptions `tasks` at `severities`, and gtFine label ids) or ACDC layout (`acdc`: `tasks` are conditions,
+    gt in train ids), images spread over two cities or sequences. Same rules as `make_demo_dataset` for where
+    it writes; skipped when its marker holds these parameters."""
+    if not create:
+        check_demo_root(root)
+    from imagecorruptions import corrupt  # heavy: only when a dataset is actually built
+
+    from data.cityscapes import TRAIN_ID_OF_LABEL_ID
+    if dataset not in ("cityscapes", "acdc"):
+        raise ValueError(f"the street demo is for cityscapes or acdc, not {dataset!r}")
+    root = Path(root)
+    params = {"version": _FORMAT_VERSION, "dataset": dataset, "tasks": list(tasks), "severities": list(severities),
+              "num_images": num_images, "size": list(size), "seed": seed}
+    marker = root / MARKER
+    try:
+        if json.loads(marker.read_text()) == params:
+            return root
+    except (OSError, ValueError):
+        pass
+    root.mkdir(parents=True, exist_ok=True)
+    _write_marker(marker, {"unfinished": True})
+    label_id = np.zeros(256, dtype=np.uint8)  # train id -> a label id of it (255 -> 0, "unlabeled")
+    for lid, tid in TRAIN_ID_OF_LABEL_ID.items():
+        label_id[tid] = lid
+    palette = np.array([*ADE20K_PALETTE[:19], *[(0, 0, 0)] * 237], dtype=np.uint8)
+    global_state = np.random.get_state()
+    try:
+        for i in range(num_images):
+            rng = np.random.default_rng([seed, i])
+            group = DEMO_CITIES[i % len(DEMO_CITIES)]
+            h, w = size
+            label = _street_label(rng, h, w)
+            clean = _render(rng, np.zeros_like(label))  # shading and grain, then the classes' colours
+            clean = np.clip(clean.astype(np.int16) - 128 + palette[label], 0, 255).astype(np.uint8)
+            if dataset == "cityscapes":
+                stem = f"{group}_000000_{i:06d}"
+                _save(root / "gtFine" / "val" / group / f"{stem}_gtFine_labelIds.png", label_id[label])
+                _save(root / "leftImg8bit" / "val" / group / f"{stem}_leftImg8bit.png", clean)
+                for c in tasks:
+                    for s in severities:
+                        np.random.seed(np.random.SeedSequence([seed, i, zlib.crc32(c.encode())]).generate_state(1)[0])
+                        out = np.clip(np.asarray(corrupt(clean, corruption_name=c, severity=s)), 0, 255)
+                        _save(root / "Cityscapes-C" / c / str(s) / "val" / group / f"{stem}_leftImg8bit.png",
+                              out.astype(np.uint8))
+            else:
+                stem = f"{group}_frame_{i:06d}"
+                for c in tasks:
+                    np.random.seed(np.random.SeedSequence([seed, i, zlib.crc32(c.encode())]).generate_state(1)[0])
+                    if c in _CONDITION_LOOKS:
+                        out = np.asarray(corrupt(clean, corruption_name=_CONDITION_LOOKS[c], severity=3))
+                    else:  # night, and any other condition: dark and noisy
+                        out = clean * 0.3 + np.random.normal(0.0, 6.0, size=clean.shape)
+                    _save(root / "rgb_anon" / c / "val" / group / f"{stem}_rgb_anon.png",
+                          np.clip(out, 0, 255).astype(np.uint8))
+                    _save(root / "gt" / c / "val" / group / f"{stem}_gt_labelTrainIds.png", label)
+    finally:
+        np.random.set_state(global_state)
+    _write_marker(marker, params)
+    return root
+
+
+def make_demo_data(dataset: str, root: str | Path, domains: Sequence[str], severities: Sequence[int]) -> Path:
+    """`data.build_demo_data`: the synthetic set of `dataset` with these tasks (corruptions at `severities`, or
+    ACDC conditions) at `root`."""
+    if dataset == "ade20k":
+        levels = sorted(set(severities))
+        return make_demo_dataset(root, corruptions=tuple(domains), severity=levels[0] if len(levels) == 1 else levels)
+    return make_demo_street(root, dataset, list(domains), sorted(set(severities)) or [5])
+
+
+def _save(path: Path, pixels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
 
 
 def _write_marker(marker: Path, content: dict) -> None:

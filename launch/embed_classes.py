@@ -2,7 +2,8 @@
 """Builds the class-embedding cache: SD3's three text encoders run once over one prompt per class.
 
     python launch/embed_classes.py --model stabilityai/stable-diffusion-3-medium-diffusers \\
-        --out class_embeddings/sd3-medium-ade20k.safetensors [--classes FILE] [--template "a photo of a {}"] \\
+        --out class_embeddings/sd3-medium-ade20k.safetensors [--dataset ade20k|cityscapes|acdc] [--classes FILE] \\
+        [--template "a photo of a {}"] \\
         [--max_sequence_length 256] [--device cuda|cpu] [--dtype fp16|bf16|fp32] [--batch_size 16]
 
 The builder itself is `models.class_embeddings.write_class_embeddings` (row c of the cache equals SD3's
@@ -30,9 +31,12 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="launch/embed_classes.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="A diffusers SD3 folder or hub id (text encoders are read).")
     parser.add_argument("--out", required=True, help="The cache file to write (.safetensors).")
+    parser.add_argument("--dataset", default="ade20k", choices=["ade20k", "cityscapes", "acdc"],
+                        help="Whose class list (default ade20k: its 150 classes; cityscapes and acdc: the 19 "
+                             "Cityscapes train ids), unless --classes gives a file.")
     parser.add_argument("--classes", default=None,
                         help="A file of class names, one a line (#-comment and blank lines skipped); "
-                             "default: the 150 ADE20K classes.")
+                             "default: the classes of --dataset.")
     parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="The prompt; {} is replaced by the class name.")
     parser.add_argument("--prompts", default=None, metavar="FILE",
                         help="JSON or YAML mapping class name -> full prompt, used verbatim for those classes "
@@ -59,9 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise EmbedError("--device cuda but no CUDA device is visible (use --device cpu)")
         if args.classes is None:
-            from data.classes import ADE20K_CLASSES
+            from data.classes import load_class_names
+            from data.datasets import DATASETS
 
-            classes = list(ADE20K_CLASSES)
+            classes = list(load_class_names(DATASETS[args.dataset].class_list))
         else:
             classes = read_class_list(args.classes)
         check_output_file(args.out)

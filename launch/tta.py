@@ -179,13 +179,22 @@ def main(argv=None) -> int:
         if not (oom or isinstance(exc, USER_ERRORS)) or os.environ.get("DUSA_TRACEBACK"):
             release_run_folder()
             raise
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
         if rank:  # rank 0 mostly fails alike: give the launcher time to stop this process first
             time.sleep(3)
         # Leading newline: a progress bar may hold the current line.
-        print(f"\nerror: {f'[rank {rank}] ' if rank else ''}{OOM_HELP if oom else lines[0]}"
+        print(f"\nerror: {f'[rank {rank}] ' if rank else ''}{OOM_HELP if oom else error_line(exc)}"
               f"{' (DUSA_TRACEBACK=1 shows the traceback)' if not oom else ''}", file=sys.stderr, flush=True)
         leave(2)
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line that says what went wrong: the message's first line, or for an error raised in a data
+    loader worker (which torch re-raises as "Caught ValueError in DataLoader worker process 0." and the
+    worker's traceback) the worker's own message, its traceback's last line."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0] and len(lines) > 1:
+        return lines[-1].split(": ", 1)[-1]
+    return lines[0]
 
 
 PEER_LOST_WAIT_S = 3.0  # the launcher polls its ranks every second and ends the rest at the first failure
@@ -306,13 +315,14 @@ def run(argv=None) -> int:
     from deepspeed.accelerator import get_accelerator
     timing.mark("imports")
 
-    from data.demo import make_demo_dataset
+    from data.demo import make_demo_data
     from models.tiny import build_demo_models
     from pipeline.engine import load_ds_config
     from pipeline.replicas import ReplicaFeed, Replicas, layout_error
     from pipeline.reporting import RunLogger, startup_summary
     from pipeline.identity import input_identity
     from pipeline.resume import finished_tasks, saved_results
+    from pipeline.protocol import task_sequence
     from pipeline.tta import TTARunner, open_tasks
 
     if os.environ.get("LOCAL_RANK", "0") == "0":
@@ -337,7 +347,8 @@ def run(argv=None) -> int:
     method = METHODS[cfg.tta.method]  # the registry: its class checks, builds and runs the method
     method.check(cfg, world)
     stages = cfg.pipeline.num_stages if method.pipeline else 1  # source and tent: one process per replica
-    wrong = layout_error(world, stages, cfg.tta.continual and method.adapts)
+    wrong = layout_error(world, stages, cfg.tta.continual and method.adapts,
+                         "data.gradual" if cfg.data.gradual else "tta.continual")
     if wrong:
         raise ValueError(wrong)
     replicas = Replicas.form(stages)
@@ -353,7 +364,9 @@ def run(argv=None) -> int:
         _run_folder = RunFolder.claim(cfg.output_dir)
         saved_results(cfg.output_dir)  # a damaged results.json is named before anything is built
         if cfg.data.build_demo_data:
-            make_demo_dataset(cfg.data.root, corruptions=tuple(cfg.data.corruptions), severity=cfg.data.severity)
+            sequence = task_sequence(cfg.data)
+            make_demo_data(cfg.data.dataset, cfg.data.root, list(dict.fromkeys(t.domain for t in sequence)),
+                           [t.severity for t in sequence if t.severity is not None])
         datasets = open_tasks(cfg.data, len(class_names))
         if method.adapts:
             note = check_accumulation(cfg.tta.accumulation_steps, {t: len(d) for t, d in datasets.items()})
@@ -362,7 +375,8 @@ def run(argv=None) -> int:
         if cfg.pipeline.cost_table is not None and method.pipeline:
             read_cost_table(Path(cfg.pipeline.cost_table), "--pipeline.cost_table")
         if method.generator:  # each window is a micro-batch of the image's step
-            check_window_counts(datasets, cfg.data.window_size, cfg.data.window_stride, cfg.data.max_windows)
+            check_window_counts(datasets, cfg.data.window_size, cfg.data.window_stride, cfg.data.max_windows,
+                                cfg.data.short_edge)
         if cfg.model.build_demo_models:  # source and tent need no generator
             build_demo_models(cfg.model.segmenter, cfg.model.generator if method.generator else None,
                               cfg.model.class_embeddings, class_names)

@@ -84,12 +84,26 @@ def check_cache_metadata(meta: dict, path, classes: Sequence[str], model: str) -
         cached = None
     if cached != list(classes):
         count = len(cached) if isinstance(cached, list) else "unknown"
+        made, run = _class_list_name(cached), _class_list_name(classes)
+        if made and run:  # two known datasets: say which
+            raise ValueError(f"class-embedding cache {path} was made for the {made} classes ({count}), not the "
+                             f"run's {run} classes ({len(classes)}): use the cache of this dataset, or build it "
+                             f"with launch/embed_classes.py --dataset {run}")
         raise ValueError(f"class-embedding cache {path} was made for {count} other classes "
                          f"(hash {meta.get('classes_hash')}), not the run's {len(classes)} "
                          f"(hash {class_list_hash(classes)}): rebuild it for this class list")
     if model_key(meta.get("model", "")) != model_key(model):
         raise ValueError(f"class-embedding cache {path} was made with {meta.get('model')!r}, "
                          f"not the run's generator {model!r}: rebuild it for this model")
+
+
+def _class_list_name(classes) -> str | None:
+    """`ade20k` or `cityscapes` when `classes` is that dataset's class list, else None."""
+    from data.datasets import class_list_of
+    for name in ("ade20k", "cityscapes"):
+        if isinstance(classes, (list, tuple)) and list(classes) == list(class_list_of(name)):
+            return name
+    return None
 
 
 def read_class_list(path: str | Path) -> list[str]:

@@ -502,21 +502,22 @@ def _count(length: int, size: int, stride: int) -> int:
     return 1 if length <= size else len(range(0, length - size, stride)) + 1
 
 
-def grid_windows(height: int, width: int, size: int, stride: int) -> int:
+def grid_windows(height: int, width: int, size: int, stride: int, short_edge: int | None = None) -> int:
     """How many windows `pipeline.windows.window_boxes` places on a height x width image after its
-    short edge is resized to `size`, computed without listing them."""
+    short edge is resized to `short_edge` (None: `size`), computed without listing them."""
     from pipeline.windows import resized_size
-    h, w = resized_size(height, width, size)
+    h, w = resized_size(height, width, size if short_edge is None else short_edge)
     return _count(h, size, stride) * _count(w, size, stride)
 
 
-def check_window_counts(datasets: Mapping[str, Any], size: int, stride: int, cap: int) -> int:
+def check_window_counts(datasets: Mapping[str, Any], size: int, stride: int, cap: int,
+                        short_edge: int | None = None) -> int:
     """Every image's window count from its header alone, against the cap; returns the largest count."""
     largest = 0
-    for dataset in datasets.values():
+    for dataset in {id(d): d for d in datasets.values()}.values():  # a task of several rounds: read once
         for i in range(len(dataset)):
             height, width = dataset.image_size(i)
-            n = grid_windows(height, width, size, stride)
+            n = grid_windows(height, width, size, stride, short_edge)
             if n > cap:
                 raise ValueError(f"image {dataset._images[i]} ({height}x{width}) needs {n} windows of {size} "
                                  f"(stride {stride}) in one step, more than --data.max_windows {cap}: crop it, "

@@ -13,39 +13,57 @@ from data.classes import CORRUPTIONS, safe_name  # noqa: F401 (safe_name: the ch
 class ModelConfig:
     """Checkpoints: hub ids or local folders."""
 
-    segmenter: str = "nvidia/segformer-b5-finetuned-ade-640-640"
-    """SegFormer checkpoint: a hub id or a local folder (transformers layout)."""
+    segmenter: str | None = None
+    """SegFormer checkpoint: a hub id or a local folder (transformers layout); None: the dataset's
+    (`nvidia/segformer-b5-finetuned-ade-640-640`, `nvidia/segformer-b5-finetuned-cityscapes-1024-1024`)."""
     generator: str = "stabilityai/stable-diffusion-3-medium-diffusers"
     """SD3 checkpoint: a hub id or a local folder in the diffusers layout (`vae/`, `transformer/`)."""
-    class_embeddings: str = "class_embeddings/sd3-medium-ade20k.safetensors"
-    """Class-embedding cache (safetensors) made from the generator's text encoders."""
+    class_embeddings: str | None = None
+    """Class-embedding cache (safetensors) made from the generator's text encoders; None: the dataset's
+    (`class_embeddings/sd3-medium-ade20k.safetensors`, `class_embeddings/sd3-medium-cityscapes.safetensors`)."""
     build_demo_models: bool = False
     """Build the tiny demo checkpoints at these paths first when they are missing (demo only)."""
 
 
 @dataclass
 class DataConfig:
-    """ADE20K-C and how images are cut into windows."""
+    """The dataset, its task sequence, and how images are cut into windows. Options left None take the
+    dataset's default (data/datasets.py; docs/datasets.md names where each comes from)."""
 
-    root: str = "data/ade20k_c"
-    """ADE20K-C root holding `images/validation/<corruption>_<severity>/` and `annotations/validation/`."""
-    classes: str = "ade20k"
-    """The class list: `ade20k` (its 150 classes) or a text file with one class name per line, annotation value
-    i + 1 being line i (0 ignored); the segmenter, the class-embedding cache and the metric use it."""
-    corruptions: list[str] = field(default_factory=lambda: list(CORRUPTIONS))
-    """Corruptions to run, one task each, in this order."""
+    dataset: Literal["ade20k", "cityscapes", "acdc"] = "ade20k"
+    """`ade20k` (ADE20K-C), `cityscapes` (Cityscapes-C, or its clean val set as the task `clean`) or `acdc`
+    (ACDC val, its conditions as tasks): the reader of `root`, and the defaults of the options left None."""
+    root: str | None = None
+    """Dataset root in its official layout (docs/datasets.md); None: `data/ade20k_c`, `data/cityscapes` or
+    `data/acdc`."""
+    classes: str | None = None
+    """The class list: `ade20k` (its 150 classes), `cityscapes` (its 19 train ids; also ACDC's) or a text file
+    with one class name per line, annotation value i + 1 being line i (0 ignored); the segmenter, the
+    class-embedding cache and the metric use it. None: the dataset's."""
+    corruptions: list[str] | None = None
+    """The tasks, in this order: corruptions (ADE20K-C, Cityscapes-C) or conditions (ACDC). None: the
+    dataset's (the 15 corruptions; ACDC: fog, night, rain, snow)."""
     severity: int = 5
-    """Corruption severity (1-5)."""
+    """Corruption severity (1-5; ACDC has none)."""
+    gradual: bool = False
+    """The gradual protocol: each corruption at severities 1, 2, 3, 4, 5, 4, 3, 2, 1 (tasks `<corruption>_<s>`,
+    the way down `<corruption>_<s>_down`) instead of `severity`; needs --tta.continual true (no resets)."""
+    rounds: int = 1
+    """Run the task sequence this many times (tasks `r<round>.<task>` when more than one): with
+    --tta.continual true, CoTTA's protocol (ACDC's four conditions x 10, no reset)."""
     limit: int | None = None
     """Use only the first N images of each task (None: all)."""
     shuffle: bool = True
     """Adapt each task's images in a shuffled order, as the reference does (it shuffles unseeded; here the
     order is seeded by `--seed` and the task, so a rerun repeats it); false: file order."""
     window_size: int = 512
-    """Images are resized so the short edge is this; square windows of this size cover them."""
-    window_stride: int = 256
-    """Stride between windows along the long edge; the last window is aligned to the border (256: the
-    reference's ADE20K-C setting; 171 was this project's earlier default)."""
+    """Square windows of this size cover the resized image (see `short_edge`); each is a generator input."""
+    short_edge: int | None = None
+    """Images are resized so the short edge is this, and windows of `window_size` cover them in rows and
+    columns (None: the dataset's: ADE20K-C `window_size`, one row of windows; Cityscapes-C 1024; ACDC 1080)."""
+    window_stride: int | None = None
+    """Stride between windows; the last window is aligned to the border (None: the dataset's: 256 the
+    reference's ADE20K-C setting, 171 its Cityscapes-C and ACDC one)."""
     windows: Literal["grid", "adaptive"] = "grid"
     """Window placement: `grid` (the regular cover above; the reference's ADE20K-C setting) or `adaptive`
     (the reference's entropy-guided placement around the segmenter's most uncertain regions: see the
@@ -68,9 +86,27 @@ class DataConfig:
     """Background workers that decode and resize the next images (0: in the main process)."""
     build_demo_data: bool = False
     """Write the synthetic demo dataset at `root` first when it is missing (demo only)."""
-    max_windows: int = 32
+    max_windows: int | None = None
     """Refuse, before any model loads, an image that gets more windows than this (an extreme aspect ratio:
-    every window is a micro-batch of the image's step, so time and memory grow with their number)."""
+    every window is a micro-batch of the image's step, so time and memory grow with their number; None: the
+    dataset's, 32 for ADE20K-C, 64 for Cityscapes-C and ACDC, whose images get 40 and 50)."""
+
+    def __post_init__(self) -> None:
+        from data.datasets import DATASETS
+        info = DATASETS.get(self.dataset)
+        if info is None:  # validate() says it, naming the choices
+            return
+        for name, default in (("root", info.root), ("classes", info.class_list), ("corruptions", list(info.tasks)),
+                              ("window_stride", info.window_stride), ("max_windows", info.max_windows)):
+            if getattr(self, name) is None:
+                setattr(self, name, default)
+        if self.short_edge is None and info.short_edge is not None:
+            self.short_edge = info.short_edge
+
+    @property
+    def image_short_edge(self) -> int:
+        """The short edge images are resized to."""
+        return self.window_size if self.short_edge is None else self.short_edge
 
 
 @dataclass
@@ -227,6 +263,15 @@ class RunConfig:
     seed: int = 0
     """Seeds the noise, timesteps and candidate sampling of every image (per image, order-free)."""
 
+    def __post_init__(self) -> None:
+        from data.datasets import DATASETS
+        info = DATASETS.get(self.data.dataset)
+        if info is not None:  # the model options left None: the dataset's checkpoint and cache
+            if self.model.segmenter is None:
+                self.model.segmenter = info.segmenter
+            if self.model.class_embeddings is None:
+                self.model.class_embeddings = info.class_embeddings
+
 
 # W&B project and entity names become parts of URLs and of W&B's own paths; W&B refuses these characters.
 WANDB_RESERVED = set('/\\#?%:')
@@ -271,6 +316,19 @@ def validate(cfg: RunConfig, num_classes: int) -> None:
     need(not unsafe, "data.corruptions", unsafe[:1], "task names of letters, digits and _ - . + (they name folders: "
          "no separator, no `..`, not starting with a dot)")
     count("data.window_size", data.window_size, 1)
+    if data.short_edge is not None:  # windows must fit inside the resized image
+        count("data.short_edge", data.short_edge, data.window_size if _finite(data.window_size) else 1)
+    count("data.rounds", data.rounds, 1)
+    from data.datasets import DATASETS
+    info = DATASETS.get(data.dataset)
+    need(info is not None, "data.dataset", data.dataset, ", ".join(DATASETS))
+    if data.gradual:
+        if not tta.continual:
+            problems.append("--data.gradual true needs --tta.continual true: the gradual protocol adapts through "
+                            "the severities without resets")
+        if info is not None and not info.severities:
+            problems.append(f"--data.gradual true needs corruption severities; {info.title} has none "
+                            f"(--data.dataset ade20k or cityscapes)")
     count("data.window_stride", data.window_stride, 1, data.window_size if _finite(data.window_size) else None)
     count("data.num_workers", data.num_workers, 0)
     count("data.max_windows", data.max_windows, 1)

@@ -32,23 +32,25 @@ def task_order(data: DataConfig, seed: int, task: str, size: int) -> list[int]:
 class PreparedImages(Dataset):
     """ADE20K-C items resized for the segmenter, with their windows (runs in loader workers)."""
 
-    def __init__(self, dataset: ADE20KC, window_size: int, window_stride: int):
+    def __init__(self, dataset: ADE20KC, window_size: int, window_stride: int, short_edge: int | None = None):
         self.dataset, self.size, self.stride = dataset, window_size, window_stride
+        self.short_edge = window_size if short_edge is None else short_edge  # None: one row of windows
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> dict:
         item = self.dataset[i]
-        image = resize_short_edge(item["image"], self.size).unsqueeze(0)
+        image = resize_short_edge(item["image"], self.short_edge).unsqueeze(0)
         item["image"] = image
         item["corners"] = window_boxes(image.shape[-2], image.shape[-1], self.size, self.stride)
         return item
 
 
-def num_windows(dataset: ADE20KC, i: int, window_size: int, window_stride: int) -> int:
+def num_windows(dataset: ADE20KC, i: int, window_size: int, window_stride: int, short_edge: int | None = None) -> int:
     """Window count of image i from its header alone (ranks that do not need the pixels)."""
-    return len(window_boxes(*resized_size(*dataset.image_size(i), window_size), window_size, window_stride))
+    edge = window_size if short_edge is None else short_edge
+    return len(window_boxes(*resized_size(*dataset.image_size(i), edge), window_size, window_stride))
 
 
 def predict(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

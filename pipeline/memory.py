@@ -508,8 +508,13 @@ def run_memory_model(model: Any, data: Any, tta: Any, pipe: Any, ds_config: Mapp
     generator, vae, segmenter, shape, dtype = read_configs(model)
     found = find_cost_table(card, model_signature(generator, segmenter, data.window_size, precision_of(ds_config)))
     graphs = pipe.segmenter_graphs if card != "cpu" else 0  # CUDA graphs only on a GPU
+    image = None  # the segmenter sees the resized image: a typical one of the dataset (ADE20K-C: the default)
+    if getattr(data, "short_edge", None) is not None:
+        from data.datasets import DATASETS
+        aspect = DATASETS[data.dataset].aspect if data.dataset in DATASETS else 4 / 3
+        image = (data.short_edge, round(data.short_edge * aspect))
     memory = build_memory_model(generator, vae, segmenter, tta, ds_config, data.window_size, shape, None, dtype,
-                                found[1] if found else None, graphs,
+                                found[1] if found else None, graphs, image=image,
                                 checkpoint_interval=pipe.activation_checkpoint_interval)
     return memory, found
 

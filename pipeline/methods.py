@@ -206,7 +206,8 @@ class Dusa(Method):
 
     def follow(self, task: str, dataset: ADE20KC, index: int) -> bool:
         data = self.cfg.data  # the window count from the image's header (adaptive: stage 0 sends it)
-        n = None if data.windows == "adaptive" else num_windows(dataset, index, data.window_size, data.window_stride)
+        n = None if data.windows == "adaptive" else num_windows(dataset, index, data.window_size, data.window_stride,
+                                                                      data.short_edge)
         self.engine.step(None, None if n is None else [None] * n)
         return self.engine.skipped
 

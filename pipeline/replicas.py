@@ -28,15 +28,16 @@ import torch.distributed as dist
 QUEUE_KEY = "dusa/next_task"
 
 
-def layout_error(world: int, stages: int, continual: bool) -> str | None:
-    """Why G processes cannot run S-stage replicas (one line), or None."""
+def layout_error(world: int, stages: int, continual: bool, sequence: str = "tta.continual") -> str | None:
+    """Why G processes cannot run S-stage replicas (one line), or None. `sequence`: the option that makes the
+    run one sequence of tasks (`tta.continual`, or `data.gradual`)."""
     if world % stages:
         near = max(stages, world - world % stages)
         return (f"{world} process{'es' if world > 1 else ''} cannot form pipelines of pipeline.num_stages={stages}: start a multiple of "
                 f"{stages} (`deepspeed --num_gpus {near} launch/tta.py ...`) or set --pipeline.num_stages to a "
                 f"divisor of {world}")
     if continual and world // stages > 1:
-        return (f"tta.continual is one sequence of tasks and cannot be spread over {world // stages} replicas: "
+        return (f"{sequence} is one sequence of tasks and cannot be spread over {world // stages} replicas: "
                 f"run it with {stages} process{'es' if stages > 1 else ''} "
                 f"(`deepspeed --num_gpus {stages} ...`), or set --pipeline.num_stages {world}")
     return None

@@ -214,6 +214,8 @@ class RunLogger:
             summary = run.summary
             summary["average/mIoU"] = results["average"]["mIoU"]
             summary["average/aAcc"] = results["average"]["aAcc"]
+            for entry in results.get("rounds") or []:  # several rounds: each one's mean
+                summary[f"round{entry['round']}/mIoU"] = entry["mIoU"]
             for task, res in results["tasks"].items():
                 summary[f"{task}/mIoU"] = res["mIoU"]
                 summary[f"{task}/aAcc"] = res["aAcc"]
@@ -296,8 +298,16 @@ def summarize(task_results: dict[str, dict], config: dict, class_names: Sequence
             "nonfinite_steps": int(res.get("nonfinite_steps", 0)),
             "loss": _finite_or_none(res.get("loss")),  # the mean adaptation loss of the task's steps (None: source)
         }
+        for key in ("round", "domain", "severity"):  # its place in the run's sequence (pipeline/protocol.py)
+            if key in res:
+                tasks[task][key] = res[key]
     average = {key: _mean([t[key] for t in tasks.values()]) for key in ("mIoU", "aAcc")}
-    return {"metric_unit": METRIC_UNIT, "tasks": tasks, "average": average, "config": config}
+    document = {"metric_unit": METRIC_UNIT, "tasks": tasks, "average": average, "config": config}
+    from pipeline.protocol import round_means
+    rounds = round_means(tasks, int(((config or {}).get("data") or {}).get("rounds") or 1))
+    if rounds is not None:
+        document["rounds"] = rounds
+    return document
 
 
 def _number(value, empty: bool = True) -> bool:
@@ -418,6 +428,10 @@ def format_results_table(results: dict) -> str:
         lines.append(f"{task:<{width}}  {pct(res['mIoU']):>8}  {pct(res['aAcc']):>8}  "
                      f"{res['images']:>7d}  {res['seconds']:>9.1f}")
     lines.append("-" * len(header))
+    for entry in results.get("rounds") or []:  # a run of several rounds: each round's mean
+        if entry["tasks"]:
+            lines.append(f"{'round ' + str(entry['round']):<{width}}  {pct(entry['mIoU']):>8}  {pct(entry['aAcc']):>8}"
+                         f"  {entry['tasks']:>7d} tasks")
     avg = results["average"]
     lines.append(f"{'average':<{width}}  {pct(avg['mIoU']):>8}  {pct(avg['aAcc']):>8}")
     return "\n".join(lines)
@@ -444,8 +458,8 @@ def startup_summary(cfg: RunConfig, config_files: Sequence[str], processes: str,
     rows.append(("processes", processes))
     rows += [(f"parameters, {part}", f"{_count(trainable)} trainable / {_count(total)}")
              for part, trainable, total in parameters]
-    rows += [("data", f"{cfg.data.root}: {len(cfg.data.corruptions)} corruptions at severity {cfg.data.severity}, "
-                      f"{images} images"),
+    from pipeline.protocol import describe_tasks
+    rows += [("data", f"{cfg.data.root}: {describe_tasks(cfg.data)}, {images} images"),
              ("config", ", ".join(config_files) or "(defaults)"), ("output", cfg.output_dir)]
     width = max(len(key) for key, _ in rows)
     return "\n".join(f"{key:<{width}}  {value}" for key, value in rows)

@@ -9,17 +9,25 @@ from typing import Any, Sequence
 
 from pipeline.config import RunConfig, safe_name
 from pipeline.identity import changed_inputs
+from pipeline.protocol import task_sequence
 from pipeline.reporting import read_results, task_result_problem
 from pipeline.rundir import verify_files
+
+
+# The data options added with the datasets and protocols, as every run before them had them.
+LEGACY_DATA = {"dataset": "ade20k", "short_edge": None, "gradual": False}
 
 
 def resume_signature(record: dict[str, Any]) -> dict[str, Any]:
     """What makes results comparable: a rerun resumes only when this is unchanged (logging, workers,
     the task list's tail and the stage split may change; the stage split does not change the math)."""
     record = json.loads(json.dumps(record))  # tuples and lists compare alike, as saved
+    data = record["data"]
+    for key, before in LEGACY_DATA.items():  # results written before these options existed: what they ran
+        data.setdefault(key, before)
     # `inputs` (the digests of the files behind these options) is compared apart, to name what changed.
     return {"model": {k: v for k, v in record["model"].items() if k != "build_demo_models"},
-            "data": {k: v for k, v in record["data"].items() if k not in ("corruptions", "num_workers", "build_demo_data")},
+            "data": {k: v for k, v in data.items() if k not in ("corruptions", "rounds", "num_workers", "build_demo_data")},
             "tta": record["tta"], "seed": record["seed"],
             "deepspeed": {k: v for k, v in (record.get("deepspeed") or {}).items()
                           if k not in ("steps_per_print", "wall_clock_breakdown")}}
@@ -87,7 +95,7 @@ def finished_tasks(cfg: RunConfig, record: dict[str, Any], class_names: Sequence
     if differing:
         raise ValueError(f"{path} holds results of another configuration (differs in: {', '.join(differing)}): "
                          f"use another --output_dir, or delete that folder to start over")
-    tasks, order = list(saved.get("tasks", {})), list(cfg.data.corruptions)
+    tasks, order = list(saved.get("tasks", {})), [task.key for task in task_sequence(cfg.data)]
     if "inputs" in record:  # the launcher's record: what the results depend on besides the options
         changed = changed_inputs(saved["config"].get("inputs"), record["inputs"], tasks)
         if changed:

@@ -19,6 +19,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 from data.ade20k_c import ADE20KC
+from data.datasets import dataset_info
 from data.metrics import SegmentationMetric
 from pipeline.config import DataConfig, RunConfig
 from pipeline.images import PreparedImages, predict, task_order
@@ -27,6 +28,7 @@ from pipeline.methods import Method
 from pipeline import timing
 from pipeline.pictures import make_picture, save_picture
 from pipeline.progress import TaskProgress
+from pipeline.protocol import task_sequence
 from pipeline.replicas import Replicas, task_result
 from pipeline.reporting import RunLogger, format_results_table, summarize, write_results
 from pipeline.resume import check_saved_state, finished_tasks, saved_results, state_path
@@ -34,8 +36,14 @@ from pipeline.rundir import PeerError, file_digests, own_folder, remove_path
 
 
 def open_tasks(data: DataConfig, num_classes: int) -> dict[str, ADE20KC]:
-    """Every task's dataset, in run order (listing checks folders and annotations)."""
-    return {task: ADE20KC(data.root, task, data.severity, data.limit, num_classes) for task in data.corruptions}
+    """Every task's dataset by its key, in run order (pipeline/protocol.py; listing checks folders and
+    annotations). A task that recurs (rounds) shares one dataset."""
+    info, opened = dataset_info(data.dataset), {}
+    for task in task_sequence(data):
+        if (task.domain, task.severity) not in opened:
+            opened[task.domain, task.severity] = info.open(data.root, task.domain, task.severity, data.limit,
+                                                           num_classes)
+    return {task.key: opened[task.domain, task.severity] for task in task_sequence(data)}
 
 
 class TTARunner:
@@ -59,6 +67,7 @@ class TTARunner:
         # Every task is listed up front: a missing folder fails now, not hours in, and the sweep's size is known.
         self.datasets = datasets if datasets is not None else open_tasks(data, len(self.class_names))
         self.total_images = sum(len(d) for d in self.datasets.values())
+        self.sequence = {task.key: task for task in task_sequence(data)}  # round, domain, severity of each key
         self._done = 0  # images scored so far in the sweep (for its ETA)
         self._nonfinite_run = self._nonfinite_task = 0  # steps with a NaN/inf loss: in a row, in this task
         self._reset_s = 0.0  # the reset before the current task (for --logging.timing)
@@ -253,7 +262,7 @@ class TTARunner:
             return None
 
         metric = SegmentationMetric(len(self.class_names))
-        loader = DataLoader(Subset(PreparedImages(dataset, data.window_size, data.window_stride), order),
+        loader = DataLoader(Subset(PreparedImages(dataset, data.window_size, data.window_stride, data.short_edge), order),
                             batch_size=None, num_workers=data.num_workers, pin_memory=self.device.type == "cuda")
         every = self.cfg.logging.image_every
         start = time.perf_counter()
@@ -291,6 +300,8 @@ class TTARunner:
         result = metric.compute()
         result.update(images=len(dataset), seconds=time.perf_counter() - start, nonfinite_steps=self._nonfinite_task,
                       loss=progress.mean_loss)
+        if task in self.sequence:
+            result.update(self.sequence[task].record())
         self._timing_task_done(task, len(dataset), result["seconds"])
         if not root:  # rank 0 says it when the result reaches it
             return result

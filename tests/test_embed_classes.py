@@ -239,3 +239,14 @@ def test_custom_prompts_for_unknown_classes_are_refused(sd3, tmp_path, capsys):
     assert main(["--model", str(sd3), "--out", str(tmp_path / "x.safetensors"), "--classes",
                  str(_classes_file(tmp_path)), "--device", "cpu", "--prompts", str(prompts)]) == 2
     assert "'skyy'" in capsys.readouterr().err
+
+
+def test_cli_makes_the_cityscapes_cache_that_acdc_and_cityscapes_runs_take(sd3, tmp_path):
+    from data.cityscapes import CITYSCAPES_CLASSES
+    out = tmp_path / "cityscapes.safetensors"
+    assert main(["--model", str(sd3), "--out", str(out), "--dataset", "acdc", "--max_sequence_length", "10",
+                 "--device", "cpu", "--dtype", "fp32", "--batch_size", "8"]) == 0
+    prompt_embeds, pooled = load_class_embeddings(out, CITYSCAPES_CLASSES, str(sd3))  # ACDC: Cityscapes' classes
+    assert prompt_embeds.shape[0] == pooled.shape[0] == 19
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata()["template"] == "a photo of a {}"

@@ -119,21 +119,32 @@ def test_a_split_does_not_depend_on_the_worker_count():
 def test_the_declared_grid_and_launch_commands(tmp_path):
     runs = mini.grid(tiny=False)
     assert len({r["name"] for r in runs}) == len(runs)
-    dusa = [r for r in runs if r["method"] == "dusa"]
+    episodic = [r for r in runs if r["rounds"] == 1]
+    dusa = [r for r in episodic if r["method"] == "dusa"]
     assert len(dusa) == len(mini.PRESETS) * len(mini.LEARNING_RATES) * len(mini.SEEDS)
-    assert len([r for r in runs if r["method"] == "tent"]) == len(mini.LEARNING_RATES) * len(mini.SEEDS)
-    assert [r["preset"] for r in runs if r["method"] == "source"] == list(mini.PRESETS)
+    assert len([r for r in episodic if r["method"] == "tent"]) == len(mini.LEARNING_RATES) * len(mini.SEEDS)
+    assert [r["preset"] for r in episodic if r["method"] == "source"] == list(mini.PRESETS)
     wd = mini.Workdir(tmp_path / "full", tiny=False)
     cmd = mini.launch_command(wd, dusa[0], gpus=2)
     assert cmd[1:3] == ["-m", "deepspeed.launcher.runner"] and cmd[cmd.index("--num_gpus") + 1] == "2"
     assert cmd[cmd.index("--pipeline.num_stages") + 1] == "2"  # dusa: one 2-stage pipeline
     assert cmd[cmd.index("--data.window_size") + 1] == "256" and cmd[cmd.index("--data.window_stride") + 1] == "128"
     assert cmd[cmd.index("--data.classes") + 1] == str(wd.classes)
-    tent = next(r for r in runs if r["method"] == "tent")
+    tent = next(r for r in episodic if r["method"] == "tent")
     cmd = mini.launch_command(wd, tent, gpus=2)  # tent: two one-process replicas
     assert cmd[cmd.index("--num_gpus") + 1] == "2" and cmd[cmd.index("--tta.lr") + 1] == repr(tent["lr"])
     cmd = mini.launch_command(wd, dusa[0], gpus=0)
     assert cmd[1] == "launch/tta.py" and cmd[cmd.index("--pipeline.num_stages") + 1] == "1"
+    # The continual row: source, tent and dusa, 3 rounds without reset, on one replica of the adapting methods.
+    continual = [r for r in runs if r["rounds"] > 1]
+    assert [r["method"] for r in continual] == ["source"] + ["tent"] * 3 + ["dusa"] * 3
+    assert all(r["rounds"] == mini.CONTINUAL_ROUNDS == 3 and r["name"].endswith("-continual3") for r in continual)
+    cmd = mini.launch_command(wd, continual[1], gpus=4)
+    assert cmd[cmd.index("--num_gpus") + 1] == "1" and cmd[cmd.index("--data.rounds") + 1] == "3"
+    assert cmd[cmd.index("--tta.continual") + 1] == "true"
+    cmd = mini.launch_command(wd, continual[-1], gpus=4)
+    assert cmd[cmd.index("--num_gpus") + 1] == "2" and cmd[cmd.index("--pipeline.num_stages") + 1] == "2"
+    assert mini.expected_tasks(wd, continual[0])[:2] == ["r1.snow", "r1.frost"]
 
 
 def test_the_run_config_matches_the_benchmark():
@@ -171,10 +182,17 @@ def test_the_report_gives_mean_and_range_over_seeds(tmp_path):
                  for i, c in enumerate(corruptions)}
         (folder / "results.json").write_text(json.dumps({"metric_unit": "percent", "tasks": tasks}))
 
-    runs = {(r["method"], r["preset"], r["lr"], r["seed"]): r for r in mini.grid(tiny=False)}
+    runs = {(r["method"], r["preset"], r["lr"], r["seed"]): r for r in mini.grid(tiny=False) if r["rounds"] == 1}
     fake(runs[("source", "autocast", None, 0)], 40.0)
     fake(runs[("dusa", "autocast", 1e-4, 0)], 44.0)
     fake(runs[("dusa", "autocast", 1e-4, 1)], 46.0)
+    continual = next(r for r in mini.grid(tiny=False) if r["rounds"] > 1 and r["method"] == "dusa")
+    folder = wd.runs / continual["name"]
+    folder.mkdir(parents=True)
+    keys = mini.expected_tasks(wd, continual)
+    tasks = {k: {"mIoU": 50.0 - 5 * (i // len(corruptions)), "aAcc": 90.0, "IoU": {}, "images": 10, "seconds": 2.0}
+             for i, k in enumerate(keys[:-1])}  # the last round lacks its last corruption: no mean yet
+    (folder / "results.json").write_text(json.dumps({"metric_unit": "percent", "tasks": tasks}))
     args = type("Args", (), {"out": str(tmp_path / "out")})
     document = mini.cmd_report(wd, args)
     rows = {row["label"]: row for row in document["rows"]}
@@ -184,6 +202,8 @@ def test_the_report_gives_mean_and_range_over_seeds(tmp_path):
     assert math.isclose(dusa["mean"]["mean"], 45.0 + (len(corruptions) - 1) / 2)
     assert rows["source"]["per_corruption"]["mean"]["range"] == 0.0
     assert math.isclose(rows["source"]["seconds_per_image"], 0.2)
+    assert "| dusa lr 1e-05 | 50.0 | 45.0 | – | – |" in document["markdown"]
+    assert document["continual_rows"][0]["round_mIoU"] == [50.0, 45.0, None]
     assert "| dusa lr 1e-04 | 45.0 ± 1.0 | 46.0 ± 1.0 |" in document["markdown"]
     png = next((tmp_path / "out").glob("*-miniature.png"))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -274,10 +294,13 @@ def test_tiny_chain_through_the_launcher(chain, tmp_path):
            "--out", str(tmp_path / "results")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    wd = mini.Workdir(chain, tiny=True)
     for run in mini.grid(tiny=True):
         results = json.loads((chain / "runs" / run["name"] / "results.json").read_text())
-        assert set(results["tasks"]) == set(mini.TINY_CORRUPTIONS)
+        assert list(results["tasks"]) == mini.expected_tasks(wd, run)
         assert all(0 <= task["mIoU"] <= 100 and set(task["IoU"]) == set(CLASSES) for task in results["tasks"].values())
     document = json.loads(next((tmp_path / "results").glob("*-miniature-tiny.json")).read_text())
     assert [row["label"] for row in document["rows"]] == ["source", "tent lr 1e-04", "dusa lr 1e-04"]
     assert "| source |" in document["markdown"] and next((tmp_path / "results").glob("*-miniature-tiny.png"))
+    assert [row["label"] for row in document["continual_rows"]] == ["dusa lr 1e-04"]
+    assert None not in document["continual_rows"][0]["round_mIoU"]
