@@ -182,6 +182,7 @@ def cmd_train(wd: Workdir, args) -> None:
     files), in order: segmenter, VAE, transformer (on the VAE's latents: a retrained VAE retrains it)."""
     from diffusers import AutoencoderKL
 
+    from models.checkpoints import readable_weights
     from models.class_embeddings import save_class_embeddings
     from models.segformer import Segmenter
     make_train_data(wd, args.workers)
@@ -218,6 +219,7 @@ def cmd_train(wd: Workdir, args) -> None:
         model, record = train_segmenter(images, labels, s, 60 * minutes("segmenter"), device, args.seed, log)
         record["clean_test_mIoU"] = clean_test_miou(Segmenter(model).eval(), wd, device)
         model.save_pretrained(wd.segmenter)
+        readable_weights(wd.segmenter)
         log(f"segmenter: {record['steps']} steps, clean test mIoU {record['clean_test_mIoU']:.2f}")
         save_record("segmenter", record)
     vae_folder = wd.generator / "vae"
@@ -226,6 +228,7 @@ def cmd_train(wd: Workdir, args) -> None:
         log(f"training the VAE ({minutes('vae')} min at most)")
         vae, record = train_vae(images, s, 60 * minutes("vae"), device, args.seed, log)
         vae.save_pretrained(vae_folder)
+        readable_weights(vae_folder)
         log(f"vae: {record['steps']} steps, reconstruction PSNR {record['reconstruction_psnr_db']:.1f} dB")
         save_record("vae", record)
         todo = list(dict.fromkeys([*todo, "transformer"])) if args.part == "all" else todo
@@ -239,6 +242,7 @@ def cmd_train(wd: Workdir, args) -> None:
         transformer, prompt, pooled, record = train_transformer(latents, ids, s, 60 * minutes("transformer"), device,
                                                                 args.seed, log)
         transformer.save_pretrained(wd.generator / "transformer")
+        readable_weights(wd.generator / "transformer")
         save_class_embeddings(wd.cache, prompt, pooled, CLASSES, str(wd.generator),
                               template="learned per-class embeddings (bench/miniature.py)",
                               extra={"dtype": "float32", "t5_sequence_length": "0"})
