@@ -59,11 +59,13 @@ def check_outputs(run: Path, results: dict) -> None:
     in the task's shuffled order)."""
     with open(run / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["task"] for r in rows] == CORRUPTIONS
-    assert list(rows[0])[5:] == [f"IoU/{c}" for c in ADE20K_CLASSES]
-    for row in rows:
-        assert float(row["mIoU"]) == results["tasks"][row["task"]]["mIoU"]
-    assert json.loads((run / "config.json").read_text()) == results["config"]
+    assert [r["task"] for r in rows] == [*CORRUPTIONS, "average"]
+    assert list(rows[0])[7:] == [f"IoU/{c}" for c in ADE20K_CLASSES]
+    for row in rows[:-1]:
+        assert row["mIoU"] == f"{results['tasks'][row['task']]['mIoU']:.2f}"
+    assert rows[-1]["mIoU"] == f"{results['average']['mIoU']:.2f}"
+    text = (run / "config.json").read_text()
+    assert json.loads(text) == results["config"] and text.endswith("}\n")
     data = DataConfig(shuffle=results["config"]["data"]["shuffle"])
     for task in CORRUPTIONS:
         order = task_order(data, results["config"]["seed"], task, 4)  # the 1st and 3rd image adapted
