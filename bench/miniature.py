@@ -33,6 +33,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -693,18 +694,19 @@ def cmd_report(wd: Workdir, args) -> dict:
     stem = f"{date}-miniature{'-tiny' if wd.tiny else ''}"
     out = Path(args.out) if args.out else wd.root / "report"
     table = markdown_table(rows, wd.corruptions, clean) + "\n\n" + summary_lines(records, sanity)
+    title = (f"miniature benchmark{' --tiny (a CPU smoke run: no quality claim)' if wd.tiny else ''}, severity "
+             f"{SEVERITY}; bars: mean over seeds, whiskers: their range")
     walls = {run["name"]: json.loads((wd.logs / f"{run['name']}.wall.json").read_text())["seconds"]
              for run in grid(wd.tiny) if (wd.logs / f"{run['name']}.wall.json").is_file()}
     document = {
-        "date": date, "tiny": wd.tiny, "classes": list(CLASSES), "corruptions": list(wd.corruptions),
+        "title": title, "date": date, "tiny": wd.tiny, "classes": list(CLASSES), "corruptions": list(wd.corruptions),
         "severity": SEVERITY, "seeds": list(SEEDS), "learning_rates": list(LEARNING_RATES), "presets": PRESETS,
         "config": CONFIG, "sizes": sizes_record(wd.sizes), "training": records, "sanity": sanity, "rows": rows,
         "run_wall_seconds": walls, "markdown": table,
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
     write_json(out / f"{stem}.json", document)
-    plot(rows, wd.corruptions, out / f"{stem}.png", clean,
-         f"miniature benchmark, severity {SEVERITY}; bars: mean over seeds, whiskers: their range")
+    plot(rows, wd.corruptions, out / f"{stem}.png", clean, title)
     print(table)
     log(f"report: {out / (stem + '.json')}, {out / (stem + '.png')}")
     return document
@@ -724,17 +726,27 @@ COMMANDS = {"data": cmd_data, "train": cmd_train, "sanity": cmd_sanity, "adapt":
             "all": cmd_all}
 
 
+def help_epilog() -> str:
+    """The docstring after its first paragraph (the description), with the grid's constants as their values."""
+    values = {"CORRUPTIONS": ", ".join(CORRUPTIONS), "SEVERITY": str(SEVERITY), "SEEDS": " and ".join(map(str, SEEDS)),
+              "LEARNING_RATES": ", ".join(f"{lr:.0e}".replace("e-0", "e-") for lr in LEARNING_RATES),
+              "PRESETS": ", ".join(f"{name}: {path}" for name, path in PRESETS.items())}
+    return re.sub(r"\b(" + "|".join(values) + r")\b", lambda m: values[m[1]], __doc__.split("\n\n", 1)[1])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("command", choices=list(COMMANDS))
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog())
+    parser.add_argument("command", choices=list(COMMANDS), metavar="STEP",
+                        help="the step to run: data, train, sanity, adapt, report; or all (every step in order)")
     parser.add_argument("--workdir", default="runs/miniature", help="where data, models and runs go")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: a handful of images and steps")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
                         help="processes that render scenes and corrupt images")
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all", help="train: which model")
     parser.add_argument("--minutes", type=float, default=None,
-                        help=f"train: time cap of each part (default {MINUTES}; --tiny {TINY_MINUTES})")
+                        help="train: time cap of each part (default " + ", ".join(f"{k} {v}" for k, v in MINUTES.items())
+                        + f"; --tiny {TINY_MINUTES})")
     parser.add_argument("--device", default=None, help="train / sanity: torch device (default: cuda if present)")
     parser.add_argument("--seed", type=int, default=0, help="train: seed of every model and batch")
     parser.add_argument("--sanity_limit", type=int, default=None, help="sanity: images per corruption (default all)")
