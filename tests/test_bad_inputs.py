@@ -22,14 +22,17 @@ def demo(tmp_path_factory) -> Path:
     return demo_models_and_data(tmp_path_factory.mktemp("bad"))
 
 
-def launch(demo: Path, out: str, *overrides: str) -> subprocess.CompletedProcess:
-    """One process, no launcher (`python launch/tta.py`), on the demo's models and data."""
+ONE_STAGE = ("--pipeline.num_stages", "1", "--pipeline.partition", "null")
+
+
+def launch(demo: Path, out: str, *overrides: str, layout: tuple[str, ...] = ONE_STAGE) -> subprocess.CompletedProcess:
+    """One process, no launcher (`python launch/tta.py`), on the demo's models and data (`layout`: the stage
+    options; without them, the demo's 2-stage split, which one process runs as 1 stage)."""
     cmd = [sys.executable, "launch/tta.py", "--config", "ds_configs/demo.json", "--output_dir", str(demo / out),
            "--model.build_demo_models", "false", "--data.build_demo_data", "false",
            "--model.segmenter", str(demo / "segformer"), "--model.generator", str(demo / "sd3"),
            "--model.class_embeddings", str(demo / "classes.safetensors"), "--data.root", str(demo / "data"),
-           "--pipeline.num_stages", "1", "--pipeline.partition", "null", "--logging.wandb.enabled", "false",
-           *overrides]
+           *layout, "--logging.wandb.enabled", "false", *overrides]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     env.pop("DUSA_TRACEBACK", None)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -51,7 +54,6 @@ CASES = {
     "unknown corruption": (["--data.corruptions", "[fog]"], "corruptions under"),
     "unknown config key": (["--tta.learning_rate", "1e-5"], "unrecognized arguments: --tta.learning_rate"),
     "wrong type": (["--tta.lr", "fast"], 'Parser key "tta.lr"'),
-    "stages vs processes": (["--pipeline.num_stages", "2"], "1 process cannot form pipelines of pipeline.num_stages=2"),
     "stages vs blocks": (["--pipeline.partition", "[0,40]"], "pipeline.partition [0, 40] must be 2 increasing"),
     "missing checkpoint": (["--model.segmenter", "/nonexistent/segformer"], "/nonexistent/segformer"),
     "fp16 engine": (["--deepspeed", '{"fp16": {"enabled": true}}'], "fp16 is not supported"),
@@ -109,8 +111,15 @@ def test_a_very_wide_image_runs_with_many_windows(demo, tmp_path):
     Image.fromarray(rng.integers(0, 151, (128, 1100), dtype=np.uint8)).save(
         data / "annotations/validation/ADE_val_00000001.png")
     proc = launch(demo, "wide", "--data.root", str(data), "--data.corruptions", "[gaussian_noise]",
-                  "--data.limit", "1")
+                  "--data.limit", "1", layout=())
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The demo config's 2 stages, in one process started without the launcher: 1 stage, the split planned.
+    lines = [line for line in proc.stdout.splitlines() if not line.startswith("removed ")]  # other runs' buffers
+    assert lines[:3] == [
+        "one process (no deepspeed launcher): 1 stage instead of pipeline.num_stages 2 "
+        "(`deepspeed --num_gpus 2 launch/tta.py ...` runs them)",
+        "pipeline.partition [0, 4, 7] is a split into 2 stages, not 1: the split is planned instead",
+        "partition [0, 7] (planned)"]
     import json
     assert json.loads((demo / "wide" / "results.json").read_text())["tasks"]["gaussian_noise"]["images"] == 1
 
