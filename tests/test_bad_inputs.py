@@ -12,30 +12,37 @@ import torch
 
 from data.classes import ADE20K_CLASSES
 from models.class_embeddings import save_class_embeddings
-from tests.helpers import demo_models_and_data
+from tests.helpers import demo_models_and_data, refused_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    return demo_models_and_data(tmp_path_factory.mktemp("bad"))
+def demo(tmp_path_factory, demo_models) -> Path:
+    return demo_models_and_data(tmp_path_factory.mktemp("bad"), demo_models)
 
 
 ONE_STAGE = ("--pipeline.num_stages", "1", "--pipeline.partition", "null")
 
 
+ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+ENV.pop("DUSA_TRACEBACK", None)
+
+
+def arguments(demo: Path, out: str, *overrides: str, layout: tuple[str, ...] = ONE_STAGE) -> list[str]:
+    """launch/tta.py's arguments for the demo's models and data (`layout`: the stage options; without them,
+    the demo's 2-stage split, which one process runs as 1 stage)."""
+    return ["--config", "ds_configs/demo.json", "--output_dir", str(demo / out),
+            "--model.build_demo_models", "false", "--data.build_demo_data", "false",
+            "--model.segmenter", str(demo / "segformer"), "--model.generator", str(demo / "sd3"),
+            "--model.class_embeddings", str(demo / "classes.safetensors"), "--data.root", str(demo / "data"),
+            *layout, "--logging.wandb.enabled", "false", *overrides]
+
+
 def launch(demo: Path, out: str, *overrides: str, layout: tuple[str, ...] = ONE_STAGE) -> subprocess.CompletedProcess:
-    """One process, no launcher (`python launch/tta.py`), on the demo's models and data (`layout`: the stage
-    options; without them, the demo's 2-stage split, which one process runs as 1 stage)."""
-    cmd = [sys.executable, "launch/tta.py", "--config", "ds_configs/demo.json", "--output_dir", str(demo / out),
-           "--model.build_demo_models", "false", "--data.build_demo_data", "false",
-           "--model.segmenter", str(demo / "segformer"), "--model.generator", str(demo / "sd3"),
-           "--model.class_embeddings", str(demo / "classes.safetensors"), "--data.root", str(demo / "data"),
-           *layout, "--logging.wandb.enabled", "false", *overrides]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    env.pop("DUSA_TRACEBACK", None)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    """One process, no launcher (`python launch/tta.py`), on the demo's models and data."""
+    return subprocess.run([sys.executable, "launch/tta.py", *arguments(demo, out, *overrides, layout=layout)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
@@ -62,11 +69,18 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def refused(demo) -> dict:
+    """Every case of CASES as `python launch/tta.py` runs it, all in one process (tests/refusals_worker.py)."""
+    return refused_runs({case: arguments(demo, case.replace(" ", "_"), *overrides)
+                         for case, (overrides, _) in CASES.items()}, ENV)
+
+
 @pytest.mark.slow  # a launch/tta.py process
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_gives_one_clear_line(demo, case):
+def test_bad_input_gives_one_clear_line(demo, refused, case):
     overrides, expected = CASES[case]
-    line = error_line(launch(demo, case.replace(" ", "_"), *overrides))
+    line = error_line(refused[case])
     assert expected in line
     assert not (demo / case.replace(" ", "_") / "results.json").exists()
 
