@@ -142,3 +142,33 @@ def test_what_the_documented_commands_write_is_ignored_by_git():
                "pipeline/__pycache__/x.pyc", "x.egg-info/PKG-INFO"]
     proc = subprocess.run(["git", "check-ignore", "--no-index", *written], cwd=ROOT, capture_output=True, text=True)
     assert proc.stdout.split() == written
+
+
+# ------------------------------------------------------------------------------------------------ the README
+def heading_anchor(heading: str) -> str:
+    """The anchor a Markdown renderer gives a heading (lowercase, punctuation dropped, spaces as hyphens)."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_the_readme_is_short_opens_with_its_contents_and_every_link_resolves():
+    readme = ROOT / "README.md"
+    lines = readme.read_text().splitlines()
+    assert len(lines) < 300
+    sections = [line for line in lines if line.startswith("## ")]
+    assert lines.index("**Contents**") < lines.index(sections[0])
+    docs = sorted((ROOT / "docs").glob("*.md"))
+    linked = set()
+    for page in [readme, *docs]:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)  # code blocks hold no links
+        assert "shared/" not in text
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith(("http://", "https://")):
+                continue
+            file, _, fragment = target.partition("#")
+            destination = (page.parent / file).resolve() if file else page
+            assert destination.exists(), (page.name, target)
+            linked.add(destination)
+            if fragment and destination.suffix == ".md":
+                headings = [line.lstrip("#") for line in destination.read_text().splitlines() if line.startswith("#")]
+                assert fragment in {heading_anchor(h) for h in headings}, (page.name, target)
+    assert set(docs) <= linked  # every reference page is reachable
