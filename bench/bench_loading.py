@@ -127,6 +127,7 @@ def worker_make(args) -> dict:
     from safetensors.torch import save_file
 
     from models.architectures import SD3_MEDIUM_TRANSFORMER
+    from models.checkpoints import readable_weights
 
     folder = Path(args.folder)
     tmp = folder.with_name(folder.name + ".partial")
@@ -204,6 +205,7 @@ def worker_make(args) -> dict:
              "weight_map": {k: files[weight_map[k]] for k in all_keys}}
     (tmp / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     skeleton.save_config(tmp)  # config.json, as save_pretrained writes it
+    readable_weights(tmp)
     if folder.exists():
         raise FileExistsError(f"{folder} appeared while writing")
     tmp.rename(folder)

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -185,6 +186,7 @@ def cmd_train(wd: Workdir, args) -> None:
     files), in order: segmenter, VAE, transformer (on the VAE's latents: a retrained VAE retrains it)."""
     from diffusers import AutoencoderKL
 
+    from models.checkpoints import readable_weights
     from models.class_embeddings import save_class_embeddings
     from models.segformer import Segmenter
     make_train_data(wd, args.workers)
@@ -221,6 +223,7 @@ def cmd_train(wd: Workdir, args) -> None:
         model, record = train_segmenter(images, labels, s, 60 * minutes("segmenter"), device, args.seed, log)
         record["clean_test_mIoU"] = clean_test_miou(Segmenter(model).eval(), wd, device)
         model.save_pretrained(wd.segmenter)
+        readable_weights(wd.segmenter)
         log(f"segmenter: {record['steps']} steps, clean test mIoU {record['clean_test_mIoU']:.2f}")
         save_record("segmenter", record)
     vae_folder = wd.generator / "vae"
@@ -229,6 +232,7 @@ def cmd_train(wd: Workdir, args) -> None:
         log(f"training the VAE ({minutes('vae')} min at most)")
         vae, record = train_vae(images, s, 60 * minutes("vae"), device, args.seed, log)
         vae.save_pretrained(vae_folder)
+        readable_weights(vae_folder)
         log(f"vae: {record['steps']} steps, reconstruction PSNR {record['reconstruction_psnr_db']:.1f} dB")
         save_record("vae", record)
         todo = list(dict.fromkeys([*todo, "transformer"])) if args.part == "all" else todo
@@ -242,6 +246,7 @@ def cmd_train(wd: Workdir, args) -> None:
         transformer, prompt, pooled, record = train_transformer(latents, ids, s, 60 * minutes("transformer"), device,
                                                                 args.seed, log)
         transformer.save_pretrained(wd.generator / "transformer")
+        readable_weights(wd.generator / "transformer")
         save_class_embeddings(wd.cache, prompt, pooled, CLASSES, str(wd.generator),
                               template="learned per-class embeddings (bench/miniature.py)",
                               extra={"dtype": "float32", "t5_sequence_length": "0"})
@@ -752,10 +757,12 @@ def cmd_report(wd: Workdir, args) -> dict:
     table = (markdown_table(rows, wd.corruptions, clean) if rows else "") + "\n\n" + summary_lines(records, sanity)
     if continual:
         table += "\n\n" + continual_table(continual)
+    title = (f"miniature benchmark{' --tiny (a CPU smoke run: no quality claim)' if wd.tiny else ''}, severity "
+             f"{SEVERITY}; bars: mean over seeds, whiskers: their range")
     walls = {run["name"]: json.loads((wd.logs / f"{run['name']}.wall.json").read_text())["seconds"]
              for run in grid(wd.tiny) if (wd.logs / f"{run['name']}.wall.json").is_file()}
     document = {
-        "date": date, "tiny": wd.tiny, "classes": list(CLASSES), "corruptions": list(wd.corruptions),
+        "title": title, "date": date, "tiny": wd.tiny, "classes": list(CLASSES), "corruptions": list(wd.corruptions),
         "severity": SEVERITY, "seeds": list(SEEDS), "learning_rates": list(LEARNING_RATES), "presets": PRESETS,
         "config": CONFIG, "sizes": sizes_record(wd.sizes), "training": records, "sanity": sanity, "rows": rows,
         "run_wall_seconds": walls, "markdown": table, "continual_rounds": CONTINUAL_ROUNDS,
@@ -764,8 +771,7 @@ def cmd_report(wd: Workdir, args) -> dict:
                         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
     write_json(out / f"{stem}.json", document)
     if rows:
-        plot(rows, wd.corruptions, out / f"{stem}.png", clean,
-             f"miniature benchmark, severity {SEVERITY}; bars: mean over seeds, whiskers: their range")
+        plot(rows, wd.corruptions, out / f"{stem}.png", clean, title)
     print(table)
     log(f"report: {out / (stem + '.json')}, {out / (stem + '.png')}")
     return document
@@ -785,17 +791,27 @@ COMMANDS = {"data": cmd_data, "train": cmd_train, "sanity": cmd_sanity, "adapt":
             "all": cmd_all}
 
 
+def help_epilog() -> str:
+    """The docstring after its first paragraph (the description), with the grid's constants as their values."""
+    values = {"CORRUPTIONS": ", ".join(CORRUPTIONS), "SEVERITY": str(SEVERITY), "SEEDS": " and ".join(map(str, SEEDS)),
+              "LEARNING_RATES": ", ".join(f"{lr:.0e}".replace("e-0", "e-") for lr in LEARNING_RATES),
+              "PRESETS": ", ".join(f"{name}: {path}" for name, path in PRESETS.items())}
+    return re.sub(r"\b(" + "|".join(values) + r")\b", lambda m: values[m[1]], __doc__.split("\n\n", 1)[1])
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("command", choices=list(COMMANDS))
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=help_epilog())
+    parser.add_argument("command", choices=list(COMMANDS), metavar="STEP",
+                        help="the step to run: data, train, sanity, adapt, report; or all (every step in order)")
     parser.add_argument("--workdir", default="runs/miniature", help="where data, models and runs go")
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run: a handful of images and steps")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1),
                         help="processes that render scenes and corrupt images")
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all", help="train: which model")
     parser.add_argument("--minutes", type=float, default=None,
-                        help=f"train: time cap of each part (default {MINUTES}; --tiny {TINY_MINUTES})")
+                        help="train: time cap of each part (default " + ", ".join(f"{k} {v}" for k, v in MINUTES.items())
+                        + f"; --tiny {TINY_MINUTES})")
     parser.add_argument("--device", default=None, help="train / sanity: torch device (default: cuda if present)")
     parser.add_argument("--seed", type=int, default=0, help="train: seed of every model and batch")
     parser.add_argument("--sanity_limit", type=int, default=None, help="sanity: images per corruption (default all)")

@@ -13,6 +13,8 @@ Three layouts, detected from the folders under <root> (images: .jpg / .jpeg / .p
 """
 from __future__ import annotations
 
+import difflib
+import re
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,14 @@ _LABEL_FIX = ("re-create it (data/make_ade20k_c.py copies it from ADEChallengeDa
               "existing files: delete it first)")
 
 
+def _did_you_mean(corruption: str, folders: list[str], severity: int) -> str:
+    """The corruption found at this severity nearest to the one asked for (a typo's likely fix), or ''.
+    `folders`: `<corruption>/<severity>` or `<corruption>_<severity>` names, as the layout has them."""
+    found = [name[:-len(f"/{severity}")] for name in folders if re.fullmatch(rf".+[/_]{severity}", name)]
+    near = difflib.get_close_matches(corruption, found, n=1)
+    return f" (did you mean {near[0]}?)" if near else ""
+
+
 REFERENCE_FOLDER = "ADE20K_val-c"
 
 
@@ -38,7 +48,8 @@ def _locate(root: Path, corruption: str, severity: int) -> tuple[str, Path, Path
         image_dir = reference / corruption / str(severity) / "validation"
         if not image_dir.is_dir():
             available = [f"{c.name}/{s.name}" for c in _subdirs(reference) for s in _subdirs(c)]
-            raise FileNotFoundError(f"no folder {image_dir}; corruptions under {reference}: {_listing(available)}")
+            raise FileNotFoundError(f"no folder {image_dir}; corruptions under {reference}: {_listing(available)}"
+                                    f"{_did_you_mean(corruption, available, severity)}")
         label_dir = root / "annotations" / "validation"
         if not label_dir.is_dir():
             raise FileNotFoundError(f"no annotation folder {label_dir} (beside {reference})")
@@ -47,15 +58,17 @@ def _locate(root: Path, corruption: str, severity: int) -> tuple[str, Path, Path
     if image_root.is_dir():
         image_dir = image_root / f"{corruption}_{severity}"
         if not image_dir.is_dir():
-            raise FileNotFoundError(f"no folder {image_dir}; corruptions under {image_root}: "
-                                    f"{_listing([p.name for p in _subdirs(image_root)])}")
+            available = [p.name for p in _subdirs(image_root)]
+            raise FileNotFoundError(f"no folder {image_dir}; corruptions under {image_root}: {_listing(available)}"
+                                    f"{_did_you_mean(corruption, available, severity)}")
         return "flat", image_dir, root / "annotations" / "validation"
     image_dir = root / corruption / str(severity)
     if not image_dir.is_dir():
         available = [f"{c.name}/{s.name}" for c in _subdirs(root) if c.name not in ("annotations", "images")
                      for s in _subdirs(c)]
         raise FileNotFoundError(
-            f"no folder {image_dir} (nor {image_root}); corruptions under {root}: {_listing(available)}")
+            f"no folder {image_dir} (nor {image_root}); corruptions under {root}: {_listing(available)}"
+            f"{_did_you_mean(corruption, available, severity)}")
     label_dir = root / "annotations" / "validation"
     if not label_dir.is_dir():
         label_dir = root / "annotations"
@@ -74,7 +87,8 @@ class ADE20KC(LabelledImages):
                  limit: int | None = None, num_classes: int = ADE_NUM_CLASSES) -> None:
         self.root, self.num_classes = Path(root), num_classes
         if not self.root.is_dir():
-            raise FileNotFoundError(f"ADE20K-C root {self.root} does not exist")
+            raise FileNotFoundError(f"ADE20K-C root {self.root} does not exist (`python data/make_ade20k_c.py "
+                                    f"--ade_root PATH/ADEChallengeData2016 --out {self.root}` makes it)")
         if limit is not None and limit < 1:
             raise ValueError(f"limit must be None or >= 1, got {limit}")
         if not safe_name(corruption):  # it names a folder under the root: never `..` or a separator

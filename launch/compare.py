@@ -3,7 +3,7 @@
 and the run's average, read from each RUN_DIR/results.json.
 
     python launch/compare.py runs/source runs/tent runs/dusa
-    python launch/compare.py runs/source runs/tent runs/dusa --format markdown   # best per column in bold
+    python launch/compare.py runs/ --format markdown   # every run in runs/; best per column in bold
 """
 from __future__ import annotations
 
@@ -42,6 +42,16 @@ def load_run(run_dir: str | Path) -> tuple[str, dict[str, float | None]]:
     return f"{method} ({Path(run_dir).resolve().name})", scores
 
 
+def expand_runs(paths: Sequence[str | Path]) -> list[Path]:
+    """Each path that is a run's output folder as it is; a folder that is none but holds runs, the runs in it
+    (sorted by name); anything else as it is (load_run names what it lacks)."""
+    runs = []
+    for path in map(Path, paths):
+        inside = sorted(p.parent for p in path.glob("*/results.json")) if not (path / "results.json").exists() else []
+        runs += inside or [path]
+    return runs
+
+
 def compare_table(runs: Sequence[tuple[str, dict[str, float | None]]], markdown: bool = False) -> str:
     """Rows: runs; columns: every corruption in order of first appearance, then the average (mIoU %).
 
@@ -61,8 +71,10 @@ def compare_table(runs: Sequence[tuple[str, dict[str, float | None]]], markdown:
     header = ["run", *columns]
     rows = [[label, *(cell(scores, c) for c in columns)] for (label, _), scores in zip(runs, shown)]
     if markdown:
-        lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * len(columns)]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+        def cells(row: list[str]) -> str:  # a | in a name would end its cell
+            return "| " + " | ".join(v.replace("|", "\\|") for v in row) + " |"
+        lines = [cells(header), "| --- |" + " ---: |" * len(columns)]
+        return "\n".join(lines + [cells(row) for row in rows])
     widths = [max(len(r[k]) for r in [header, *rows]) for k in range(len(header))]
 
     def line(row: list[str]) -> str:  # labels left-aligned, numbers right-aligned
@@ -73,16 +85,18 @@ def compare_table(runs: Sequence[tuple[str, dict[str, float | None]]], markdown:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launch/compare.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="Output folders of launch/tta.py runs.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                        help="Output folders of launch/tta.py runs, or folders holding them (runs/).")
     parser.add_argument("--format", choices=("text", "markdown"), default="text",
                         help="text (default) or a Markdown table with the best value per column in bold.")
     args = parser.parse_args(argv)
     try:
-        runs = [load_run(d) for d in args.run_dirs]
+        runs = [load_run(d) for d in expand_runs(args.run_dirs)]
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(f"mIoU % per corruption ({len(runs)} runs)")
+    # Markdown: the title is a paragraph of its own, a blank line before the table.
+    print(f"mIoU % per corruption ({len(runs)} runs)" + ("\n" if args.format == "markdown" else ""))
     print(compare_table(runs, markdown=args.format == "markdown"))
     return 0
 

@@ -60,12 +60,17 @@ def make_parser() -> ArgumentParser:
 def parse(argv=None) -> tuple[RunConfig, dict, list[str]]:
     """(config, its JSON record, the config files given with --config)."""
     parser = make_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    printing = [a for a in argv if a == "--print_config" or a.startswith("--print_config=")]
+    argv = [a for a in argv if a not in printing]  # printed below: as JSON for a JSON config, without local_rank
     try:
         ns = parser.parse_args(argv)
     except ArgumentError as exc:
         message = " ".join(str(exc).split())  # jsonargparse's messages span lines
         guess = close_option(message, [s for a in parser._actions for s in a.option_strings if s.startswith("--")])
         raise BadArguments(f"{message} (did you mean {guess}?)" if guess else message) from None
+    if printing:
+        print_config(ns)
     try:
         objects = parser.instantiate(ns)
     except TypeError as exc:  # a section given as something other than a mapping of its options
@@ -73,6 +78,21 @@ def parse(argv=None) -> tuple[RunConfig, dict, list[str]]:
     cfg = RunConfig(**{name: objects[name] for name in GROUPS}, deepspeed=ns.deepspeed,
                     output_dir=ns.output_dir, seed=ns.seed)
     return cfg, asdict(cfg), [str(path) for path in ns.get("config") or []]
+
+
+def print_config(ns) -> None:
+    """Prints the effective config, every option with its value, and exits: JSON unless the config files given
+    are YAML, so that the output is itself a config file of the same kind; the launcher's --local_rank left out."""
+    files = [str(path) for path in ns.get("config") or []]
+    yaml = bool(files) and all(Path(f).suffix.lower() in (".yaml", ".yml") for f in files)
+    values = {k: v for k, v in ns.clone().as_dict().items() if k not in ("config", "local_rank", "__path__")}
+    import yaml as yaml_module
+    try:
+        print(yaml_module.safe_dump(values, sort_keys=False) if yaml else json.dumps(values, indent=2) + "\n",
+              end="", flush=True)
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    raise SystemExit(0)
 
 
 class BadArguments(ValueError):
@@ -153,9 +173,10 @@ def main(argv=None) -> int:
         if rank == 0 and not (several and other_ranks_running() is False):  # else the launcher is ending us
             kept = (f"finished tasks are kept in {Path(_run_folder.path) / 'results.json'}; rerun the same command "
                     f"to resume" if _started and _run_folder is not None else "nothing was written")
-            print(f"\n{stop.why}{f' (rank {rank})' if several else ''}: {kept}", file=sys.stderr, flush=True)
+            end_progress_bars()
+            print(f"{stop.why}{f' (rank {rank})' if several else ''}: {kept}", file=sys.stderr, flush=True)
         elif rank and stopped_alone():
-            print(f"\n{stop.why} (rank {rank}): the run stops; rerun the same command to resume", file=sys.stderr,
+            print(f"{stop.why} (rank {rank}): the run stops; rerun the same command to resume", file=sys.stderr,
                   flush=True)
         leave(stop.code)
     except Exception as exc:  # noqa: BLE001 - sorted below: only user-facing failures are shortened
@@ -181,8 +202,8 @@ def main(argv=None) -> int:
             raise
         if rank:  # rank 0 mostly fails alike: give the launcher time to stop this process first
             time.sleep(3)
-        # Leading newline: a progress bar may hold the current line.
-        print(f"\nerror: {f'[rank {rank}] ' if rank else ''}{OOM_HELP if oom else error_line(exc)}"
+        end_progress_bars()
+        print(f"error: {f'[rank {rank}] ' if rank else ''}{OOM_HELP if oom else error_line(exc)}"
               f"{' (DUSA_TRACEBACK=1 shows the traceback)' if not oom else ''}", file=sys.stderr, flush=True)
         leave(2)
 
@@ -195,6 +216,12 @@ def error_line(exc: BaseException) -> str:
     if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0] and len(lines) > 1:
         return lines[-1].split(": ", 1)[-1]
     return lines[0]
+
+
+def end_progress_bars() -> None:
+    """A progress bar may hold the terminal's current line: it is cleared before a last message."""
+    if "pipeline.progress" in sys.modules:
+        sys.modules["pipeline.progress"].end_bars()
 
 
 PEER_LOST_WAIT_S = 3.0  # the launcher polls its ranks every second and ends the rest at the first failure
@@ -276,6 +303,29 @@ def on_rank0(work, rank: int, world: int, dist) -> None:
         raise error
 
 
+def fit_layout(pipe, launched: bool) -> list[str]:
+    """One process started without the launcher runs the pipeline as 1 stage; a fixed partition made for
+    another stage count gives way to the planned one. Changes `pipe`; one line for each change."""
+    notes = []
+    if not launched and pipe.num_stages > 1:
+        notes.append(f"one process (no deepspeed launcher): 1 stage instead of pipeline.num_stages "
+                     f"{pipe.num_stages} (`deepspeed --num_gpus {pipe.num_stages} launch/tta.py ...` runs them)")
+        pipe.num_stages = 1
+    if pipe.partition is not None and len(pipe.partition) != pipe.num_stages + 1:
+        notes.append(f"pipeline.partition {list(pipe.partition)} is a split into {len(pipe.partition) - 1} stages, "
+                     f"not {pipe.num_stages}: the split is planned instead")
+        pipe.partition = None
+    return notes
+
+
+def all_tasks_done(finished: dict, tasks, world: int, dist) -> bool:
+    """Whether rank 0 found every task of the run in results.json already (then no model needs to load)."""
+    verdict = [bool(finished) and set(tasks) <= set(finished)]
+    if world > 1:
+        dist.broadcast_object_list(verdict, src=0)
+    return verdict[0]
+
+
 def run(argv=None) -> int:
     global _started
     from pipeline.checks import (check_accumulation, check_argument_files, check_class_embedding_file,
@@ -331,7 +381,8 @@ def run(argv=None) -> int:
         if removed:
             print(f"removed {len(removed)} shared-memory buffers of ended DeepSpeed runs from /dev/shm")
 
-    if "RANK" not in os.environ:  # started without a launcher: one process, like `deepspeed --num_gpus 1`
+    launched = "RANK" in os.environ
+    if not launched:  # started without a launcher: one process, like `deepspeed --num_gpus 1`
         from pipeline.rundir import free_local_port
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_local_port()))
@@ -345,6 +396,11 @@ def run(argv=None) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(cfg.seed)
     method = METHODS[cfg.tta.method]  # the registry: its class checks, builds and runs the method
+    if method.pipeline:
+        for note in fit_layout(cfg.pipeline, launched):
+            record["pipeline"].update(num_stages=cfg.pipeline.num_stages, partition=cfg.pipeline.partition)
+            if rank == 0:
+                print(note, flush=True)
     method.check(cfg, world)
     stages = cfg.pipeline.num_stages if method.pipeline else 1  # source and tent: one process per replica
     wrong = layout_error(world, stages, cfg.tta.continual and method.adapts,
@@ -355,12 +411,13 @@ def run(argv=None) -> int:
     ds_config = load_ds_config(cfg.deepspeed, cfg.tta.lr)
     record["deepspeed"] = ds_config
     datasets = None
+    finished: dict = {}
 
     def prepare() -> None:
         """Rank 0, before any model loads: the output folder (locked; resumable), the data (every image's
         window count from its header), every model file (whole, shapes as its config makes them)."""
         global _run_folder
-        nonlocal datasets
+        nonlocal datasets, finished
         _run_folder = RunFolder.claim(cfg.output_dir)
         saved_results(cfg.output_dir)  # a damaged results.json is named before anything is built
         if cfg.data.build_demo_data:
@@ -386,8 +443,15 @@ def run(argv=None) -> int:
             transformer = check_generator_files(cfg.model.generator)
             check_class_embedding_file(cfg.model.class_embeddings, class_names, cfg.model.generator, transformer)
         record["inputs"] = input_identity(cfg.model, class_names, datasets, method.generator)
-        finished_tasks(cfg, record, class_names)  # the same options and inputs as the results it resumes
+        finished = finished_tasks(cfg, record, class_names)  # the same options and inputs as the results it resumes
     on_rank0(prepare, rank, world, dist)
+    if all_tasks_done(finished, cfg.data.corruptions, world, dist):  # before any model loads
+        if rank == 0:
+            print(f"every task is already done in {Path(cfg.output_dir) / 'results.json'}: nothing to run "
+                  f"(another --output_dir starts a new run)", flush=True)
+        dist.destroy_process_group()
+        release_run_folder()
+        return 0
     if datasets is None:
         datasets = open_tasks(cfg.data, len(class_names))
     timing.mark("checks and data listed")
@@ -404,7 +468,8 @@ def run(argv=None) -> int:
         raise ValueError(f"segmenter {cfg.model.segmenter} predicts {checked.num_classes} "
                          f"classes, data.classes={cfg.data.classes} has {len(class_names)}")
     if rank == 0:  # the run starts: from here on, what it writes stays
-        write_text_atomic(Path(cfg.output_dir) / "config.json", json.dumps(record, indent=2), Path(cfg.output_dir))
+        write_text_atomic(Path(cfg.output_dir) / "config.json", json.dumps(record, indent=2) + "\n",
+                          Path(cfg.output_dir))
         _started = True
 
     logger = None  # W&B on rank 0; the other replicas' scoring processes feed it

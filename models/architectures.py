@@ -18,6 +18,7 @@ from diffusers.models.embeddings import PatchEmbed, get_2d_sincos_pos_embed
 from safetensors.torch import save_file
 from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
+from models.checkpoints import readable_weights
 from models.class_embeddings import save_class_embeddings
 
 SD3_MEDIUM_TRANSFORMER = dict(
@@ -68,6 +69,7 @@ def make_random_checkpoints(root: str | Path, class_names: Sequence[str], device
         pooled = torch.randn(len(class_names), config["pooled_projection_dim"], generator=g).to(dtype)
         save_class_embeddings(paths["class_embeddings"], prompt, pooled, class_names, paths["generator"],
                               template="random (benchmark)")
+    readable_weights(root)
     return paths
 
 

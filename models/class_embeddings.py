@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from data.classes import check_class_names, read_class_names
-from models.checkpoints import load_checkpoint
+from models.checkpoints import load_checkpoint, readable_weights
 
 DEFAULT_TEMPLATE = "a photo of a {}"
 # transformers renamed `torch_dtype` to `dtype` (4.56) and warns about the old name.
@@ -62,7 +62,7 @@ def save_class_embeddings(path: str | Path, prompt_embeds: torch.Tensor, pooled:
     metadata = {**(extra or {}), "model": str(model), "template": template, "classes": json.dumps(list(classes)),
                 "classes_hash": class_list_hash(classes), "sequence_length": str(prompt_embeds.shape[1])}
     save_file({"prompt_embeds": prompt_embeds.contiguous(), "pooled": pooled.contiguous()}, str(path), metadata)
-    return path
+    return readable_weights(path)
 
 
 def load_class_embeddings(path: str | Path, classes: Sequence[str], model: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, SD3Transformer2DModel
 from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, SegformerConfig,
                           SegformerForSemanticSegmentation, T5Config, T5EncoderModel, T5Tokenizer)
 
+from models.checkpoints import readable_weights
 from models.class_embeddings import DEFAULT_TEMPLATE, write_class_embeddings
 
 # Text-embedding widths of the tiny SD3 (the real ones are 4096 and 2048, with 77 + 256 = 333 tokens).
@@ -41,7 +42,7 @@ def make_tiny_segformer(path: str | Path, class_names: Sequence[str], seed: int 
         num_labels=len(class_names), id2label=dict(enumerate(class_names)),
         label2id={n: i for i, n in enumerate(class_names)})
     SegformerForSemanticSegmentation(config).save_pretrained(path)
-    return Path(path)
+    return readable_weights(path)
 
 
 def make_tiny_sd3(path: str | Path, num_layers: int = 4, seed: int = 0, **transformer_kwargs) -> Path:
@@ -60,7 +61,7 @@ def make_tiny_sd3(path: str | Path, num_layers: int = 4, seed: int = 0, **transf
                   layers_per_block=1, latent_channels=16, norm_num_groups=8, shift_factor=0.0609,
                   scaling_factor=1.5305, use_quant_conv=False, use_post_quant_conv=False,
                   ).save_pretrained(Path(path) / "vae")
-    return Path(path)
+    return readable_weights(path)
 
 
 def _tiny_clip(path: Path, hidden: int, projection: int, act: str, pad_token: str) -> None:
@@ -97,7 +98,7 @@ def make_tiny_text_encoders(path: str | Path, seed: int = 0) -> Path:
                       relative_attention_num_buckets=8, relative_attention_max_distance=32,
                       feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
     T5EncoderModel(config).save_pretrained(path / "text_encoder_3")
-    return path
+    return readable_weights(path)
 
 
 def has_text_encoders(path: str | Path) -> bool:

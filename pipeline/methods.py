@@ -177,7 +177,9 @@ class Dusa(Method):
         precision = precision_of(ds_config)
         module = build_pipeline(cfg.model, cfg.data, cfg.tta, cfg.pipeline, class_names, stage_report=report,
                                 dtype=torch.bfloat16 if precision == "bf16" else torch.float32, precision=precision,
-                                replicas=replicas.count, ds_config=ds_config)
+                                replicas=replicas.count, ds_config=ds_config,
+                                # the planner's predictions and memory estimate are about GPUs
+                                details=torch.cuda.is_available() or cfg.logging.verbose)
         timing.mark("weights loaded")
         engine = TTAEngine(module, ds_config, cfg.tta, adaptive_windows=cfg.data.windows == "adaptive")
         timing.mark("engine ready")

@@ -78,10 +78,11 @@ class DusaPipeline(PipelineModule):
 def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: PipelineConfig,
                    class_names: Sequence[str], stage_report: Callable[[str], None] = print,
                    dtype: torch.dtype = torch.float32, precision: str | None = None,
-                   replicas: int = 1, ds_config: dict | None = None) -> DusaPipeline:
+                   replicas: int = 1, ds_config: dict | None = None, details: bool = True) -> DusaPipeline:
     """Layer list -> partition -> module; each rank reads only the weights of its stage's layers.
     `precision` (bf16, autocast, fp32; default from `dtype`) picks the measured cost table; with the
-    DeepSpeed config, the split is planned and reported with the memory estimate of pipeline/memory.py."""
+    DeepSpeed config, the split is planned and reported with the memory estimate of pipeline/memory.py.
+    `details`: the planner's predictions and the memory estimate in the report (else the split only)."""
     precision = precision or ("bf16" if dtype == torch.bfloat16 else "fp32")
     # Each stage reads its blocks straight to its GPU (DeepSpeed would move them there anyway).
     parts = TransformerParts(model.generator, dtype,
@@ -124,21 +125,22 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
             memory = estimate[0].totals(tta.max_classes)
         bounds, predicted = plan_partition(costs, pipe.num_stages, memory_budget=budget, memory=memory)
         stage_report(f"partition {bounds} from {source}; predicted step {predicted['step']:.3f} "
-                     f"(2 windows, {'relative units' if source.startswith('default') else 's'})")
+                     f"(2 windows, {'relative units' if source.startswith('default') else 's'})" if details
+                     else f"partition {bounds} (planned)")
         if not predicted["fits"]:
             stage_report("warning: no split is predicted to fit this GPU's memory at the measured class counts: "
                          "the one with the least memory is used")
     for s in range(pipe.num_stages):
         a, b = bounds[s], bounds[s + 1]
         busy = ""
-        if pipe.partition is None:
+        if pipe.partition is None and details:
             busy = f", predicted busy {predicted['stage_busy'][s]:.3f}"
             if predicted["memory"]:
                 busy += f", memory {predicted['memory'][s] / 2**30:.1f} GiB at " + (
                     f"{tta.max_classes} classes" if memory else "the most classes measured")
         stage_report(f"stage {s}: layers {a}-{b - 1} ({names[a]} .. {names[b - 1]}){busy}")
     prediction = {}  # this layout's images/s from the card's cost table, printed again after the first task
-    if ds_config is not None and int(os.environ.get("RANK", "0")) == 0:  # before any weight loads
+    if details and ds_config is not None and int(os.environ.get("RANK", "0")) == 0:  # before any weight loads
         from pipeline.memory import startup_lines
         for line in startup_lines(model, data, tta, pipe, ds_config, bounds, gpus=replicas * pipe.num_stages,
                                   estimate=estimate, prediction=prediction):

@@ -1,9 +1,11 @@
 """One task's progress on the console and in W&B: a bar with images/s, the running mIoU, the last loss and
-the whole sweep's ETA; losses are read back from the device in batches (no host sync per step) and logged
-with the pictures."""
+the whole sweep's ETA on a terminal (one line of the same every `log_every` images into a file or pipe);
+losses are read back from the device in batches (no host sync per step) and logged with the pictures."""
 from __future__ import annotations
 
 import math
+import sys
+import time
 
 import torch
 from PIL import Image
@@ -26,8 +28,11 @@ class TaskProgress:
         # For the sweep's ETA: images done by every replica (the others' as rank 0 hears of them), at this
         # replica's rate times the number of replicas.
         self.sweep_images, self.sweep_done, self.replicas = sweep_images, sweep_done, replicas
-        self.bar = tqdm(total=images, desc=description, disable=not show, dynamic_ncols=True, unit=" img",
-                        bar_format=BAR_FORMAT)
+        # A bar only on a terminal: in a log file its carriage-return updates pile up on one line.
+        self.lines = show and not sys.stderr.isatty()
+        self.bar = tqdm(total=images, desc=description, disable=not show or self.lines, dynamic_ncols=True,
+                        unit=" img", bar_format=BAR_FORMAT, leave=False)  # the task's line replaces it
+        self.description, self.start, self.done = description, time.perf_counter(), 0
         # Fixed order on the bar: running mIoU, last loss, ETA of the whole sweep.
         self.postfix = {"mIoU": "?", **({"loss": "?"} if with_loss else {}), "sweep ETA": "?"}
         self.pending: list[tuple[int, torch.Tensor | None, tuple[Image.Image, str] | None]] = []
@@ -41,7 +46,10 @@ class TaskProgress:
             metric: SegmentationMetric) -> None:
         self.pending.append((step, loss, picture))
         self.sweep_done += 1
+        self.done += 1
         rate = self.bar.format_dict.get("rate")  # None until tqdm has measured one (and when the bar is off)
+        if self.lines:
+            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
         if rate:
             left = max(self.sweep_images - self.sweep_done, 0)
             self.postfix["sweep ETA"] = tqdm.format_interval(left / (rate * self.replicas))
@@ -68,6 +76,18 @@ class TaskProgress:
         self.postfix["mIoU"] = f"{running:.1f}"
         self.bar.set_postfix(self.postfix)
         self.pending.clear()
+        if self.lines:
+            rate = self.done / max(time.perf_counter() - self.start, 1e-9)
+            print(f"{self.description}: {self.done}/{self.images} images, {rate:.2f} img/s, "
+                  + ", ".join(f"{k} {v}" for k, v in self.postfix.items()), flush=True)
 
     def close(self) -> None:
         self.bar.close()
+
+
+def end_bars() -> None:
+    """Clears the progress bars still open (a run stopping mid-task), so that the next line starts a line
+    of its own."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.leave = False
+        bar.close()

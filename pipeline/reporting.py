@@ -392,15 +392,29 @@ def _write_atomic(target: Path, text: str) -> None:
 
 
 def results_csv(results: dict) -> str:
-    """One row per task: task, mIoU, aAcc, images, seconds, then `IoU/<class>` per class (percent; empty: n/a)."""
+    """One row per task, then the average row: task, mIoU, aAcc, images, seconds, loss (the task's mean
+    adaptation loss), nonfinite_steps, then `IoU/<class>` per class; percent, rounded as the console shows
+    them (empty: n/a). The average row holds the averages of mIoU and aAcc and the totals of the counts."""
     tasks = results["tasks"]
     classes = list(next(iter(tasks.values()))["IoU"]) if tasks else []
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["task", "mIoU", "aAcc", "images", "seconds", *(f"IoU/{c}" for c in classes)])
+
+    def shown(value, digits: int):
+        return "" if value is None else f"{value:.{digits}f}"
+
+    writer.writerow(["task", "mIoU", "aAcc", "images", "seconds", "loss", "nonfinite_steps",
+                     *(f"IoU/{c}" for c in classes)])
     for task, res in tasks.items():
-        values = [res["mIoU"], res["aAcc"], res["images"], res["seconds"], *(res["IoU"][c] for c in classes)]
-        writer.writerow([task, *("" if v is None else v for v in values)])
+        writer.writerow([task, shown(res["mIoU"], 2), shown(res["aAcc"], 2), res["images"], shown(res["seconds"], 1),
+                         shown(res.get("loss"), 4), res.get("nonfinite_steps", 0),
+                         *(shown(res["IoU"][c], 2) for c in classes)])
+    if tasks:
+        average = results.get("average") or {}
+        writer.writerow(["average", shown(average.get("mIoU"), 2), shown(average.get("aAcc"), 2),
+                         sum(res["images"] for res in tasks.values()),
+                         shown(sum(res["seconds"] for res in tasks.values()), 1), "",
+                         sum(res.get("nonfinite_steps", 0) for res in tasks.values()), *([""] * len(classes))])
     return buffer.getvalue()
 
 

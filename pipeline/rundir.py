@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from models.checkpoints import umask_file_mode
+
 LOCK_NAME = ".dusa-run.lock"
 # What the run writes in its folder besides renamed files: these must be real folders, never links.
 OWN_FOLDERS = ("state", "pictures", "wandb")
@@ -144,18 +146,7 @@ def own_folder(root: Path, relative: str | Path = "") -> Path:
     return folder
 
 
-def _file_mode() -> int:
-    """0666 less the process's umask (read without setting it: os.umask would race other threads)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o644
-
-
-_FILE_MODE = _file_mode()
+_FILE_MODE = umask_file_mode()
 
 
 def write_atomic(target: Path, write: Callable, root: Path | None = None) -> Path:

@@ -1,5 +1,6 @@
-"""Shared fixtures. DeepSpeed's CPU all-reduce leaves a shared-memory buffer per rank in /dev/shm (RAM) after
-every run; tests start many runs, so each test removes the ones it created."""
+"""Shared fixtures: the demo's tiny models, built once per session, and the cleanup of DeepSpeed's CPU
+all-reduce buffers (one per rank in /dev/shm, RAM, after every run; tests start many runs, so each test removes
+the ones it created)."""
 from __future__ import annotations
 
 import os
@@ -17,10 +18,14 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_exte
 
 @pytest.fixture(autouse=True)
 def release_deepspeed_shared_memory():
-    before = set(SHM.glob("deepspeed_allreduce_buffer_*")) if SHM.is_dir() else set()
+    """After each test, the buffers that appeared during it and that no process maps or holds open any more:
+    another test suite on the machine may be running ranks whose buffers appeared meanwhile."""
+    from pipeline.rundir import orphaned_shared_memory
+    prefix = "deepspeed_allreduce_buffer_"
+    before = set(SHM.glob(prefix + "*")) if SHM.is_dir() else set()
     yield
-    if SHM.is_dir():
-        for leftover in set(SHM.glob("deepspeed_allreduce_buffer_*")) - before:
+    if SHM.is_dir() and set(SHM.glob(prefix + "*")) - before:
+        for leftover in set(orphaned_shared_memory(prefix, min_age_s=0.0)) - before:
             leftover.unlink(missing_ok=True)
 
 
@@ -35,3 +40,14 @@ def launcher_main(monkeypatch):
     monkeypatch.setattr(launcher.os, "_exit", exit_)
     monkeypatch.delenv("DUSA_TRACEBACK", raising=False)
     return launcher
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory) -> Path:
+    """The demo's tiny models (`segformer/`, `sd3/` with its text encoders, `classes.safetensors`), built once;
+    tests take copies (`tests.helpers.copy_demo_models`) and never write here."""
+    from data.classes import ADE20K_CLASSES
+    from models.tiny import ensure_demo_models
+    root = tmp_path_factory.mktemp("demo-models")
+    ensure_demo_models(str(root / "segformer"), str(root / "sd3"), str(root / "classes.safetensors"), ADE20K_CLASSES)
+    return root

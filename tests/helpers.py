@@ -25,11 +25,33 @@ def demo_command(tmp: Path, out: str, *overrides: str) -> list[str]:
             *overrides]
 
 
-def demo_models_and_data(root: Path) -> Path:
-    """The demo's tiny models and a 2-image demo dataset under `root` (for launcher tests of bad input)."""
-    from data.classes import ADE20K_CLASSES
+def copy_demo_models(models: Path, root: Path) -> Path:
+    """The session's demo models (the `demo_models` fixture) copied under `root`, as the demo builds them: the
+    launcher then finds them there and builds nothing."""
+    import shutil
+    root.mkdir(parents=True, exist_ok=True)
+    for name in ("segformer", "sd3"):
+        shutil.copytree(models / name, root / name)
+    shutil.copy2(models / "classes.safetensors", root / "classes.safetensors")
+    return root
+
+
+def demo_models_and_data(root: Path, models: Path) -> Path:
+    """The demo's tiny models (copied from `models`) and a 2-image demo dataset under `root` (for launcher
+    tests of bad input)."""
     from data.demo import make_demo_dataset
-    from models.tiny import ensure_demo_models
-    ensure_demo_models(str(root / "segformer"), str(root / "sd3"), str(root / "classes.safetensors"), ADE20K_CLASSES)
+    copy_demo_models(models, root)
     make_demo_dataset(root / "data", num_images=2, create=True)
     return root
+
+
+def refused_runs(cases: dict[str, list[str]], env: dict[str, str]) -> dict:
+    """`python launch/tta.py ARGS` for each case, run by tests/refusals_worker.py in one process (the imports
+    paid once): case -> its returncode, stdout and stderr, as a subprocess.CompletedProcess has them."""
+    import json
+    import subprocess
+    from types import SimpleNamespace
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "refusals_worker.py")], input=json.dumps(cases),
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {case: SimpleNamespace(**result) for case, result in json.loads(proc.stdout.splitlines()[-1]).items()}

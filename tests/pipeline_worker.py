@@ -1,13 +1,16 @@
 """Runs TTA steps through the real 2-stage pipeline for tests/test_pipeline.py.
 
-    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/pipeline_worker.py --mode grads --assets DIR
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 tests/pipeline_worker.py --assets DIR \
+        --jobs '{"grads": ["--mode", "grads"], "reset": ["--mode", "reset", "--preset", "ds_configs/ds_tta.json"]}'
 
-Each rank writes DIR/<mode>-rank<r>.pt with what the test checks.
+The jobs run one after another in the same processes (one launcher start for all of them), each on a pipeline
+built afresh from the files. Each rank writes DIR/<job>-rank<r>.pt with what the test checks.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
 from pathlib import Path
 
@@ -42,8 +45,9 @@ class GradRecorder(torch.optim.SGD):
         return super().step(closure)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def job_parser() -> argparse.ArgumentParser:
+    """One job's arguments."""
+    parser = argparse.ArgumentParser(prog="job")
     parser.add_argument("--mode", choices=["grads", "bf16grads", "reset", "wiring", "nan", "lrs", "options",
                                            "accumulate"], required=True)
     parser.add_argument("--bf16", action="store_true", help="accumulate: bf16 weights, ZeRO 1")
@@ -52,15 +56,24 @@ def main() -> None:
     parser.add_argument("--autocast_casts", action="store_true",
                         help="autocast's own per-window casts instead of the engine's working weights")
     parser.add_argument("--ignore", type=int, nargs="*", default=[], help="tta.ignore_classes")
+    return parser
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--jobs", required=True, help="JSON object: job name -> that job's arguments")
     parser.add_argument("--assets", required=True)
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--local_rank", type=int, default=-1)
     args = parser.parse_args()
-    assets = Path(args.assets)
-
     deepspeed.init_distributed()
+    for name, job in json.loads(args.jobs).items():
+        run_job(name, job_parser().parse_args(job), Path(args.assets), args.stages)
+
+
+def run_job(name: str, args: argparse.Namespace, assets: Path, stages: int) -> None:
     rank = dist.get_rank()
-    model, data, tta, pipe = run_configs(assets, args.stages)
+    model, data, tta, pipe = run_configs(assets, stages)
     tta.ignore_classes = args.ignore
     if args.mode == "options":  # entropy-weighted adaptive windows and a learnable pooled embedding
         model.segmenter, data.windows = str(assets / SHARP_SEGFORMER), "adaptive"
@@ -204,7 +217,7 @@ def main() -> None:
 
     out["stage"] = tte.engine.stage_id
     out["segmenter_forwards"] = len(forwards)
-    torch.save(out, assets / f"{args.mode}-rank{rank}.pt")
+    torch.save(out, assets / f"{name}-rank{rank}.pt")
 
 
 if __name__ == "__main__":

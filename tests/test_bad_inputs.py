@@ -12,27 +12,37 @@ import torch
 
 from data.classes import ADE20K_CLASSES
 from models.class_embeddings import save_class_embeddings
-from tests.helpers import demo_models_and_data
+from tests.helpers import demo_models_and_data, refused_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    return demo_models_and_data(tmp_path_factory.mktemp("bad"))
+def demo(tmp_path_factory, demo_models) -> Path:
+    return demo_models_and_data(tmp_path_factory.mktemp("bad"), demo_models)
 
 
-def launch(demo: Path, out: str, *overrides: str) -> subprocess.CompletedProcess:
+ONE_STAGE = ("--pipeline.num_stages", "1", "--pipeline.partition", "null")
+
+
+ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+ENV.pop("DUSA_TRACEBACK", None)
+
+
+def arguments(demo: Path, out: str, *overrides: str, layout: tuple[str, ...] = ONE_STAGE) -> list[str]:
+    """launch/tta.py's arguments for the demo's models and data (`layout`: the stage options; without them,
+    the demo's 2-stage split, which one process runs as 1 stage)."""
+    return ["--config", "ds_configs/demo.json", "--output_dir", str(demo / out),
+            "--model.build_demo_models", "false", "--data.build_demo_data", "false",
+            "--model.segmenter", str(demo / "segformer"), "--model.generator", str(demo / "sd3"),
+            "--model.class_embeddings", str(demo / "classes.safetensors"), "--data.root", str(demo / "data"),
+            *layout, "--logging.wandb.enabled", "false", *overrides]
+
+
+def launch(demo: Path, out: str, *overrides: str, layout: tuple[str, ...] = ONE_STAGE) -> subprocess.CompletedProcess:
     """One process, no launcher (`python launch/tta.py`), on the demo's models and data."""
-    cmd = [sys.executable, "launch/tta.py", "--config", "ds_configs/demo.json", "--output_dir", str(demo / out),
-           "--model.build_demo_models", "false", "--data.build_demo_data", "false",
-           "--model.segmenter", str(demo / "segformer"), "--model.generator", str(demo / "sd3"),
-           "--model.class_embeddings", str(demo / "classes.safetensors"), "--data.root", str(demo / "data"),
-           "--pipeline.num_stages", "1", "--pipeline.partition", "null", "--logging.wandb.enabled", "false",
-           *overrides]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    env.pop("DUSA_TRACEBACK", None)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "launch/tta.py", *arguments(demo, out, *overrides, layout=layout)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
 
 
 def error_line(proc: subprocess.CompletedProcess) -> str:
@@ -51,7 +61,6 @@ CASES = {
     "unknown corruption": (["--data.corruptions", "[fog]"], "corruptions under"),
     "unknown config key": (["--tta.learning_rate", "1e-5"], "unrecognized arguments: --tta.learning_rate"),
     "wrong type": (["--tta.lr", "fast"], 'Parser key "tta.lr"'),
-    "stages vs processes": (["--pipeline.num_stages", "2"], "1 process cannot form pipelines of pipeline.num_stages=2"),
     "stages vs blocks": (["--pipeline.partition", "[0,40]"], "pipeline.partition [0, 40] must be 2 increasing"),
     "missing checkpoint": (["--model.segmenter", "/nonexistent/segformer"], "/nonexistent/segformer"),
     "fp16 engine": (["--deepspeed", '{"fp16": {"enabled": true}}'], "fp16 is not supported"),
@@ -60,11 +69,18 @@ CASES = {
 }
 
 
+@pytest.fixture(scope="module")
+def refused(demo) -> dict:
+    """Every case of CASES as `python launch/tta.py` runs it, all in one process (tests/refusals_worker.py)."""
+    return refused_runs({case: arguments(demo, case.replace(" ", "_"), *overrides)
+                         for case, (overrides, _) in CASES.items()}, ENV)
+
+
 @pytest.mark.slow  # a launch/tta.py process
 @pytest.mark.parametrize("case", CASES)
-def test_bad_input_gives_one_clear_line(demo, case):
+def test_bad_input_gives_one_clear_line(demo, refused, case):
     overrides, expected = CASES[case]
-    line = error_line(launch(demo, case.replace(" ", "_"), *overrides))
+    line = error_line(refused[case])
     assert expected in line
     assert not (demo / case.replace(" ", "_") / "results.json").exists()
 
@@ -109,8 +125,15 @@ def test_a_very_wide_image_runs_with_many_windows(demo, tmp_path):
     Image.fromarray(rng.integers(0, 151, (128, 1100), dtype=np.uint8)).save(
         data / "annotations/validation/ADE_val_00000001.png")
     proc = launch(demo, "wide", "--data.root", str(data), "--data.corruptions", "[gaussian_noise]",
-                  "--data.limit", "1")
+                  "--data.limit", "1", layout=())
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The demo config's 2 stages, in one process started without the launcher: 1 stage, the split planned.
+    lines = [line for line in proc.stdout.splitlines() if not line.startswith("removed ")]  # other runs' buffers
+    assert lines[:3] == [
+        "one process (no deepspeed launcher): 1 stage instead of pipeline.num_stages 2 "
+        "(`deepspeed --num_gpus 2 launch/tta.py ...` runs them)",
+        "pipeline.partition [0, 4, 7] is a split into 2 stages, not 1: the split is planned instead",
+        "partition [0, 7] (planned)"]
     import json
     assert json.loads((demo / "wide" / "results.json").read_text())["tasks"]["gaussian_noise"]["images"] == 1
 

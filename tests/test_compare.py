@@ -82,3 +82,17 @@ def test_runs_as_a_script(runs):
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "source (src)" in proc.stdout
+
+
+def test_a_folder_of_runs_expands_to_its_runs_and_markdown_is_a_paragraph_then_a_table(runs, tmp_path, capsys):
+    make_run(tmp_path / "a|b", "tent", {"fog": 1.0})  # a | in a folder name is escaped in its cell
+    assert main([str(tmp_path), "--format", "markdown"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # columns in order of first appearance over the runs, taken in folder-name order: a|b, dusa-a, src, tent-a
+    assert lines[:3] == ["mIoU % per corruption (4 runs)", "", "| run | fog | frost | snow | average |"]
+    assert lines[3] == "| --- | ---: | ---: | ---: | ---: |"
+    assert [line.split(" | ")[0] for line in lines[4:]] == ["| tent (a\\|b)", "| dusa (dusa-a)", "| source (src)",
+                                                            "| tent (tent-a)"]
+    assert all(line.count("|") - line.count("\\|") == 6 for line in lines[2:])  # 5 cells in every row
+    assert main([str(runs[0]), str(tmp_path)]) == 0  # a run and a folder of runs together
+    assert "(5 runs)" in capsys.readouterr().out

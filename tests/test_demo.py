@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,11 +61,13 @@ def check_outputs(run: Path, results: dict) -> None:
     in the task's shuffled order)."""
     with open(run / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["task"] for r in rows] == CORRUPTIONS
-    assert list(rows[0])[5:] == [f"IoU/{c}" for c in ADE20K_CLASSES]
-    for row in rows:
-        assert float(row["mIoU"]) == results["tasks"][row["task"]]["mIoU"]
-    assert json.loads((run / "config.json").read_text()) == results["config"]
+    assert [r["task"] for r in rows] == [*CORRUPTIONS, "average"]
+    assert list(rows[0])[7:] == [f"IoU/{c}" for c in ADE20K_CLASSES]
+    for row in rows[:-1]:
+        assert row["mIoU"] == f"{results['tasks'][row['task']]['mIoU']:.2f}"
+    assert rows[-1]["mIoU"] == f"{results['average']['mIoU']:.2f}"
+    text = (run / "config.json").read_text()
+    assert json.loads(text) == results["config"] and text.endswith("}\n")
     data = DataConfig(shuffle=results["config"]["data"]["shuffle"])
     for task in CORRUPTIONS:
         order = task_order(data, results["config"]["seed"], task, 4)  # the 1st and 3rd image adapted
@@ -87,9 +91,15 @@ def test_demo_runs_to_the_end_with_finite_miou_per_task(demo_dir):
     assert results["config"]["tta"]["method"] == "dusa"
     assert results["config"]["deepspeed"]["optimizer"]["params"]["lr"] == results["config"]["tta"]["lr"]
     check_outputs(demo_dir / "tta", results)
-    # The start-up summary (parameters of both stages) and the progress bar's rate and sweep ETA.
+    # The start-up summary (parameters of both stages); outside a terminal, no bar but a line every log_every (2)
+    # images with the rate and the sweep's ETA; on a CPU, no planner predictions or GPU memory estimate; no
+    # blank line.
     assert "method" in output and "parameters, stage 0" in output and "parameters, stage 1" in output
-    assert "img/s" in output and "sweep ETA=" in output
+    assert "\r" not in output and "" not in [line for line in output.split("\n")[:-1] if not line.startswith("[20")]
+    assert re.search(r"^\[1/2\] gaussian_noise: 2/4 images, [\d.]+ img/s, mIoU [\d.]+, loss \d\.\d{4}, "
+                     r"sweep ETA \d\d:\d\d$", output, re.M)
+    assert "partition [0, 4, 7] (pipeline.partition)\n" in output
+    assert not any(s in output for s in ("memory per GPU", "predicted", "bench/bench.py --calibrate"))
     check_quiet(output)  # the demo models were built in this run too: their writing bars are off as well
     # No credentials in this environment: a complete offline W&B run is written beside the results,
     # with the pictures in it.
@@ -112,6 +122,18 @@ def test_source_scores_the_unchanged_source_model(demo_dir):
         expected = metric.compute()
         assert results["tasks"][task]["mIoU"] == pytest.approx(expected["mIoU"], abs=1e-12)
         assert results["tasks"][task]["aAcc"] == pytest.approx(expected["aAcc"], abs=1e-12)
+
+    # The same command again, as one process: every task is done, so it says so and loads no model, and
+    # results.json stays as it was.
+    done = demo_dir / "source" / "results.json"
+    before = (done.read_bytes(), done.stat().st_mtime_ns)
+    command = demo_command(demo_dir, "source", "--tta.method", "source", "--logging.wandb.enabled", "false")
+    rerun = subprocess.run([sys.executable, *command[command.index("launch/tta.py"):]], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300, env=dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert rerun.stdout.splitlines()[-1] == (f"every task is already done in {done}: nothing to run "
+                                             f"(another --output_dir starts a new run)")
+    assert "segmenter " not in rerun.stdout and (done.read_bytes(), done.stat().st_mtime_ns) == before
 
 
 def test_tent_runs_without_a_generator_and_matches_tent_in_one_process(demo_dir):

@@ -26,15 +26,15 @@ from pipeline import checks
 from pipeline.config import RunConfig, validate
 from pipeline.rundir import (LOCK_NAME, PeerError, RunFolder, Stopped, file_digests, orphaned_shared_memory,
                              verify_files, write_text_atomic)
-from tests.helpers import demo_models_and_data, free_port
+from tests.helpers import demo_models_and_data, free_port, refused_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 C = len(ADE20K_CLASSES)
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
-    return demo_models_and_data(tmp_path_factory.mktemp("hardening"))
+def demo(tmp_path_factory, demo_models) -> Path:
+    return demo_models_and_data(tmp_path_factory.mktemp("hardening"), demo_models)
 
 
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
@@ -48,11 +48,14 @@ def model_args(demo: Path) -> list[str]:
             "--logging.wandb.enabled", "false", "--logging.image_every", "0"]
 
 
+def one_process_arguments(demo: Path, out: str | Path) -> list[str]:
+    return [*model_args(demo), "--output_dir", str(out), "--pipeline.num_stages", "1", "--pipeline.partition", "null"]
+
+
 def launch(demo: Path, out: str | Path, *overrides: str) -> subprocess.CompletedProcess:
     """One process, no launcher, on the demo's models and data."""
-    cmd = [sys.executable, "launch/tta.py", *model_args(demo), "--output_dir", str(out),
-           "--pipeline.num_stages", "1", "--pipeline.partition", "null", *overrides]
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "launch/tta.py", *one_process_arguments(demo, out), *overrides], cwd=ROOT,
+                          env=ENV, capture_output=True, text=True, timeout=600)
 
 
 def launch2(demo: Path, out: Path, *overrides: str, data: Path | None = None, **kwargs):
@@ -375,15 +378,25 @@ REFUSED = {  # class: (overrides, what the line says)
 }
 
 
+@pytest.fixture(scope="module")
+def refused(demo, tmp_path_factory) -> dict:
+    """Every case of REFUSED as `python launch/tta.py` runs it, all in one process (tests/refusals_worker.py),
+    each into `<its folder>/runs/out`; and the working folder's listing before and after."""
+    folders = {case: tmp_path_factory.mktemp("refused") for case in REFUSED}
+    before = sorted(p.name for p in ROOT.iterdir())
+    runs = refused_runs({case: [*one_process_arguments(demo, folders[case] / "runs" / "out"), *overrides]
+                         for case, (overrides, _) in REFUSED.items()}, ENV)
+    return {"runs": runs, "folders": folders, "listing": (before, sorted(p.name for p in ROOT.iterdir()))}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", REFUSED)
-def test_a_refused_run_prints_one_line_and_writes_nothing(demo, tmp_path, case):
+def test_a_refused_run_prints_one_line_and_writes_nothing(refused, case):
     overrides, expected = REFUSED[case]
-    out = tmp_path / "runs" / "out"
-    before = sorted(p.name for p in ROOT.iterdir())
-    assert expected in error_line(launch(demo, out, *overrides))
-    assert not (tmp_path / "runs").exists()  # nothing behind, not even the folder
-    assert sorted(p.name for p in ROOT.iterdir()) == before  # nor in the working folder (a hub id's folder)
+    assert expected in error_line(refused["runs"][case])
+    assert not (refused["folders"][case] / "runs").exists()  # nothing behind, not even the folder
+    before, after = refused["listing"]
+    assert after == before  # nor in the working folder (a hub id's folder)
 
 
 @pytest.mark.slow

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -290,8 +291,8 @@ def test_a_workdir_keeps_its_scale(chain):
 @pytest.mark.slow
 def test_tiny_chain_through_the_launcher(chain, tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "bench/miniature.py", "all", "--tiny", "--workdir", str(chain), "--workers", "1",
-           "--out", str(tmp_path / "results")]
+    cmd = [sys.executable, "bench/miniature.py", "all", "--tiny", "--workdir", str(chain), "--workers", "1"]
+    published = sorted((ROOT / "bench" / "results").iterdir())
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     wd = mini.Workdir(chain, tiny=True)
@@ -299,8 +300,23 @@ def test_tiny_chain_through_the_launcher(chain, tmp_path):
         results = json.loads((chain / "runs" / run["name"] / "results.json").read_text())
         assert list(results["tasks"]) == mini.expected_tasks(wd, run)
         assert all(0 <= task["mIoU"] <= 100 and set(task["IoU"]) == set(CLASSES) for task in results["tasks"].values())
-    document = json.loads(next((tmp_path / "results").glob("*-miniature-tiny.json")).read_text())
+    # The report goes under the workdir (bench/results, tracked, only with --out), titled as tiny.
+    assert sorted((ROOT / "bench" / "results").iterdir()) == published
+    document = json.loads(next((chain / "report").glob("*-miniature-tiny.json")).read_text())
     assert [row["label"] for row in document["rows"]] == ["source", "tent lr 1e-04", "dusa lr 1e-04"]
-    assert "| source |" in document["markdown"] and next((tmp_path / "results").glob("*-miniature-tiny.png"))
+    assert "| source |" in document["markdown"] and next((chain / "report").glob("*-miniature-tiny.png"))
+    assert document["title"].startswith("miniature benchmark --tiny (a CPU smoke run: no quality claim), severity 3")
     assert [row["label"] for row in document["continual_rows"]] == ["dusa lr 1e-04"]
     assert None not in document["continual_rows"][0]["round_mIoU"]
+
+
+def test_help_describes_once_with_the_grids_values_and_every_argument(capsys):
+    with pytest.raises(SystemExit):
+        mini.main(["--help"])
+    text = capsys.readouterr().out
+    assert text.count("A miniature benchmark in which every weight is trained here") == 1
+    assert "corruptions snow, frost, fog, brightness, contrast at severity 3; seeds 0 and 1;" in text
+    assert "tent at 1e-5, 1e-4, 1e-3" in text
+    assert not re.search(r"\b(CORRUPTIONS|SEEDS|SEVERITY|LEARNING_RATES|PRESETS)\b", text)
+    assert "STEP the step to run: data, train, sanity, adapt, report; or all (every step in order)" in " ".join(
+        text.split())  # argparse wraps the help to the terminal's width

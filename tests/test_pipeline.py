@@ -2,6 +2,7 @@
 single-process computation of README's "The method, exactly", written here with the unsplit model."""
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -27,14 +28,35 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def run_worker(assets: Path, mode: str, stages: int = 2, *extra: str) -> list[dict]:
+def run_worker(assets: Path, jobs: dict[str, list[str]], stages: int = 2) -> dict[str, list[dict]]:
+    """Every job in one launch of `stages` processes: job name -> what each rank recorded."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(stages),
-           "--master_port", str(free_port()), str(ROOT / "tests" / "pipeline_worker.py"), "--mode", mode,
-           "--assets", str(assets), "--stages", str(stages), *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+           "--master_port", str(free_port()), str(ROOT / "tests" / "pipeline_worker.py"), "--jobs", json.dumps(jobs),
+           "--assets", str(assets), "--stages", str(stages)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return [torch.load(assets / f"{mode}-rank{r}.pt") for r in range(stages)]
+    return {name: [torch.load(assets / f"{name}-rank{r}.pt") for r in range(stages)] for name in jobs}
+
+
+AUTOCAST = ["--preset", "ds_configs/ds_tta.json"]
+# The 2-stage jobs of this file, run by one launcher start (each on a pipeline built afresh from the files).
+TWO_STAGE_JOBS = {
+    "grads": ["--mode", "grads"],
+    "grads-autocast": ["--mode", "grads", *AUTOCAST],
+    "grads-autocast-casts": ["--mode", "grads", *AUTOCAST, "--autocast_casts"],
+    "reset-bf16": ["--mode", "reset"], "reset-autocast": ["--mode", "reset", *AUTOCAST],
+    "wiring": ["--mode", "wiring"],
+    "nan-bf16": ["--mode", "nan"], "nan-autocast": ["--mode", "nan", *AUTOCAST],
+    "bf16grads": ["--mode", "bf16grads"], "bf16grads-immediate": ["--mode", "bf16grads", "--immediate"],
+    "lrs": ["--mode", "lrs"], "options": ["--mode", "options"],
+    "accumulate": ["--mode", "accumulate"], "accumulate-bf16": ["--mode", "accumulate", "--bf16"],
+}
+
+
+@pytest.fixture(scope="module")
+def two_stages(assets) -> dict[str, list[dict]]:
+    return run_worker(assets, TWO_STAGE_JOBS)
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +219,9 @@ def checkpoint_layer(key: str) -> int:
 
 
 @pytest.mark.parametrize("stages,ignore", [(2, []), (4, [0, 12])])
-def test_pipeline_step_equals_single_process_reference(assets, stages, ignore):
-    ranks = run_worker(assets, "grads", stages, "--ignore", *map(str, ignore))
+def test_pipeline_step_equals_single_process_reference(assets, two_stages, stages, ignore):
+    ranks = two_stages["grads"] if stages == 2 else \
+        run_worker(assets, {"grads": ["--mode", "grads", "--ignore", *map(str, ignore)]}, stages)["grads"]
     ref_loss, ref_grads, _ = reference_step(assets, seed=0, ignore=ignore)
     assert [r["stage"] for r in ranks] == list(range(stages))
     # SegFormer runs once for the step's three windows, on stage 0 only.
@@ -216,12 +239,10 @@ def test_pipeline_step_equals_single_process_reference(assets, stages, ignore):
         assert {checkpoint_layer(k) for k in r["loaded_keys"]} <= own_layers
 
 
-def test_autocast_working_weights_equal_autocasts_own_casts_bit_for_bit(assets):
+def test_autocast_working_weights_equal_autocasts_own_casts_bit_for_bit(two_stages):
     """The default preset (float32 weights, bf16 autocast): the generator's weights cast once per step and
     its gradients folded once per window give exactly the loss and gradients of autocast's per-window casts."""
-    preset = ["--preset", "ds_configs/ds_tta.json"]
-    working = run_worker(assets, "grads", 2, *preset)
-    casts = run_worker(assets, "grads", 2, *preset, "--autocast_casts")
+    working, casts = two_stages["grads-autocast"], two_stages["grads-autocast-casts"]
     assert [r["working_weights"] for r in working] == [True, True]
     assert [r["working_weights"] for r in casts] == [False, False]
     for a, b in zip(working, casts):
@@ -232,9 +253,9 @@ def test_autocast_working_weights_equal_autocasts_own_casts_bit_for_bit(assets):
 
 
 @pytest.mark.parametrize("preset", [None, "ds_configs/ds_tta.json"])
-def test_reset_restores_parameters_masters_and_optimizer_state(assets, preset):
+def test_reset_restores_parameters_masters_and_optimizer_state(two_stages, preset):
     """bf16 ZeRO 1 (float32 masters in the optimizer), and the default autocast preset (float32 weights)."""
-    for r in run_worker(assets, "reset", 2, *(["--preset", preset] if preset else [])):
+    for r in two_stages["reset-autocast" if preset else "reset-bf16"]:
         assert r["dtype"] == ("torch.float32" if preset else "torch.bfloat16")
         assert r["moved_before_reset"]
         assert r["params_equal"] and r["masters_equal"] and r["state_empty"]
@@ -243,8 +264,8 @@ def test_reset_restores_parameters_masters_and_optimizer_state(assets, preset):
         assert r["same_update"]
 
 
-def test_twenty_steps_on_one_image_lower_the_loss_and_move_both_models(assets):
-    ranks = run_worker(assets, "wiring")
+def test_twenty_steps_on_one_image_lower_the_loss_and_move_both_models(two_stages):
+    ranks = two_stages["wiring"]
     losses = ranks[0]["losses"]
     assert losses == ranks[1]["losses"]
     assert ranks[0]["segmenter_forwards"] == 20  # one per step
@@ -255,21 +276,21 @@ def test_twenty_steps_on_one_image_lower_the_loss_and_move_both_models(assets):
 
 
 @pytest.mark.parametrize("preset", [None, "ds_configs/ds_tta.json"])
-def test_a_non_finite_loss_skips_the_update_on_every_stage(assets, preset):
-    for r in run_worker(assets, "nan", 2, *(["--preset", preset] if preset else [])):
+def test_a_non_finite_loss_skips_the_update_on_every_stage(two_stages, preset):
+    for r in two_stages["nan-autocast" if preset else "nan-bf16"]:
         assert r["nan_loss"] != r["nan_loss"] and r["nan_skipped"]  # NaN, and skipped
         assert r["unchanged"]  # no stage stepped on NaN gradients
         assert r["next_loss"] == r["next_loss"] and not r["next_skipped"] and r["moved_after"]
 
 
 @pytest.mark.parametrize("immediate", [False, True])
-def test_bf16_zero1_gradients_and_update_follow_the_reference(assets, immediate):
+def test_bf16_zero1_gradients_and_update_follow_the_reference(assets, two_stages, immediate):
     """In bf16 the segmenter's backward runs outside DeepSpeed's backward pass: its gradients must reach
     the optimizer's float32 gradients once, scaled like the others, and stage 0's transformer gradients
     must not count the last window twice. Such faults move gradients by 100 % or more (missing, doubled,
     3 windows unscaled); bf16 weights alone move the tiny SegFormer's by about 10 % (12 % measured, against
     the float32 reference), the transformer's by 1 to 2 %."""
-    ranks = run_worker(assets, "bf16grads", 2, *(["--immediate"] if immediate else []))
+    ranks = two_stages["bf16grads-immediate" if immediate else "bf16grads"]
     ref_loss, ref_grads, _ = reference_step(assets, seed=0)
     floor = 1e-3 * max(g.norm() for g in ref_grads.values())
     transformer, segmenter = [], [0.0, 0.0]
@@ -289,18 +310,18 @@ def test_bf16_zero1_gradients_and_update_follow_the_reference(assets, immediate)
     assert segmenter[1] > 0 and (segmenter[0] / segmenter[1]) ** 0.5 < 0.3, (segmenter[0] / segmenter[1]) ** 0.5
 
 
-def test_a_learning_rate_per_model_reaches_the_optimizer(assets):
-    stage0, stage1 = run_worker(assets, "lrs")
+def test_a_learning_rate_per_model_reaches_the_optimizer(two_stages):
+    stage0, stage1 = two_stages["lrs"]
     assert stage0["lrs"] == [0.0, 2e-3] and stage1["lrs"] == [2e-3]  # stage 1 holds no segmenter
     assert stage0["segmenter_moved"] == 0.0
     assert stage0["generator_moved"] > 0 and stage1["generator_moved"] > 0
 
 
-def test_entropy_weighted_adaptive_windows_and_a_learnable_pooled_embedding_equal_the_reference(assets):
+def test_entropy_weighted_adaptive_windows_and_a_learnable_pooled_embedding_equal_the_reference(assets, two_stages):
     """One step with `data.windows adaptive` (windows placed from the step's own forward, the count sent to
     the other stage, crops resized to the window size), `tta.window_weighting entropy` and
     `tta.learnable_embedding`, against the specification written out in this file."""
-    ranks = run_worker(assets, "options")
+    ranks = two_stages["options"]
     ref_loss, ref_grads, ref_windows = reference_step(assets, seed=0, options=True)
     assert ranks[0]["windows"] == ref_windows and len(ref_windows) == ADAPTIVE_TEST_RULE.max_windows
     for r in ranks:
@@ -310,11 +331,11 @@ def test_entropy_weighted_adaptive_windows_and_a_learnable_pooled_embedding_equa
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_gradient_accumulation_updates_every_k_images_and_drops_the_leftovers(assets, bf16):
+def test_gradient_accumulation_updates_every_k_images_and_drops_the_leftovers(assets, two_stages, bf16):
     """tta.accumulation_steps 2 with SGD from the DeepSpeed JSON (momentum 0.9 by default): nothing moves
     after the 1st and 3rd images, the 2nd and 4th update with the mean of two images' gradients (the
     second with momentum), the 5th image's gradients are dropped at the task's end."""
-    ranks = run_worker(assets, "accumulate", 2, *(["--bf16"] if bf16 else []))
+    ranks = two_stages["accumulate-bf16" if bf16 else "accumulate"]
     models = load_reference_models(assets)
     named = {**{f"segmenter.{n}": p for n, p in models[0].named_parameters()},
              **{f"transformer.{n}": p for n, p in models[2].named_parameters()}}

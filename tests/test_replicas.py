@@ -22,7 +22,7 @@ from PIL import Image
 from pipeline.config import RunConfig
 from pipeline.replicas import ReplicaFeed, Replicas, layout_error, task_result
 from pipeline.resume import finished_tasks
-from tests.helpers import demo_command
+from tests.helpers import copy_demo_models, demo_command
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["gaussian_noise", "defocus_blur", "fog", "contrast"]
@@ -119,8 +119,10 @@ def tasks_of(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tmp(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("replicas")
+def tmp(tmp_path_factory, demo_models) -> Path:
+    folder = tmp_path_factory.mktemp("replicas")
+    copy_demo_models(demo_models, folder / "assets")  # where demo_command points: the runs build no model
+    return folder
 
 
 @pytest.mark.slow  # 2 + 4 launcher processes

@@ -69,15 +69,21 @@ def test_format_results_table() -> None:
     assert lines[-2].startswith("---")
 
 
-def test_results_csv_one_row_per_task_then_per_class_iou(tmp_path: Path) -> None:
-    write_results(summarize(TASK_RESULTS, CONFIG, CLASSES), tmp_path)
+def test_results_csv_one_row_per_task_then_the_average_rounded_as_the_console(tmp_path: Path) -> None:
+    tasks = {task: dict(res) for task, res in TASK_RESULTS.items()}
+    tasks["gaussian_noise"].update(mIoU=30.004, loss=0.123456, nonfinite_steps=2)
+    write_results(summarize(tasks, CONFIG, CLASSES), tmp_path)
     with open(tmp_path / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["task", "mIoU", "aAcc", "images", "seconds", "IoU/wall", "IoU/sky", "IoU/tree"]
-    assert [r["task"] for r in rows] == ["gaussian_noise", "fog"]
-    g = rows[0]
-    assert float(g["mIoU"]) == 30.0 and float(g["aAcc"]) == 70.0 and int(g["images"]) == 4
-    assert float(g["IoU/wall"]) == 20.0 and g["IoU/sky"] == "" and float(g["IoU/tree"]) == 40.0  # NaN: empty
+    assert list(rows[0]) == ["task", "mIoU", "aAcc", "images", "seconds", "loss", "nonfinite_steps",
+                             "IoU/wall", "IoU/sky", "IoU/tree"]
+    assert [r["task"] for r in rows] == ["gaussian_noise", "fog", "average"]
+    assert rows[0] == {"task": "gaussian_noise", "mIoU": "30.00", "aAcc": "70.00", "images": "4", "seconds": "12.5",
+                       "loss": "0.1235", "nonfinite_steps": "2", "IoU/wall": "20.00", "IoU/sky": "",  # NaN: empty
+                       "IoU/tree": "40.00"}
+    assert rows[1]["loss"] == "" and rows[1]["nonfinite_steps"] == "0"  # no loss recorded (source)
+    assert rows[2] == {"task": "average", "mIoU": "40.00", "aAcc": "80.00", "images": "7", "seconds": "19.8",
+                       "loss": "", "nonfinite_steps": "2", "IoU/wall": "", "IoU/sky": "", "IoU/tree": ""}
 
 
 def test_startup_summary_names_what_runs() -> None:

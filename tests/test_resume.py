@@ -12,7 +12,7 @@ import pytest
 
 from pipeline.config import DataConfig
 from pipeline.images import task_order
-from tests.helpers import demo_command
+from tests.helpers import copy_demo_models, demo_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,19 +41,24 @@ def comparable(out: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tmp(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("resume")
+def tmp(tmp_path_factory, demo_models) -> Path:
+    folder = tmp_path_factory.mktemp("resume")
+    copy_demo_models(demo_models, folder / "assets")  # where demo_command points: the runs build no model
+    return folder
 
 
-@pytest.mark.slow  # a launcher process
-def test_same_config_and_seed_give_identical_results(tmp):
+@pytest.fixture(scope="module")
+def once(tmp) -> Path:
+    """An uninterrupted continual sweep."""
     run(tmp, "once", "--tta.continual", "true")
-    run(tmp, "twice", "--tta.continual", "true")
-    assert comparable(tmp / "once") == comparable(tmp / "twice")
+    return tmp / "once"
 
 
-@pytest.mark.slow  # a launcher process
-def test_a_sweep_killed_after_its_first_task_resumes_to_the_same_results(tmp):
+@pytest.mark.slow  # launcher processes
+def test_same_config_and_seed_give_identical_results_across_a_kill_and_a_resume(tmp, once):
+    """The same sweep run again in other processes, killed after its first task and resumed, ends with the
+    uninterrupted sweep's results: its first task repeats it exactly (determinism), and the second goes on
+    from the saved state."""
     out = tmp / "killed"
     proc = subprocess.Popen(command(tmp, "killed", "--tta.continual", "true"), cwd=ROOT, env=ENV,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -75,11 +80,11 @@ def test_a_sweep_killed_after_its_first_task_resumes_to_the_same_results(tmp):
     rerun = run(tmp, "killed", "--tta.continual", "true")
     assert "gaussian_noise: already done" in rerun.stdout
     # Continual: the second task started from the saved state of the first, so nothing differs.
-    assert comparable(out) == comparable(tmp / "once")
+    assert comparable(out) == comparable(once)
 
 
 @pytest.mark.slow  # a launcher process
-def test_a_rerun_with_another_configuration_is_refused(tmp):
+def test_a_rerun_with_another_configuration_is_refused(tmp, once):
     proc = subprocess.run(command(tmp, "once", "--tta.continual", "true", "--tta.lr", "0.5"), cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode != 0
