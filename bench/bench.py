@@ -16,9 +16,9 @@ Variants, each timed over --steps images after --warmup, per number of candidate
 Options: --check compares loss, gradients and the parameter update of one optimizer step of (a) and
 (b) (same weights and inputs); --profile records two more steps of (a) per stage (torch.profiler
 traces + a table of where each stage's time goes); --calibrate measures per-layer costs in (b) and
-writes the cost table that the partition of (a) and of users' runs reads (pipeline/costs/); the
+writes the cost table that the partition of (a) and of users' runs reads (pipeline/dusa/costs/); the
 GPU run also checks SegFormer's CUDA graphs against eager and times their capture. Every run records
-pipeline/memory.py's estimate per stage beside the measured peaks; a stage that runs out of memory ends
+pipeline/dusa/memory.py's estimate per stage beside the measured peaks; a stage that runs out of memory ends
 every stage of its launch at once (recorded, with each stage's peak so far). --generator sd3.5-large runs
 random SD3.5-large weights (split by the memory estimate when no cost table exists for it).
 --sweep: instead of the variants, the real launcher (launch/tta.py on ds_configs/tta.json) over a synthetic
@@ -321,12 +321,12 @@ def pipeline_worker(args) -> None:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     from data.classes import ADE20K_CLASSES
-    from pipeline.config import DataConfig, ModelConfig, PipelineConfig, RunConfig, TTAConfig
-    from pipeline.engine import TTAEngine, load_ds_config, precision_of
+    from pipeline.run.config import DataConfig, ModelConfig, PipelineConfig, RunConfig, TTAConfig
+    from pipeline.dusa.engine import TTAEngine, load_ds_config, precision_of
     from pipeline.methods import Dusa
-    from pipeline.module import build_pipeline
-    from pipeline.images import predict
-    from pipeline.windows import window_boxes
+    from pipeline.dusa.module import build_pipeline
+    from pipeline.run.images import predict
+    from pipeline.dusa.windows import window_boxes
 
     deepspeed.init_distributed()
     rank = dist.get_rank()
@@ -403,7 +403,7 @@ def pipeline_worker(args) -> None:
     instrument(engine, spans)
 
     latent = (16, size // 8, size // 8)
-    # Stage 0 runs the users' step (pipeline/methods.py: Dusa.step, the draws seeded per image as in a run);
+    # Stage 0 runs the users' step (pipeline/methods/__init__.py: Dusa.step, the draws seeded per image as in a run);
     # the other stages take their part of it with the same window count.
     method = Dusa(engine, RunConfig(data=data, tta=tta), ADE20K_CLASSES)
 
@@ -499,7 +499,7 @@ def profile_steps(one_step, spans: Spans, trace: Path, stages: int, steps: int =
 def graph_check(front, image: torch.Tensor) -> dict:
     """SegFormer through CUDA graphs against eager (logits, parameter gradients), and per shape the
     eager and graphed forward+backward time and the capture's time and memory."""
-    from pipeline.graphs import GraphedModule
+    from pipeline.dusa.graphs import GraphedModule
     segmenter = front.segmenter
     params = [p for p in segmenter.parameters() if p.requires_grad]
     graphed = GraphedModule(segmenter, max_graphs=8, capture_after=1)
@@ -551,7 +551,7 @@ def calibrate(engine, image: torch.Tensor, corners, latent, classes, optimizer_s
     backward; SegFormer's forward and backward per image; each layer's share of the optimizer step and
     of the memory held across steps (weights, gradients, optimizer state; SegFormer's graphs and
     activations on the front)."""
-    from pipeline.windows import draw_windows
+    from pipeline.dusa.windows import draw_windows
     module, front = engine.module, engine.module.front
     layers = list(module.forward_funcs)
     cuda = torch.cuda.is_available()
@@ -642,9 +642,9 @@ def naive_worker(args) -> None:
     from models.class_embeddings import load_class_embeddings
     from models.sd3 import LatentEncoder, TransformerParts
     from models.segformer import Segmenter
-    from pipeline.layers import DusaLoss, JointBlock, SD3Embed, SD3Head, pack
-    from pipeline.loss import logit_norm, select_candidates
-    from pipeline.windows import window_boxes
+    from pipeline.dusa.layers import DusaLoss, JointBlock, SD3Embed, SD3Head, pack
+    from pipeline.dusa.loss import logit_norm, select_candidates
+    from pipeline.dusa.windows import window_boxes
 
     paths = json.loads(args.paths)
     gpus = torch.cuda.device_count()
@@ -749,12 +749,12 @@ def graph_cache_simulation(eager_s: float, graphed_s: float, capture_s: float, i
                            tasks: int = 15) -> dict:
     """SegFormer seconds per image and captures over a sweep of `tasks` tasks of the same `images` shapes (each
     task in its own order, as a sweep of ADE20K-C's corruptions), for caches of several sizes: the pipeline's
-    policy (pipeline/graphs.py: FrequentShapes, capture at the second sighting, the most frequent shapes kept)
+    policy (pipeline/dusa/graphs.py: FrequentShapes, capture at the second sighting, the most frequent shapes kept)
     against a least-recently-used cache capturing at the first or second sighting."""
     import random
     from collections import Counter, OrderedDict
 
-    from pipeline.graphs import FrequentShapes
+    from pipeline.dusa.graphs import FrequentShapes
     shapes = shape_sequence(images)
     sweep = []
     for t in range(tasks):
@@ -869,7 +869,7 @@ def compare_check(workdir: Path, name: str, reference: str = "single") -> dict |
 
 
 def cost_table_from(calibration: dict, card: str, paths: dict, tiny: bool, precision: str) -> dict:
-    from pipeline.partition import model_signature
+    from pipeline.dusa.partition import model_signature
     from transformers import SegformerConfig
     from models.sd3 import TransformerParts
     signature = model_signature(dict(TransformerParts(paths["generator"]).config),
@@ -889,8 +889,8 @@ def sweep(args, paths: dict, workdir: Path, out: Path, card: str, slug: str, suf
     results.json (the replicas' tasks scheduled as the shared queue hands them out: the makespan) and from the
     launcher's wall time (start-up and loading included), beside the prediction from the measured cost table."""
     from data.demo import make_demo_dataset
-    from pipeline.memory import GIB, memory_split, predict_layouts
-    from pipeline.partition import table_costs
+    from pipeline.dusa.memory import GIB, memory_split, predict_layouts
+    from pipeline.dusa.partition import table_costs
     gpus = args.sweep_gpus or (torch.cuda.device_count() if torch.cuda.is_available() else 2)
     card_bytes = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
     size = (128, 171) if args.tiny else IMAGE_SIZE
@@ -1002,7 +1002,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--partition", help="explicit stage boundaries of (a) as JSON (default: planned from costs)")
-    parser.add_argument("--cost_table", help="cost table for (a)'s partition (default: pipeline/costs/ lookup)")
+    parser.add_argument("--cost_table", help="cost table for (a)'s partition (default: pipeline/dusa/costs/ lookup)")
     parser.add_argument("--segmenter_graphs", type=int, help="pipeline.segmenter_graphs of (a) (default: the project's)")
     parser.add_argument("--variants", nargs="+", default=["single", "pipeline", "naive"])
     parser.add_argument("--pipeline_variants", default="{}",
@@ -1068,7 +1068,7 @@ def main() -> None:
     slug = card.lower().replace("nvidia ", "").split()[0] if card != "cpu" else "cpu"
     suffix = (f"-{args.generator}" if args.generator != "sd3-medium" else "") + (f"-{args.tag}" if args.tag else "") \
         + ("-tiny" if args.tiny else "")
-    from pipeline.config import PipelineConfig
+    from pipeline.run.config import PipelineConfig
     # The launcher's SegFormer graphs capture up to pipeline.segmenter_graphs shapes (the sweep's images vary in
     # size); the variants here see one shape.
     memory, table = memory_model(paths, args, card, PipelineConfig().segmenter_graphs if args.sweep else 1)
@@ -1085,12 +1085,12 @@ def main() -> None:
     if "pipeline" in args.variants and not args.partition and table is None and card_bytes:
         # No measured costs for these models: the worker would plan with relative times and no memory figures;
         # plan the split with the memory estimate instead (the fastest that fits, else the least memory).
-        from pipeline.memory import BUDGET
-        from pipeline.partition import default_costs, plan_partition
+        from pipeline.dusa.memory import BUDGET
+        from pipeline.dusa.partition import default_costs, plan_partition
         bounds, planned = plan_partition([default_costs(memory.geometry.num_blocks)], args.stages,
                                          memory_budget=BUDGET * card_bytes, memory=memory.totals(max(args.classes)))
         args.partition = json.dumps(bounds)
-        say(f"partition {bounds} planned with pipeline/memory.py's estimate at {max(args.classes)} classes "
+        say(f"partition {bounds} planned with pipeline/dusa/memory.py's estimate at {max(args.classes)} classes "
             f"({'fits' if planned['fits'] else 'no split fits'} {BUDGET:.0%} of the card)")
     log = Path(args.log) if args.log else workdir / "bench.log"
     ports = itertools.count(29533)  # a port per launch: a stuck earlier launch cannot meet a later one
@@ -1105,11 +1105,11 @@ def main() -> None:
             + (["--profile"] if args.profile and "pipeline" not in args.variants else []), log, args.timeout)
         single_out = workdir / "single-rank0.json"
         if args.calibrate and single_out.is_file():
-            from pipeline.engine import load_ds_config, precision_of
+            from pipeline.dusa.engine import load_ds_config, precision_of
             precision = precision_of(load_ds_config(args.ds_config or default_ds_config(args.tiny), lr=1.0))
             table = cost_table_from(json.loads(single_out.read_text())["calibration"], card, paths, args.tiny, precision)
             name = f"{slug}-{Path(paths['generator']).name}-{Path(paths['segmenter']).name}-{precision}.json"
-            table_path = workdir / name  # copied to --out; into pipeline/costs/ by hand, to be the default
+            table_path = workdir / name  # copied to --out; into pipeline/dusa/costs/ by hand, to be the default
             table_path.parent.mkdir(parents=True, exist_ok=True)
             table_path.write_text(json.dumps(table, indent=1) + "\n")
             shutil.copy(table_path, out / f"costs-{name}")
@@ -1120,7 +1120,7 @@ def main() -> None:
     if "pipeline" in args.variants:
         run(launcher() + pipeline_args + base_ds + ["--name", "pipeline"] + (["--profile"] if args.profile else [])
             + ["--graph_check"], log, args.timeout)
-    from pipeline.engine import load_ds_config
+    from pipeline.dusa.engine import load_ds_config
     for name, override in json.loads(args.pipeline_variants).items():
         override = dict(override)
         partition = override.pop("partition", None)
@@ -1145,7 +1145,7 @@ def main() -> None:
     report.update(generator=args.generator, ds_config=args.ds_config or str(default_ds_config(args.tiny)),
                   checkpoints_s=checkpoints_s, command=" ".join(sys.argv))
     if card_bytes:  # the fewest stages of this card, and of an 80 GB card, that the estimate fits in
-        from pipeline.memory import smallest_layout
+        from pipeline.dusa.memory import smallest_layout
         report["smallest_layouts"] = {
             str(c): {name: smallest_layout(memory, c, size) for name, size in ((card, card_bytes),
                                                                                ("80 GB card", 79.6 * 2**30))}
@@ -1224,13 +1224,13 @@ def merge(base: dict, override: dict) -> dict:
 
 
 def memory_model(paths: dict, args, card: str, graph_shapes: int = 1):
-    """pipeline/memory.py's model of the benchmark's runs (its activations from the measured cost table of
+    """pipeline/dusa/memory.py's model of the benchmark's runs (its activations from the measured cost table of
     these models where there is one), and that table (path, table) or None. `graph_shapes`: image shapes
     whose SegFormer CUDA graphs stay captured (one here; up to pipeline.segmenter_graphs in the launcher)."""
-    from pipeline.config import ModelConfig, TTAConfig
-    from pipeline.engine import load_ds_config, precision_of
-    from pipeline.memory import build_memory_model, read_configs
-    from pipeline.partition import find_cost_table, model_signature
+    from pipeline.run.config import ModelConfig, TTAConfig
+    from pipeline.dusa.engine import load_ds_config, precision_of
+    from pipeline.dusa.memory import build_memory_model, read_configs
+    from pipeline.dusa.partition import find_cost_table, model_signature
     ds = load_ds_config(args.ds_config or default_ds_config(args.tiny), lr=1e-5)
     generator, vae, segmenter, shape, dtype = read_configs(ModelConfig(**paths))
     size = window_size(args.tiny)[0]
@@ -1246,7 +1246,7 @@ def memory_model(paths: dict, args, card: str, graph_shapes: int = 1):
 
 def compare_memory(memory, bounds, classes: int, measured: list | None, reserved: list | None = None) -> dict:
     """The estimate per stage beside the measured peaks (GiB; error in % of the measured)."""
-    from pipeline.memory import GIB
+    from pipeline.dusa.memory import GIB
     stages = []
     for s, est in enumerate(memory.stages(list(bounds), classes)):
         row = {k: round(est[k] / GIB, 3) for k in ("params", "grads", "optimizer", "activations", "total")}

@@ -45,7 +45,7 @@ sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.rundir import free_local_port  # noqa: E402
+from pipeline.run.folder import free_local_port  # noqa: E402
 from bench.miniature_make import (CLASSES, FULL, TINY, K, Sizes, encode_windows, latent_labels,  # noqa: E402
                                   render_split, sizes_record, train_segmenter, train_transformer, train_vae,
                                   write_json)
@@ -165,8 +165,8 @@ def clean_test_miou(segmenter, wd: Workdir, device: torch.device) -> float:
     from PIL import Image
 
     from data.metrics import SegmentationMetric, ade_label_to_train_id
-    from pipeline.images import predict
-    from pipeline.windows import resize_short_edge
+    from pipeline.run.images import predict
+    from pipeline.dusa.windows import resize_short_edge
     metric = SegmentationMetric(K)
     for path in sorted((wd.clean / "images" / "validation").glob("*.png")):
         image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1).float() / 255
@@ -311,10 +311,10 @@ def cmd_sanity(wd: Workdir, args) -> None:
     from models.class_embeddings import load_class_embeddings
     from models.sd3 import LatentEncoder
     from models.segformer import Segmenter
-    from pipeline.checks import check_class_embedding_file, check_generator_files, check_segmenter_files
-    from pipeline.images import PreparedImages, image_seed, predict
-    from pipeline.loss import dusa_loss, logit_norm, select_candidates
-    from pipeline.windows import resample_window, window_resampler
+    from pipeline.run.checks import check_class_embedding_file, check_generator_files, check_segmenter_files
+    from pipeline.run.images import PreparedImages, image_seed, predict
+    from pipeline.dusa.loss import dusa_loss, logit_norm, select_candidates
+    from pipeline.dusa.windows import resample_window, window_resampler
 
     need_models(wd)
     make_test_data(wd, args.workers)
@@ -541,7 +541,7 @@ def row_label(run: dict) -> str:
 
 def collect(wd: Workdir) -> list[dict]:
     """One row per (method, preset, lr): per corruption and mean, the mean over seeds and their range."""
-    from pipeline.reporting import read_results
+    from pipeline.run.reporting import read_results
     rows: dict[str, dict] = {}
     for run in grid(wd.tiny):
         path = wd.runs / run["name"] / "results.json"

@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.rundir import free_local_port  # noqa: E402
+from pipeline.run.folder import free_local_port  # noqa: E402
 
 PRESETS = ["ds_configs/ds_tta_bf16.json", "ds_configs/ds_tta.json"]
 LOWER_PRECISION_MODULES = ("Linear", "Conv1d", "Conv2d", "Conv3d")  # run in bf16 under autocast
@@ -56,10 +56,10 @@ def worker(args) -> None:
     from deepspeed.utils import safe_get_full_grad
 
     from data.classes import ADE20K_CLASSES
-    from pipeline.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
-    from pipeline.engine import TTAEngine, is_norm_module, load_ds_config
-    from pipeline.module import build_pipeline
-    from pipeline.windows import draw_windows, resize_short_edge, window_boxes
+    from pipeline.run.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
+    from pipeline.dusa.engine import TTAEngine, is_norm_module, load_ds_config
+    from pipeline.dusa.module import build_pipeline
+    from pipeline.dusa.windows import draw_windows, resize_short_edge, window_boxes
 
     deepspeed.init_distributed()
     work = Path(args.workdir)

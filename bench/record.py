@@ -32,7 +32,7 @@ from pathlib import Path
 # Run as a script, Python puts bench/ first on the path, where bench.py would shadow the bench folder.
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from pipeline.timing import phase_means  # noqa: E402
+from pipeline.run.timing import phase_means  # noqa: E402
 from bench.bench import (IMAGE_SIZE, SHAPE_MIX, WORKDIR_MARKER, checkpoints, run, say,  # noqa: E402
                          shape_sequence)
 
@@ -114,9 +114,9 @@ def windows_from_data(run_dir: Path) -> dict[str, list[int]]:
     (config.json, or the copy in results.json) and the images' headers (for timing files written before they
     recorded it themselves; grid windows only)."""
     from data.ade20k_c import ADE20KC
-    from pipeline.config import DataConfig
-    from pipeline.images import task_order
-    from pipeline.windows import resized_size, window_boxes
+    from pipeline.run.config import DataConfig
+    from pipeline.run.images import task_order
+    from pipeline.dusa.windows import resized_size, window_boxes
     config = run_config(run_dir)
     data = DataConfig(**{k: v for k, v in config["data"].items() if k in DataConfig.__dataclass_fields__})
     out = {}

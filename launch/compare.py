@@ -14,7 +14,7 @@ from typing import Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from pipeline.reporting import read_results, task_result_problem  # noqa: E402
+from pipeline.run.reporting import read_results, task_result_problem  # noqa: E402
 
 AVERAGE = "average"
 

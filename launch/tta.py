@@ -21,7 +21,7 @@ from typing import Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-from pipeline import timing  # noqa: E402,F401  (first: its clock starts with the process)
+from pipeline.run import timing  # noqa: E402,F401  (first: its clock starts with the process)
 
 # DeepSpeed builds its CPU communication extension into ~/.cache/torch_extensions, shared by every environment
 # of this Python, which then rebuild it in turns (25-40 s each): one build folder per environment instead.
@@ -30,7 +30,7 @@ from argparse import ArgumentError  # noqa: E402
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings  # noqa: E402
 
-from pipeline.config import (DataConfig, LoggingConfig, ModelConfig, PipelineConfig, RunConfig,  # noqa: E402
+from pipeline.run.config import (DataConfig, LoggingConfig, ModelConfig, PipelineConfig, RunConfig,  # noqa: E402
                              TTAConfig)
 
 GROUPS = {"model": ModelConfig, "data": DataConfig, "tta": TTAConfig, "pipeline": PipelineConfig,
@@ -134,7 +134,7 @@ OOM_HELP = ("out of GPU memory: lower --tta.max_classes (the transformer batch p
 
 
 def main(argv=None) -> int:
-    from pipeline.rundir import PeerError, Stopped, default_signals, launcher_ended, stop_signal_received
+    from pipeline.run.folder import PeerError, Stopped, default_signals, launcher_ended, stop_signal_received
     rank = int(os.environ.get("RANK", "0"))
     try:
         try:
@@ -195,7 +195,7 @@ STOP_NOTICE_S = 2.0
 def other_ranks_running() -> bool | None:
     """Whether every other rank that this rank's launcher started on this node is still running (None: no
     launcher, or it has ended). A rank that ended first means the launcher is stopping the rest after it."""
-    from pipeline.rundir import launcher_ended, launcher_processes
+    from pipeline.run.folder import launcher_ended, launcher_processes
     launchers = launcher_processes()
     if launcher_ended() or not launchers:
         return None
@@ -261,7 +261,7 @@ def on_rank0(work, rank: int, world: int, dist) -> None:
         verdict = [None if error is None else str(error)]
         dist.broadcast_object_list(verdict, src=0)
         if rank and verdict[0] is not None:
-            from pipeline.rundir import PeerError
+            from pipeline.run.folder import PeerError
             raise PeerError(verdict[0])
     if error is not None:
         raise error
@@ -269,11 +269,11 @@ def on_rank0(work, rank: int, world: int, dist) -> None:
 
 def run(argv=None) -> int:
     global _started
-    from pipeline.checks import (check_accumulation, check_argument_files, check_class_embedding_file,
+    from pipeline.run.checks import (check_accumulation, check_argument_files, check_class_embedding_file,
                                  check_deepspeed_config, check_generator_files, check_segmenter_files,
                                  check_window_counts, check_window_size, load_unique, read_cost_table)
-    from pipeline.config import cap_class_budget, validate
-    from pipeline.rundir import (RunFolder, launcher_processes, remove_orphaned_shared_memory, stop_on_signals,
+    from pipeline.run.config import cap_class_budget, validate
+    from pipeline.run.folder import (RunFolder, launcher_processes, remove_orphaned_shared_memory, stop_on_signals,
                                  stop_when_launcher_ends, write_text_atomic)
 
     stop_on_signals()
@@ -308,12 +308,12 @@ def run(argv=None) -> int:
 
     from data.demo import make_demo_dataset
     from models.tiny import build_demo_models
-    from pipeline.engine import load_ds_config
-    from pipeline.replicas import ReplicaFeed, Replicas, layout_error
-    from pipeline.reporting import RunLogger, startup_summary
-    from pipeline.identity import input_identity
-    from pipeline.resume import finished_tasks, saved_results
-    from pipeline.tta import TTARunner, open_tasks
+    from pipeline.dusa.engine import load_ds_config
+    from pipeline.run.replicas import ReplicaFeed, Replicas, layout_error
+    from pipeline.run.reporting import RunLogger, startup_summary
+    from pipeline.run.identity import input_identity
+    from pipeline.run.resume import finished_tasks, saved_results
+    from pipeline.run.loop import TTARunner, open_tasks
 
     if os.environ.get("LOCAL_RANK", "0") == "0":
         prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_"
@@ -322,7 +322,7 @@ def run(argv=None) -> int:
             print(f"removed {len(removed)} shared-memory buffers of ended DeepSpeed runs from /dev/shm")
 
     if "RANK" not in os.environ:  # started without a launcher: one process, like `deepspeed --num_gpus 1`
-        from pipeline.rundir import free_local_port
+        from pipeline.run.folder import free_local_port
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_local_port()))
     deepspeed.init_distributed()

@@ -117,7 +117,7 @@ def make_prompts(template: str, classes: Sequence[str], custom: Mapping[str, str
 
 def read_custom_prompts(path: str | Path) -> dict[str, str]:
     """A JSON or YAML mapping class name -> full prompt."""
-    from pipeline.checks import load_unique  # JSON or YAML, a repeated class refused
+    from pipeline.run.checks import load_unique  # JSON or YAML, a repeated class refused
     try:
         text = Path(path).read_text(encoding="utf-8-sig")  # a leading byte-order mark is dropped
     except OSError as e:

@@ -20,9 +20,9 @@ import torch.distributed as dist  # noqa: E402
 from deepspeed.runtime.pipe import schedule  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
 
-from pipeline.engine import TTAEngine, load_ds_config  # noqa: E402
-from pipeline.module import build_pipeline  # noqa: E402
-from pipeline.windows import draw_windows  # noqa: E402
+from pipeline.dusa.engine import TTAEngine, load_ds_config  # noqa: E402
+from pipeline.dusa.module import build_pipeline  # noqa: E402
+from pipeline.dusa.windows import draw_windows  # noqa: E402
 from tests.tiny_setup import (ACCUMULATE_LR, ACCUMULATION, ACCUMULATION_IMAGES, ADAPTIVE_TEST_RULE, CLASSES,  # noqa: E402
                               SHARP_SEGFORMER, WINDOW, WINDOW_TAU, fixed_windows, run_configs)
 

@@ -176,7 +176,7 @@ def test_the_guess_for_a_mistyped_option(typed, guess):
 def test_too_many_nonfinite_steps_in_a_row_stop_the_run():
     from types import SimpleNamespace
 
-    from pipeline.tta import TTARunner
+    from pipeline.run.loop import TTARunner
     runner = SimpleNamespace(cfg=SimpleNamespace(tta=SimpleNamespace(max_nonfinite=3)), _nonfinite_run=0,
                              _nonfinite_task=0)
     for skipped in (True, True, False, True, True):  # a finite step resets the count

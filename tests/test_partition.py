@@ -1,4 +1,4 @@
-"""Independent tests of the stage split: pipeline.partition.balanced_partition / check_partition.
+"""Independent tests of the stage split: pipeline.dusa.partition.balanced_partition / check_partition.
 
 balanced_partition(costs, num_stages) -> boundaries [0, b1, ..., len(costs)] of a contiguous split
 into `num_stages` non-empty parts minimising the largest part's summed cost.
@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from pipeline.partition import (StepCosts, balanced_partition, check_partition, default_costs, find_cost_table,
+from pipeline.dusa.partition import (StepCosts, balanced_partition, check_partition, default_costs, find_cost_table,
                                 model_signature, plan_partition, simulate_step, table_costs)
 
 

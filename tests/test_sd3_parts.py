@@ -7,7 +7,7 @@ from diffusers import SD3Transformer2DModel
 
 from models.sd3 import TransformerParts
 from models.tiny import make_tiny_sd3
-from pipeline.layers import JointBlock, SD3Embed, SD3Head, pack, unpack
+from pipeline.dusa.layers import JointBlock, SD3Embed, SD3Head, pack, unpack
 
 # Tiny configs of the published variants: SD3-medium (plain joint blocks), SD3.5-medium (dual
 # attention in the first blocks, RMS q/k norm), SD3.5-large (RMS q/k norm, deeper).

@@ -1,6 +1,6 @@
 """The TTA loop: tasks (corruptions), one step per image of the chosen method, scoring and results.
 
-Every method (pipeline/methods.py: `source`, `tent`, `dusa`) goes through the same data, metric, reset,
+Every method (pipeline/methods/__init__.py: `source`, `tent`, `dusa`) goes through the same data, metric, reset,
 continual state, pictures and logging code; only the method's step, which turns an image into scored
 logits, differs.
 """
@@ -20,16 +20,16 @@ from torch.utils.data import DataLoader, Subset
 
 from data.ade20k_c import ADE20KC
 from data.metrics import SegmentationMetric
-from pipeline.config import DataConfig, RunConfig
-from pipeline.images import PreparedImages, predict, task_order
+from pipeline.run.config import DataConfig, RunConfig
+from pipeline.run.images import PreparedImages, predict, task_order
 from pipeline.methods import Method
-from pipeline import timing
-from pipeline.pictures import make_picture, save_picture
-from pipeline.progress import TaskProgress
-from pipeline.replicas import Replicas, task_result
-from pipeline.reporting import RunLogger, format_results_table, summarize, write_results
-from pipeline.resume import check_saved_state, finished_tasks, saved_results, state_path
-from pipeline.rundir import PeerError, file_digests, own_folder, remove_path
+from pipeline.run import timing
+from pipeline.run.pictures import make_picture, save_picture
+from pipeline.run.progress import TaskProgress
+from pipeline.run.replicas import Replicas, task_result
+from pipeline.run.reporting import RunLogger, format_results_table, summarize, write_results
+from pipeline.run.resume import check_saved_state, finished_tasks, saved_results, state_path
+from pipeline.run.folder import PeerError, file_digests, own_folder, remove_path
 
 
 def open_tasks(data: DataConfig, num_classes: int) -> dict[str, ADE20KC]:

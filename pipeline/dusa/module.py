@@ -17,14 +17,14 @@ from models.checkpoints import load_checkpoint
 from models.class_embeddings import load_class_embeddings
 from models.sd3 import LatentEncoder, TransformerParts
 from models.segformer import Segmenter
-from pipeline import timing
-from pipeline.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
-from pipeline.layers import DusaLoss, JointBlock, SD3Embed, SD3Head, SegmenterFront
-from pipeline.memory import BUDGET
-from pipeline.partition import (StepCosts, check_partition, default_costs, find_cost_table, model_signature,
+from pipeline.run import timing
+from pipeline.run.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
+from pipeline.dusa.layers import DusaLoss, JointBlock, SD3Embed, SD3Head, SegmenterFront
+from pipeline.dusa.memory import BUDGET
+from pipeline.dusa.partition import (StepCosts, check_partition, default_costs, find_cost_table, model_signature,
                                 plan_partition, table_costs)
-from pipeline.replicas import isolate_data_parallel
-from pipeline.windows import AdaptiveWindows
+from pipeline.run.replicas import isolate_data_parallel
+from pipeline.dusa.windows import AdaptiveWindows
 
 
 class _BuiltBy(LayerSpec):
@@ -44,7 +44,7 @@ class DusaPipeline(PipelineModule):
     def __init__(self, layers: list[LayerSpec], boundaries: list[int], loss_fn, num_stages: int,
                  activation_checkpoint_interval: int = 0, replicas: int = 1):
         self._boundaries = boundaries  # read by _partition_layers inside PipelineModule.__init__
-        # Replica r is ranks r*S .. r*S+S-1 (pipeline/replicas.py): the data axis first, unlike DeepSpeed's
+        # Replica r is ranks r*S .. r*S+S-1 (pipeline/run/replicas.py): the data axis first, unlike DeepSpeed's
         # default, so that a replica's stages are neighbours (one node) and match the runner's replicas.
         topology = ProcessTopology(axes=["data", "pipe"], dims=[replicas, num_stages])
         super().__init__(layers=layers, loss_fn=loss_fn, topology=topology,
@@ -81,7 +81,7 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
                    replicas: int = 1, ds_config: dict | None = None) -> DusaPipeline:
     """Layer list -> partition -> module; each rank reads only the weights of its stage's layers.
     `precision` (bf16, autocast, fp32; default from `dtype`) picks the measured cost table; with the
-    DeepSpeed config, the split is planned and reported with the memory estimate of pipeline/memory.py."""
+    DeepSpeed config, the split is planned and reported with the memory estimate of pipeline/dusa/memory.py."""
     precision = precision or ("bf16" if dtype == torch.bfloat16 else "fp32")
     # Each stage reads its blocks straight to its GPU (DeepSpeed would move them there anyway).
     parts = TransformerParts(model.generator, dtype,
@@ -118,7 +118,7 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
         budget = BUDGET * torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
         memory = None
         if ds_config is not None:  # the estimate at tta.max_classes (parameters, optimizer, activations)
-            from pipeline.memory import run_memory_model
+            from pipeline.dusa.memory import run_memory_model
             estimate = run_memory_model(model, data, tta, pipe, ds_config)
             memory = estimate[0].totals(tta.max_classes)
         bounds, predicted = plan_partition(costs, pipe.num_stages, memory_budget=budget, memory=memory)
@@ -137,7 +137,7 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
                     f"{tta.max_classes} classes" if memory else "the most classes measured")
         stage_report(f"stage {s}: layers {a}-{b - 1} ({names[a]} .. {names[b - 1]}){busy}")
     if ds_config is not None and int(os.environ.get("RANK", "0")) == 0:  # before any weight loads
-        from pipeline.memory import startup_lines
+        from pipeline.dusa.memory import startup_lines
         for line in startup_lines(model, data, tta, pipe, ds_config, bounds, gpus=replicas * pipe.num_stages,
                                   estimate=estimate):
             stage_report(line)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.config import LoggingConfig, RunConfig, WandbConfig
+from pipeline.run.config import LoggingConfig, RunConfig, WandbConfig
 
 DEFAULT_PROJECT = "dusa-seg-tta"
 DEFAULT_HOST = "api.wandb.ai"

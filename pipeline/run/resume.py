@@ -7,10 +7,10 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.config import RunConfig, safe_name
-from pipeline.identity import changed_inputs
-from pipeline.reporting import read_results, task_result_problem
-from pipeline.rundir import verify_files
+from pipeline.run.config import RunConfig, safe_name
+from pipeline.run.identity import changed_inputs
+from pipeline.run.reporting import read_results, task_result_problem
+from pipeline.run.folder import verify_files
 
 
 def resume_signature(record: dict[str, Any]) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def saved_results(output_dir: str) -> dict[str, Any] | None:
 
 def check_saved_state(output_dir: str, saved: dict[str, Any], task: str) -> None:
     """The state after `task` is the one the run wrote: every file's SHA-256 as recorded in results.json
-    when it was saved (`pipeline.tta.TTARunner._save_state`); checked before anything is loaded from it."""
+    when it was saved (`pipeline.run.loop.TTARunner._save_state`); checked before anything is loaded from it."""
     record = saved.get("state") if isinstance(saved.get("state"), dict) else {}
     root = state_path(output_dir, task).parent
     fix = f"delete {output_dir} to start over"

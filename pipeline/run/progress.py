@@ -10,7 +10,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.metrics import SegmentationMetric
-from pipeline.reporting import RunLogger
+from pipeline.run.reporting import RunLogger
 
 # Images/s (never inverted to s/image), then the postfix: running mIoU, loss, ETA of the whole sweep.
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"

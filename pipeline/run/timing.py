@@ -133,7 +133,7 @@ class Timing:
     def write(self, folder: str | Path, rank: int) -> None:
         if not self.enabled:
             return
-        from pipeline.rundir import write_text_atomic
+        from pipeline.run.folder import write_text_atomic
         folder = Path(folder)
         write_text_atomic(folder / f"timing-rank{rank}.json", json.dumps(self.summary()), folder)
 

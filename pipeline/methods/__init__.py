@@ -1,7 +1,7 @@
 """The adaptation methods behind one interface, and the registry that names them.
 
 A method turns one prepared image into its scored logits, adapting on the way if it adapts; the runner
-(pipeline/tta.py) does the rest the same way for every method: data, metric, reset between tasks,
+(pipeline/run/loop.py) does the rest the same way for every method: data, metric, reset between tasks,
 continual state, pictures, logging. A new method is one class here and one entry in `METHODS`.
 """
 from __future__ import annotations
@@ -15,13 +15,13 @@ import torch.distributed as dist
 from torch import nn
 
 from data.ade20k_c import ADE20KC
-from pipeline import timing
-from pipeline.config import RunConfig
-from pipeline.engine import TTAEngine, precision_of
-from pipeline.images import image_seed, num_windows
-from pipeline.replicas import Replicas
-from pipeline.tent import Tent
-from pipeline.windows import draw_windows
+from pipeline.run import timing
+from pipeline.run.config import RunConfig
+from pipeline.dusa.engine import TTAEngine, precision_of
+from pipeline.run.images import image_seed, num_windows
+from pipeline.run.replicas import Replicas
+from pipeline.methods.tent import Tent
+from pipeline.dusa.windows import draw_windows
 
 
 class StepResult(NamedTuple):
@@ -114,7 +114,7 @@ class Source(Method):
 
 
 class TentMethod(Method):
-    """Tent (pipeline/tent.py) on one process."""
+    """Tent (pipeline/methods/tent.py) on one process."""
 
     name = "tent"
 
@@ -154,7 +154,7 @@ class TentMethod(Method):
 
 
 class Dusa(Method):
-    """DUSA through the DeepSpeed pipeline (pipeline/engine.py): stage 0 scores, the others follow."""
+    """DUSA through the DeepSpeed pipeline (pipeline/dusa/engine.py): stage 0 scores, the others follow."""
 
     name, pipeline, generator = "dusa", True, True
 
@@ -172,7 +172,7 @@ class Dusa(Method):
 
     @classmethod
     def build(cls, cfg, class_names, device, ds_config, report, replicas) -> Built:
-        from pipeline.module import build_pipeline  # DeepSpeed's pipeline modules: only for this method
+        from pipeline.dusa.module import build_pipeline  # DeepSpeed's pipeline modules: only for this method
         precision = precision_of(ds_config)
         module = build_pipeline(cfg.model, cfg.data, cfg.tta, cfg.pipeline, class_names, stage_report=report,
                                 dtype=torch.bfloat16 if precision == "bf16" else torch.float32, precision=precision,

@@ -153,7 +153,7 @@ class PipelineConfig:
     (None: the boundaries with the shortest predicted step, from measured per-layer costs)."""
     cost_table: str | None = None
     """Per-layer cost table (JSON, from `bench/bench.py --calibrate`) for the partition (None: the table in
-    pipeline/costs/ measured on this GPU model for these models, else relative default costs)."""
+    pipeline/dusa/costs/ measured on this GPU model for these models, else relative default costs)."""
     activation_checkpoint_interval: int = 0
     """Recompute activations every N layers in backward (0: off; trades time for memory)."""
     compile_blocks: bool = False
@@ -239,7 +239,7 @@ def validate(cfg: RunConfig, num_classes: int) -> None:
     """Every numeric option inside its domain: ValueError, one line naming the option and its domain.
 
     What depends on files (the window size against the models' latent patch, window counts against
-    image sizes, the DeepSpeed JSON) is checked by pipeline/checks.py.
+    image sizes, the DeepSpeed JSON) is checked by pipeline/run/checks.py.
     """
     problems: list[str] = []
 

@@ -16,12 +16,12 @@ from deepspeed.runtime.pipe.engine import (BACKWARD_GLOBAL_TIMER, BACKWARD_INNER
                                            BACKWARD_INNER_MICRO_TIMER, BACKWARD_MICRO_TIMER)
 from torch import nn
 
-from pipeline import timing
-from pipeline.config import TTAConfig
-from pipeline.layers import JointBlock, SD3Embed, SD3Head, SegmenterFront
-from pipeline.low_precision import WorkingWeights, cast_frozen_layers
-from pipeline.reporting import warn_overridden_ds_keys
-from pipeline.windows import WindowDraw, WindowSampler
+from pipeline.run import timing
+from pipeline.run.config import TTAConfig
+from pipeline.dusa.layers import JointBlock, SD3Embed, SD3Head, SegmenterFront
+from pipeline.dusa.low_precision import WorkingWeights, cast_frozen_layers
+from pipeline.run.reporting import warn_overridden_ds_keys
+from pipeline.dusa.windows import WindowDraw, WindowSampler
 
 DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}}
 # The optimizer types of the DeepSpeed JSON, always torch's own: "Adam" is Adam (weight decay as an L2 term,
@@ -159,7 +159,7 @@ class TTAEngine:
         """`optimizer`: a function of the parameter groups (tests), else the DeepSpeed JSON's optimizer;
         `adaptive_windows`: stage 0 decides each image's window count and tells the other stages;
         `working_weights`: under autocast, the generator's Linear/Conv weights are cast once per step, not
-        per window (pipeline/low_precision.py; False: autocast's own casts, for comparisons)."""
+        per window (pipeline/dusa/low_precision.py; False: autocast's own casts, for comparisons)."""
         params = parameter_groups(module, tta)
         if optimizer is None:
             optimizer = optimizer_factory(ds_config.get("optimizer", DEFAULT_OPTIMIZER))
@@ -226,7 +226,7 @@ class TTAEngine:
         - with working weights (`_working_weights`), each forward computes with the bf16 copies and each
           backward's gradients are folded into the float32 ones;
         - the gradient reduction is skipped when this process is its data-parallel group alone (always:
-          replicas never share gradients, pipeline/replicas.py), except for DeepSpeed's float32 ZeRO
+          replicas never share gradients, pipeline/run/replicas.py), except for DeepSpeed's float32 ZeRO
           optimizer, whose reduction also fills its own gradient buffers;
         - before the tied-gradient reduction, which follows the backward of the last window: the
           segmenter's one backward of the step (`SegmenterFront.backward_segmenter`);

@@ -5,7 +5,7 @@
     SD3Embed        patch / timestep+pooled-text / caption embedding of the N class samples
     JointBlock x L  SD3's joint transformer blocks, unchanged
     SD3Head         norm_out, proj_out, unpatchify -> velocity per class sample
-    DusaLoss        the loss of pipeline/loss.py on the last stage
+    DusaLoss        the loss of pipeline/dusa/loss.py on the last stage
 
 The activations tuple after SD3Embed is
     (hidden_states, encoder_hidden_states, temb, logits, classes, mask, target, weight)
@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline import timing
-from pipeline.graphs import GraphedModule
-from pipeline.loss import (area_k_candidates, area_scores, candidate_statistics, choose_candidates, dusa_loss,
+from pipeline.run import timing
+from pipeline.dusa.graphs import GraphedModule
+from pipeline.dusa.loss import (area_k_candidates, area_scores, candidate_statistics, choose_candidates, dusa_loss,
                            logit_norm)
-from pipeline.windows import (AdaptiveWindows, WindowDraw, WindowSampler, adaptive_boxes, entropy_map, resample_window,
+from pipeline.dusa.windows import (AdaptiveWindows, WindowDraw, WindowSampler, adaptive_boxes, entropy_map, resample_window,
                               float32_math, window_boxes, window_resampler)
 
 _AS_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16}

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from data.ade20k_c import ADE20KC
-from pipeline.config import DataConfig
-from pipeline.windows import resize_short_edge, resized_size, window_boxes
+from pipeline.run.config import DataConfig
+from pipeline.dusa.windows import resize_short_edge, resized_size, window_boxes
 
 
 def image_seed(seed: int, task: str, name: str) -> int:

@@ -1,7 +1,7 @@
 """Checks made before any model loads: config files, the DeepSpeed JSON, model files, window geometry.
 
 Each failure is a ValueError of one line that names the file or option and the fix; the launcher prints
-it as `error: ...` with exit code 2. The domains of the plain options are in `pipeline.config.validate`.
+it as `error: ...` with exit code 2. The domains of the plain options are in `pipeline.run.config.validate`.
 """
 from __future__ import annotations
 
@@ -503,9 +503,9 @@ def _count(length: int, size: int, stride: int) -> int:
 
 
 def grid_windows(height: int, width: int, size: int, stride: int) -> int:
-    """How many windows `pipeline.windows.window_boxes` places on a height x width image after its
+    """How many windows `pipeline.dusa.windows.window_boxes` places on a height x width image after its
     short edge is resized to `size`, computed without listing them."""
-    from pipeline.windows import resized_size
+    from pipeline.dusa.windows import resized_size
     h, w = resized_size(height, width, size)
     return _count(h, size, stride) * _count(w, size, stride)
 
