@@ -323,7 +323,7 @@ def pipeline_worker(args) -> None:
     from data.classes import ADE20K_CLASSES
     from pipeline.run.config import DataConfig, ModelConfig, PipelineConfig, RunConfig, TTAConfig
     from pipeline.dusa.engine import TTAEngine, load_ds_config, precision_of
-    from pipeline.methods import Dusa
+    from pipeline.methods.dusa import Dusa
     from pipeline.dusa.module import build_pipeline
     from pipeline.run.images import predict
     from pipeline.dusa.windows import window_boxes
@@ -403,7 +403,7 @@ def pipeline_worker(args) -> None:
     instrument(engine, spans)
 
     latent = (16, size // 8, size // 8)
-    # Stage 0 runs the users' step (pipeline/methods/__init__.py: Dusa.step, the draws seeded per image as in a run);
+    # Stage 0 runs the users' step (pipeline/methods/dusa.py: Dusa.step, the draws seeded per image as in a run);
     # the other stages take their part of it with the same window count.
     method = Dusa(engine, RunConfig(data=data, tta=tta), ADE20K_CLASSES)
 

@@ -31,10 +31,11 @@ from argparse import ArgumentError  # noqa: E402
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings  # noqa: E402
 
 from pipeline.run.config import (DataConfig, LoggingConfig, ModelConfig, PipelineConfig, RunConfig,  # noqa: E402
-                             TTAConfig)
+                                 TTAConfig, method_sections)
 
+# The CLI's sections: the run's groups, then one per method that has options of its own (the registry's).
 GROUPS = {"model": ModelConfig, "data": DataConfig, "tta": TTAConfig, "pipeline": PipelineConfig,
-          "logging": LoggingConfig}
+          "logging": LoggingConfig, **method_sections()}
 
 
 def make_parser() -> ArgumentParser:

@@ -290,7 +290,7 @@ def test_tent_state_is_loaded_only_as_written(tmp_path):
     """Tent's continual state: saved by a rename with its digest in results.json; a planted pickle
     (here one that would create a file) is refused, one line, before anything is loaded."""
     from pipeline.run.reporting import write_results
-    from pipeline.methods import TentMethod
+    from pipeline.methods.tent import TentMethod
     from pipeline.methods.tent import Tent
     from pipeline.run.loop import TTARunner
     segmenter = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.GroupNorm(2, 4))

@@ -62,7 +62,7 @@ def test_a_task_name_that_is_not_one_safe_path_component_is_refused(name):
 def test_hostile_names_through_every_writer_change_nothing_outside_the_output_folder(tmp_path):
     """A folder of runs (a sibling run with its results, the data beside it); the writers of one run, given
     every hostile name, refuse it; its continual state cleanup removes only the run's own states by name."""
-    from pipeline.methods import TentMethod
+    from pipeline.methods.tent import TentMethod
     from pipeline.run.reporting import summarize, write_results
     from pipeline.methods.tent import Tent
     from pipeline.run.loop import TTARunner

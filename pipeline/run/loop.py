@@ -1,6 +1,6 @@
 """The TTA loop: tasks (corruptions), one step per image of the chosen method, scoring and results.
 
-Every method (pipeline/methods/__init__.py: `source`, `tent`, `dusa`) goes through the same data, metric, reset,
+Every method (pipeline/methods/: one file each, named by its registry) goes through the same data, metric, reset,
 continual state, pictures and logging code; only the method's step, which turns an image into scored
 logits, differs.
 """

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from pipeline.methods import METHODS
 from pipeline.run.config import LoggingConfig, RunConfig, WandbConfig
 
 DEFAULT_PROJECT = "dusa-seg-tta"
@@ -436,10 +437,10 @@ def startup_summary(cfg: RunConfig, config_files: Sequence[str], processes: str,
     (part, trainable, total), processes, data, config files and output folder."""
     tta = cfg.tta
     method = tta.method
-    if method != "source":
+    if METHODS[method].adapts:
         method += f" (lr {tta.lr:g}, {'continual' if tta.continual else 'reset before each task'})"
     rows = [("method", method), ("segmenter", cfg.model.segmenter)]
-    if tta.method == "dusa":
+    if METHODS[tta.method].generator:
         rows += [("generator", cfg.model.generator), ("class embeddings", cfg.model.class_embeddings)]
     rows.append(("processes", processes))
     rows += [(f"parameters, {part}", f"{_count(trainable)} trainable / {_count(total)}")
