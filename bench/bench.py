@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gzip
+import functools
 import itertools
 import json
 import os
@@ -46,7 +47,6 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # One build folder of DeepSpeed's extensions per environment (see launch/tta.py).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
@@ -247,13 +247,8 @@ P2P = ("SendActivation", "RecvActivation", "SendGrad", "RecvGrad")
 def instrument(engine, spans: Spans) -> None:
     """Times every instruction of the engine's own table (the wrappers TTAEngine installed included),
     the front's two per-image calls, and each layer's forward; names show in profiler traces too."""
-    from deepspeed.runtime.pipe import schedule
-    table = dict(engine.engine._INSTRUCTION_MAP)
-    for kind in (schedule.LoadMicroBatch, schedule.ForwardPass, schedule.BackwardPass, schedule.SendActivation,
-                 schedule.RecvActivation, schedule.SendGrad, schedule.RecvGrad, schedule.ReduceTiedGrads,
-                 schedule.ReduceGrads, schedule.OptimizerStep):
-        table[kind] = spans.wrap(kind.__name__, table[kind])
-    engine.engine._INSTRUCTION_MAP = table
+    from pipeline.dusa.deepspeed_seam import INSTRUCTION_NAMES, wrap_instructions
+    wrap_instructions(engine.engine, {name: functools.partial(spans.wrap, name) for name in INSTRUCTION_NAMES})
     front = engine.module.front
     if front is not None:
         front.begin_image = spans.wrap(WORK[0], front.begin_image)
@@ -317,7 +312,7 @@ def sample(tensor: torch.Tensor, n: int = 4096) -> torch.Tensor:
 def pipeline_worker(args) -> None:
     import deepspeed
     import torch.distributed as dist
-    from deepspeed.runtime.pipe import schedule
+    from pipeline.dusa.deepspeed_seam import wrap_instructions
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
     from data.classes import ADE20K_CLASSES
@@ -373,10 +368,9 @@ def pipeline_worker(args) -> None:
 
     # Gradients and the parameter update of the first optimizer step (check): strided samples per tensor.
     captured: dict = {}
-    table = dict(engine.engine._INSTRUCTION_MAP)
-    optimizer_step = table[schedule.OptimizerStep]
+    hooks = {}
 
-    def capturing_step(eng, *a, **k):
+    def capturing_step(eng, *a, optimizer_step, **k):
         if not captured.get("armed"):
             return optimizer_step(eng, *a, **k)
         captured["armed"] = False
@@ -389,16 +383,14 @@ def pipeline_worker(args) -> None:
         result = optimizer_step(eng, *a, **k)
         captured["updates"] = {n: sample(master(p)) - before[n] for n, p in named}
         return result
-    table[schedule.OptimizerStep] = capturing_step
+    hooks["OptimizerStep"] = lambda step: functools.partial(capturing_step, optimizer_step=step)
     if args.inject_oom and args.inject_oom.split(":")[0] == str(stage):  # tests: an out-of-memory inside the step,
-        forward_pass = table[schedule.ForwardPass]                       # where the other stages wait on this one
-
-        def failing_forward(*a, **k):
+        def failing_forward(*a, forward_pass, **k):                      # where the other stages wait on this one
             if args.inject_oom == f"{stage}:{stopper.current}":
                 raise torch.cuda.OutOfMemoryError("injected by --inject_oom (test)")
             return forward_pass(*a, **k)
-        table[schedule.ForwardPass] = failing_forward
-    engine.engine._INSTRUCTION_MAP = table
+        hooks["ForwardPass"] = lambda forward: functools.partial(failing_forward, forward_pass=forward)
+    wrap_instructions(engine.engine, hooks)
     spans = Spans()
     instrument(engine, spans)
 

@@ -389,7 +389,6 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker:
-        sys.path.insert(0, str(ROOT))
         if args.worker == "make":
             result = worker_make(args)
         elif args.worker == "plan":

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import subprocess
@@ -25,7 +26,6 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from pipeline.run.folder import free_local_port  # noqa: E402
 
@@ -52,7 +52,7 @@ def worker(args) -> None:
     import deepspeed
     import torch
     import torch.distributed as dist
-    from deepspeed.runtime.pipe import schedule
+    from pipeline.dusa.deepspeed_seam import wrap_instructions
     from deepspeed.utils import safe_get_full_grad
 
     from data.classes import ADE20K_CLASSES
@@ -77,18 +77,16 @@ def worker(args) -> None:
     norm = {f"{o}.{n}" if o else n for o, m in module.named_modules() if is_norm_module(m)
             for n, p in m.named_parameters(recurse=False) if p.requires_grad}
     first_grads: dict = {}
-    table = dict(engine.engine._INSTRUCTION_MAP)
-    optimizer_step = table[schedule.OptimizerStep]
 
-    def recording_step(eng, *a, **k):  # the float32 gradients of the first update
+    def recording_step(eng, *a, optimizer_step, **k):  # the float32 gradients of the first update
         if not first_grads:
             for n, p in module.named_parameters():
                 if p.requires_grad:
                     grad = safe_get_full_grad(p)
                     first_grads[n] = torch.zeros(p.shape) if grad is None else grad.detach().float().cpu().clone()
         return optimizer_step(eng, *a, **k)
-    table[schedule.OptimizerStep] = recording_step
-    engine.engine._INSTRUCTION_MAP = table
+    wrap_instructions(engine.engine, {"OptimizerStep": lambda step: functools.partial(recording_step,
+                                                                                      optimizer_step=step)})
 
     generator = torch.Generator().manual_seed(0)
     smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 8, generator=generator), size=(192, 256),

@@ -29,8 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-# Run as a script, Python puts bench/ first on the path, where bench.py would shadow the bench folder.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+# Run as a script, Python puts bench/ first on the path, where bench.py would stand in for the bench package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from pipeline.run.timing import phase_means  # noqa: E402
 from bench.bench import (IMAGE_SIZE, SHAPE_MIX, WORKDIR_MARKER, checkpoints, run, say,  # noqa: E402

@@ -25,9 +25,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from data.classes import ADE20K_PALETTE  # noqa: E402
 
 MARKER = ".demo_complete"

@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,6 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from data.classes import CORRUPTIONS, IMAGE_SUFFIXES  # noqa: E402 (torch-free, for the workers)
 
 JPEG_QUALITY = 95

@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
 from pipeline.run.reporting import read_results, task_result_problem  # noqa: E402
 
 AVERAGE = "average"

@@ -19,8 +19,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Union
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
 from pipeline.run import timing  # noqa: E402,F401  (first: its clock starts with the process)
 
 # DeepSpeed builds its CPU communication extension into ~/.cache/torch_extensions, shared by every environment
@@ -117,12 +115,8 @@ def quiet_libraries() -> None:
     for library in (transformers, diffusers):  # log levels and the "Loading weights" bars
         library.utils.logging.set_verbosity_error()
         library.utils.logging.disable_progress_bar()
-    # These DeepSpeed modules print with print() (seed and topology banners, "steps: N loss", the
-    # shared-memory op build), with no switch: their own name `print` is made a no-op.
-    import importlib
-    # By module name: the attribute `deepspeed.comm.torch` is the torch library, not that module.
-    for name in ("comm.torch", "runtime.pipe.engine", "runtime.pipe.module", "runtime.pipe.topology"):
-        importlib.import_module(f"deepspeed.{name}").print = lambda *args, **kwargs: None
+    from pipeline.dusa.deepspeed_seam import quiet_deepspeed  # imports DeepSpeed: after its logger's filter
+    quiet_deepspeed()
 
 
 # Failures a user can fix (bad paths, data, config values, numerics): one line, exit code 2.

@@ -13,6 +13,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # One build folder of DeepSpeed's extensions per environment, for this process and every launch it starts
 # (shared ~/.cache/torch_extensions made two environments rebuild it in turns, 25-40 s each).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+# The scripts the tests start (the launcher, the pipeline worker, the benchmarks) import this checkout's packages,
+# whichever checkout the environment's `pip install -e .` points to (worktrees may share one environment).
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 @pytest.fixture(autouse=True)
@@ -27,8 +30,7 @@ def release_deepspeed_shared_memory():
 @pytest.fixture
 def launcher_main(monkeypatch):
     """launch/tta.py imported in this process, its hard exit turned into SystemExit."""
-    sys.path.insert(0, str(ROOT / "launch"))
-    import tta as launcher
+    import launch.tta as launcher
 
     def exit_(code):
         raise SystemExit(code)

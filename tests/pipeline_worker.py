@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import argparse
 import functools
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from deepspeed.runtime.pipe import schedule  # noqa: E402
+from pipeline.dusa.deepspeed_seam import wrap_instructions  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
 
 from pipeline.dusa.engine import TTAEngine, load_ds_config  # noqa: E402
@@ -90,11 +88,9 @@ def main() -> None:
         ds = load_ds_config({"bf16": {"enabled": True, "immediate_grad_update": args.immediate},
                              "data_types": {"grad_accum_dtype": "fp32"}, "zero_optimization": {"stage": 1}}, lr=1e-3)
         tte = TTAEngine(module, ds, tta)
-        table = dict(tte.engine._INSTRUCTION_MAP)
-        optimizer_step = table[schedule.OptimizerStep]
         names = [n for n, p in module.named_parameters() if p.requires_grad]
 
-        def recording_step(eng, *a, **k):
+        def recording_step(eng, *a, optimizer_step, **k):
             params = dict(module.named_parameters())
             out["grads"] = {n: safe_get_full_grad(params[n]).float().clone() for n in names}
             before = {n: safe_get_full_fp32_param(params[n]).clone() for n in names}
@@ -102,8 +98,8 @@ def main() -> None:
             # Which float32 master weights the step changed (bf16 copies of values near 1 may not move).
             out["moved"] = {n: bool((safe_get_full_fp32_param(params[n]) != before[n]).any()) for n in names}
             return result
-        table[schedule.OptimizerStep] = recording_step
-        tte.engine._INSTRUCTION_MAP = table
+        wrap_instructions(tte.engine, {"OptimizerStep": lambda step: functools.partial(recording_step,
+                                                                                       optimizer_step=step)})
         out["loss"] = float(tte.step(*fixed_windows(assets, seed=0)).loss)
 
     elif args.mode == "reset":

@@ -117,8 +117,7 @@ def test_a_very_wide_image_runs_with_many_windows(demo, tmp_path):
 
 def test_out_of_memory_names_the_knobs(monkeypatch, capsys):
     """The launcher's handler turns a CUDA OOM anywhere in the run into one line with the fixes."""
-    sys.path.insert(0, str(ROOT / "launch"))
-    import tta as launcher
+    import launch.tta as launcher
 
     def oom(argv=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -140,8 +139,7 @@ def test_out_of_memory_names_the_knobs(monkeypatch, capsys):
 def test_a_mistyped_option_gives_one_line_with_a_guess_on_rank_0_alone(monkeypatch, capsys, tmp_path, rank):
     """No usage block per rank: rank 0 prints the error with the nearest option and where the options are
     listed; the other ranks, which refuse the same arguments, print nothing."""
-    sys.path.insert(0, str(ROOT / "launch"))
-    import tta as launcher
+    import launch.tta as launcher
 
     def exit_(code):
         raise SystemExit(code)
@@ -167,8 +165,7 @@ def test_a_mistyped_option_gives_one_line_with_a_guess_on_rank_0_alone(monkeypat
                                          ("--tt.lr", "--tta.lr"), ("--tta.verbose", "--logging.verbose"),
                                          ("--output-dir", "--output_dir"), ("--zzzzqq", None)])
 def test_the_guess_for_a_mistyped_option(typed, guess):
-    sys.path.insert(0, str(ROOT / "launch"))
-    import tta as launcher
+    import launch.tta as launcher
     known = [s for a in launcher.make_parser()._actions for s in a.option_strings if s.startswith("--")]
     assert launcher.close_option(f"unrecognized arguments: {typed} 1", known) == guess
 

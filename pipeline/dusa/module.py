@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.pipe import LayerSpec
 from deepspeed.runtime.pipe.topology import ProcessTopology
 from torch import nn
 from transformers import SegformerConfig
@@ -19,11 +19,11 @@ from models.sd3 import LatentEncoder, TransformerParts
 from models.segformer import Segmenter
 from pipeline.run import timing
 from pipeline.run.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
+from pipeline.dusa.deepspeed_seam import StagePipelineModule
 from pipeline.dusa.layers import DusaLoss, JointBlock, SD3Embed, SD3Head, SegmenterFront
 from pipeline.dusa.memory import BUDGET
 from pipeline.dusa.partition import (StepCosts, check_partition, default_costs, find_cost_table, model_signature,
                                 plan_partition, table_costs)
-from pipeline.run.replicas import isolate_data_parallel
 from pipeline.dusa.windows import AdaptiveWindows
 
 
@@ -38,24 +38,18 @@ class _BuiltBy(LayerSpec):
         return self.build_fn()
 
 
-class DusaPipeline(PipelineModule):
-    """PipelineModule with explicit stage boundaries and eval behaviour in every step."""
+class DusaPipeline(StagePipelineModule):
+    """PipelineModule with explicit stage boundaries (explicit or planned by cost) and eval behaviour in
+    every step."""
 
     def __init__(self, layers: list[LayerSpec], boundaries: list[int], loss_fn, num_stages: int,
                  activation_checkpoint_interval: int = 0, replicas: int = 1):
-        self._boundaries = boundaries  # read by _partition_layers inside PipelineModule.__init__
         # Replica r is ranks r*S .. r*S+S-1 (pipeline/run/replicas.py): the data axis first, unlike DeepSpeed's
         # default, so that a replica's stages are neighbours (one node) and match the runner's replicas.
         topology = ProcessTopology(axes=["data", "pipe"], dims=[replicas, num_stages])
-        super().__init__(layers=layers, loss_fn=loss_fn, topology=topology,
+        super().__init__(layers=layers, loss_fn=loss_fn, topology=topology, boundaries=boundaries,
                          activation_checkpoint_interval=activation_checkpoint_interval, dynamic_shape=True)
-        isolate_data_parallel(self._grid, replicas * num_stages)  # replicas never share gradients
-
-    def _partition_layers(self, method="uniform"):
-        # DeepSpeed's hook for the stage split; ours comes precomputed (explicit or by cost).
-        self.parts = list(self._boundaries)
-        stage = self._topo.get_coord(self.global_rank).pipe
-        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+        self.isolate_data_parallel(replicas * num_stages)  # replicas never share gradients
 
     def train(self, mode: bool = True):
         # DeepSpeed calls train() at every train_batch(); TTA adapts and predicts in eval behaviour
