@@ -22,6 +22,7 @@ import math
 from typing import NamedTuple, Sequence
 
 import torch
+from einops import rearrange
 import torch.nn.functional as F
 from torch import nn
 
@@ -300,9 +301,9 @@ class SD3Head(nn.Module):
     def forward(self, inputs):
         hidden_states, temb, logits, classes, mask, target, weight = unpack(inputs)
         hidden_states = self.proj_out(self.norm_out(hidden_states, temb))
-        n, p, c = hidden_states.shape[0], self.patch_size, self.out_channels
-        h, w = mask.shape[0] // p, mask.shape[1] // p
-        velocity = hidden_states.reshape(n, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, h * p, w * p)
+        p = self.patch_size  # unpatchify: tokens in rows of patches, each patch p x p x channels
+        velocity = rearrange(hidden_states, "n (h w) (p q c) -> n c (h p) (w q)", h=mask.shape[0] // p, p=p, q=p,
+                             c=self.out_channels)
         return pack(velocity, logits, classes, mask, target, weight)
 
 
