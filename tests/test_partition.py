@@ -106,8 +106,8 @@ def test_partition_invalid_num_stages(costs, num_stages):
     ((0, 4, 9, 12), 12, 3),
 ])
 def test_check_partition_accepts_valid(bounds, num_layers, num_stages):
-    result = check_partition(bounds, num_layers, num_stages)  # must not raise
-    assert result is None or list(result) == list(bounds)
+    result = check_partition(bounds, num_layers, num_stages)
+    assert result == list(bounds)  # a list, equal to the bounds given
 
 
 @pytest.mark.parametrize("bounds,num_layers,num_stages", [
@@ -134,7 +134,7 @@ def test_check_partition_accepts_balanced_partition_output():
         s = rng.randint(1, n)
         bounds = balanced_partition(costs, s)
         result = check_partition(bounds, n, s)
-        assert result is None or list(result) == list(bounds)
+        assert result == list(bounds)  # a list, equal to the bounds given
 
 
 # ----------------------------------------------------------------------------------------------

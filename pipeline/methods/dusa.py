@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 import torch.distributed as dist
 
-from pipeline.dusa.windows import draw_windows
+from pipeline.dusa.windows import draw_windows, window_count
 from pipeline.methods.base import Built, Method, StepResult, parameter_counts
 from pipeline.run import timing
 
@@ -70,9 +70,9 @@ class Dusa(Method):
         return StepResult(out.logits, out.loss.detach(), self.engine.skipped, notes, len(out.windows))
 
     def follow(self, task: str, dataset: ADE20KC, index: int) -> bool:
-        from pipeline.run.images import num_windows
         data = self.cfg.data  # the window count from the image's header (adaptive: stage 0 sends it)
-        n = None if data.windows == "adaptive" else num_windows(dataset, index, data.window_size, data.window_stride)
+        n = None if data.windows == "adaptive" else window_count(*dataset.image_size(index), data.window_size,
+                                                                 data.window_stride)
         self.engine.step(None, None if n is None else [None] * n)
         return self.engine.skipped
 

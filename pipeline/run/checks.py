@@ -498,25 +498,14 @@ def check_window_size(window_size: int, generator: str) -> None:
                          f"window")
 
 
-def _count(length: int, size: int, stride: int) -> int:
-    return 1 if length <= size else len(range(0, length - size, stride)) + 1
-
-
-def grid_windows(height: int, width: int, size: int, stride: int) -> int:
-    """How many windows `pipeline.dusa.windows.window_boxes` places on a height x width image after its
-    short edge is resized to `size`, computed without listing them."""
-    from pipeline.dusa.windows import resized_size
-    h, w = resized_size(height, width, size)
-    return _count(h, size, stride) * _count(w, size, stride)
-
-
 def check_window_counts(datasets: Mapping[str, Any], size: int, stride: int, cap: int) -> int:
     """Every image's window count from its header alone, against the cap; returns the largest count."""
+    from pipeline.dusa.windows import window_count
     largest = 0
     for dataset in datasets.values():
         for i in range(len(dataset)):
             height, width = dataset.image_size(i)
-            n = grid_windows(height, width, size, stride)
+            n = window_count(height, width, size, stride)
             if n > cap:
                 raise ValueError(f"image {dataset._images[i]} ({height}x{width}) needs {n} windows of {size} "
                                  f"(stride {stride}) in one step, more than --data.max_windows {cap}: crop it, "

@@ -49,7 +49,7 @@ class DataConfig:
     """Images are resized so the short edge is this; square windows of this size cover them."""
     window_stride: int = 256
     """Stride between windows along the long edge; the last window is aligned to the border (256: the
-    reference's ADE20K-C setting; 171 was this project's earlier default)."""
+    reference's ADE20K-C setting)."""
     windows: Literal["grid", "adaptive"] = "grid"
     """Window placement: `grid` (the regular cover above; the reference's ADE20K-C setting) or `adaptive`
     (the reference's entropy-guided placement around the segmenter's most uncertain regions: see the

@@ -38,9 +38,12 @@ def open_tasks(data: DataConfig, num_classes: int) -> dict[str, ADE20KC]:
 
 
 class TTARunner:
-    """Runs every task on this rank: stage 0 reads data and scores; other DUSA stages follow the steps.
+    """Runs every task on this rank with `method` (pipeline/methods/, built by its `build`): the scoring
+    process reads the data, steps and scores; with a pipeline, the other stages `follow` each step.
 
-    The method's model comes as one argument: `segmenter` (source), `tent` or `engine` (dusa).
+    `logger`: W&B and results on rank 0 (a `ReplicaFeed` on other replicas' scoring processes); `config_record`:
+    the run's config as written to config.json (default: `cfg` itself); `datasets`: the tasks, listed by the
+    launcher's checks (default: listed here); `replicas`: where this process sits (default: one replica).
     """
 
     def __init__(self, cfg: RunConfig, class_names: Sequence[str], device: torch.device, method: Method,
