@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import random
 
-from bench.bench import graph_cache_simulation, shape_sequence
+from bench.graph_cache import graph_cache_simulation, shape_sequence
 from pipeline.dusa.graphs import FrequentShapes
 
 

@@ -515,5 +515,5 @@ def startup_lines(model: Any, data: Any, tta: Any, pipe: Any, ds_config: Mapping
         lines.append(format_layouts(predictions, (gpus // stages, stages), f"{path.name}, measured on {table['card']}"))
     else:
         lines.append(f"layout {gpus // stages} x {stages} (no measured cost table for these models: "
-                     f"`bench/bench.py --calibrate` measures one on this card, then the other layouts are predicted)")
+                     f"`launch/calibrate.py` measures one on this card, then the other layouts are predicted)")
     return lines

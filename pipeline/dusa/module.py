@@ -171,5 +171,5 @@ def step_costs(model: ModelConfig, data: DataConfig, pipe: PipelineConfig, parts
     if found is None:
         return [default_costs(parts.num_blocks)], "default relative costs (no measured table for this card and models)"
     path, table = found
-    other = "" if table["card"] == card else f", used for {card}: `bench/bench.py --calibrate` measures this card"
+    other = "" if table["card"] == card else f", used for {card}: `launch/calibrate.py` measures this card"
     return table_costs(table), f"costs measured on {table['card']} ({path.name}{other})"

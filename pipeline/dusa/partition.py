@@ -5,7 +5,7 @@ A step is one image: SegFormer's forward on stage 0, one micro-batch per window 
 together on all stages (its gradient-norm all-reduce spans the pipeline). `simulate_step` replays
 that schedule with per-layer costs; `plan_partition` picks the boundaries with the shortest
 simulated step. Costs come from a table measured on the card (`pipeline/dusa/costs/*.json`, written by
-`bench/bench.py --calibrate`); without one, from relative default costs.
+`launch/calibrate.py`); without one, from relative default costs.
 """
 from __future__ import annotations
 

@@ -205,13 +205,13 @@ def check_deepspeed_config(ds: Mapping[str, Any], source: str) -> None:
 
 # ------------------------------------------------------------------------------ cost tables
 def check_cost_table(table: Any, source: str) -> dict:
-    """A per-layer cost table as `bench/bench.py --calibrate` writes it (what `partition.table_costs` reads):
+    """A per-layer cost table as `launch/calibrate.py` writes it (what `partition.table_costs` reads):
     card, signature, segmenter_ms (forward, backward), optimizer_ms and optional state_mib per layer, and per
     class count forward_ms, backward_ms and optional activation_mib per layer; every time and size a finite
     number >= 0 (memory figures: finite; a measured difference may dip below 0). ValueError naming `source`
     otherwise."""
     def refuse(what: str):
-        raise ValueError(f"{source} is not a cost table of bench/bench.py --calibrate ({what}): measure it again "
+        raise ValueError(f"{source} is not a cost table of launch/calibrate.py ({what}): measure it again "
                          f"or use another")
 
     def numbers(value, key: str, length: int | None = None, signed: bool = False) -> int:
@@ -253,7 +253,7 @@ def read_cost_table(path: Path, source: str) -> dict:
         table = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{source} {path} is not valid JSON ({exc.msg} at line {exc.lineno}): cut short or "
-                         f"damaged; measure it again (bench/bench.py --calibrate) or use another") from None
+                         f"damaged; measure it again (launch/calibrate.py) or use another") from None
     return check_cost_table(table, f"{source} {path}")
 
 

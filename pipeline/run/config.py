@@ -156,7 +156,7 @@ class PipelineConfig:
     """Explicit stage boundaries as layer indices over [front, embed, blocks..., head], e.g. [0, 14, 27]
     (None: the boundaries with the shortest predicted step, from measured per-layer costs)."""
     cost_table: str | None = None
-    """Per-layer cost table (JSON, from `bench/bench.py --calibrate`) for the partition (None: the table in
+    """Per-layer cost table (JSON, from `launch/calibrate.py`) for the partition (None: the table in
     pipeline/dusa/costs/ measured on this GPU model for these models, else relative default costs)."""
     activation_checkpoint_interval: int = 0
     """Recompute activations every N layers in backward (0: off; trades time for memory)."""
