@@ -57,6 +57,7 @@ from bench.graph_cache import SHAPE_MIX, graph_cache_simulation  # noqa: E402
 from bench.naive import naive_worker  # noqa: E402
 from bench.report import collect, print_table  # noqa: E402
 from bench.sweep import sweep  # noqa: E402
+from pipeline.run.log import LOG  # noqa: E402
 
 
 # ----------------------------------------------------------------------------- (a), (b): the pipeline
@@ -95,7 +96,7 @@ def pipeline_worker(args) -> None:
     stopper = StageStop(Path(args.workdir), args.name, rank, out, Path(args.workdir) / f"{tag}.json")
     try:
         module = build_pipeline(ModelConfig(**paths), data, tta, pipe, ADE20K_CLASSES,
-                                stage_report=print if rank == 0 else (lambda _: None),
+                                stage_report=LOG.info,
                                 dtype=torch.bfloat16 if bf16 else torch.float32, precision=precision_of(ds))
         say(f"rank {rank}: stage built")
         engine = TTAEngine(module, ds, tta, working_weights=not args.autocast_casts)

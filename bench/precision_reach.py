@@ -59,6 +59,7 @@ def worker(args) -> None:
     from pipeline.run.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
     from pipeline.dusa.engine import TTAEngine, is_norm_module, load_ds_config
     from pipeline.dusa.module import build_pipeline
+    from pipeline.run.log import LOG
     from pipeline.dusa.windows import draw_windows, resize_short_edge, window_boxes
 
     deepspeed.init_distributed()
@@ -70,7 +71,7 @@ def worker(args) -> None:
                         class_embeddings=str(work / "classes.safetensors"))
     data, tta = DataConfig(window_size=128, window_stride=64), TTAConfig(lr=args.lr, max_classes=8)
     module = build_pipeline(model, data, tta, PipelineConfig(num_stages=2, partition=[0, 4, 7]), ADE20K_CLASSES,
-                            stage_report=lambda _: None, dtype=torch.bfloat16 if bf16 else torch.float32)
+                            stage_report=LOG.debug, dtype=torch.bfloat16 if bf16 else torch.float32)
     engine = TTAEngine(module, ds, tta)
     # A normalization layer's own affine parameters (LayerNorm, GroupNorm, BatchNorm, RMSNorm), which autocast
     # computes in float32; not the Linear layers inside SD3's adaptive norms (those run in bf16).

@@ -171,6 +171,7 @@ def _write_marker(marker: Path, content: dict) -> None:
 
 
 def main() -> None:
+    from pipeline.run.log import LOG  # the console's logger (the command line's; the library stays quiet)
     parser = argparse.ArgumentParser(description="Build the synthetic ADE20K-C demo dataset.")
     parser.add_argument("--root", required=True, help="output folder")
     parser.add_argument("--num-images", type=int, default=4)
@@ -187,9 +188,9 @@ def main() -> None:
         root = make_demo_dataset(args.root, args.num_images, tuple(args.corruptions), args.severity,
                                  (args.size[0], args.size[1]), args.seed, create=True)
     except (ValueError, OSError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        LOG.error(f"error: {' '.join(str(exc).split())}")
         sys.exit(2)
-    print(f"demo dataset ready at {root}")
+    LOG.info(f"demo dataset ready at {root}")
 
 
 if __name__ == "__main__":

@@ -270,6 +270,7 @@ def build(ade_root: str | Path, out: str | Path, corruptions: list[str] | tuple[
 
 
 def main(argv: list[str] | None = None) -> None:
+    from pipeline.run.log import LOG  # the console's logger (the command line's; the library stays quiet)
     parser = argparse.ArgumentParser(
         description="Build ADE20K-C from the ADE20K validation set (ADEChallengeData2016) with "
                     "the 15 common corruptions of imagecorruptions. Reruns skip finished files.")
@@ -293,7 +294,7 @@ def main(argv: list[str] | None = None) -> None:
                                  args.workers, args.format, args.seed, rebuild=args.rebuild)
     except (BuildError, OSError, RuntimeError) as err:  # RuntimeError: a job's failure, naming its file
         parser.exit(2, f"{parser.prog}: error: {' '.join(str(err).split())}\n")
-    print(f"written {written}, skipped {skipped} corrupted images; ADE20K-C at {Path(args.out)}")
+    LOG.info(f"written {written}, skipped {skipped} corrupted images; ADE20K-C at {Path(args.out)}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,8 @@ from pathlib import Path
 # One build folder of DeepSpeed's extensions per environment (see launch/tta.py).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
 
+from pipeline.run.log import LOG  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 GENERATORS = ("sd3-medium", "sd3.5-large")
 
@@ -91,7 +93,7 @@ def calibrate(args: argparse.Namespace) -> Path:
     ds = load_ds_config(args.deepspeed, lr=1e-5)
     precision = precision_of(ds)
     pipe = PipelineConfig(num_stages=1)  # one stage holds every layer
-    module = build_pipeline(ModelConfig(**paths), data, tta, pipe, ADE20K_CLASSES, stage_report=lambda _: None,
+    module = build_pipeline(ModelConfig(**paths), data, tta, pipe, ADE20K_CLASSES, stage_report=LOG.debug,
                             dtype=torch.bfloat16 if precision == "bf16" else torch.float32, precision=precision)
     engine = TTAEngine(module, ds, tta)
     optimizer_s: list[float] = []
@@ -127,18 +129,17 @@ def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     bad = next((c for c in args.classes if c < 1), None)
     if bad is not None or args.warmup < 0:
-        print(f"error: --classes must be >= 1 and --warmup >= 0 (got {bad if bad is not None else args.warmup})",
-              file=sys.stderr)
+        LOG.error(f"error: --classes must be >= 1 and --warmup >= 0 (got {bad if bad is not None else args.warmup})")
         return 2
     if not Path(args.deepspeed).is_file():
-        print(f"error: --deepspeed {args.deepspeed} does not exist", file=sys.stderr)
+        LOG.error(f"error: --deepspeed {args.deepspeed} does not exist")
         return 2
     if not args.verbose:
         from launch.tta import quiet_libraries
         quiet_libraries()
     path = calibrate(args)
-    print(f"cost table: {path}\ncopy it into pipeline/dusa/costs/ to make it the planner's table for this card "
-          f"and these models, or pass it to a run with --pipeline.cost_table {path}")
+    LOG.info(f"cost table: {path}\ncopy it into pipeline/dusa/costs/ to make it the planner's table for this card "
+             f"and these models, or pass it to a run with --pipeline.cost_table {path}")
     return 0
 
 

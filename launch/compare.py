@@ -12,7 +12,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from pipeline.run.reporting import read_results, task_result_problem  # noqa: E402
+from pipeline.run.log import LOG
+from pipeline.run.reporting import read_results, task_result_problem
 
 AVERAGE = "average"
 
@@ -78,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         runs = [load_run(d) for d in args.run_dirs]
     except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        LOG.error(f"error: {exc}")
         return 2
     print(f"mIoU % per corruption ({len(runs)} runs)")
     print(compare_table(runs, markdown=args.format == "markdown"))

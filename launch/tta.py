@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Union
 
 from pipeline.run import timing  # noqa: E402,F401  (first: its clock starts with the process)
+from pipeline.run.log import LOG  # noqa: E402
 
 # DeepSpeed builds its CPU communication extension into ~/.cache/torch_extensions, shared by every environment
 # of this Python, which then rebuild it in turns (25-40 s each): one build folder per environment instead.
@@ -148,16 +149,15 @@ def main(argv=None) -> int:
         if rank == 0 and not (several and other_ranks_running() is False):  # else the launcher is ending us
             kept = (f"finished tasks are kept in {Path(_run_folder.path) / 'results.json'}; rerun the same command "
                     f"to resume" if _started and _run_folder is not None else "nothing was written")
-            print(f"\n{stop.why}{f' (rank {rank})' if several else ''}: {kept}", file=sys.stderr, flush=True)
+            LOG.warning(f"\n{stop.why}{f' (rank {rank})' if several else ''}: {kept}")
         elif rank and stopped_alone():
-            print(f"\n{stop.why} (rank {rank}): the run stops; rerun the same command to resume", file=sys.stderr,
-                  flush=True)
+            LOG.error(f"\n{stop.why} (rank {rank}): the run stops; rerun the same command to resume")
         leave(stop.code)
     except Exception as exc:  # noqa: BLE001 - sorted below: only user-facing failures are shortened
         default_signals()
         if isinstance(exc, BadArguments) and not os.environ.get("DUSA_TRACEBACK"):
             if rank == 0:
-                print(f"error: {exc}\n`python launch/tta.py --help` lists every option", file=sys.stderr, flush=True)
+                LOG.error(f"error: {exc}\n`python launch/tta.py --help` lists every option")
             else:  # every rank refuses the same arguments: rank 0 says it, the launcher stops this one
                 time.sleep(3)
             leave(2)
@@ -178,8 +178,8 @@ def main(argv=None) -> int:
         if rank:  # rank 0 mostly fails alike: give the launcher time to stop this process first
             time.sleep(3)
         # Leading newline: a progress bar may hold the current line.
-        print(f"\nerror: {f'[rank {rank}] ' if rank else ''}{OOM_HELP if oom else lines[0]}"
-              f"{' (DUSA_TRACEBACK=1 shows the traceback)' if not oom else ''}", file=sys.stderr, flush=True)
+        LOG.error(f"\nerror: {f'[rank {rank}] ' if rank else ''}{OOM_HELP if oom else lines[0]}"
+                  f"{' (DUSA_TRACEBACK=1 shows the traceback)' if not oom else ''}")
         leave(2)
 
 
@@ -281,7 +281,7 @@ def run(argv=None) -> int:
     for note in cap_class_budget(cfg, len(class_names)):
         record["tta"].update(max_classes=cfg.tta.max_classes, min_classes=cfg.tta.min_classes)  # as it runs
         if os.environ.get("RANK", "0") == "0":
-            print(note, file=sys.stderr, flush=True)
+            LOG.warning(note)
     if not cfg.output_dir.strip():
         raise ValueError("--output_dir is empty: name the folder for the results")
     if isinstance(cfg.deepspeed, str) and Path(cfg.deepspeed).is_file():
@@ -314,7 +314,7 @@ def run(argv=None) -> int:
         prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_"
         removed = remove_orphaned_shared_memory(prefix)
         if removed:
-            print(f"removed {len(removed)} shared-memory buffers of ended DeepSpeed runs from /dev/shm")
+            LOG.info(f"removed {len(removed)} shared-memory buffers of ended DeepSpeed runs from /dev/shm")
 
     if "RANK" not in os.environ:  # started without a launcher: one process, like `deepspeed --num_gpus 1`
         from pipeline.run.folder import free_local_port
@@ -353,7 +353,7 @@ def run(argv=None) -> int:
         if method.adapts:
             note = check_accumulation(cfg.tta.accumulation_steps, {t: len(d) for t, d in datasets.items()})
             if note:
-                print(note, file=sys.stderr, flush=True)
+                LOG.warning(note)
         if cfg.pipeline.cost_table is not None and method.pipeline:
             read_cost_table(Path(cfg.pipeline.cost_table), "--pipeline.cost_table")
         if method.generator:  # each window is a micro-batch of the image's step
@@ -377,7 +377,7 @@ def run(argv=None) -> int:
     timing.configure(cfg.logging.timing, device)
     visible = f"{accelerator.device_count()} x {accelerator.device_name()} visible"
 
-    built = method.build(cfg, class_names, device, ds_config, report=print if rank == 0 else (lambda _: None),
+    built = method.build(cfg, class_names, device, ds_config, report=LOG.info,
                          replicas=replicas)
     adapted, checked, parameters = built.method, built.segmenter, built.parameters
     processes = f"{world} ({built.processes}{', tasks from a shared queue' if replicas.count > 1 else ''}), {visible}"
@@ -396,13 +396,13 @@ def run(argv=None) -> int:
     runner = TTARunner(cfg, class_names, device, adapted, logger=logger, config_record=record, datasets=datasets,
                        replicas=replicas)
     if rank == 0:
-        print(startup_summary(cfg, config_files, processes, parameters, runner.total_images), flush=True)
+        LOG.info(startup_summary(cfg, config_files, processes, parameters, runner.total_images))
     timing.mark("runner ready")
     runner.run()
     timing.RECORDER.write(cfg.output_dir, rank)
     if rank == 0:
-        print(f"results: {Path(cfg.output_dir) / 'results.json'} (and .csv); config: "
-              f"{Path(cfg.output_dir) / 'config.json'}")
+        LOG.info(f"results: {Path(cfg.output_dir) / 'results.json'} (and .csv); config: "
+                 f"{Path(cfg.output_dir) / 'config.json'}")
     # The stages of a replica leave together: one that tears down its communication threads while another
     # still finishes (results, W&B) can abort the process at exit. Replicas do not wait for one another.
     replicas.barrier()

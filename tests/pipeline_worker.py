@@ -20,6 +20,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa
 
 from pipeline.dusa.engine import TTAEngine, load_ds_config  # noqa: E402
 from pipeline.dusa.module import build_pipeline  # noqa: E402
+from pipeline.run.log import LOG  # noqa: E402
 from pipeline.dusa.windows import draw_windows  # noqa: E402
 from tests.tiny_setup import (ACCUMULATE_LR, ACCUMULATION, ACCUMULATION_IMAGES, ADAPTIVE_TEST_RULE, CLASSES,  # noqa: E402
                               SHARP_SEGFORMER, WINDOW, WINDOW_TAU, fixed_windows, run_configs)
@@ -67,7 +68,7 @@ def main() -> None:
         tta.window_weighting, tta.window_tau, tta.learnable_embedding = "entropy", WINDOW_TAU, True
     if args.mode == "accumulate":
         tta.accumulation_steps = ACCUMULATION
-    module = build_pipeline(model, data, tta, pipe, CLASSES, stage_report=lambda _: None)
+    module = build_pipeline(model, data, tta, pipe, CLASSES, stage_report=LOG.debug)
     out: dict = {}
     forwards = []  # SegFormer forwards actually run on this rank
     if module.front is not None:

@@ -25,6 +25,7 @@ from pipeline.dusa.memory import BUDGET
 from pipeline.dusa.partition import (StepCosts, check_partition, default_costs, find_cost_table, model_signature,
                                 plan_partition, table_costs)
 from pipeline.dusa.windows import AdaptiveWindows
+from pipeline.run.log import LOG
 
 
 class _BuiltBy(LayerSpec):
@@ -70,7 +71,7 @@ class DusaPipeline(StagePipelineModule):
 
 
 def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: PipelineConfig,
-                   class_names: Sequence[str], stage_report: Callable[[str], None] = print,
+                   class_names: Sequence[str], stage_report: Callable[[str], None] = LOG.info,
                    dtype: torch.dtype = torch.float32, precision: str | None = None,
                    replicas: int = 1, ds_config: dict | None = None) -> DusaPipeline:
     """Layer list -> partition -> module; each rank reads only the weights of its stage's layers.

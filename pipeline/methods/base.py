@@ -69,7 +69,7 @@ class Method:
     @classmethod
     def build(cls, cfg: RunConfig, class_names: Sequence[str], device: torch.device, ds_config: dict[str, Any],
               report: Callable[[str], None], replicas: Replicas) -> Built:
-        """The method's models on this process (`report`: start-up lines, printed by the first process;
+        """The method's models on this process (`report`: start-up lines, for the console's rank-0 logger;
         `replicas`: where this process sits among the run's independent replicas)."""
         raise NotImplementedError
 

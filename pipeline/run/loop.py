@@ -30,6 +30,7 @@ from pipeline.run.replicas import Replicas, task_result
 from pipeline.run.reporting import RunLogger, format_results_table, summarize, write_results
 from pipeline.run.resume import check_saved_state, finished_tasks, saved_results, state_path
 from pipeline.run.folder import PeerError, file_digests, own_folder, remove_path
+from pipeline.run.log import LOG
 
 
 def open_tasks(data: DataConfig, num_classes: int) -> dict[str, ADE20KC]:
@@ -91,8 +92,8 @@ class TTARunner:
             self._done += len(self.datasets[task])
             if reps.root:
                 self.results[task] = finished[task]
-                print(f"{task}: already done in {self.cfg.output_dir} (mIoU {finished[task]['mIoU']:.2f}), "
-                      f"skipped", flush=True)
+                LOG.info(f"{task}: already done in {self.cfg.output_dir} (mIoU {finished[task]['mIoU']:.2f}), "
+                         f"skipped")
         pending = [task for task in order if task not in names]
         if self.cfg.tta.continual and names and pending:
             self._load_state(names[-1])  # the models and optimizer as they were after that task (one replica)
@@ -135,10 +136,10 @@ class TTARunner:
             self.results[task] = result
             self._write_results()
             if replica:
-                print(f"{task}: mIoU {result['mIoU']:.2f}  aAcc {result['aAcc']:.2f}  ({result['images']} images, "
-                      f"{result['seconds']:.1f} s, replica {replica})"
-                      + (f"; {result['nonfinite_steps']} steps had a NaN/inf loss, their updates were skipped"
-                         if result.get("nonfinite_steps") else ""), flush=True)
+                LOG.info(f"{task}: mIoU {result['mIoU']:.2f}  aAcc {result['aAcc']:.2f}  ({result['images']} images, "
+                         f"{result['seconds']:.1f} s, replica {replica})"
+                         + (f"; {result['nonfinite_steps']} steps had a NaN/inf loss, their updates were skipped"
+                            if result.get("nonfinite_steps") else ""))
         if self.logger:
             self.logger.log_task(task, result)
 
@@ -294,9 +295,9 @@ class TTARunner:
         if not root:  # rank 0 says it when the result reaches it
             return result
         if self._nonfinite_task:
-            print(f"{task}: {self._nonfinite_task} steps had a NaN/inf loss; their updates were skipped", flush=True)
-        print(f"{task}: mIoU {result['mIoU']:.2f}  aAcc {result['aAcc']:.2f}  "
-              f"({result['images']} images, {result['seconds']:.1f} s)", flush=True)
+            LOG.info(f"{task}: {self._nonfinite_task} steps had a NaN/inf loss; their updates were skipped")
+        LOG.info(f"{task}: mIoU {result['mIoU']:.2f}  aAcc {result['aAcc']:.2f}  "
+                 f"({result['images']} images, {result['seconds']:.1f} s)")
         return result
 
     def _timing_task_done(self, task: str, images: int, seconds: float) -> None:
