@@ -126,7 +126,8 @@ class SegmentationMetric:
         n = self.num_classes
         tp = confmat.diag()
         fp, fn = confmat.sum(0) - tp, confmat.sum(1) - tp
-        stats = {"tp": tp, "fp": fp, "fn": fn, "tn": confmat.sum() - tp - fp - fn}
+        # float64 counts: torchmetrics divides in their dtype (its IoU casts to float32 itself)
+        stats = {k: v.double() for k, v in {"tp": tp, "fp": fp, "fn": fn, "tn": confmat.sum() - tp - fp - fn}.items()}
         metrics = [MulticlassJaccardIndex(n, average="none", sync_on_compute=False, validate_args=False),
                    MulticlassJaccardIndex(n, average="macro", sync_on_compute=False, validate_args=False),
                    MulticlassAccuracy(n, average="none", sync_on_compute=False, validate_args=False),

@@ -122,8 +122,6 @@ def quiet_libraries() -> None:
 
 # Failures a user can fix (bad paths, data, config values, numerics): one line, exit code 2.
 USER_ERRORS = (FileNotFoundError, ValueError, OSError, FloatingPointError, NotImplementedError)
-_run_folder = None  # the claimed --output_dir (rank 0), released on every way out
-_started = False  # whether the run got past its checks and model loading (then what it wrote stays)
 OOM_HELP = ("out of GPU memory: lower --tta.max_classes (the transformer batch per window), set "
             "--pipeline.activation_checkpoint_interval 1, use bf16 weights (--deepspeed ds_configs/ds_tta_bf16.json), "
             "or spread the model over more GPUs (--pipeline.num_stages with deepspeed --num_gpus)")
@@ -132,9 +130,10 @@ OOM_HELP = ("out of GPU memory: lower --tta.max_classes (the transformer batch p
 def main(argv=None) -> int:
     from pipeline.run.folder import PeerError, Stopped, default_signals, launcher_ended, stop_signal_received
     rank = int(os.environ.get("RANK", "0"))
+    claim = OutputClaim()
     try:
         try:
-            return run(argv)
+            return run(argv, claim)
         except Exception:
             received = stop_signal_received()
             if received is None and launcher_ended():  # the watchdog's notice is at most a second away
@@ -147,12 +146,12 @@ def main(argv=None) -> int:
         default_signals()  # from here, the launcher's SIGTERM ends this process quietly
         several = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if rank == 0 and not (several and other_ranks_running() is False):  # else the launcher is ending us
-            kept = (f"finished tasks are kept in {Path(_run_folder.path) / 'results.json'}; rerun the same command "
-                    f"to resume" if _started and _run_folder is not None else "nothing was written")
+            kept = (f"finished tasks are kept in {Path(claim.folder.path) / 'results.json'}; rerun the same command "
+                    f"to resume" if claim.started and claim.folder is not None else "nothing was written")
             LOG.warning(f"\n{stop.why}{f' (rank {rank})' if several else ''}: {kept}")
         elif rank and stopped_alone():
             LOG.error(f"\n{stop.why} (rank {rank}): the run stops; rerun the same command to resume")
-        leave(stop.code)
+        leave(stop.code, claim)
     except Exception as exc:  # noqa: BLE001 - sorted below: only user-facing failures are shortened
         default_signals()
         if isinstance(exc, BadArguments) and not os.environ.get("DUSA_TRACEBACK"):
@@ -160,19 +159,19 @@ def main(argv=None) -> int:
                 LOG.error(f"error: {exc}\n`python launch/tta.py --help` lists every option")
             else:  # every rank refuses the same arguments: rank 0 says it, the launcher stops this one
                 time.sleep(3)
-            leave(2)
+            leave(2, claim)
         import torch
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (isinstance(exc, PeerError) and rank or peer_lost(exc)) \
                 and not os.environ.get("DUSA_TRACEBACK"):
             # Another rank failed or was stopped first and says why: one message, not one per rank. A lost peer
             # may have been stopped by a signal: its status (128 + the signal) reaches the launcher first.
             if peer_lost(exc):
-                release_run_folder()
+                claim.release()
                 time.sleep(PEER_LOST_WAIT_S)
-            leave(2)
+            leave(2, claim)
         oom = isinstance(exc, torch.OutOfMemoryError)
         if not (oom or isinstance(exc, USER_ERRORS)) or os.environ.get("DUSA_TRACEBACK"):
-            release_run_folder()
+            claim.release()
             raise
         lines = str(exc).strip().splitlines() or [type(exc).__name__]
         if rank:  # rank 0 mostly fails alike: give the launcher time to stop this process first
@@ -180,7 +179,7 @@ def main(argv=None) -> int:
         # Leading newline: a progress bar may hold the current line.
         LOG.error(f"\nerror: {f'[rank {rank}] ' if rank else ''}{OOM_HELP if oom else lines[0]}"
                   f"{' (DUSA_TRACEBACK=1 shows the traceback)' if not oom else ''}")
-        leave(2)
+        leave(2, claim)
 
 
 PEER_LOST_WAIT_S = 3.0  # the launcher polls its ranks every second and ends the rest at the first failure
@@ -223,14 +222,22 @@ def peer_lost(exc: BaseException) -> bool:
     return False
 
 
-def release_run_folder() -> None:
-    """Unlocks --output_dir; a run that never started removes what it made there (nothing stays behind)."""
-    if _run_folder is not None:
-        _run_folder.release(started=_started)
+class OutputClaim:
+    """The claimed --output_dir (rank 0) and whether the run got past its checks and model loading (then what
+    it wrote stays), released on every way out."""
+
+    def __init__(self):
+        self.folder = None
+        self.started = False
+
+    def release(self) -> None:
+        """Unlocks --output_dir; a run that never started removes what it made there (nothing stays behind)."""
+        if self.folder is not None:
+            self.folder.release(started=self.started)
 
 
-def leave(code: int) -> None:
-    release_run_folder()
+def leave(code: int, claim: OutputClaim) -> None:
+    claim.release()
     release_cpu_shared_memory()
     os._exit(code)  # no atexit / process-group teardown: it can wait forever on peers that are gone
 
@@ -262,26 +269,21 @@ def on_rank0(work, rank: int, world: int, dist) -> None:
         raise error
 
 
-def run(argv=None) -> int:
-    global _started
-    from pipeline.run.checks import (check_accumulation, check_argument_files, check_class_embedding_file,
-                                 check_deepspeed_config, check_generator_files, check_segmenter_files,
-                                 check_window_counts, check_window_size, load_unique, read_cost_table)
+def configure(argv=None) -> tuple[RunConfig, dict, list[str], list[str]]:
+    """The run's options, checked before anything heavy is imported or read: (config, its JSON record, the
+    config files, the class names). Every rank finds the same problems; rank 0 says them."""
+    from data.classes import load_class_names
+    from pipeline.methods import METHODS
+    from pipeline.run.checks import check_argument_files, check_deepspeed_config, check_window_size, load_unique
     from pipeline.run.config import cap_class_budget, validate
-    from pipeline.run.folder import (RunFolder, launcher_processes, remove_orphaned_shared_memory, stop_on_signals,
-                                 stop_when_launcher_ends, write_text_atomic)
 
-    stop_on_signals()
-    stop_when_launcher_ends(launcher_processes())  # the single-node launcher does not pass SIGTERM on
     check_argument_files(sys.argv[1:] if argv is None else argv)  # a duplicate key is refused, not resolved
     cfg, record, config_files = parse(argv)
-    from data.classes import load_class_names
     class_names = load_class_names(cfg.data.classes)
     validate(cfg, len(class_names))
     for note in cap_class_budget(cfg, len(class_names)):
         record["tta"].update(max_classes=cfg.tta.max_classes, min_classes=cfg.tta.min_classes)  # as it runs
-        if os.environ.get("RANK", "0") == "0":
-            LOG.warning(note)
+        LOG.warning(note)
     if not cfg.output_dir.strip():
         raise ValueError("--output_dir is empty: name the folder for the results")
     if isinstance(cfg.deepspeed, str) and Path(cfg.deepspeed).is_file():
@@ -291,33 +293,26 @@ def run(argv=None) -> int:
         check_deepspeed_config(cfg.deepspeed, "--deepspeed")
     if not cfg.logging.verbose:
         quiet_libraries()
-    from pipeline.methods import METHODS
     if METHODS[cfg.tta.method].generator:
         check_window_size(cfg.data.window_size, cfg.model.generator)  # from the config files: no weights read
+    return cfg, record, config_files, class_names
 
+
+def start_processes() -> tuple[int, int]:
+    """DeepSpeed's process group (one process without a launcher, like `deepspeed --num_gpus 1`), this rank's
+    GPU, and the shared-memory buffers of ended runs removed: (rank, world size)."""
     import deepspeed
     import torch
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
+
+    from pipeline.run.folder import free_local_port, remove_orphaned_shared_memory
     timing.mark("imports")
-
-    from data.demo import make_demo_dataset
-    from models.tiny import build_demo_models
-    from pipeline.dusa.engine import load_ds_config
-    from pipeline.run.replicas import ReplicaFeed, Replicas, layout_error
-    from pipeline.run.reporting import RunLogger, startup_summary
-    from pipeline.run.identity import input_identity
-    from pipeline.run.resume import finished_tasks, saved_results
-    from pipeline.run.loop import TTARunner, open_tasks
-
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_"
-        removed = remove_orphaned_shared_memory(prefix)
+        removed = remove_orphaned_shared_memory(f"deepspeed_allreduce_buffer_{os.getuid()}_")
         if removed:
             LOG.info(f"removed {len(removed)} shared-memory buffers of ended DeepSpeed runs from /dev/shm")
-
-    if "RANK" not in os.environ:  # started without a launcher: one process, like `deepspeed --num_gpus 1`
-        from pipeline.run.folder import free_local_port
+    if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_local_port()))
     deepspeed.init_distributed()
@@ -327,7 +322,66 @@ def run(argv=None) -> int:
     if get_accelerator().device_name() == "cpu":
         import atexit
         atexit.register(release_cpu_shared_memory)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size()
+
+
+def prepare(cfg: RunConfig, record: dict, class_names: list[str], method, claim: OutputClaim) -> dict:
+    """Rank 0, before any model loads: the output folder (locked; resumable), the data (every image's window
+    count from its header), every model file (whole, shapes as its config makes them); returns the tasks'
+    datasets and completes `record` with the inputs' identity."""
+    from data.demo import make_demo_dataset
+    from models.tiny import build_demo_models
+    from pipeline.run.checks import (check_accumulation, check_class_embedding_file, check_generator_files,
+                                     check_segmenter_files, check_window_counts, check_window_size, read_cost_table)
+    from pipeline.run.folder import RunFolder
+    from pipeline.run.identity import input_identity
+    from pipeline.run.loop import open_tasks
+    from pipeline.run.resume import finished_tasks, saved_results
+
+    claim.folder = RunFolder.claim(cfg.output_dir)
+    saved_results(cfg.output_dir)  # a damaged results.json is named before anything is built
+    if cfg.data.build_demo_data:
+        make_demo_dataset(cfg.data.root, corruptions=tuple(cfg.data.corruptions), severity=cfg.data.severity)
+    datasets = open_tasks(cfg.data, len(class_names))
+    if method.adapts:
+        note = check_accumulation(cfg.tta.accumulation_steps, {t: len(d) for t, d in datasets.items()})
+        if note:
+            LOG.warning(note)
+    if cfg.pipeline.cost_table is not None and method.pipeline:
+        read_cost_table(Path(cfg.pipeline.cost_table), "--pipeline.cost_table")
+    if method.generator:  # each window is a micro-batch of the image's step
+        check_window_counts(datasets, cfg.data.window_size, cfg.data.window_stride, cfg.data.max_windows)
+    if cfg.model.build_demo_models:  # source and tent need no generator
+        build_demo_models(cfg.model.segmenter, cfg.model.generator if method.generator else None,
+                          cfg.model.class_embeddings, class_names)
+    check_segmenter_files(cfg.model.segmenter, len(class_names))
+    if method.generator:
+        check_window_size(cfg.data.window_size, cfg.model.generator)
+        transformer = check_generator_files(cfg.model.generator)
+        check_class_embedding_file(cfg.model.class_embeddings, class_names, cfg.model.generator, transformer)
+    record["inputs"] = input_identity(cfg.model, class_names, datasets, method.generator)
+    finished_tasks(cfg, record, class_names)  # the same options and inputs as the results it resumes
+    return datasets
+
+
+def run(argv=None, claim: OutputClaim | None = None) -> int:
+    """One run: its options, processes, checks (rank 0), the method's models, the loop, the results."""
+    import torch
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from pipeline.dusa.engine import load_ds_config
+    from pipeline.methods import METHODS
+    from pipeline.run.folder import launcher_processes, stop_on_signals, stop_when_launcher_ends, write_text_atomic
+    from pipeline.run.loop import TTARunner, open_tasks
+    from pipeline.run.replicas import ReplicaFeed, Replicas, layout_error
+    from pipeline.run.reporting import RunLogger, startup_summary
+
+    claim = claim or OutputClaim()
+    stop_on_signals()
+    stop_when_launcher_ends(launcher_processes())  # the single-node launcher does not pass SIGTERM on
+    cfg, record, config_files, class_names = configure(argv)
+    rank, world = start_processes()
     torch.manual_seed(cfg.seed)
     method = METHODS[cfg.tta.method]  # the registry: its class checks, builds and runs the method
     method.check(cfg, world)
@@ -338,76 +392,41 @@ def run(argv=None) -> int:
     replicas = Replicas.form(stages)
     ds_config = load_ds_config(cfg.deepspeed, cfg.tta.lr)
     record["deepspeed"] = ds_config
-    datasets = None
-
-    def prepare() -> None:
-        """Rank 0, before any model loads: the output folder (locked; resumable), the data (every image's
-        window count from its header), every model file (whole, shapes as its config makes them)."""
-        global _run_folder
-        nonlocal datasets
-        _run_folder = RunFolder.claim(cfg.output_dir)
-        saved_results(cfg.output_dir)  # a damaged results.json is named before anything is built
-        if cfg.data.build_demo_data:
-            make_demo_dataset(cfg.data.root, corruptions=tuple(cfg.data.corruptions), severity=cfg.data.severity)
-        datasets = open_tasks(cfg.data, len(class_names))
-        if method.adapts:
-            note = check_accumulation(cfg.tta.accumulation_steps, {t: len(d) for t, d in datasets.items()})
-            if note:
-                LOG.warning(note)
-        if cfg.pipeline.cost_table is not None and method.pipeline:
-            read_cost_table(Path(cfg.pipeline.cost_table), "--pipeline.cost_table")
-        if method.generator:  # each window is a micro-batch of the image's step
-            check_window_counts(datasets, cfg.data.window_size, cfg.data.window_stride, cfg.data.max_windows)
-        if cfg.model.build_demo_models:  # source and tent need no generator
-            build_demo_models(cfg.model.segmenter, cfg.model.generator if method.generator else None,
-                              cfg.model.class_embeddings, class_names)
-        check_segmenter_files(cfg.model.segmenter, len(class_names))
-        if method.generator:
-            check_window_size(cfg.data.window_size, cfg.model.generator)
-            transformer = check_generator_files(cfg.model.generator)
-            check_class_embedding_file(cfg.model.class_embeddings, class_names, cfg.model.generator, transformer)
-        record["inputs"] = input_identity(cfg.model, class_names, datasets, method.generator)
-        finished_tasks(cfg, record, class_names)  # the same options and inputs as the results it resumes
-    on_rank0(prepare, rank, world, dist)
-    if datasets is None:
-        datasets = open_tasks(cfg.data, len(class_names))
+    found: list = []
+    on_rank0(lambda: found.append(prepare(cfg, record, class_names, method, claim)), rank, world, dist)
+    datasets = found[0] if found else open_tasks(cfg.data, len(class_names))
     timing.mark("checks and data listed")
     accelerator = get_accelerator()
     device = torch.device(accelerator.current_device_name())
     timing.configure(cfg.logging.timing, device)
-    visible = f"{accelerator.device_count()} x {accelerator.device_name()} visible"
 
-    built = method.build(cfg, class_names, device, ds_config, report=LOG.info,
-                         replicas=replicas)
-    adapted, checked, parameters = built.method, built.segmenter, built.parameters
-    processes = f"{world} ({built.processes}{', tasks from a shared queue' if replicas.count > 1 else ''}), {visible}"
-    if checked is not None and checked.num_classes != len(class_names):
-        raise ValueError(f"segmenter {cfg.model.segmenter} predicts {checked.num_classes} "
+    built = method.build(cfg, class_names, device, ds_config, report=LOG.info, replicas=replicas)
+    if built.segmenter is not None and built.segmenter.num_classes != len(class_names):
+        raise ValueError(f"segmenter {cfg.model.segmenter} predicts {built.segmenter.num_classes} "
                          f"classes, data.classes={cfg.data.classes} has {len(class_names)}")
     if rank == 0:  # the run starts: from here on, what it writes stays
         write_text_atomic(Path(cfg.output_dir) / "config.json", json.dumps(record, indent=2), Path(cfg.output_dir))
-        _started = True
-
+        claim.started = True
     logger = None  # W&B on rank 0; the other replicas' scoring processes feed it
     if rank == 0:
         logger = RunLogger(cfg.logging, cfg.output_dir, record, class_names)
-    elif adapted.scoring:
+    elif built.method.scoring:
         logger = ReplicaFeed(replicas)
-    runner = TTARunner(cfg, class_names, device, adapted, logger=logger, config_record=record, datasets=datasets,
-                       replicas=replicas)
-    if rank == 0:
-        LOG.info(startup_summary(cfg, config_files, processes, parameters, runner.total_images))
+    runner = TTARunner(cfg, class_names, device, built.method, logger=logger, config_record=record,
+                       datasets=datasets, replicas=replicas)
+    processes = (f"{world} ({built.processes}{', tasks from a shared queue' if replicas.count > 1 else ''}), "
+                 f"{accelerator.device_count()} x {accelerator.device_name()} visible")
+    LOG.info(startup_summary(cfg, config_files, processes, built.parameters, runner.total_images))
     timing.mark("runner ready")
     runner.run()
     timing.RECORDER.write(cfg.output_dir, rank)
-    if rank == 0:
-        LOG.info(f"results: {Path(cfg.output_dir) / 'results.json'} (and .csv); config: "
-                 f"{Path(cfg.output_dir) / 'config.json'}")
+    LOG.info(f"results: {Path(cfg.output_dir) / 'results.json'} (and .csv); config: "
+             f"{Path(cfg.output_dir) / 'config.json'}")
     # The stages of a replica leave together: one that tears down its communication threads while another
     # still finishes (results, W&B) can abort the process at exit. Replicas do not wait for one another.
     replicas.barrier()
     dist.destroy_process_group()
-    release_run_folder()
+    claim.release()
     return 0
 
 
