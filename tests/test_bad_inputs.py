@@ -119,7 +119,7 @@ def test_out_of_memory_names_the_knobs(monkeypatch, capsys):
     """The launcher's handler turns a CUDA OOM anywhere in the run into one line with the fixes."""
     import launch.tta as launcher
 
-    def oom(argv=None):
+    def oom(argv=None, claim=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     def exit_(code):
@@ -143,7 +143,8 @@ def test_a_mistyped_option_gives_one_line_with_a_guess_on_rank_0_alone(monkeypat
 
     def exit_(code):
         raise SystemExit(code)
-    monkeypatch.setattr(launcher, "run", launcher.parse)  # the real parser, without the run's signal handlers
+    # the real parser, without the run's signal handlers
+    monkeypatch.setattr(launcher, "run", lambda argv, claim=None: launcher.parse(argv))
     monkeypatch.setattr(launcher.os, "_exit", exit_)
     monkeypatch.setattr(launcher.time, "sleep", lambda seconds: None)
     monkeypatch.delenv("DUSA_TRACEBACK", raising=False)
