@@ -331,7 +331,7 @@ def test_orphaned_shared_memory_is_removed_only_when_proven(tmp_path):
     (1, RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:1")),
 ])
 def test_other_ranks_exit_quietly(launcher_main, monkeypatch, capsys, rank, failure):
-    def fail(argv=None):
+    def fail(argv=None, claim=None):
         raise failure
     monkeypatch.setattr(launcher_main, "run", fail)
     monkeypatch.setenv("RANK", str(rank))
@@ -342,7 +342,7 @@ def test_other_ranks_exit_quietly(launcher_main, monkeypatch, capsys, rank, fail
 
 
 def test_a_stopped_run_says_so_in_one_line(launcher_main, monkeypatch, capsys):
-    def stop(argv=None):
+    def stop(argv=None, claim=None):
         raise Stopped("stopped by SIGTERM", 128 + signal.SIGTERM)
     monkeypatch.setattr(launcher_main, "run", stop)
     monkeypatch.setenv("RANK", "0")

@@ -380,7 +380,7 @@ def test_wandb_names_are_checked(key, value):
 @pytest.mark.parametrize("rank, alone, line", [(1, True, "stopped by SIGTERM (rank 1): the run stops"),
                                                (1, False, None), (0, False, "stopped by SIGTERM (rank 0): nothing")])
 def test_a_rank_stopped_by_a_signal_says_which_in_one_line(launcher_main, monkeypatch, capsys, rank, alone, line):
-    def stop(argv=None):
+    def stop(argv=None, claim=None):
         raise Stopped("stopped by SIGTERM", 128 + signal.SIGTERM)
     monkeypatch.setattr(launcher_main, "run", stop)
     monkeypatch.setattr(launcher_main, "stopped_alone", lambda: alone)
