@@ -9,7 +9,7 @@
    + config.json). It is built one top-level module at a time (meta-device skeleton, each piece
    materialised and initialised on its own, shards written as they fill), so the peak stays near
    one shard (2 GB) instead of the whole model in fp32.
-2. For each stage of the balanced partition (pipeline.module.balanced_partition with the default
+2. For each stage of the balanced partition (pipeline.dusa.module.balanced_partition with the default
    costs over the 27 layers [SegmenterFront, SD3Embed, JointBlock x 24, SD3Head]), a fresh process
    loads exactly that stage's transformer pieces with models.sd3.TransformerParts(...).load(...).
    The SegFormer + VAE of stage 0's SegmenterFront and the class-embedding cache of SD3Embed are
@@ -215,7 +215,7 @@ def worker_make(args) -> dict:
 
 def worker_plan(args) -> dict:
     """The stage boundaries that build_pipeline would use, for each requested number of stages."""
-    from pipeline.partition import default_costs, plan_partition
+    from pipeline.dusa.partition import default_costs, plan_partition
 
     num_blocks = json.loads((Path(args.folder) / "config.json").read_text())["num_layers"]
     step_costs = default_costs(num_blocks)
@@ -391,7 +391,6 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.worker:
-        sys.path.insert(0, str(ROOT))
         if args.worker == "make":
             result = worker_make(args)
         elif args.worker == "plan":

@@ -42,13 +42,13 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Run as a script, this folder comes first on the path and its bench.py would shadow the `bench` folder.
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
+# Run as a script, this folder comes first on the path and its bench.py would stand in for the `bench` package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pipeline.rundir import free_local_port  # noqa: E402
+from pipeline.run.folder import free_local_port  # noqa: E402
 from bench.miniature_make import (CLASSES, FULL, TINY, K, Sizes, encode_windows, latent_labels,  # noqa: E402
                                   render_split, sizes_record, train_segmenter, train_transformer, train_vae,
                                   write_json)
@@ -169,8 +169,8 @@ def clean_test_miou(segmenter, wd: Workdir, device: torch.device) -> float:
     from PIL import Image
 
     from data.metrics import SegmentationMetric, ade_label_to_train_id
-    from pipeline.images import predict
-    from pipeline.windows import resize_short_edge
+    from pipeline.run.images import predict
+    from pipeline.dusa.windows import resize_short_edge
     metric = SegmentationMetric(K)
     for path in sorted((wd.clean / "images" / "validation").glob("*.png")):
         image = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1).float() / 255
@@ -319,10 +319,10 @@ def cmd_sanity(wd: Workdir, args) -> None:
     from models.class_embeddings import load_class_embeddings
     from models.sd3 import LatentEncoder
     from models.segformer import Segmenter
-    from pipeline.checks import check_class_embedding_file, check_generator_files, check_segmenter_files
-    from pipeline.images import PreparedImages, image_seed, predict
-    from pipeline.loss import dusa_loss, logit_norm, select_candidates
-    from pipeline.windows import resample_window, window_resampler
+    from pipeline.run.checks import check_class_embedding_file, check_generator_files, check_segmenter_files
+    from pipeline.run.images import PreparedImages, image_seed, predict
+    from pipeline.dusa.loss import dusa_loss, logit_norm, select_candidates
+    from pipeline.dusa.windows import resample_window, window_resampler
 
     need_models(wd)
     make_test_data(wd, args.workers)
@@ -469,8 +469,8 @@ def run_name(run: dict) -> str:
 
 def expected_tasks(wd: Workdir, run: dict) -> list[str]:
     """The task keys a finished run's results.json holds (the launcher's own sequence)."""
-    from pipeline.config import DataConfig
-    from pipeline.protocol import task_sequence
+    from pipeline.run.config import DataConfig
+    from pipeline.run.protocol import task_sequence
     data = DataConfig(corruptions=list(wd.corruptions), rounds=run.get("rounds", 1))
     return [task.key for task in task_sequence(data)]
 
@@ -573,7 +573,7 @@ def row_label(run: dict) -> str:
 
 def collect(wd: Workdir) -> list[dict]:
     """One row per (method, preset, lr): per corruption and mean, the mean over seeds and their range."""
-    from pipeline.reporting import read_results
+    from pipeline.run.reporting import read_results
     rows: dict[str, dict] = {}
     for run in grid(wd.tiny):
         path = wd.runs / run["name"] / "results.json"
@@ -602,7 +602,7 @@ def collect(wd: Workdir) -> list[dict]:
 
 def collect_continual(wd: Workdir) -> list[dict]:
     """The continual row: per run, each round's mean mIoU over the corruptions (None until the round is whole)."""
-    from pipeline.reporting import read_results
+    from pipeline.run.reporting import read_results
     rows = []
     for run in grid(wd.tiny):
         path = wd.runs / run["name"] / "results.json"

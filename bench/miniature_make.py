@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.rundir import write_text_atomic
+from pipeline.run.folder import write_text_atomic
 
 CLASSES: tuple[str, ...] = ("sky", "mountain", "water", "grass", "sand", "road", "tree", "building", "car",
                             "person", "rock", "flower")
@@ -485,7 +485,7 @@ def encode_windows(vae, images: torch.Tensor, labels: torch.Tensor, window: int,
                    batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """z0 = (E(2x - 1).mean - shift) * scale of every grid window of every image (the TTA windows) and of their
     mirror images, with the latent pixels' labels (`latent_labels`). -> (float16 [M, 16, s, s], uint8 [M, s, s])."""
-    from pipeline.windows import window_boxes
+    from pipeline.dusa.windows import window_boxes
     n, h, w = images.shape[:3]
     boxes = window_boxes(h, w, window, stride)
     factor = 2 ** (len(vae.config.block_out_channels) - 1)

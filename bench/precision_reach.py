@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import subprocess
@@ -25,9 +26,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from pipeline.rundir import free_local_port  # noqa: E402
+from pipeline.run.folder import free_local_port  # noqa: E402
 
 PRESETS = ["ds_configs/ds_tta_bf16.json", "ds_configs/ds_tta.json"]
 LOWER_PRECISION_MODULES = ("Linear", "Conv1d", "Conv2d", "Conv3d")  # run in bf16 under autocast
@@ -52,14 +52,15 @@ def worker(args) -> None:
     import deepspeed
     import torch
     import torch.distributed as dist
-    from deepspeed.runtime.pipe import schedule
+    from pipeline.dusa.deepspeed_seam import wrap_instructions
     from deepspeed.utils import safe_get_full_grad
 
     from data.classes import ADE20K_CLASSES
-    from pipeline.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
-    from pipeline.engine import TTAEngine, is_norm_module, load_ds_config
-    from pipeline.module import build_pipeline
-    from pipeline.windows import draw_windows, resize_short_edge, window_boxes
+    from pipeline.run.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
+    from pipeline.dusa.engine import TTAEngine, is_norm_module, load_ds_config
+    from pipeline.dusa.module import build_pipeline
+    from pipeline.run.log import LOG
+    from pipeline.dusa.windows import draw_windows, resize_short_edge, window_boxes
 
     deepspeed.init_distributed()
     work = Path(args.workdir)
@@ -70,25 +71,23 @@ def worker(args) -> None:
                         class_embeddings=str(work / "classes.safetensors"))
     data, tta = DataConfig(window_size=128, window_stride=64), TTAConfig(lr=args.lr, max_classes=8)
     module = build_pipeline(model, data, tta, PipelineConfig(num_stages=2, partition=[0, 4, 7]), ADE20K_CLASSES,
-                            stage_report=lambda _: None, dtype=torch.bfloat16 if bf16 else torch.float32)
+                            stage_report=LOG.debug, dtype=torch.bfloat16 if bf16 else torch.float32)
     engine = TTAEngine(module, ds, tta)
     # A normalization layer's own affine parameters (LayerNorm, GroupNorm, BatchNorm, RMSNorm), which autocast
     # computes in float32; not the Linear layers inside SD3's adaptive norms (those run in bf16).
     norm = {f"{o}.{n}" if o else n for o, m in module.named_modules() if is_norm_module(m)
             for n, p in m.named_parameters(recurse=False) if p.requires_grad}
     first_grads: dict = {}
-    table = dict(engine.engine._INSTRUCTION_MAP)
-    optimizer_step = table[schedule.OptimizerStep]
 
-    def recording_step(eng, *a, **k):  # the float32 gradients of the first update
+    def recording_step(eng, *a, optimizer_step, **k):  # the float32 gradients of the first update
         if not first_grads:
             for n, p in module.named_parameters():
                 if p.requires_grad:
                     grad = safe_get_full_grad(p)
                     first_grads[n] = torch.zeros(p.shape) if grad is None else grad.detach().float().cpu().clone()
         return optimizer_step(eng, *a, **k)
-    table[schedule.OptimizerStep] = recording_step
-    engine.engine._INSTRUCTION_MAP = table
+    wrap_instructions(engine.engine, {"OptimizerStep": lambda step: functools.partial(recording_step,
+                                                                                      optimizer_step=step)})
 
     generator = torch.Generator().manual_seed(0)
     smooth = torch.nn.functional.interpolate(torch.rand(1, 3, 6, 8, generator=generator), size=(192, 256),

@@ -10,7 +10,7 @@ For each layout (replicas x stages over the node's GPUs) and class count, in one
      1-stage or the pipeline variant) at that class count;
   2. `launch/tta.py` itself, through DeepSpeed's launcher, on `--tasks` corruption tasks of `--images`
      images each whose sizes follow an ADE20K-like mix of shapes (SHAPE_MIX below: the mix of the CUDA-graph
-     hit-rate simulation in bench/bench.py), every window at exactly that many candidate classes, with
+     hit-rate simulation in bench/graph_cache.py), every window at exactly that many candidate classes, with
      `--logging.timing true`: start-up (broken down), the first image, the steady seconds per image (the
      tasks after the first two: the tasks are the same images, so by then SegFormer's CUDA-graph cache holds
      their shapes, as for most of a sweep of 15 tasks over ADE20K's 2000) and where each steady image's time
@@ -29,12 +29,12 @@ import sys
 import time
 from pathlib import Path
 
-# Run as a script, Python puts bench/ first on the path, where bench.py would shadow the bench folder.
-sys.path[0] = str(Path(__file__).resolve().parents[1])
+# Run as a script, Python puts bench/ first on the path, where bench.py would stand in for the bench package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from pipeline.timing import phase_means  # noqa: E402
-from bench.bench import (IMAGE_SIZE, SHAPE_MIX, WORKDIR_MARKER, checkpoints, run, say,  # noqa: E402
-                         shape_sequence)
+from pipeline.run.timing import phase_means  # noqa: E402
+from bench.common import IMAGE_SIZE, WORKDIR_MARKER, checkpoints, run, say  # noqa: E402
+from bench.graph_cache import SHAPE_MIX, shape_sequence  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = ("defocus_blur", "brightness", "contrast", "fog", "jpeg_compression")  # smooth: small JPEGs to carry
@@ -114,9 +114,9 @@ def windows_from_data(run_dir: Path) -> dict[str, list[int]]:
     (config.json, or the copy in results.json) and the images' headers (for timing files written before they
     recorded it themselves; grid windows only)."""
     from data.ade20k_c import ADE20KC
-    from pipeline.config import DataConfig
-    from pipeline.images import task_order
-    from pipeline.windows import resized_size, window_boxes
+    from pipeline.run.config import DataConfig
+    from pipeline.run.images import task_order
+    from pipeline.dusa.windows import resized_size, window_boxes
     config = run_config(run_dir)
     data = DataConfig(**{k: v for k, v in config["data"].items() if k in DataConfig.__dataclass_fields__})
     out = {}

@@ -26,9 +26,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from data.classes import ADE20K_PALETTE  # noqa: E402
 
 MARKER = ".demo_complete"
@@ -274,6 +271,7 @@ def _write_marker(marker: Path, content: dict) -> None:
 
 
 def main() -> None:
+    from pipeline.run.log import LOG  # the console's logger (the command line's; the library stays quiet)
     parser = argparse.ArgumentParser(description="Build the synthetic ADE20K-C demo dataset.")
     parser.add_argument("--root", required=True, help="output folder")
     parser.add_argument("--num-images", type=int, default=4)
@@ -290,9 +288,9 @@ def main() -> None:
         root = make_demo_dataset(args.root, args.num_images, tuple(args.corruptions), args.severity,
                                  (args.size[0], args.size[1]), args.seed, create=True)
     except (ValueError, OSError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        LOG.error(f"error: {' '.join(str(exc).split())}")
         sys.exit(2)
-    print(f"demo dataset ready at {root}")
+    LOG.info(f"demo dataset ready at {root}")
 
 
 if __name__ == "__main__":

@@ -4,12 +4,8 @@
 """
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from data.make_corrupted import *  # noqa: E402,F401,F403 (the builder's API under its old name)
-from data.make_corrupted import (RECORD, BuildError, build, check_ade_root, corrupt_image, fit_size,  # noqa: E402,F401
+from data.make_corrupted import *  # noqa: F401,F403 (the builder's API under its old name)
+from data.make_corrupted import (RECORD, BuildError, build, check_ade_root, corrupt_image, fit_size,  # noqa: F401
                                  job_seed, main, plan, run_job)
 
 if __name__ == "__main__":

@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +36,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from data.classes import CORRUPTIONS, IMAGE_SUFFIXES  # noqa: E402 (torch-free, for the workers)
+from data.classes import CORRUPTIONS, IMAGE_SUFFIXES  # torch-free, for the workers
 
 JPEG_QUALITY = 95
 FORMATS: dict[str, str] = {"jpg": "JPEG", "png": "PNG"}
@@ -371,7 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     except (BuildError, OSError, RuntimeError) as err:  # RuntimeError: a job's failure, naming its file
         parser.exit(2, f"{parser.prog}: error: {' '.join(str(err).split())}\n")
     title = "ADE20K-C" if args.dataset == "ade20k" else "Cityscapes-C"
-    print(f"written {written}, skipped {skipped} corrupted images; {title} at {Path(args.out)}")
+    from pipeline.run.log import LOG  # the console's logger (the command line's; the library stays quiet)
+    LOG.info(f"written {written}, skipped {skipped} corrupted images; {title} at {Path(args.out)}")
 
 
 if __name__ == "__main__":

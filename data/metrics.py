@@ -3,14 +3,17 @@
 The metric is mmseg's `IoUMetric`: one confusion matrix over the task, label 255 ignored, IoU and Acc
 per class from its totals, mIoU the mean over classes with a non-empty union (the others are NaN),
 aAcc the correct share of all non-ignored pixels; every value in percent, as mmseg reports them
-(not rounded here: rounding is for display).
+(not rounded here: rounding is for display). The counts are kept on the device; torchmetrics (the
+authors' library: `MulticlassJaccardIndex`, `MulticlassAccuracy`) computes the scores from them.
 """
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 ADE_NUM_CLASSES = 150
 IGNORE_INDEX = 255
@@ -37,8 +40,7 @@ class SegmentationMetric:
     `update` stays on the device of the first prediction and never reads values back to the
     host, so it does not stall an accelerator stream. Out-of-range predictions are checked at
     once for CPU tensors; on other devices they are counted on the device and reported by
-    `compute()`, which reads the results back anyway. (torchmetrics' `MulticlassConfusionMatrix`
-    reads back on every update: boolean indexing of the ignored pixels, `torch.bincount`.)
+    `compute()`, which reads the results back anyway and computes them with torchmetrics.
     """
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
@@ -104,16 +106,33 @@ class SegmentationMetric:
         if num_bad:
             raise ValueError(f"{num_bad} pixels had a prediction outside [0, {n}) or a target "
                              f"that is neither a class nor ignore_index {self.ignore_index}")
-        hist = self._hist[: n * n].view(n, n).double().cpu()  # rows: target, cols: prediction
-        inter = hist.diag()
-        gt = hist.sum(1)
-        union = gt + hist.sum(0) - inter
-        iou = torch.where(union > 0, 100 * inter / union.clamp(min=1), torch.full_like(inter, math.nan))
-        acc = torch.where(gt > 0, 100 * inter / gt.clamp(min=1), torch.full_like(inter, math.nan))
-        total = float(gt.sum())
-        return {
-            "mIoU": float(iou.nanmean()) if bool((union > 0).any()) else math.nan,
-            "aAcc": 100 * float(inter.sum()) / total if total > 0 else math.nan,
-            "IoU": iou.tolist(),
-            "Acc": acc.tolist(),
-        }
+        confmat = self._hist[: n * n].view(n, n)  # rows: target, cols: prediction
+        with warnings.catch_warnings():  # the state is set, not updated: torchmetrics' note about it does not apply
+            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method")
+            iou, miou, acc, aacc = [100 * metric.compute() for metric in self._scores(confmat)]
+        union = confmat.sum(0) + confmat.sum(1) - confmat.diag()
+        iou = torch.where(union > 0, iou, math.nan)  # mmseg: undefined, not 0, where a class is in neither map
+        acc = torch.where(confmat.sum(1) > 0, acc, math.nan)
+        return {"mIoU": float(miou), "aAcc": float(aacc) if bool(confmat.sum() > 0) else math.nan,
+                "IoU": iou.tolist(), "Acc": acc.tolist()}
+
+    def _scores(self, confmat: torch.Tensor) -> list:
+        """torchmetrics' metrics (per-class IoU, mIoU, per-class Acc, aAcc) holding these counts as their state.
+
+        The counts are handed over as the metrics' state rather than through `update` (which reads back to the
+        host at every image: boolean indexing of the ignored pixels, `torch.bincount`), and `sync_on_compute`
+        is off: a replica's tasks are its own, so no collective waits on the other replicas. mIoU is the macro
+        average, which leaves out the classes in neither map, as mmseg's mean of the defined IoUs does."""
+        n = self.num_classes
+        tp = confmat.diag()
+        fp, fn = confmat.sum(0) - tp, confmat.sum(1) - tp
+        # float64 counts: torchmetrics divides in their dtype (its IoU casts to float32 itself)
+        stats = {k: v.double() for k, v in {"tp": tp, "fp": fp, "fn": fn, "tn": confmat.sum() - tp - fp - fn}.items()}
+        metrics = [MulticlassJaccardIndex(n, average="none", sync_on_compute=False, validate_args=False),
+                   MulticlassJaccardIndex(n, average="macro", sync_on_compute=False, validate_args=False),
+                   MulticlassAccuracy(n, average="none", sync_on_compute=False, validate_args=False),
+                   MulticlassAccuracy(n, average="micro", sync_on_compute=False, validate_args=False)]
+        for metric in metrics:
+            metric.to(confmat.device)
+            metric.merge_state({"confmat": confmat} if isinstance(metric, MulticlassJaccardIndex) else stats)
+        return metrics

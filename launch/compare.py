@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from pipeline.reporting import read_results, task_result_problem  # noqa: E402
+from pipeline.run.log import LOG
+from pipeline.run.reporting import read_results, task_result_problem
 
 AVERAGE = "average"
 
@@ -93,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         runs = [load_run(d) for d in expand_runs(args.run_dirs)]
     except (OSError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        LOG.error(f"error: {exc}")
         return 2
     # Markdown: the title is a paragraph of its own, a blank line before the table.
     print(f"mIoU % per corruption ({len(runs)} runs)" + ("\n" if args.format == "markdown" else ""))

@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Sequence
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from models.class_embeddings import (DEFAULT_TEMPLATE, EmbedError, check_output_file,  # noqa: E402
                                      make_prompts, read_class_list, read_custom_prompts, write_class_embeddings)
+from pipeline.run.log import LOG  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -75,17 +73,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = write_class_embeddings(args.out, args.model, classes, args.template, args.max_sequence_length,
                                      device, dtype, args.batch_size, custom=custom)
     except EmbedError as e:
-        print(f"error: {e}", file=sys.stderr)
+        LOG.error(f"error: {e}")
         return 2
     except OSError as e:  # writing the cache (a full disk, a read-only folder)
-        print(f"error: cannot write {args.out}: {e.strerror or e}", file=sys.stderr)
+        LOG.error(f"error: cannot write {args.out}: {e.strerror or e}")
         return 2
 
     with safe_open(str(out), framework="pt") as f:  # shapes from the header: no tensor is read back
         prompt, pooled = (f.get_slice(key).get_shape() for key in ("prompt_embeds", "pooled"))
     size_mb = out.stat().st_size / 2**20
-    print(f"wrote {out}: prompt_embeds {tuple(prompt)}, pooled {tuple(pooled)}, "
-          f"{str(dtype).removeprefix('torch.')}, {len(classes)} classes, {size_mb:.1f} MiB")
+    LOG.info(f"wrote {out}: prompt_embeds {tuple(prompt)}, pooled {tuple(pooled)}, "
+             f"{str(dtype).removeprefix('torch.')}, {len(classes)} classes, {size_mb:.1f} MiB")
     return 0
 
 

@@ -19,9 +19,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Union
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-
-from pipeline import timing  # noqa: E402,F401  (first: its clock starts with the process)
+from pipeline.run import timing  # noqa: E402,F401  (first: its clock starts with the process)
+from pipeline.run.log import LOG  # noqa: E402
 
 # DeepSpeed builds its CPU communication extension into ~/.cache/torch_extensions, shared by every environment
 # of this Python, which then rebuild it in turns (25-40 s each): one build folder per environment instead.
@@ -30,11 +29,12 @@ from argparse import ArgumentError  # noqa: E402
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings  # noqa: E402
 
-from pipeline.config import (DataConfig, LoggingConfig, ModelConfig, PipelineConfig, RunConfig,  # noqa: E402
-                             TTAConfig)
+from pipeline.run.config import (DataConfig, LoggingConfig, ModelConfig, PipelineConfig, RunConfig,  # noqa: E402
+                                 TTAConfig, method_sections)
 
+# The CLI's sections: the run's groups, then one per method that has options of its own (the registry's).
 GROUPS = {"model": ModelConfig, "data": DataConfig, "tta": TTAConfig, "pipeline": PipelineConfig,
-          "logging": LoggingConfig}
+          "logging": LoggingConfig, **method_sections()}
 
 
 def make_parser() -> ArgumentParser:
@@ -136,29 +136,24 @@ def quiet_libraries() -> None:
     for library in (transformers, diffusers):  # log levels and the "Loading weights" bars
         library.utils.logging.set_verbosity_error()
         library.utils.logging.disable_progress_bar()
-    # These DeepSpeed modules print with print() (seed and topology banners, "steps: N loss", the
-    # shared-memory op build), with no switch: their own name `print` is made a no-op.
-    import importlib
-    # By module name: the attribute `deepspeed.comm.torch` is the torch library, not that module.
-    for name in ("comm.torch", "runtime.pipe.engine", "runtime.pipe.module", "runtime.pipe.topology"):
-        importlib.import_module(f"deepspeed.{name}").print = lambda *args, **kwargs: None
+    from pipeline.dusa.deepspeed_seam import quiet_deepspeed  # imports DeepSpeed: after its logger's filter
+    quiet_deepspeed()
 
 
 # Failures a user can fix (bad paths, data, config values, numerics): one line, exit code 2.
 USER_ERRORS = (FileNotFoundError, ValueError, OSError, FloatingPointError, NotImplementedError)
-_run_folder = None  # the claimed --output_dir (rank 0), released on every way out
-_started = False  # whether the run got past its checks and model loading (then what it wrote stays)
 OOM_HELP = ("out of GPU memory: lower --tta.max_classes (the transformer batch per window), set "
             "--pipeline.activation_checkpoint_interval 1, use bf16 weights (--deepspeed ds_configs/ds_tta_bf16.json), "
             "or spread the model over more GPUs (--pipeline.num_stages with deepspeed --num_gpus)")
 
 
 def main(argv=None) -> int:
-    from pipeline.rundir import PeerError, Stopped, default_signals, launcher_ended, stop_signal_received
+    from pipeline.run.folder import PeerError, Stopped, default_signals, launcher_ended, stop_signal_received
     rank = int(os.environ.get("RANK", "0"))
+    claim = OutputClaim()
     try:
         try:
-            return run(argv)
+            return run(argv, claim)
         except Exception:
             received = stop_signal_received()
             if received is None and launcher_ended():  # the watchdog's notice is at most a second away
@@ -171,41 +166,40 @@ def main(argv=None) -> int:
         default_signals()  # from here, the launcher's SIGTERM ends this process quietly
         several = int(os.environ.get("WORLD_SIZE", "1")) > 1
         if rank == 0 and not (several and other_ranks_running() is False):  # else the launcher is ending us
-            kept = (f"finished tasks are kept in {Path(_run_folder.path) / 'results.json'}; rerun the same command "
-                    f"to resume" if _started and _run_folder is not None else "nothing was written")
+            kept = (f"finished tasks are kept in {Path(claim.folder.path) / 'results.json'}; rerun the same command "
+                    f"to resume" if claim.started and claim.folder is not None else "nothing was written")
             end_progress_bars()
-            print(f"{stop.why}{f' (rank {rank})' if several else ''}: {kept}", file=sys.stderr, flush=True)
+            LOG.warning(f"{stop.why}{f' (rank {rank})' if several else ''}: {kept}")
         elif rank and stopped_alone():
-            print(f"{stop.why} (rank {rank}): the run stops; rerun the same command to resume", file=sys.stderr,
-                  flush=True)
-        leave(stop.code)
+            LOG.error(f"{stop.why} (rank {rank}): the run stops; rerun the same command to resume")
+        leave(stop.code, claim)
     except Exception as exc:  # noqa: BLE001 - sorted below: only user-facing failures are shortened
         default_signals()
         if isinstance(exc, BadArguments) and not os.environ.get("DUSA_TRACEBACK"):
             if rank == 0:
-                print(f"error: {exc}\n`python launch/tta.py --help` lists every option", file=sys.stderr, flush=True)
+                LOG.error(f"error: {exc}\n`python launch/tta.py --help` lists every option")
             else:  # every rank refuses the same arguments: rank 0 says it, the launcher stops this one
                 time.sleep(3)
-            leave(2)
+            leave(2, claim)
         import torch
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and (isinstance(exc, PeerError) and rank or peer_lost(exc)) \
                 and not os.environ.get("DUSA_TRACEBACK"):
             # Another rank failed or was stopped first and says why: one message, not one per rank. A lost peer
             # may have been stopped by a signal: its status (128 + the signal) reaches the launcher first.
             if peer_lost(exc):
-                release_run_folder()
+                claim.release()
                 time.sleep(PEER_LOST_WAIT_S)
-            leave(2)
+            leave(2, claim)
         oom = isinstance(exc, torch.OutOfMemoryError)
         if not (oom or isinstance(exc, USER_ERRORS)) or os.environ.get("DUSA_TRACEBACK"):
-            release_run_folder()
+            claim.release()
             raise
         if rank:  # rank 0 mostly fails alike: give the launcher time to stop this process first
             time.sleep(3)
         end_progress_bars()
-        print(f"error: {f'[rank {rank}] ' if rank else ''}{OOM_HELP if oom else error_line(exc)}"
-              f"{' (DUSA_TRACEBACK=1 shows the traceback)' if not oom else ''}", file=sys.stderr, flush=True)
-        leave(2)
+        LOG.error(f"error: {f'[rank {rank}] ' if rank else ''}{OOM_HELP if oom else error_line(exc)}"
+                  f"{' (DUSA_TRACEBACK=1 shows the traceback)' if not oom else ''}")
+        leave(2, claim)
 
 
 def error_line(exc: BaseException) -> str:
@@ -220,8 +214,8 @@ def error_line(exc: BaseException) -> str:
 
 def end_progress_bars() -> None:
     """A progress bar may hold the terminal's current line: it is cleared before a last message."""
-    if "pipeline.progress" in sys.modules:
-        sys.modules["pipeline.progress"].end_bars()
+    if "pipeline.run.progress" in sys.modules:
+        sys.modules["pipeline.run.progress"].end_bars()
 
 
 PEER_LOST_WAIT_S = 3.0  # the launcher polls its ranks every second and ends the rest at the first failure
@@ -231,7 +225,7 @@ STOP_NOTICE_S = 2.0
 def other_ranks_running() -> bool | None:
     """Whether every other rank that this rank's launcher started on this node is still running (None: no
     launcher, or it has ended). A rank that ended first means the launcher is stopping the rest after it."""
-    from pipeline.rundir import launcher_ended, launcher_processes
+    from pipeline.run.folder import launcher_ended, launcher_processes
     launchers = launcher_processes()
     if launcher_ended() or not launchers:
         return None
@@ -264,14 +258,22 @@ def peer_lost(exc: BaseException) -> bool:
     return False
 
 
-def release_run_folder() -> None:
-    """Unlocks --output_dir; a run that never started removes what it made there (nothing stays behind)."""
-    if _run_folder is not None:
-        _run_folder.release(started=_started)
+class OutputClaim:
+    """The claimed --output_dir (rank 0) and whether the run got past its checks and model loading (then what
+    it wrote stays), released on every way out."""
+
+    def __init__(self):
+        self.folder = None
+        self.started = False
+
+    def release(self) -> None:
+        """Unlocks --output_dir; a run that never started removes what it made there (nothing stays behind)."""
+        if self.folder is not None:
+            self.folder.release(started=self.started)
 
 
-def leave(code: int) -> None:
-    release_run_folder()
+def leave(code: int, claim: OutputClaim) -> None:
+    claim.release()
     release_cpu_shared_memory()
     os._exit(code)  # no atexit / process-group teardown: it can wait forever on peers that are gone
 
@@ -297,7 +299,7 @@ def on_rank0(work, rank: int, world: int, dist) -> None:
         verdict = [None if error is None else str(error)]
         dist.broadcast_object_list(verdict, src=0)
         if rank and verdict[0] is not None:
-            from pipeline.rundir import PeerError
+            from pipeline.run.folder import PeerError
             raise PeerError(verdict[0])
     if error is not None:
         raise error
@@ -326,26 +328,21 @@ def all_tasks_done(finished: dict, tasks, world: int, dist) -> bool:
     return verdict[0]
 
 
-def run(argv=None) -> int:
-    global _started
-    from pipeline.checks import (check_accumulation, check_argument_files, check_class_embedding_file,
-                                 check_deepspeed_config, check_generator_files, check_segmenter_files,
-                                 check_window_counts, check_window_size, load_unique, read_cost_table)
-    from pipeline.config import cap_class_budget, validate
-    from pipeline.rundir import (RunFolder, launcher_processes, remove_orphaned_shared_memory, stop_on_signals,
-                                 stop_when_launcher_ends, write_text_atomic)
+def configure(argv=None) -> tuple[RunConfig, dict, list[str], list[str]]:
+    """The run's options, checked before anything heavy is imported or read: (config, its JSON record, the
+    config files, the class names). Every rank finds the same problems; rank 0 says them."""
+    from data.classes import load_class_names
+    from pipeline.methods import METHODS
+    from pipeline.run.checks import check_argument_files, check_deepspeed_config, check_window_size, load_unique
+    from pipeline.run.config import cap_class_budget, validate
 
-    stop_on_signals()
-    stop_when_launcher_ends(launcher_processes())  # the single-node launcher does not pass SIGTERM on
     check_argument_files(sys.argv[1:] if argv is None else argv)  # a duplicate key is refused, not resolved
     cfg, record, config_files = parse(argv)
-    from data.classes import load_class_names
     class_names = load_class_names(cfg.data.classes)
     validate(cfg, len(class_names))
     for note in cap_class_budget(cfg, len(class_names)):
         record["tta"].update(max_classes=cfg.tta.max_classes, min_classes=cfg.tta.min_classes)  # as it runs
-        if os.environ.get("RANK", "0") == "0":
-            print(note, file=sys.stderr, flush=True)
+        LOG.warning(note)
     if not cfg.output_dir.strip():
         raise ValueError("--output_dir is empty: name the folder for the results")
     if isinstance(cfg.deepspeed, str) and Path(cfg.deepspeed).is_file():
@@ -355,35 +352,27 @@ def run(argv=None) -> int:
         check_deepspeed_config(cfg.deepspeed, "--deepspeed")
     if not cfg.logging.verbose:
         quiet_libraries()
-    from pipeline.methods import METHODS
     if METHODS[cfg.tta.method].generator:
         check_window_size(cfg.data.window_size, cfg.model.generator)  # from the config files: no weights read
+    return cfg, record, config_files, class_names
 
+
+def start_processes() -> tuple[int, int, bool]:
+    """DeepSpeed's process group (one process without a launcher, like `deepspeed --num_gpus 1`), this rank's
+    GPU, and the shared-memory buffers of ended runs removed: (rank, world size, whether a launcher started it)."""
     import deepspeed
     import torch
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
+
+    from pipeline.run.folder import free_local_port, remove_orphaned_shared_memory
     timing.mark("imports")
-
-    from data.demo import make_demo_data
-    from models.tiny import build_demo_models
-    from pipeline.engine import load_ds_config
-    from pipeline.replicas import ReplicaFeed, Replicas, layout_error
-    from pipeline.reporting import RunLogger, startup_summary
-    from pipeline.identity import input_identity
-    from pipeline.resume import finished_tasks, saved_results
-    from pipeline.protocol import task_sequence
-    from pipeline.tta import TTARunner, open_tasks
-
     if os.environ.get("LOCAL_RANK", "0") == "0":
-        prefix = f"deepspeed_allreduce_buffer_{os.getuid()}_"
-        removed = remove_orphaned_shared_memory(prefix)
+        removed = remove_orphaned_shared_memory(f"deepspeed_allreduce_buffer_{os.getuid()}_")
         if removed:
-            print(f"removed {len(removed)} shared-memory buffers of ended DeepSpeed runs from /dev/shm")
-
+            LOG.info(f"removed {len(removed)} shared-memory buffers of ended DeepSpeed runs from /dev/shm")
     launched = "RANK" in os.environ
-    if not launched:  # started without a launcher: one process, like `deepspeed --num_gpus 1`
-        from pipeline.rundir import free_local_port
+    if not launched:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_local_port()))
     deepspeed.init_distributed()
@@ -393,14 +382,76 @@ def run(argv=None) -> int:
     if get_accelerator().device_name() == "cpu":
         import atexit
         atexit.register(release_cpu_shared_memory)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    return dist.get_rank(), dist.get_world_size(), launched
+
+
+def prepare(cfg: RunConfig, record: dict, class_names: list[str], method, claim: OutputClaim) -> tuple[dict, dict]:
+    """Rank 0, before any model loads: the output folder (locked; resumable), the data (every image's window
+    count from its header), every model file (whole, shapes as its config makes them); returns the tasks'
+    datasets and the tasks finished before, and completes `record` with the inputs' identity."""
+    from data.demo import make_demo_data
+    from models.tiny import build_demo_models
+    from pipeline.run.checks import (check_accumulation, check_class_embedding_file, check_generator_files,
+                                     check_segmenter_files, check_window_counts, check_window_size, read_cost_table)
+    from pipeline.run.folder import RunFolder
+    from pipeline.run.identity import input_identity
+    from pipeline.run.loop import open_tasks
+    from pipeline.run.protocol import task_sequence
+    from pipeline.run.resume import finished_tasks, saved_results
+
+    claim.folder = RunFolder.claim(cfg.output_dir)
+    saved_results(cfg.output_dir)  # a damaged results.json is named before anything is built
+    if cfg.data.build_demo_data:
+        sequence = task_sequence(cfg.data)
+        make_demo_data(cfg.data.dataset, cfg.data.root, list(dict.fromkeys(t.domain for t in sequence)),
+                       [t.severity for t in sequence if t.severity is not None])
+    datasets = open_tasks(cfg.data, len(class_names))
+    if method.adapts:
+        note = check_accumulation(cfg.tta.accumulation_steps, {t: len(d) for t, d in datasets.items()})
+        if note:
+            LOG.warning(note)
+    if cfg.pipeline.cost_table is not None and method.pipeline:
+        read_cost_table(Path(cfg.pipeline.cost_table), "--pipeline.cost_table")
+    if method.generator:  # each window is a micro-batch of the image's step
+        check_window_counts(datasets, cfg.data.window_size, cfg.data.window_stride, cfg.data.max_windows,
+                            cfg.data.short_edge)
+    if cfg.model.build_demo_models:  # source and tent need no generator
+        build_demo_models(cfg.model.segmenter, cfg.model.generator if method.generator else None,
+                          cfg.model.class_embeddings, class_names)
+    check_segmenter_files(cfg.model.segmenter, len(class_names))
+    if method.generator:
+        check_window_size(cfg.data.window_size, cfg.model.generator)
+        transformer = check_generator_files(cfg.model.generator)
+        check_class_embedding_file(cfg.model.class_embeddings, class_names, cfg.model.generator, transformer)
+    record["inputs"] = input_identity(cfg.model, class_names, datasets, method.generator)
+    finished = finished_tasks(cfg, record, class_names)  # the same options and inputs as the results it resumes
+    return datasets, finished
+
+
+def run(argv=None, claim: OutputClaim | None = None) -> int:
+    """One run: its options, processes, checks (rank 0), the method's models, the loop, the results."""
+    import torch
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    from pipeline.dusa.engine import load_ds_config
+    from pipeline.methods import METHODS
+    from pipeline.run.folder import launcher_processes, stop_on_signals, stop_when_launcher_ends, write_text_atomic
+    from pipeline.run.loop import TTARunner, open_tasks
+    from pipeline.run.replicas import ReplicaFeed, Replicas, layout_error
+    from pipeline.run.reporting import RunLogger, startup_summary
+
+    claim = claim or OutputClaim()
+    stop_on_signals()
+    stop_when_launcher_ends(launcher_processes())  # the single-node launcher does not pass SIGTERM on
+    cfg, record, config_files, class_names = configure(argv)
+    rank, world, launched = start_processes()
     torch.manual_seed(cfg.seed)
     method = METHODS[cfg.tta.method]  # the registry: its class checks, builds and runs the method
     if method.pipeline:
         for note in fit_layout(cfg.pipeline, launched):
             record["pipeline"].update(num_stages=cfg.pipeline.num_stages, partition=cfg.pipeline.partition)
-            if rank == 0:
-                print(note, flush=True)
+            LOG.info(note)
     method.check(cfg, world)
     stages = cfg.pipeline.num_stages if method.pipeline else 1  # source and tent: one process per replica
     wrong = layout_error(world, stages, cfg.tta.continual and method.adapts,
@@ -410,47 +461,14 @@ def run(argv=None) -> int:
     replicas = Replicas.form(stages)
     ds_config = load_ds_config(cfg.deepspeed, cfg.tta.lr)
     record["deepspeed"] = ds_config
-    datasets = None
-    finished: dict = {}
-
-    def prepare() -> None:
-        """Rank 0, before any model loads: the output folder (locked; resumable), the data (every image's
-        window count from its header), every model file (whole, shapes as its config makes them)."""
-        global _run_folder
-        nonlocal datasets, finished
-        _run_folder = RunFolder.claim(cfg.output_dir)
-        saved_results(cfg.output_dir)  # a damaged results.json is named before anything is built
-        if cfg.data.build_demo_data:
-            sequence = task_sequence(cfg.data)
-            make_demo_data(cfg.data.dataset, cfg.data.root, list(dict.fromkeys(t.domain for t in sequence)),
-                           [t.severity for t in sequence if t.severity is not None])
-        datasets = open_tasks(cfg.data, len(class_names))
-        if method.adapts:
-            note = check_accumulation(cfg.tta.accumulation_steps, {t: len(d) for t, d in datasets.items()})
-            if note:
-                print(note, file=sys.stderr, flush=True)
-        if cfg.pipeline.cost_table is not None and method.pipeline:
-            read_cost_table(Path(cfg.pipeline.cost_table), "--pipeline.cost_table")
-        if method.generator:  # each window is a micro-batch of the image's step
-            check_window_counts(datasets, cfg.data.window_size, cfg.data.window_stride, cfg.data.max_windows,
-                                cfg.data.short_edge)
-        if cfg.model.build_demo_models:  # source and tent need no generator
-            build_demo_models(cfg.model.segmenter, cfg.model.generator if method.generator else None,
-                              cfg.model.class_embeddings, class_names)
-        check_segmenter_files(cfg.model.segmenter, len(class_names))
-        if method.generator:
-            check_window_size(cfg.data.window_size, cfg.model.generator)
-            transformer = check_generator_files(cfg.model.generator)
-            check_class_embedding_file(cfg.model.class_embeddings, class_names, cfg.model.generator, transformer)
-        record["inputs"] = input_identity(cfg.model, class_names, datasets, method.generator)
-        finished = finished_tasks(cfg, record, class_names)  # the same options and inputs as the results it resumes
-    on_rank0(prepare, rank, world, dist)
+    found: list = []
+    on_rank0(lambda: found.append(prepare(cfg, record, class_names, method, claim)), rank, world, dist)
+    datasets, finished = found[0] if found else (None, {})
     if all_tasks_done(finished, cfg.data.corruptions, world, dist):  # before any model loads
-        if rank == 0:
-            print(f"every task is already done in {Path(cfg.output_dir) / 'results.json'}: nothing to run "
-                  f"(another --output_dir starts a new run)", flush=True)
+        LOG.info(f"every task is already done in {Path(cfg.output_dir) / 'results.json'}: nothing to run "
+                 f"(another --output_dir starts a new run)")
         dist.destroy_process_group()
-        release_run_folder()
+        claim.release()
         return 0
     if datasets is None:
         datasets = open_tasks(cfg.data, len(class_names))
@@ -458,40 +476,35 @@ def run(argv=None) -> int:
     accelerator = get_accelerator()
     device = torch.device(accelerator.current_device_name())
     timing.configure(cfg.logging.timing, device)
-    visible = f"{accelerator.device_count()} x {accelerator.device_name()} visible"
 
-    built = method.build(cfg, class_names, device, ds_config, report=print if rank == 0 else (lambda _: None),
-                         replicas=replicas)
-    adapted, checked, parameters = built.method, built.segmenter, built.parameters
-    processes = f"{world} ({built.processes}{', tasks from a shared queue' if replicas.count > 1 else ''}), {visible}"
-    if checked is not None and checked.num_classes != len(class_names):
-        raise ValueError(f"segmenter {cfg.model.segmenter} predicts {checked.num_classes} "
+    built = method.build(cfg, class_names, device, ds_config, report=LOG.info, replicas=replicas)
+    if built.segmenter is not None and built.segmenter.num_classes != len(class_names):
+        raise ValueError(f"segmenter {cfg.model.segmenter} predicts {built.segmenter.num_classes} "
                          f"classes, data.classes={cfg.data.classes} has {len(class_names)}")
     if rank == 0:  # the run starts: from here on, what it writes stays
         write_text_atomic(Path(cfg.output_dir) / "config.json", json.dumps(record, indent=2) + "\n",
                           Path(cfg.output_dir))
-        _started = True
-
+        claim.started = True
     logger = None  # W&B on rank 0; the other replicas' scoring processes feed it
     if rank == 0:
         logger = RunLogger(cfg.logging, cfg.output_dir, record, class_names)
-    elif adapted.scoring:
+    elif built.method.scoring:
         logger = ReplicaFeed(replicas)
-    runner = TTARunner(cfg, class_names, device, adapted, logger=logger, config_record=record, datasets=datasets,
-                       replicas=replicas)
-    if rank == 0:
-        print(startup_summary(cfg, config_files, processes, parameters, runner.total_images), flush=True)
+    runner = TTARunner(cfg, class_names, device, built.method, logger=logger, config_record=record,
+                       datasets=datasets, replicas=replicas)
+    processes = (f"{world} ({built.processes}{', tasks from a shared queue' if replicas.count > 1 else ''}), "
+                 f"{accelerator.device_count()} x {accelerator.device_name()} visible")
+    LOG.info(startup_summary(cfg, config_files, processes, built.parameters, runner.total_images))
     timing.mark("runner ready")
     runner.run()
     timing.RECORDER.write(cfg.output_dir, rank)
-    if rank == 0:
-        print(f"results: {Path(cfg.output_dir) / 'results.json'} (and .csv); config: "
-              f"{Path(cfg.output_dir) / 'config.json'}")
+    LOG.info(f"results: {Path(cfg.output_dir) / 'results.json'} (and .csv); config: "
+             f"{Path(cfg.output_dir) / 'config.json'}")
     # The stages of a replica leave together: one that tears down its communication threads while another
     # still finishes (results, W&B) can abort the process at exit. Replicas do not wait for one another.
     replicas.barrier()
     dist.destroy_process_group()
-    release_run_folder()
+    claim.release()
     return 0
 
 

@@ -13,9 +13,9 @@ the largest of them (T5-XXL: about 9.5 GB in bf16). `launch/embed_classes.py` is
 from __future__ import annotations
 
 import gc
+import logging
 import hashlib
 import json
-import sys
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
@@ -131,7 +131,7 @@ def make_prompts(template: str, classes: Sequence[str], custom: Mapping[str, str
 
 def read_custom_prompts(path: str | Path) -> dict[str, str]:
     """A JSON or YAML mapping class name -> full prompt."""
-    from pipeline.checks import load_unique  # JSON or YAML, a repeated class refused
+    from pipeline.run.checks import load_unique  # JSON or YAML, a repeated class refused
     try:
         text = Path(path).read_text(encoding="utf-8-sig")  # a leading byte-order mark is dropped
     except OSError as e:
@@ -253,8 +253,8 @@ def build_class_embeddings(model: str, classes: Sequence[str], template: str = D
         from diffusers import SD3Transformer2DModel
 
         width = SD3Transformer2DModel.load_config(folder, subfolder="transformer")["joint_attention_dim"]
-        print(f"warning: {model} has no text_encoder_3: its {max_sequence_length} T5 tokens are zeros "
-              f"(what diffusers does without T5)", file=sys.stderr)
+        logging.getLogger("dusa").warning(f"warning: {model} has no text_encoder_3: its {max_sequence_length} T5 tokens are zeros "
+                                          f"(what diffusers does without T5)")
         t5 = torch.zeros(len(prompts), max_sequence_length, width, dtype=dtype)
 
     clip_hidden = torch.cat([hidden_l, hidden_g], dim=-1)

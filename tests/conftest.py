@@ -14,13 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # One build folder of DeepSpeed's extensions per environment, for this process and every launch it starts
 # (shared ~/.cache/torch_extensions made two environments rebuild it in turns, 25-40 s each).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
+# The scripts the tests start (the launcher, the pipeline worker, the benchmarks) import this checkout's packages,
+# whichever checkout the environment's `pip install -e .` points to (worktrees may share one environment).
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 @pytest.fixture(autouse=True)
 def release_deepspeed_shared_memory():
     """After each test, the buffers that appeared during it and that no process maps or holds open any more:
     another test suite on the machine may be running ranks whose buffers appeared meanwhile."""
-    from pipeline.rundir import orphaned_shared_memory
+    from pipeline.run.folder import orphaned_shared_memory
     prefix = "deepspeed_allreduce_buffer_"
     before = set(SHM.glob(prefix + "*")) if SHM.is_dir() else set()
     yield
@@ -32,8 +35,7 @@ def release_deepspeed_shared_memory():
 @pytest.fixture
 def launcher_main(monkeypatch):
     """launch/tta.py imported in this process, its hard exit turned into SystemExit."""
-    sys.path.insert(0, str(ROOT / "launch"))
-    import tta as launcher
+    import launch.tta as launcher
 
     def exit_(code):
         raise SystemExit(code)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.rundir import free_local_port
+from pipeline.run.folder import free_local_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

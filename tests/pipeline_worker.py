@@ -11,21 +11,20 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from deepspeed.runtime.pipe import schedule  # noqa: E402
+from pipeline.dusa.deepspeed_seam import wrap_instructions  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
 
-from pipeline.engine import TTAEngine, load_ds_config  # noqa: E402
-from pipeline.module import build_pipeline  # noqa: E402
-from pipeline.windows import draw_windows  # noqa: E402
+from pipeline.dusa.engine import TTAEngine, load_ds_config  # noqa: E402
+from pipeline.dusa.module import build_pipeline  # noqa: E402
+from pipeline.run.log import LOG  # noqa: E402
+from pipeline.dusa.windows import draw_windows  # noqa: E402
 from tests.tiny_setup import (ACCUMULATE_LR, ACCUMULATION, ACCUMULATION_IMAGES, ADAPTIVE_TEST_RULE, CLASSES,  # noqa: E402
                               SHARP_SEGFORMER, WINDOW, WINDOW_TAU, fixed_windows, run_configs)
 
@@ -82,7 +81,7 @@ def run_job(name: str, args: argparse.Namespace, assets: Path, stages: int) -> N
         tta.window_weighting, tta.window_tau, tta.learnable_embedding = "entropy", WINDOW_TAU, True
     if args.mode == "accumulate":
         tta.accumulation_steps = ACCUMULATION
-    module = build_pipeline(model, data, tta, pipe, CLASSES, stage_report=lambda _: None)
+    module = build_pipeline(model, data, tta, pipe, CLASSES, stage_report=LOG.debug)
     out: dict = {}
     forwards = []  # SegFormer forwards actually run on this rank
     if module.front is not None:
@@ -103,11 +102,9 @@ def run_job(name: str, args: argparse.Namespace, assets: Path, stages: int) -> N
         ds = load_ds_config({"bf16": {"enabled": True, "immediate_grad_update": args.immediate},
                              "data_types": {"grad_accum_dtype": "fp32"}, "zero_optimization": {"stage": 1}}, lr=1e-3)
         tte = TTAEngine(module, ds, tta)
-        table = dict(tte.engine._INSTRUCTION_MAP)
-        optimizer_step = table[schedule.OptimizerStep]
         names = [n for n, p in module.named_parameters() if p.requires_grad]
 
-        def recording_step(eng, *a, **k):
+        def recording_step(eng, *a, optimizer_step, **k):
             params = dict(module.named_parameters())
             out["grads"] = {n: safe_get_full_grad(params[n]).float().clone() for n in names}
             before = {n: safe_get_full_fp32_param(params[n]).clone() for n in names}
@@ -115,8 +112,8 @@ def run_job(name: str, args: argparse.Namespace, assets: Path, stages: int) -> N
             # Which float32 master weights the step changed (bf16 copies of values near 1 may not move).
             out["moved"] = {n: bool((safe_get_full_fp32_param(params[n]) != before[n]).any()) for n in names}
             return result
-        table[schedule.OptimizerStep] = recording_step
-        tte.engine._INSTRUCTION_MAP = table
+        wrap_instructions(tte.engine, {"OptimizerStep": lambda step: functools.partial(recording_step,
+                                                                                       optimizer_step=step)})
         out["loss"] = float(tte.step(*fixed_windows(assets, seed=0)).loss)
 
     elif args.mode == "reset":

@@ -13,7 +13,7 @@ from models.architectures import (GENERATORS, SD3_5_LARGE_TRANSFORMER, make_rand
                                   save_random_transformer)
 from models.class_embeddings import load_class_embeddings
 from models.sd3 import TransformerParts
-from pipeline.checks import check_class_embedding_file, check_generator_files
+from pipeline.run.checks import check_class_embedding_file, check_generator_files
 
 TINY_LARGE = dict(SD3_5_LARGE_TRANSFORMER, num_layers=3, num_attention_heads=2, attention_head_dim=8,
                   caption_projection_dim=16, joint_attention_dim=32, pooled_projection_dim=32, pos_embed_max_size=32,

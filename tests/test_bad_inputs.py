@@ -140,10 +140,9 @@ def test_a_very_wide_image_runs_with_many_windows(demo, tmp_path):
 
 def test_out_of_memory_names_the_knobs(monkeypatch, capsys):
     """The launcher's handler turns a CUDA OOM anywhere in the run into one line with the fixes."""
-    sys.path.insert(0, str(ROOT / "launch"))
-    import tta as launcher
+    import launch.tta as launcher
 
-    def oom(argv=None):
+    def oom(argv=None, claim=None):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     def exit_(code):
@@ -163,12 +162,12 @@ def test_out_of_memory_names_the_knobs(monkeypatch, capsys):
 def test_a_mistyped_option_gives_one_line_with_a_guess_on_rank_0_alone(monkeypatch, capsys, tmp_path, rank):
     """No usage block per rank: rank 0 prints the error with the nearest option and where the options are
     listed; the other ranks, which refuse the same arguments, print nothing."""
-    sys.path.insert(0, str(ROOT / "launch"))
-    import tta as launcher
+    import launch.tta as launcher
 
     def exit_(code):
         raise SystemExit(code)
-    monkeypatch.setattr(launcher, "run", launcher.parse)  # the real parser, without the run's signal handlers
+    # the real parser, without the run's signal handlers
+    monkeypatch.setattr(launcher, "run", lambda argv, claim=None: launcher.parse(argv))
     monkeypatch.setattr(launcher.os, "_exit", exit_)
     monkeypatch.setattr(launcher.time, "sleep", lambda seconds: None)
     monkeypatch.delenv("DUSA_TRACEBACK", raising=False)
@@ -190,8 +189,7 @@ def test_a_mistyped_option_gives_one_line_with_a_guess_on_rank_0_alone(monkeypat
                                          ("--tt.lr", "--tta.lr"), ("--tta.verbose", "--logging.verbose"),
                                          ("--output-dir", "--output_dir"), ("--zzzzqq", None)])
 def test_the_guess_for_a_mistyped_option(typed, guess):
-    sys.path.insert(0, str(ROOT / "launch"))
-    import tta as launcher
+    import launch.tta as launcher
     known = [s for a in launcher.make_parser()._actions for s in a.option_strings if s.startswith("--")]
     assert launcher.close_option(f"unrecognized arguments: {typed} 1", known) == guess
 
@@ -199,7 +197,7 @@ def test_the_guess_for_a_mistyped_option(typed, guess):
 def test_too_many_nonfinite_steps_in_a_row_stop_the_run():
     from types import SimpleNamespace
 
-    from pipeline.tta import TTARunner
+    from pipeline.run.loop import TTARunner
     runner = SimpleNamespace(cfg=SimpleNamespace(tta=SimpleNamespace(max_nonfinite=3)), _nonfinite_run=0,
                              _nonfinite_task=0)
     for skipped in (True, True, False, True, True):  # a finite step resets the count

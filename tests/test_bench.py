@@ -54,7 +54,7 @@ def test_out_of_memory_on_one_stage_ends_every_stage_promptly(tmp_path):
     assert report["by_classes"]["6"]["pipeline_oom"] and report["by_classes"]["6"]["pipeline_s_per_image"] is None
     stage0 = json.loads((tmp_path / "work" / "pipeline-rank0.json").read_text())
     assert stage0["results"]["6"]["stopped_by_stage"] == 1
-    # The estimate of pipeline/memory.py sits beside each class count, per stage.
+    # The estimate of pipeline/dusa/memory.py sits beside each class count, per stage.
     assert len(report["by_classes"]["4"]["memory_estimate"]["stages"]) == 2
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from launch.compare import compare_table, load_run, main
-from pipeline.reporting import summarize, write_results
+from pipeline.run.reporting import summarize, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["wall", "sky"]

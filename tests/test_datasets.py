@@ -18,7 +18,7 @@ from data.classes import ADE20K_CLASSES, load_class_names
 from data.datasets import DATASETS
 from data.demo import make_demo_street
 from models.class_embeddings import check_cache_metadata, class_list_hash
-from pipeline.config import DataConfig, RunConfig
+from pipeline.run.config import DataConfig, RunConfig
 
 # cityscapesScripts, cityscapesscripts/helpers/labels.py (`labels`): name, id, trainId of every label of the
 # gtFine annotations (ids 0..33; the license plate has id -1 and is not drawn into *_labelIds.png).

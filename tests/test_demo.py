@@ -18,9 +18,9 @@ from data.ade20k_c import ADE20KC
 from data.classes import ADE20K_CLASSES
 from data.metrics import SegmentationMetric
 from models.segformer import Segmenter
-from pipeline.tent import Tent
-from pipeline.config import DataConfig
-from pipeline.images import PreparedImages, predict, task_order
+from pipeline.methods.tent import Tent
+from pipeline.run.config import DataConfig
+from pipeline.run.images import PreparedImages, predict, task_order
 from tests.helpers import demo_command
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ from data.classes import ADE20K_CLASSES
 from data.demo import make_demo_dataset
 from data.metrics import SegmentationMetric
 from models.checkpoints import umask_file_mode
-from pipeline.config import PipelineConfig
-from pipeline.progress import TaskProgress, end_bars
+from pipeline.run.config import PipelineConfig
+from pipeline.run.progress import TaskProgress, end_bars
 
 ROOT = Path(__file__).resolve().parents[1]
 

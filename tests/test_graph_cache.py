@@ -1,10 +1,10 @@
-"""Which image shapes keep a CUDA graph of SegFormer (pipeline/graphs.py: FrequentShapes; bookkeeping only, no GPU)."""
+"""Which image shapes keep a CUDA graph of SegFormer (pipeline/dusa/graphs.py: FrequentShapes; bookkeeping only, no GPU)."""
 from __future__ import annotations
 
 import random
 
-from bench.bench import graph_cache_simulation, shape_sequence
-from pipeline.graphs import FrequentShapes
+from bench.graph_cache import graph_cache_simulation, shape_sequence
+from pipeline.dusa.graphs import FrequentShapes
 
 
 def visit_all(policy: FrequentShapes, shapes: list) -> list[str]:

@@ -22,9 +22,9 @@ from safetensors.torch import save_file
 from data.classes import ADE20K_CLASSES
 from data.demo import make_demo_dataset
 from models.class_embeddings import save_class_embeddings
-from pipeline import checks
-from pipeline.config import RunConfig, validate
-from pipeline.rundir import (LOCK_NAME, PeerError, RunFolder, Stopped, file_digests, orphaned_shared_memory,
+from pipeline.run import checks
+from pipeline.run.config import RunConfig, validate
+from pipeline.run.folder import (LOCK_NAME, PeerError, RunFolder, Stopped, file_digests, orphaned_shared_memory,
                              verify_files, write_text_atomic)
 from tests.helpers import demo_models_and_data, free_port, refused_runs
 
@@ -166,11 +166,11 @@ def test_window_sizes_against_the_generator(demo):
 
 
 def test_window_count_from_headers_matches_the_placement_and_has_a_cap():
-    from pipeline.windows import resized_size, window_boxes
+    from pipeline.dusa.windows import resized_size, window_boxes, window_count
     for h, w, size, stride in [(128, 1100, 128, 64), (512, 683, 512, 256), (700, 90, 64, 21), (64, 64, 64, 1)]:
-        assert checks.grid_windows(h, w, size, stride) == len(window_boxes(*resized_size(h, w, size), size, stride))
+        assert window_count(h, w, size, stride) == len(window_boxes(*resized_size(h, w, size), size, stride))
     # 1 x 100000: counted without listing (hundreds of thousands of windows).
-    assert checks.grid_windows(1, 100_000, 512, 256) > 100_000
+    assert window_count(1, 100_000, 512, 256) > 100_000
     sizes = [(100, 20_000), (128, 171)]  # a panorama: 128 x 25600 after the resize
     fake = type("Images", (), {"__len__": lambda self: 2, "image_size": lambda self, i: sizes[i],
                                "_images": [Path("pano.jpg"), Path("ok.jpg")]})()
@@ -292,10 +292,10 @@ class _RunsCode:
 def test_tent_state_is_loaded_only_as_written(tmp_path):
     """Tent's continual state: saved by a rename with its digest in results.json; a planted pickle
     (here one that would create a file) is refused, one line, before anything is loaded."""
-    from pipeline.reporting import write_results
-    from pipeline.methods import TentMethod
-    from pipeline.tent import Tent
-    from pipeline.tta import TTARunner
+    from pipeline.run.reporting import write_results
+    from pipeline.methods.tent import TentMethod
+    from pipeline.methods.tent import Tent
+    from pipeline.run.loop import TTARunner
     segmenter = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.GroupNorm(2, 4))
     runner = object.__new__(TTARunner)
     cfg = RunConfig(output_dir=str(tmp_path))
@@ -334,7 +334,7 @@ def test_orphaned_shared_memory_is_removed_only_when_proven(tmp_path):
     (1, RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [::1]:1")),
 ])
 def test_other_ranks_exit_quietly(launcher_main, monkeypatch, capsys, rank, failure):
-    def fail(argv=None):
+    def fail(argv=None, claim=None):
         raise failure
     monkeypatch.setattr(launcher_main, "run", fail)
     monkeypatch.setenv("RANK", str(rank))
@@ -345,7 +345,7 @@ def test_other_ranks_exit_quietly(launcher_main, monkeypatch, capsys, rank, fail
 
 
 def test_a_stopped_run_says_so_in_one_line(launcher_main, monkeypatch, capsys):
-    def stop(argv=None):
+    def stop(argv=None, claim=None):
         raise Stopped("stopped by SIGTERM", 128 + signal.SIGTERM)
     monkeypatch.setattr(launcher_main, "run", stop)
     monkeypatch.setenv("RANK", "0")
@@ -555,7 +555,7 @@ def test_unusual_values_at_the_ends_of_their_domains_run(demo, tmp_path):
     "{not json", "[]", '{"config": {}, "tasks": {}}',
     '{"config": {"model": {}, "data": {}, "tta": {}, "seed": 0}, "tasks": {"gaussian_noise": 1}}'])
 def test_a_damaged_results_file_is_named_not_a_traceback(tmp_path, text):
-    from pipeline.resume import finished_tasks
+    from pipeline.run.resume import finished_tasks
     (tmp_path / "results.json").write_text(text)
     cfg = RunConfig(output_dir=str(tmp_path))
     record = json.loads(json.dumps({"model": {}, "data": {}, "tta": {}, "seed": 0}))

@@ -1,4 +1,4 @@
-"""Independent tests of pipeline.loss against the objective ("The method, exactly" in the README).
+"""Independent tests of pipeline.dusa.loss against the objective ("The method, exactly" in the README).
 
 The reference below is written from the specification only, with explicit loops over pixels in
 float64. The logits it takes are already LogitNormed (at the segmenter's resolution) and resized:
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from pipeline.loss import area_k_candidates, area_scores, dusa_loss, logit_norm, select_candidates
+from pipeline.dusa.loss import area_k_candidates, area_scores, dusa_loss, logit_norm, select_candidates
 
 CH = 16
 

@@ -6,7 +6,7 @@ import copy
 import torch
 from torch import nn
 
-from pipeline.low_precision import WorkingWeights, cast_frozen_layers
+from pipeline.dusa.low_precision import WorkingWeights, cast_frozen_layers
 
 
 class Block(nn.Module):

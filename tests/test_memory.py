@@ -1,4 +1,4 @@
-"""The per-stage memory estimate (pipeline/memory.py): parameter counts against the real layers, bytes per
+"""The per-stage memory estimate (pipeline/dusa/memory.py): parameter counts against the real layers, bytes per
 preset, activation scaling, windows in flight, and the layout predictions on hand-made costs."""
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ from models.class_embeddings import load_class_embeddings
 from models.sd3 import LatentEncoder, TransformerParts
 from models.segformer import Segmenter
 from models.tiny import make_tiny_class_embeddings, make_tiny_sd3, make_tiny_segformer
-from pipeline.config import ModelConfig, TTAConfig
-from pipeline.engine import select_trainable
-from pipeline.layers import JointBlock, SD3Embed, SD3Head, SegmenterFront
-from pipeline.memory import (GIB, KAPPA, KAPPA_QK_RMS, Geometry, LayerCount, MemoryModel, Precision,
+from pipeline.run.config import ModelConfig, TTAConfig
+from pipeline.dusa.engine import select_trainable
+from pipeline.dusa.layers import JointBlock, SD3Embed, SD3Head, SegmenterFront
+from pipeline.dusa.memory import (GIB, KAPPA, KAPPA_QK_RMS, Geometry, LayerCount, MemoryModel, Precision,
                              analytic_activations, build_memory_model, format_layouts, format_stages, layer_counts,
                              memory_split, precision_bytes, predict_layouts, read_configs, smallest_layout,
                              table_activations)
-from pipeline.partition import StepCosts, plan_partition, simulate_step
+from pipeline.dusa.partition import StepCosts, plan_partition, simulate_step
 
 ROOT = Path(__file__).resolve().parents[1]
 SWITCHES = [dict(), dict(norm_only=True), dict(update_segmenter=False), dict(update_generator=False),
@@ -102,7 +102,7 @@ def ds(**kwargs) -> dict:
 
 
 def test_bytes_per_parameter_of_each_preset():
-    from pipeline.engine import load_ds_config
+    from pipeline.dusa.engine import load_ds_config
     autocast = precision_bytes(load_ds_config(str(ROOT / "ds_configs" / "ds_tta.json"), lr=1e-5))
     assert (autocast.name, autocast.weight, autocast.grad, autocast.optimizer) == ("autocast", 4, 4, 8)
     assert not autocast.persistent_grads and autocast.buffer is None  # torch's zero_grad frees them
@@ -225,7 +225,7 @@ def test_layout_prediction_on_hand_made_costs():
 
 
 def test_this_layouts_prediction_and_the_line_after_the_first_task():
-    from pipeline.memory import prediction_line, this_layout_prediction
+    from pipeline.dusa.memory import prediction_line, this_layout_prediction
     costs = {10: uniform_costs(), 20: StepCosts([2.0] * 4, [4.0] * 4, (0.5, 1.0), [0.1] * 4)}
     out = predict_layouts(costs, gpus=2, card_bytes=1e6, memory=hand_model(Precision("autocast", 4, 4, 8, False,
                                                                                       None, 4)))
@@ -284,7 +284,7 @@ def test_the_measured_h200_peaks_within_five_percent():
     from models.architectures import SD3_VAE, SEGFORMER_B5
     from diffusers import AutoencoderKL
     from transformers import SegformerConfig
-    from pipeline.engine import load_ds_config
+    from pipeline.dusa.engine import load_ds_config
     with torch.device("meta"):
         gen = dict(SD3Transformer2DModel(**SD3_MEDIUM_TRANSFORMER).config)
         vae = dict(AutoencoderKL(**SD3_VAE).config)
@@ -294,7 +294,7 @@ def test_the_measured_h200_peaks_within_five_percent():
     for precision, runs in measured.items():
         config = load_ds_config(str(ROOT / "ds_configs" / ("ds_tta.json" if precision == "autocast"
                                                            else "ds_tta_bf16.json")), lr=1e-5)
-        table = json.loads((ROOT / "pipeline" / "costs" / f"h200-sd3-medium-segformer-b5-{precision}.json").read_text())
+        table = json.loads((ROOT / "pipeline" / "dusa" / "costs" / f"h200-sd3-medium-segformer-b5-{precision}.json").read_text())
         for source in (table, None):  # the table's activations, and the transformer's dims
             model = build_memory_model(gen, vae, seg, TTAConfig(), config, 512, (150, 333, 4096), 2048,
                                        table=source, graph_shapes=1, image=(512, 683))
@@ -306,9 +306,9 @@ def test_the_measured_h200_peaks_within_five_percent():
 
 
 def test_start_up_lines_of_a_run(tiny):
-    from pipeline.config import DataConfig, PipelineConfig
-    from pipeline.engine import load_ds_config
-    from pipeline.memory import startup_lines
+    from pipeline.run.config import DataConfig, PipelineConfig
+    from pipeline.dusa.engine import load_ds_config
+    from pipeline.dusa.memory import startup_lines
     model = ModelConfig(segmenter=str(tiny / "segformer"), generator=str(tiny / "sd3"),
                         class_embeddings=str(tiny / "classes.safetensors"))
     ds_config = load_ds_config(str(ROOT / "ds_configs" / "ds_demo.json"), lr=1e-4)

@@ -107,3 +107,60 @@ def test_update_reads_nothing_back_to_the_host():
     m.update(PRED.to("meta"), TARGET.to("meta"))
     m.update(PRED.to("meta"), TARGET)  # a CPU target joins the prediction's device
     assert m._hist is not None and m._hist.device.type == "meta"
+
+
+def mmseg_reference(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore: int = 255) -> dict:
+    """mmseg's IoUMetric restated in numpy: areas of intersection, union, prediction and label per class
+    over all images, IoU = intersect / union and Acc = intersect / label (NaN where 0/0), mIoU and mAcc
+    their nan-means, aAcc = all intersections / all labels; in percent."""
+    keep = target != ignore
+    pred, target = pred[keep], target[keep]
+    intersect = np.bincount(target[pred == target], minlength=num_classes).astype(np.float64)
+    area_pred = np.bincount(pred, minlength=num_classes).astype(np.float64)
+    area_label = np.bincount(target, minlength=num_classes).astype(np.float64)
+    union = area_pred + area_label - intersect
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou, acc = intersect / union, intersect / area_label
+    return {"mIoU": 100 * np.nanmean(iou), "aAcc": 100 * intersect.sum() / area_label.sum(),
+            "IoU": list(100 * iou), "Acc": list(100 * acc)}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_torchmetrics_scores_equal_the_mmseg_reference_with_absent_classes(seed):
+    """Classes 3 and 7 are in neither map, class 5 only predicted, class 6 only in the labels; a random share
+    of pixels is ignored. The scores come from torchmetrics (float32 IoU): equal to float32 precision."""
+    rng = np.random.default_rng(seed)
+    num_classes, present = 9, [0, 1, 2, 4, 8]
+    metric = SegmentationMetric(num_classes)
+    preds, targets = [], []
+    for _ in range(3):
+        target = rng.choice(present + [6], size=(2, 17, 23))
+        pred = np.where(rng.random(target.shape) < 0.6, target, rng.choice(present + [5], size=target.shape))
+        pred = np.where(pred == 6, 0, pred)  # 6 is never predicted
+        target = np.where(rng.random(target.shape) < 0.1, 255, target)
+        metric.update(torch.from_numpy(pred), torch.from_numpy(target))
+        preds.append(pred.ravel())
+        targets.append(target.ravel())
+    got, want = metric.compute(), mmseg_reference(np.concatenate(preds), np.concatenate(targets), num_classes)
+    assert math.isnan(got["IoU"][3]) and math.isnan(got["IoU"][7]) and got["IoU"][5] == 0.0
+    assert math.isnan(got["Acc"][5]) and got["IoU"][6] == 0.0
+    assert got["mIoU"] == pytest.approx(want["mIoU"], rel=1e-6)
+    assert got["aAcc"] == pytest.approx(want["aAcc"], rel=1e-6)
+    for key in ("IoU", "Acc"):
+        assert all(math.isnan(g) and math.isnan(w) or g == pytest.approx(w, rel=1e-6)
+                   for g, w in zip(got[key], want[key])), (key, got[key], want[key])
+
+
+def test_compute_runs_no_collective(monkeypatch):
+    """A replica's scores never wait for the other replicas: compute calls no torch.distributed collective
+    even where a process group would exist."""
+    import torch.distributed as dist
+    called = []
+    for name in ("all_reduce", "all_gather", "all_gather_object", "broadcast", "barrier"):
+        monkeypatch.setattr(dist, name, lambda *a, _name=name, **k: called.append(_name))
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    metric = SegmentationMetric(5)
+    metric.update(PRED, TARGET)
+    assert metric.compute()["mIoU"] == pytest.approx(100 / 3)
+    assert called == []

@@ -237,7 +237,7 @@ def test_tiny_models_load_through_the_launchers_checks_and_loaders(chain):
     from models.class_embeddings import load_class_embeddings
     from models.sd3 import LatentEncoder, TransformerParts
     from models.segformer import Segmenter
-    from pipeline.checks import (check_class_embedding_file, check_generator_files, check_segmenter_files,
+    from pipeline.run.checks import (check_class_embedding_file, check_generator_files, check_segmenter_files,
                                  check_window_size)
     models = chain / "models"
     segmenter, generator, cache = models / mini.SEGMENTER, models / mini.GENERATOR, models / mini.CACHE

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.engine import load_ds_config, optimizer_factory
+from pipeline.dusa.engine import load_ds_config, optimizer_factory
 
 
 def one_step(optimizer_cls, **kwargs) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Independent tests of the stage split: pipeline.partition.balanced_partition / check_partition.
+"""Independent tests of the stage split: pipeline.dusa.partition.balanced_partition / check_partition.
 
 balanced_partition(costs, num_stages) -> boundaries [0, b1, ..., len(costs)] of a contiguous split
 into `num_stages` non-empty parts minimising the largest part's summed cost.
@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from pipeline.partition import (StepCosts, balanced_partition, check_partition, default_costs, find_cost_table,
+from pipeline.dusa.partition import (StepCosts, balanced_partition, check_partition, default_costs, find_cost_table,
                                 model_signature, plan_partition, simulate_step, table_costs)
 
 
@@ -106,8 +106,8 @@ def test_partition_invalid_num_stages(costs, num_stages):
     ((0, 4, 9, 12), 12, 3),
 ])
 def test_check_partition_accepts_valid(bounds, num_layers, num_stages):
-    result = check_partition(bounds, num_layers, num_stages)  # must not raise
-    assert result is None or list(result) == list(bounds)
+    result = check_partition(bounds, num_layers, num_stages)
+    assert result == list(bounds)  # a list, equal to the bounds given
 
 
 @pytest.mark.parametrize("bounds,num_layers,num_stages", [
@@ -134,7 +134,7 @@ def test_check_partition_accepts_balanced_partition_output():
         s = rng.randint(1, n)
         bounds = balanced_partition(costs, s)
         result = check_partition(bounds, n, s)
-        assert result is None or list(result) == list(bounds)
+        assert result == list(bounds)  # a list, equal to the bounds given
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Pictures (pipeline/pictures.py) and the DUSA candidate classes shown in them (pipeline/tta.py)."""
+"""Pictures (pipeline/run/pictures.py) and the DUSA candidate classes shown in them (pipeline/run/loop.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,10 +12,10 @@ from data.classes import ADE20K_CLASSES, ADE20K_PALETTE
 from models.sd3 import LatentEncoder
 from models.segformer import Segmenter
 from models.tiny import make_tiny_sd3, make_tiny_segformer
-from pipeline.layers import SegmenterFront, unpack
-from pipeline.loss import area_k_candidates, area_scores, select_candidates
-from pipeline.pictures import GAP, classes_present, colorize, make_picture, save_picture
-from pipeline.windows import draw_windows, resize_short_edge, window_boxes
+from pipeline.dusa.layers import SegmenterFront, unpack
+from pipeline.dusa.loss import area_k_candidates, area_scores, select_candidates
+from pipeline.run.pictures import GAP, classes_present, colorize, make_picture, save_picture
+from pipeline.dusa.windows import draw_windows, resize_short_edge, window_boxes
 
 
 def test_colorize_uses_the_ade_palette_and_black_for_ignored():
@@ -144,7 +144,7 @@ def test_under_bf16_autocast_the_window_logits_stay_float32(tmp_path: Path):
     """The autocast preset runs the step under bf16 autocast: SegFormer computes in bf16 there, but the
     LogitNorm, the window resampling (and its cached matrices) and the candidates stay float32, as the
     reference's interpolations of the logits do."""
-    from pipeline.windows import resample_window, window_resampler
+    from pipeline.dusa.windows import resample_window, window_resampler
     window = 64
     front, image, draws = tiny_front_and_step(tmp_path, window)
     window_resampler.cache_clear()  # the matrices are made (and cached) under autocast here

@@ -17,9 +17,9 @@ from diffusers import SD3Transformer2DModel
 from models.class_embeddings import load_class_embeddings
 from models.sd3 import LatentEncoder, TransformerParts
 from models.segformer import Segmenter
-from pipeline.loss import select_candidates
+from pipeline.dusa.loss import select_candidates
 from tests.helpers import free_port
-from pipeline.windows import draw_windows
+from pipeline.dusa.windows import draw_windows
 from tests.tiny_setup import (ACCUMULATE_LR, ACCUMULATION, ACCUMULATION_IMAGES, ADAPTIVE_TEST_RULE, CLASSES,
                               NUM_BLOCKS, SHARP_SEGFORMER, WINDOW, WINDOW_TAU, fixed_windows, make_assets, run_configs)
 

@@ -1,4 +1,4 @@
-"""Protocols (pipeline/protocol.py): each one's task order, where the runner resets, saves and loads, the
+"""Protocols (pipeline/run/protocol.py): each one's task order, where the runner resets, saves and loads, the
 per-round summary, and a continual resume in the middle of a round; in-process, on the synthetic ACDC and
 Cityscapes-C layouts, with a recording stand-in for the method (the launcher runs are in test_datasets_launch.py)."""
 from __future__ import annotations
@@ -12,12 +12,12 @@ import torch
 
 from data.cityscapes import CITYSCAPES_CLASSES
 from data.demo import make_demo_street
-from pipeline.config import RunConfig, validate
+from pipeline.run.config import RunConfig, validate
 from pipeline.methods import Method, StepResult
-from pipeline.protocol import task_sequence
-from pipeline.reporting import format_results_table, summarize
-from pipeline.resume import resume_signature
-from pipeline.tta import TTARunner
+from pipeline.run.protocol import task_sequence
+from pipeline.run.reporting import format_results_table, summarize
+from pipeline.run.resume import resume_signature
+from pipeline.run.loop import TTARunner
 
 C = len(CITYSCAPES_CLASSES)
 CONDITIONS = ["fog", "night", "rain", "snow"]

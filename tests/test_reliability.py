@@ -20,12 +20,12 @@ from safetensors.torch import save_file
 
 from data.ade20k_c import ADE20KC
 from data.classes import ADE20K_CLASSES, read_class_names
-from pipeline import checks
-from pipeline.config import RunConfig, cap_class_budget, validate
-from pipeline.identity import changed_inputs, input_identity
-from pipeline.pictures import save_picture
-from pipeline.resume import finished_tasks, saved_results, state_path
-from pipeline.rundir import Stopped
+from pipeline.run import checks
+from pipeline.run.config import RunConfig, cap_class_budget, validate
+from pipeline.run.identity import changed_inputs, input_identity
+from pipeline.run.pictures import save_picture
+from pipeline.run.resume import finished_tasks, saved_results, state_path
+from pipeline.run.folder import Stopped
 
 ROOT = Path(__file__).resolve().parents[1]
 C = len(ADE20K_CLASSES)
@@ -62,10 +62,10 @@ def test_a_task_name_that_is_not_one_safe_path_component_is_refused(name):
 def test_hostile_names_through_every_writer_change_nothing_outside_the_output_folder(tmp_path):
     """A folder of runs (a sibling run with its results, the data beside it); the writers of one run, given
     every hostile name, refuse it; its continual state cleanup removes only the run's own states by name."""
-    from pipeline.methods import TentMethod
-    from pipeline.reporting import summarize, write_results
-    from pipeline.tent import Tent
-    from pipeline.tta import TTARunner
+    from pipeline.methods.tent import TentMethod
+    from pipeline.run.reporting import summarize, write_results
+    from pipeline.methods.tent import Tent
+    from pipeline.run.loop import TTARunner
     runs = tmp_path / "runs"
     sibling, out = runs / "sibling", runs / "mine"
     write_results(summarize({}, {"tta": {"method": "source"}}, ["wall"]), sibling)
@@ -199,7 +199,7 @@ def test_a_resume_names_the_input_that_changed(tmp_path):
 
 
 def test_finished_tasks_refuses_results_of_other_inputs_before_anything_loads(tmp_path):
-    from pipeline.reporting import summarize, write_results
+    from pipeline.run.reporting import summarize, write_results
     cfg = RunConfig(output_dir=str(tmp_path))
     cfg.data.corruptions = ["fog", "snow"]
     record = json.loads(json.dumps({"model": vars(cfg.model), "data": vars(cfg.data), "tta": vars(cfg.tta),
@@ -331,9 +331,9 @@ def test_config_sections_of_the_wrong_type_are_refused(tmp_path, loaded, message
 
 
 def test_cost_tables_are_checked_against_their_schema(tmp_path):
-    for path in sorted((ROOT / "pipeline" / "costs").glob("*.json")):
+    for path in sorted((ROOT / "pipeline" / "dusa" / "costs").glob("*.json")):
         checks.read_cost_table(path, "cost table")
-    table = json.loads(next((ROOT / "pipeline" / "costs").glob("*.json")).read_text())
+    table = json.loads(next((ROOT / "pipeline" / "dusa" / "costs").glob("*.json")).read_text())
     cases = [("[1, 2]", "not a JSON object"), (json.dumps(table)[:500], "is not valid JSON"),
              (json.dumps({**table, "optimizer_ms": [1.0]}), "has 27 entries, not one per layer \\(1\\)"),
              (json.dumps({**table, "segmenter_ms": ["a", 1]}), "segmenter_ms must be a list of numbers")]
@@ -345,7 +345,7 @@ def test_cost_tables_are_checked_against_their_schema(tmp_path):
 
 
 def test_a_damaged_wandb_id_gives_a_warning_and_a_new_id(tmp_path, capsys):
-    from pipeline.reporting import _read_run_id
+    from pipeline.run.reporting import _read_run_id
     path = tmp_path / "wandb_run_id"
     path.write_bytes(b"\xff\xfe\x00\x01")
     assert _read_run_id(path) is None
@@ -380,7 +380,7 @@ def test_wandb_names_are_checked(key, value):
 @pytest.mark.parametrize("rank, alone, line", [(1, True, "stopped by SIGTERM (rank 1): the run stops"),
                                                (1, False, None), (0, False, "stopped by SIGTERM (rank 0): nothing")])
 def test_a_rank_stopped_by_a_signal_says_which_in_one_line(launcher_main, monkeypatch, capsys, rank, alone, line):
-    def stop(argv=None):
+    def stop(argv=None, claim=None):
         raise Stopped("stopped by SIGTERM", 128 + signal.SIGTERM)
     monkeypatch.setattr(launcher_main, "run", stop)
     monkeypatch.setattr(launcher_main, "stopped_alone", lambda: alone)

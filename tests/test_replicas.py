@@ -1,4 +1,4 @@
-"""Replicas x stages (pipeline/replicas.py): the layout rules, the shared queue and the feed to rank 0 in one
+"""Replicas x stages (pipeline/run/replicas.py): the layout rules, the shared queue and the feed to rank 0 in one
 process; then the launcher on the CPU: 2 x 2 and 4 x 1 give every task exactly what one replica gives, a
 replica killed mid-sweep and the sweep rerun end with the same results, tent spreads the same way, and a
 continual run over several replicas is refused."""
@@ -19,9 +19,9 @@ import pytest
 import torch.distributed as dist
 from PIL import Image
 
-from pipeline.config import RunConfig
-from pipeline.replicas import ReplicaFeed, Replicas, layout_error, task_result
-from pipeline.resume import finished_tasks
+from pipeline.run.config import RunConfig
+from pipeline.run.replicas import ReplicaFeed, Replicas, layout_error, task_result
+from pipeline.run.resume import finished_tasks
 from tests.helpers import copy_demo_models, demo_command
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tests of pipeline/reporting.py: results document, JSON file, table, and W&B logging (disabled and offline)."""
+"""Tests of pipeline/run/reporting.py: results document, JSON file, table, and W&B logging (disabled and offline)."""
 from __future__ import annotations
 
 import csv
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.config import LoggingConfig, RunConfig, WandbConfig
-from pipeline.reporting import (RUN_ID_FILE, RunLogger, format_results_table, overridden_ds_keys, read_results,
+from pipeline.run.config import LoggingConfig, RunConfig, WandbConfig
+from pipeline.run.reporting import (RUN_ID_FILE, RunLogger, format_results_table, overridden_ds_keys, read_results,
                                 resolve_wandb_mode, startup_summary, summarize, wandb_credentials_configured,
                                 warn_overridden_ds_keys, write_results)
 
@@ -292,7 +292,7 @@ def test_an_unusable_run_id_file_starts_a_new_run(monkeypatch: pytest.MonkeyPatc
 
 def test_the_deepspeed_keys_load_ds_config_overrides_are_named(monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline.engine import load_ds_config
+    from pipeline.dusa.engine import load_ds_config
 
     user = {"train_batch_size": 32, "gradient_accumulation_steps": 4, "train_micro_batch_size_per_gpu": 1,
             "bf16": {"enabled": True}, "data_types": {"buffer_dtype": "fp32"},

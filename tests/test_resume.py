@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import DataConfig
-from pipeline.images import task_order
+from pipeline.run.config import DataConfig
+from pipeline.run.images import task_order
 from tests.helpers import copy_demo_models, demo_command
 
 ROOT = Path(__file__).resolve().parents[1]

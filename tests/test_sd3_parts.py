@@ -7,7 +7,7 @@ from diffusers import SD3Transformer2DModel
 
 from models.sd3 import TransformerParts
 from models.tiny import make_tiny_sd3
-from pipeline.layers import JointBlock, SD3Embed, SD3Head, pack, unpack
+from pipeline.dusa.layers import JointBlock, SD3Embed, SD3Head, pack, unpack
 
 # Tiny configs of the published variants: SD3-medium (plain joint blocks), SD3.5-medium (dual
 # attention in the first blocks, RMS q/k norm), SD3.5-large (RMS q/k norm, deeper).
@@ -109,12 +109,12 @@ def test_attention_backend_order_and_a_block_that_prefers_one(tmp_path):
     """pipeline.attention_backend: the named SDPA backend first, every other kept as a fallback; on the CPU
     (flash and math only) a block that prefers cuDNN computes bit for bit what the default block computes."""
     from torch.nn.attention import SDPBackend
-    from pipeline.layers import ATTENTION_BACKENDS, attention_order
+    from pipeline.dusa.layers import ATTENTION_BACKENDS, attention_order
     order = attention_order("cudnn")
     assert order[0] == SDPBackend.CUDNN_ATTENTION and sorted(order, key=str) == sorted(ATTENTION_BACKENDS.values(),
                                                                                        key=str)
     assert attention_order("math")[0] == SDPBackend.MATH and attention_order("default") is None
-    from pipeline.config import PipelineConfig
+    from pipeline.run.config import PipelineConfig
     assert PipelineConfig().attention_backend == "default"  # torch's own order, as the reference runs
     with pytest.raises(ValueError, match="^pipeline.attention_backend 'fast': one of cudnn, flash, efficient, math, "
                                          "default$"):

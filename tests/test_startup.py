@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.engine import HostSnapshot, check_for_duplicates_in_linear_time
+from pipeline.dusa.deepspeed_seam import check_for_duplicates_in_linear_time
+from pipeline.dusa.engine import HostSnapshot
 
 
 def test_host_snapshot_restores_every_tensor_bit_for_bit_across_dtypes():

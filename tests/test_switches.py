@@ -1,4 +1,4 @@
-"""Which parameters adapt: segmenter / generator / norm layers only (pipeline/engine.py select_trainable)."""
+"""Which parameters adapt: segmenter / generator / norm layers only (pipeline/dusa/engine.py select_trainable)."""
 from __future__ import annotations
 
 import pytest
@@ -8,9 +8,9 @@ from models.sd3 import LatentEncoder, TransformerParts
 from models.segformer import Segmenter
 from models.tiny import make_tiny_sd3, make_tiny_segformer
 from data.classes import ADE20K_CLASSES
-from pipeline.config import TTAConfig
-from pipeline.engine import is_norm_module, parameter_groups, select_trainable
-from pipeline.layers import JointBlock, SD3Embed, SD3Head, SegmenterFront
+from pipeline.run.config import TTAConfig
+from pipeline.dusa.engine import is_norm_module, parameter_groups, select_trainable
+from pipeline.dusa.layers import JointBlock, SD3Embed, SD3Head, SegmenterFront
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from torch import nn
 from data.classes import ADE20K_CLASSES
 from models.segformer import Segmenter
 from models.tiny import make_tiny_segformer
-from pipeline.tent import Tent, mean_entropy
+from pipeline.methods.tent import Tent, mean_entropy
 
 
 @pytest.fixture(scope="module")

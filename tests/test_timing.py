@@ -1,4 +1,4 @@
-"""`--logging.timing` (pipeline/timing.py): phases per image, nested phases, notes, start-up marks, the file."""
+"""`--logging.timing` (pipeline/run/timing.py): phases per image, nested phases, notes, start-up marks, the file."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from pipeline.timing import Timing
+from pipeline.run.timing import Timing
 
 
 def test_nested_phases_count_once_and_the_rest_of_the_image_is_other(tmp_path):

@@ -1,4 +1,4 @@
-"""Independent tests of pipeline.windows against the method's first two steps, restated here:
+"""Independent tests of pipeline.dusa.windows against the method's first two steps, restated here:
 
 - resize so the short edge is 512 (bilinear, antialiased), values in [0, 1];
 - square windows of `size` covering the image; top-left positions 0, stride, 2 stride, ... while
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import DataConfig
-from pipeline.windows import (draw_windows, resample_window, resize_short_edge, resized_size, window_boxes,
+from pipeline.run.config import DataConfig
+from pipeline.dusa.windows import (draw_windows, resample_window, resize_short_edge, resized_size, window_boxes,
                               window_resampler)
 
 

@@ -7,9 +7,9 @@ import torch
 
 from data.classes import ADE20K_CLASSES
 from models.tiny import make_tiny_class_embeddings, make_tiny_sd3, make_tiny_segformer
-from pipeline.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
+from pipeline.run.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
 from models.segformer import Segmenter
-from pipeline.windows import AdaptiveWindows, WindowDraw, draw_windows, resize_short_edge, window_boxes
+from pipeline.dusa.windows import AdaptiveWindows, WindowDraw, draw_windows, resize_short_edge, window_boxes
 
 CLASSES = ADE20K_CLASSES
 NUM_BLOCKS = 3

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from data.ade20k_c import ADE20KC
-from pipeline.config import DataConfig
-from pipeline.windows import resize_short_edge, resized_size, window_boxes
+from pipeline.run.config import DataConfig
+from pipeline.dusa.windows import resize_short_edge, window_boxes
 
 
 def image_seed(seed: int, task: str, name: str) -> int:
@@ -45,12 +45,6 @@ class PreparedImages(Dataset):
         item["image"] = image
         item["corners"] = window_boxes(image.shape[-2], image.shape[-1], self.size, self.stride)
         return item
-
-
-def num_windows(dataset: ADE20KC, i: int, window_size: int, window_stride: int, short_edge: int | None = None) -> int:
-    """Window count of image i from its header alone (ranks that do not need the pixels)."""
-    edge = window_size if short_edge is None else short_edge
-    return len(window_boxes(*resized_size(*dataset.image_size(i), edge), window_size, window_stride))
 
 
 def predict(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

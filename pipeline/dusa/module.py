@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.pipe import LayerSpec
 from deepspeed.runtime.pipe.topology import ProcessTopology
 from torch import nn
 from transformers import SegformerConfig
@@ -17,14 +17,15 @@ from models.checkpoints import load_checkpoint
 from models.class_embeddings import load_class_embeddings
 from models.sd3 import LatentEncoder, TransformerParts
 from models.segformer import Segmenter
-from pipeline import timing
-from pipeline.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
-from pipeline.layers import DusaLoss, JointBlock, SD3Embed, SD3Head, SegmenterFront, attention_order
-from pipeline.memory import BUDGET
-from pipeline.partition import (StepCosts, check_partition, default_costs, find_cost_table, model_signature,
+from pipeline.run import timing
+from pipeline.run.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
+from pipeline.dusa.deepspeed_seam import StagePipelineModule
+from pipeline.dusa.layers import DusaLoss, JointBlock, SD3Embed, SD3Head, SegmenterFront, attention_order
+from pipeline.dusa.memory import BUDGET
+from pipeline.dusa.partition import (StepCosts, check_partition, default_costs, find_cost_table, model_signature,
                                 plan_partition, table_costs)
-from pipeline.replicas import isolate_data_parallel
-from pipeline.windows import AdaptiveWindows
+from pipeline.dusa.windows import AdaptiveWindows
+from pipeline.run.log import LOG
 
 
 class _BuiltBy(LayerSpec):
@@ -38,24 +39,18 @@ class _BuiltBy(LayerSpec):
         return self.build_fn()
 
 
-class DusaPipeline(PipelineModule):
-    """PipelineModule with explicit stage boundaries and eval behaviour in every step."""
+class DusaPipeline(StagePipelineModule):
+    """PipelineModule with explicit stage boundaries (explicit or planned by cost) and eval behaviour in
+    every step."""
 
     def __init__(self, layers: list[LayerSpec], boundaries: list[int], loss_fn, num_stages: int,
                  activation_checkpoint_interval: int = 0, replicas: int = 1):
-        self._boundaries = boundaries  # read by _partition_layers inside PipelineModule.__init__
-        # Replica r is ranks r*S .. r*S+S-1 (pipeline/replicas.py): the data axis first, unlike DeepSpeed's
+        # Replica r is ranks r*S .. r*S+S-1 (pipeline/run/replicas.py): the data axis first, unlike DeepSpeed's
         # default, so that a replica's stages are neighbours (one node) and match the runner's replicas.
         topology = ProcessTopology(axes=["data", "pipe"], dims=[replicas, num_stages])
-        super().__init__(layers=layers, loss_fn=loss_fn, topology=topology,
+        super().__init__(layers=layers, loss_fn=loss_fn, topology=topology, boundaries=boundaries,
                          activation_checkpoint_interval=activation_checkpoint_interval, dynamic_shape=True)
-        isolate_data_parallel(self._grid, replicas * num_stages)  # replicas never share gradients
-
-    def _partition_layers(self, method="uniform"):
-        # DeepSpeed's hook for the stage split; ours comes precomputed (explicit or by cost).
-        self.parts = list(self._boundaries)
-        stage = self._topo.get_coord(self.global_rank).pipe
-        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+        self.isolate_data_parallel(replicas * num_stages)  # replicas never share gradients
 
     def train(self, mode: bool = True):
         # DeepSpeed calls train() at every train_batch(); TTA adapts and predicts in eval behaviour
@@ -76,12 +71,12 @@ class DusaPipeline(PipelineModule):
 
 
 def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: PipelineConfig,
-                   class_names: Sequence[str], stage_report: Callable[[str], None] = print,
+                   class_names: Sequence[str], stage_report: Callable[[str], None] = LOG.info,
                    dtype: torch.dtype = torch.float32, precision: str | None = None,
                    replicas: int = 1, ds_config: dict | None = None, details: bool = True) -> DusaPipeline:
     """Layer list -> partition -> module; each rank reads only the weights of its stage's layers.
     `precision` (bf16, autocast, fp32; default from `dtype`) picks the measured cost table; with the
-    DeepSpeed config, the split is planned and reported with the memory estimate of pipeline/memory.py.
+    DeepSpeed config, the split is planned and reported with the memory estimate of pipeline/dusa/memory.py.
     `details`: the planner's predictions and the memory estimate in the report (else the split only)."""
     precision = precision or ("bf16" if dtype == torch.bfloat16 else "fp32")
     # Each stage reads its blocks straight to its GPU (DeepSpeed would move them there anyway).
@@ -120,7 +115,7 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
         budget = BUDGET * torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
         memory = None
         if ds_config is not None:  # the estimate at tta.max_classes (parameters, optimizer, activations)
-            from pipeline.memory import run_memory_model
+            from pipeline.dusa.memory import run_memory_model
             estimate = run_memory_model(model, data, tta, pipe, ds_config)
             memory = estimate[0].totals(tta.max_classes)
         bounds, predicted = plan_partition(costs, pipe.num_stages, memory_budget=budget, memory=memory)
@@ -141,7 +136,7 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
         stage_report(f"stage {s}: layers {a}-{b - 1} ({names[a]} .. {names[b - 1]}){busy}")
     prediction = {}  # this layout's images/s from the card's cost table, printed again after the first task
     if details and ds_config is not None and int(os.environ.get("RANK", "0")) == 0:  # before any weight loads
-        from pipeline.memory import startup_lines
+        from pipeline.dusa.memory import startup_lines
         for line in startup_lines(model, data, tta, pipe, ds_config, bounds, gpus=replicas * pipe.num_stages,
                                   estimate=estimate, prediction=prediction):
             stage_report(line)
@@ -182,5 +177,5 @@ def step_costs(model: ModelConfig, data: DataConfig, pipe: PipelineConfig, parts
     if found is None:
         return [default_costs(parts.num_blocks)], "default relative costs (no measured table for this card and models)"
     path, table = found
-    other = "" if table["card"] == card else f", used for {card}: `bench/bench.py --calibrate` measures this card"
+    other = "" if table["card"] == card else f", used for {card}: `launch/calibrate.py` measures this card"
     return table_costs(table), f"costs measured on {table['card']} ({path.name}{other})"

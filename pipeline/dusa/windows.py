@@ -43,6 +43,17 @@ def window_boxes(height: int, width: int, size: int, stride: int) -> list[tuple[
     return [(top, left) for top in _starts(height, size, stride) for left in _starts(width, size, stride)]
 
 
+def window_count(height: int, width: int, size: int, stride: int, short_edge: int | None = None) -> int:
+    """How many windows `window_boxes` places on a height x width image once its short edge is resized to
+    `short_edge` (None: `size`; the image's header is enough), computed without listing them (an extreme
+    aspect ratio is counted, not listed, before it is refused)."""
+    h, w = resized_size(height, width, size if short_edge is None else short_edge)
+
+    def along(length: int) -> int:
+        return 1 if length <= size else len(range(0, length - size, stride)) + 1
+    return along(h) * along(w)
+
+
 def _linear_resize_matrix(source: int, target: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """[target, source]: PyTorch's 1-D linear resize (align_corners=False) as a matrix, read off the
     operator itself (bilinear resizing is this map along each axis)."""

@@ -14,13 +14,14 @@ import netrc
 import os
 import re
 import secrets
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.config import LoggingConfig, RunConfig, WandbConfig
+from pipeline.methods import METHODS
+from pipeline.run.config import LoggingConfig, RunConfig, WandbConfig
+from pipeline.run.log import LOG
 
 DEFAULT_PROJECT = "dusa-seg-tta"
 DEFAULT_HOST = "api.wandb.ai"
@@ -92,7 +93,7 @@ class RunLogger:
         done = _finished_tasks(self.output_dir)
         tasks = list((config.get("data") or {}).get("corruptions") or [])
         if tasks and set(tasks) <= set(done):
-            print(f"[reporting] W&B: every task is already done in {self.output_dir}: no W&B run opened")
+            LOG.info(f"[reporting] W&B: every task is already done in {self.output_dir}: no W&B run opened")
             return
         # As in an uninterrupted sweep: one global step per image of the tasks before.
         self._global_step = sum(int(res.get("images", 0)) for res in done.values())
@@ -121,7 +122,7 @@ class RunLogger:
             # Per-task charts share one x axis that keeps increasing across tasks.
             self._run.define_metric("global_step")
         except Exception as exc:  # W&B must never stop the adaptation run
-            print(f"[reporting] WARNING: W&B disabled, wandb.init failed: {type(exc).__name__}: {exc}")
+            LOG.info(f"[reporting] WARNING: W&B disabled, wandb.init failed: {type(exc).__name__}: {exc}")
             if self._run is not None:  # started but could not be set up: close it, ignore further errors
                 try:
                     self._run.finish()
@@ -130,16 +131,16 @@ class RunLogger:
             self._run = self._run_dir = None
             return
         if run_id:
-            print(f"[reporting] W&B: continuing run {run_id} of {self.output_dir} "
-                  f"from global step {self._global_step}")
+            LOG.info(f"[reporting] W&B: continuing run {run_id} of {self.output_dir} "
+                     f"from global step {self._global_step}")
         auto = not cfg.mode and not env.get("WANDB_MODE")
         if auto and mode == "offline":
             # A resumed run has one offline folder per attempt: wandb sync uploads them in order, as one run.
             sync = f"{self._run_dir.parent}/offline-run-*" if run_id else str(self.run_dir)
-            print(f"[reporting] W&B: no credentials found, logging offline to {self.run_dir}; "
-                  f"upload later with `wandb sync {sync}`")
+            LOG.info(f"[reporting] W&B: no credentials found, logging offline to {self.run_dir}; "
+                     f"upload later with `wandb sync {sync}`")
         elif not logging.verbose:  # where the run goes: the one line of W&B's own (silenced) worth keeping
-            print(f"[reporting] W&B ({mode}): {getattr(self._run, 'url', None) or self.run_dir}")
+            LOG.info(f"[reporting] W&B ({mode}): {getattr(self._run, 'url', None) or self.run_dir}")
 
     @property
     def enabled(self) -> bool:
@@ -162,7 +163,7 @@ class RunLogger:
             self._disable(exc)
 
     def _disable(self, exc: Exception) -> None:
-        print(f"[reporting] WARNING: W&B logging stopped after an error: {type(exc).__name__}: {exc}")
+        LOG.info(f"[reporting] WARNING: W&B logging stopped after an error: {type(exc).__name__}: {exc}")
         self._run = None
 
     def log_step(self, task: str, step: int, loss: float | None, running_miou: float | None = None,
@@ -233,7 +234,7 @@ class RunLogger:
                          "summary/per_class_IoU": self._wandb.Table(columns=["class", *tasks], data=rows)})
             run.finish()
         except Exception as exc:
-            print(f"[reporting] WARNING: W&B finish failed: {type(exc).__name__}: {exc}")
+            LOG.info(f"[reporting] WARNING: W&B finish failed: {type(exc).__name__}: {exc}")
 
 
 def _read_run_id(path: Path) -> str | None:
@@ -243,13 +244,13 @@ def _read_run_id(path: Path) -> str | None:
     except FileNotFoundError:
         return None
     except OSError as exc:
-        print(f"[reporting] WARNING: cannot read {path} ({exc.strerror}): starting a new W&B run")
+        LOG.info(f"[reporting] WARNING: cannot read {path} ({exc.strerror}): starting a new W&B run")
         return None
     except UnicodeDecodeError:  # damaged (binary): W&B problems warn, never stop the run
-        print(f"[reporting] WARNING: {path} is not text (damaged): starting a new W&B run")
+        LOG.info(f"[reporting] WARNING: {path} is not text (damaged): starting a new W&B run")
         return None
     if not re.fullmatch(r"[A-Za-z0-9_-]{1,128}", run_id):
-        print(f"[reporting] WARNING: {path} does not hold a W&B run id ({run_id[:40]!r}): starting a new W&B run")
+        LOG.info(f"[reporting] WARNING: {path} does not hold a W&B run id ({run_id[:40]!r}): starting a new W&B run")
         return None
     return run_id
 
@@ -298,12 +299,12 @@ def summarize(task_results: dict[str, dict], config: dict, class_names: Sequence
             "nonfinite_steps": int(res.get("nonfinite_steps", 0)),
             "loss": _finite_or_none(res.get("loss")),  # the mean adaptation loss of the task's steps (None: source)
         }
-        for key in ("round", "domain", "severity"):  # its place in the run's sequence (pipeline/protocol.py)
+        for key in ("round", "domain", "severity"):  # its place in the run's sequence (pipeline/run/protocol.py)
             if key in res:
                 tasks[task][key] = res[key]
     average = {key: _mean([t[key] for t in tasks.values()]) for key in ("mIoU", "aAcc")}
     document = {"metric_unit": METRIC_UNIT, "tasks": tasks, "average": average, "config": config}
-    from pipeline.protocol import round_means
+    from pipeline.run.protocol import round_means
     rounds = round_means(tasks, int(((config or {}).get("data") or {}).get("rounds") or 1))
     if rounds is not None:
         document["rounds"] = rounds
@@ -464,15 +465,15 @@ def startup_summary(cfg: RunConfig, config_files: Sequence[str], processes: str,
     (part, trainable, total), processes, data, config files and output folder."""
     tta = cfg.tta
     method = tta.method
-    if method != "source":
+    if METHODS[method].adapts:
         method += f" (lr {tta.lr:g}, {'continual' if tta.continual else 'reset before each task'})"
     rows = [("method", method), ("segmenter", cfg.model.segmenter)]
-    if tta.method == "dusa":
+    if METHODS[tta.method].generator:
         rows += [("generator", cfg.model.generator), ("class embeddings", cfg.model.class_embeddings)]
     rows.append(("processes", processes))
     rows += [(f"parameters, {part}", f"{_count(trainable)} trainable / {_count(total)}")
              for part, trainable, total in parameters]
-    from pipeline.protocol import describe_tasks
+    from pipeline.run.protocol import describe_tasks
     rows += [("data", f"{cfg.data.root}: {describe_tasks(cfg.data)}, {images} images"),
              ("config", ", ".join(config_files) or "(defaults)"), ("output", cfg.output_dir)]
     width = max(len(key) for key, _ in rows)
@@ -496,5 +497,4 @@ def warn_overridden_ds_keys(user: Mapping[str, Any], effective: Mapping[str, Any
     found = overridden_ds_keys(user, effective)
     if found and os.environ.get("RANK", "0") == "0":
         shown = ", ".join(f"{key}={json.dumps(value)}" for key, value in found.items())
-        print(f"warning: DeepSpeed config values ignored, this program sets these keys itself: {shown}",
-              file=sys.stderr, flush=True)
+        LOG.warning(f"warning: DeepSpeed config values ignored, this program sets these keys itself: {shown}")

@@ -49,7 +49,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from pipeline.partition import StepCosts, plan_partition, simulate_step
+from pipeline.dusa.partition import StepCosts, plan_partition, simulate_step
 
 GIB = 2.0**30
 BUDGET = 0.85  # of a card's memory, as the planner leaves 15 % for fragmentation, the CUDA context and NCCL
@@ -71,7 +71,7 @@ SEGFORMER_BYTES_PER_UNIT = 5.65
 class Precision:
     """Bytes per parameter under a DeepSpeed JSON."""
 
-    name: str  # bf16 | autocast | fp32 (pipeline.engine.precision_of)
+    name: str  # bf16 | autocast | fp32 (pipeline.dusa.engine.precision_of)
     weight: int  # every parameter
     grad: int  # every trainable parameter
     optimizer: int  # every trainable parameter: float32 master copy (if any) + optimizer states
@@ -82,7 +82,7 @@ class Precision:
 
 def precision_bytes(ds_config: Mapping[str, Any]) -> Precision:
     """Bytes per parameter of the DeepSpeed JSON's precision preset, ZeRO stage and optimizer."""
-    from pipeline.engine import DEFAULT_OPTIMIZER, SGD_MOMENTUM, precision_of
+    from pipeline.dusa.engine import DEFAULT_OPTIMIZER, SGD_MOMENTUM, precision_of
     name = precision_of(ds_config)
     optimizer = ds_config.get("optimizer") or DEFAULT_OPTIMIZER
     kind = str(optimizer.get("type", "AdamW")).lower()
@@ -143,15 +143,15 @@ def layer_counts(generator_config: Mapping, vae_config: Mapping, segmenter_confi
                  prompt_shape: Sequence[int], pooled_dim: int, cache_dtype: torch.dtype = torch.bfloat16
                  ) -> list[LayerCount]:
     """[SegmenterFront, SD3Embed, JointBlock x L, SD3Head] as the pipeline builds them, on the meta device;
-    trainable as `pipeline.engine.select_trainable` decides under `tta` (update_segmenter, update_generator,
+    trainable as `pipeline.dusa.engine.select_trainable` decides under `tta` (update_segmenter, update_generator,
     norm_only, learnable_embedding). `prompt_shape`: the class-embedding cache's [classes, tokens, width]."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
 
     from models.sd3 import LatentEncoder
     from models.segformer import Segmenter
-    from pipeline.engine import select_trainable
-    from pipeline.layers import JointBlock, SD3Embed, SD3Head, SegmenterFront
+    from pipeline.dusa.engine import select_trainable
+    from pipeline.dusa.layers import JointBlock, SD3Embed, SD3Head, SegmenterFront
     with torch.device("meta"):
         transformer = SD3Transformer2DModel.from_config(dict(generator_config))
         vae = AutoencoderKL.from_config(dict(vae_config))
@@ -303,7 +303,7 @@ def build_memory_model(generator_config: Mapping, vae_config: Mapping, segmenter
     models (activations from it), else the analytic estimate; `graph_shapes`: image shapes whose SegFormer
     CUDA graphs hold gradients on stage 0 (at most pipeline.segmenter_graphs, on a GPU; 0 on a CPU);
     `image`: the resized image (H, W) (default: the window's height, 4:3)."""
-    from pipeline.partition import table_costs
+    from pipeline.dusa.partition import table_costs
     precision = precision_bytes(ds_config)
     text_tokens = 333 if prompt_shape is None else int(prompt_shape[1])
     joint = int(generator_config.get("joint_attention_dim", 4096))
@@ -376,7 +376,7 @@ def predict_layouts(costs: Mapping[int, StepCosts], gpus: int, card_bytes: float
             if memory is not None:
                 peak = [s["total"] for s in memory.stages(bounds, c, num_windows)]
             else:
-                from pipeline.partition import stage_memory
+                from pipeline.dusa.partition import stage_memory
                 peak = stage_memory(costs[c], bounds, num_windows)
             fits = None if peak is None or budget is None else max(peak) <= budget
             per_class[c] = {"step_s": step, "images_per_s": replicas / step, "fits": fits,
@@ -484,7 +484,7 @@ def read_configs(model: Any) -> tuple[dict, dict, dict, tuple | None, torch.dtyp
     shape, dtype = None, torch.bfloat16
     cache = Path(model.class_embeddings)
     if cache.is_file():
-        from pipeline.checks import safetensors_header
+        from pipeline.run.checks import safetensors_header
         header = safetensors_header(cache, "class-embedding cache", "rebuild it")
         if "prompt_embeds" in header:
             kind, shape = header["prompt_embeds"]
@@ -502,8 +502,8 @@ def run_memory_model(model: Any, data: Any, tta: Any, pipe: Any, ds_config: Mapp
                      ) -> tuple[MemoryModel, tuple[Path, dict] | None]:
     """The memory model of a DUSA run from its config groups (configs and the cache's header only), with the
     measured cost table of these models (path, table) if there is one (its activations are then used)."""
-    from pipeline.engine import precision_of
-    from pipeline.partition import find_cost_table, model_signature
+    from pipeline.dusa.engine import precision_of
+    from pipeline.dusa.partition import find_cost_table, model_signature
     card = card or card_memory()[0]
     generator, vae, segmenter, shape, dtype = read_configs(model)
     found = find_cost_table(card, model_signature(generator, segmenter, data.window_size, precision_of(ds_config)))
@@ -528,7 +528,7 @@ def startup_lines(model: Any, data: Any, tta: Any, pipe: Any, ds_config: Mapping
     table for these models exists. `estimate`: `run_memory_model`'s result when the caller has it already;
     `prediction`: filled with this layout's predicted images/s per replica at the cost table's class count
     nearest tta.max_classes (`this_layout_prediction`), for the line printed after the first task."""
-    from pipeline.partition import table_costs
+    from pipeline.dusa.partition import table_costs
     if card is None:
         card, card_bytes = card_memory()
     try:
@@ -549,5 +549,5 @@ def startup_lines(model: Any, data: Any, tta: Any, pipe: Any, ds_config: Mapping
             prediction.update(this_layout_prediction(predictions, stages, tta.max_classes, path.name))
     else:
         lines.append(f"layout {gpus // stages} x {stages} (no measured cost table for these models: "
-                     f"`bench/bench.py --calibrate` measures one on this card, then the other layouts are predicted)")
+                     f"`launch/calibrate.py` measures one on this card, then the other layouts are predicted)")
     return lines

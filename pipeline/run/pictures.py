@@ -99,8 +99,8 @@ def make_picture(image: torch.Tensor, prediction: torch.Tensor, label: torch.Ten
 def save_picture(picture: Image.Image, output_dir: str | Path, task: str, name: str) -> Path:
     """Writes `<output_dir>/pictures/<task>/<name>.png`; the task and the image's name are one path component
     each (never a separator or `..`: nothing is written outside `pictures/`)."""
-    from pipeline.config import safe_name
-    from pipeline.rundir import write_atomic
+    from pipeline.run.config import safe_name
+    from pipeline.run.folder import write_atomic
     if not safe_name(task) or not name or {"/", "\\", "\0"} & set(name) or name in (".", ".."):
         raise ValueError(f"picture of task {task!r}, image {name!r}: not a name that can be a file under pictures/")
     path = Path(output_dir) / "pictures" / task / f"{name}.png"

@@ -6,6 +6,7 @@ class probabilities of the loss come from those normalised, resized logits."""
 from __future__ import annotations
 
 import torch
+from einops import rearrange, reduce
 
 
 def logit_norm(logits: torch.Tensor, dim: int = 0) -> torch.Tensor:
@@ -30,7 +31,7 @@ def dusa_loss(logits: torch.Tensor, classes: torch.Tensor, mask: torch.Tensor, v
         raise ValueError(f"velocity has {velocity.shape[0]} samples for {classes.shape[0]} classes")
     # The loss is computed in float32 whatever the model dtype (bf16 squares lose too much).
     p = torch.softmax(logits.float()[classes] / temperature, dim=0)  # [N, h, w]
-    v_bar = (p.unsqueeze(1) * velocity.float()).sum(dim=0)  # [ch, h, w]
+    v_bar = reduce(rearrange(p, "n h w -> n 1 h w") * velocity.float(), "n ch h w -> ch h w", "sum")
     err = (v_bar - target.float()).square()
     # The mean over unmasked pixels and channels, as a weighted sum: selecting them (err[mask]) would have
     # a data-dependent size, which makes the host wait for the device at every window.

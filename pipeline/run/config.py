@@ -1,12 +1,16 @@
 """Typed run configuration. `launch/tta.py` turns these dataclasses into a jsonargparse CLI:
-every field is a `--group.field` option and the field docstrings are its help text."""
+every field is a `--group.field` option and the field docstrings are its help text. The method names and
+each method's own option section come from the registry (pipeline/methods/)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Literal
 
 from data.classes import CORRUPTIONS, safe_name  # noqa: F401 (safe_name: the check's home for pipeline/)
+from pipeline.methods import METHODS
+
+MethodName = Literal[tuple(METHODS)]  # the registry's names: the CLI's choices
 
 
 @dataclass
@@ -113,9 +117,9 @@ class DataConfig:
 class TTAConfig:
     """The adaptation method and its hyper-parameters."""
 
-    method: Literal["source", "tent", "dusa"] = "dusa"
-    """`source`: the unadapted segmenter; `tent`: entropy minimisation of the segmenter's norm-layer affine
-    parameters (no generator); `dusa`: adapt with the diffusion loss through the pipeline."""
+    method: MethodName = "dusa"
+    """The adaptation method, one file each in pipeline/methods/ (the README's methods: `source`, the unadapted
+    segmenter; `tent`, entropy minimisation of its norm layers; `dusa`, the diffusion loss through the pipeline)."""
     continual: bool = False
     """Keep adapting across tasks (no reset of models and optimizer between corruptions)."""
     lr: float = 1e-5
@@ -188,8 +192,8 @@ class PipelineConfig:
     """Explicit stage boundaries as layer indices over [front, embed, blocks..., head], e.g. [0, 14, 27]
     (None: the boundaries with the shortest predicted step, from measured per-layer costs)."""
     cost_table: str | None = None
-    """Per-layer cost table (JSON, from `bench/bench.py --calibrate`) for the partition (None: the table in
-    pipeline/costs/ measured on this GPU model for these models, else relative default costs)."""
+    """Per-layer cost table (JSON, from `launch/calibrate.py`) for the partition (None: the table in
+    pipeline/dusa/costs/ measured on this GPU model for these models, else relative default costs)."""
     activation_checkpoint_interval: int = 0
     """Recompute activations every N layers in backward (0: off; trades time for memory)."""
     compile_blocks: bool = False
@@ -273,6 +277,17 @@ class RunConfig:
                 self.model.class_embeddings = info.class_embeddings
 
 
+def method_sections() -> dict[str, type]:
+    """The methods' own option sections (`--<method>.<field>`), from the registry: name -> dataclass."""
+    return {name: cls.options for name, cls in METHODS.items() if cls.options is not None}
+
+
+if method_sections():  # RunConfig gains one field per section, named after its method
+    RunConfig = make_dataclass(  # noqa: F811
+        "RunConfig", [(name, options, field(default_factory=options)) for name, options in method_sections().items()],
+        bases=(RunConfig,), namespace={"__doc__": RunConfig.__doc__, "__module__": __name__})
+
+
 # W&B project and entity names become parts of URLs and of W&B's own paths; W&B refuses these characters.
 WANDB_RESERVED = set('/\\#?%:')
 
@@ -289,7 +304,7 @@ def validate(cfg: RunConfig, num_classes: int) -> None:
     """Every numeric option inside its domain: ValueError, one line naming the option and its domain.
 
     What depends on files (the window size against the models' latent patch, window counts against
-    image sizes, the DeepSpeed JSON) is checked by pipeline/checks.py.
+    image sizes, the DeepSpeed JSON) is checked by pipeline/run/checks.py.
     """
     problems: list[str] = []
 

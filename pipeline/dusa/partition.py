@@ -4,8 +4,8 @@ A step is one image: SegFormer's forward on stage 0, one micro-batch per window 
 1F1B schedule, SegFormer's backward on stage 0, then the optimizer step on every stage, which starts
 together on all stages (its gradient-norm all-reduce spans the pipeline). `simulate_step` replays
 that schedule with per-layer costs; `plan_partition` picks the boundaries with the shortest
-simulated step. Costs come from a table measured on the card (`pipeline/costs/*.json`, written by
-`bench/bench.py --calibrate`); without one, from relative default costs.
+simulated step. Costs come from a table measured on the card (`pipeline/dusa/costs/*.json`, written by
+`launch/calibrate.py`); without one, from relative default costs.
 """
 from __future__ import annotations
 
@@ -111,7 +111,7 @@ def plan_partition(costs: Sequence[StepCosts], num_stages: int, num_windows: int
                    memory: Callable[[list[int]], list[float]] | None = None) -> tuple[list[int], dict]:
     """Boundaries with the shortest simulated step, averaged over the cost sets given (e.g. several
     class counts per window), among those whose predicted memory (at the cost set with the most
-    activation bytes, or `memory(bounds)`: bytes per stage, e.g. pipeline/memory.py's estimate) fits
+    activation bytes, or `memory(bounds)`: bytes per stage, e.g. pipeline/dusa/memory.py's estimate) fits
     `memory_budget` bytes per GPU when both are known; when none fits, the split with the smallest largest
     stage memory. Returns (bounds, the simulation of the first cost set, with the predicted memory per stage)."""
     layers = len(costs[0].forward)
@@ -206,7 +206,7 @@ def table_costs(table: dict) -> list[StepCosts]:
 def find_cost_table(card: str, signature: dict, folder: Path = COST_TABLES) -> tuple[Path, dict] | None:
     """The measured table for these models on this card; else one measured on another card (its
     memory figures hold anywhere, its times roughly, on GPUs of one generation); else None."""
-    from pipeline.checks import read_cost_table
+    from pipeline.run.checks import read_cost_table
     tables = [(path, read_cost_table(path, "cost table")) for path in sorted(folder.glob("*.json"))] \
         if folder.is_dir() else []
     same = [(path, table) for path, table in tables if table.get("signature") == signature]

@@ -1,6 +1,6 @@
 """The TTA loop: tasks (corruptions), one step per image of the chosen method, scoring and results.
 
-Every method (pipeline/methods.py: `source`, `tent`, `dusa`) goes through the same data, metric, reset,
+Every method (pipeline/methods/: one file each, named by its registry) goes through the same data, metric, reset,
 continual state, pictures and logging code; only the method's step, which turns an image into scored
 logits, differs.
 """
@@ -21,22 +21,23 @@ from torch.utils.data import DataLoader, Subset
 from data.ade20k_c import ADE20KC
 from data.datasets import dataset_info
 from data.metrics import SegmentationMetric
-from pipeline.config import DataConfig, RunConfig
-from pipeline.images import PreparedImages, predict, task_order
-from pipeline.memory import prediction_line
+from pipeline.run.config import DataConfig, RunConfig
+from pipeline.run.images import PreparedImages, predict, task_order
 from pipeline.methods import Method
-from pipeline import timing
-from pipeline.pictures import make_picture, save_picture
-from pipeline.progress import TaskProgress
-from pipeline.protocol import task_sequence
-from pipeline.replicas import Replicas, task_result
-from pipeline.reporting import RunLogger, format_results_table, summarize, write_results
-from pipeline.resume import check_saved_state, finished_tasks, saved_results, state_path
-from pipeline.rundir import PeerError, file_digests, own_folder, remove_path
+from pipeline.run import timing
+from pipeline.run.pictures import make_picture, save_picture
+from pipeline.run.progress import TaskProgress
+from pipeline.run.replicas import Replicas, task_result
+from pipeline.run.reporting import RunLogger, format_results_table, summarize, write_results
+from pipeline.run.resume import check_saved_state, finished_tasks, saved_results, state_path
+from pipeline.run.folder import PeerError, file_digests, own_folder, remove_path
+from pipeline.run.log import LOG
+from pipeline.run.protocol import task_sequence
+from pipeline.dusa.memory import prediction_line
 
 
 def open_tasks(data: DataConfig, num_classes: int) -> dict[str, ADE20KC]:
-    """Every task's dataset by its key, in run order (pipeline/protocol.py; listing checks folders and
+    """Every task's dataset by its key, in run order (pipeline/run/protocol.py; listing checks folders and
     annotations). A task that recurs (rounds) shares one dataset."""
     info, opened = dataset_info(data.dataset), {}
     for task in task_sequence(data):
@@ -47,9 +48,12 @@ def open_tasks(data: DataConfig, num_classes: int) -> dict[str, ADE20KC]:
 
 
 class TTARunner:
-    """Runs every task on this rank: stage 0 reads data and scores; other DUSA stages follow the steps.
+    """Runs every task on this rank with `method` (pipeline/methods/, built by its `build`): the scoring
+    process reads the data, steps and scores; with a pipeline, the other stages `follow` each step.
 
-    The method's model comes as one argument: `segmenter` (source), `tent` or `engine` (dusa).
+    `logger`: W&B and results on rank 0 (a `ReplicaFeed` on other replicas' scoring processes); `config_record`:
+    the run's config as written to config.json (default: `cfg` itself); `datasets`: the tasks, listed by the
+    launcher's checks (default: listed here); `replicas`: where this process sits (default: one replica).
     """
 
     def __init__(self, cfg: RunConfig, class_names: Sequence[str], device: torch.device, method: Method,
@@ -99,8 +103,8 @@ class TTARunner:
             self._done += len(self.datasets[task])
             if reps.root:
                 self.results[task] = finished[task]
-                print(f"{task}: already done in {self.cfg.output_dir} (mIoU {finished[task]['mIoU']:.2f}), "
-                      f"skipped", flush=True)
+                LOG.info(f"{task}: already done in {self.cfg.output_dir} (mIoU {finished[task]['mIoU']:.2f}), "
+                         f"skipped")
         pending = [task for task in order if task not in names]
         if self.cfg.tta.continual and names and pending:
             self._load_state(names[-1])  # the models and optimizer as they were after that task (one replica)
@@ -143,10 +147,10 @@ class TTARunner:
             self.results[task] = result
             self._write_results()
             if replica:
-                print(f"{task}: mIoU {result['mIoU']:.2f}  aAcc {result['aAcc']:.2f}  ({result['images']} images, "
-                      f"{result['seconds']:.1f} s, replica {replica})"
-                      + (f"; {result['nonfinite_steps']} steps had a NaN/inf loss, their updates were skipped"
-                         if result.get("nonfinite_steps") else ""), flush=True)
+                LOG.info(f"{task}: mIoU {result['mIoU']:.2f}  aAcc {result['aAcc']:.2f}  ({result['images']} images, "
+                         f"{result['seconds']:.1f} s, replica {replica})"
+                         + (f"; {result['nonfinite_steps']} steps had a NaN/inf loss, their updates were skipped"
+                            if result.get("nonfinite_steps") else ""))
         if self.logger:
             self.logger.log_task(task, result)
 
@@ -306,12 +310,12 @@ class TTARunner:
         if not root:  # rank 0 says it when the result reaches it
             return result
         if self._nonfinite_task:
-            print(f"{task}: {self._nonfinite_task} steps had a NaN/inf loss; their updates were skipped", flush=True)
-        print(f"{task}: mIoU {result['mIoU']:.2f}  aAcc {result['aAcc']:.2f}  "
-              f"({result['images']} images, {result['seconds']:.1f} s)", flush=True)
+            LOG.info(f"{task}: {self._nonfinite_task} steps had a NaN/inf loss; their updates were skipped")
+        LOG.info(f"{task}: mIoU {result['mIoU']:.2f}  aAcc {result['aAcc']:.2f}  "
+                 f"({result['images']} images, {result['seconds']:.1f} s)")
         if self.method.prediction and not self._predicted_shown:
             self._predicted_shown = True
-            print(prediction_line(self.method.prediction, len(dataset), result["seconds"], windows), flush=True)
+            LOG.info(prediction_line(self.method.prediction, len(dataset), result["seconds"], windows))
         return result
 
     def _timing_task_done(self, task: str, images: int, seconds: float) -> None:

@@ -12,7 +12,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from data.metrics import SegmentationMetric
-from pipeline.reporting import RunLogger
+from pipeline.run.log import LOG
+from pipeline.run.reporting import RunLogger
 
 # Images/s (never inverted to s/image), then the postfix: running mIoU, loss, ETA of the whole sweep.
 BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]"
@@ -78,8 +79,8 @@ class TaskProgress:
         self.pending.clear()
         if self.lines:
             rate = self.done / max(time.perf_counter() - self.start, 1e-9)
-            print(f"{self.description}: {self.done}/{self.images} images, {rate:.2f} img/s, "
-                  + ", ".join(f"{k} {v}" for k, v in self.postfix.items()), flush=True)
+            LOG.info(f"{self.description}: {self.done}/{self.images} images, {rate:.2f} img/s, "
+                     + ", ".join(f"{k} {v}" for k, v in self.postfix.items()))
 
     def close(self) -> None:
         self.bar.close()

@@ -7,11 +7,12 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from pipeline.config import RunConfig, safe_name
-from pipeline.identity import changed_inputs
-from pipeline.protocol import task_sequence
-from pipeline.reporting import read_results, task_result_problem
-from pipeline.rundir import verify_files
+from pipeline.methods import METHODS
+from pipeline.run.config import RunConfig, safe_name
+from pipeline.run.identity import changed_inputs
+from pipeline.run.reporting import read_results, task_result_problem
+from pipeline.run.folder import verify_files
+from pipeline.run.protocol import task_sequence
 
 
 # The data options added with the datasets and protocols, as every run before them had them.
@@ -26,11 +27,16 @@ def resume_signature(record: dict[str, Any]) -> dict[str, Any]:
     for key, before in LEGACY_DATA.items():  # results written before these options existed: what they ran
         data.setdefault(key, before)
     # `inputs` (the digests of the files behind these options) is compared apart, to name what changed.
-    return {"model": {k: v for k, v in record["model"].items() if k != "build_demo_models"},
-            "data": {k: v for k, v in data.items() if k not in ("corruptions", "rounds", "num_workers", "build_demo_data")},
-            "tta": record["tta"], "seed": record["seed"],
-            "deepspeed": {k: v for k, v in (record.get("deepspeed") or {}).items()
-                          if k not in ("steps_per_print", "wall_clock_breakdown")}}
+    signature = {"model": {k: v for k, v in record["model"].items() if k != "build_demo_models"},
+                 "data": {k: v for k, v in data.items()
+                          if k not in ("corruptions", "rounds", "num_workers", "build_demo_data")},
+                 "tta": record["tta"], "seed": record["seed"],
+                 "deepspeed": {k: v for k, v in (record.get("deepspeed") or {}).items()
+                               if k not in ("steps_per_print", "wall_clock_breakdown")}}
+    method = record["tta"]["method"]
+    if METHODS[method].options is not None:  # the method's own options; other methods' sections do not count
+        signature[method] = record.get(method)
+    return signature
 
 
 def state_path(output_dir: str, task: str) -> Path:
@@ -65,7 +71,7 @@ def saved_results(output_dir: str) -> dict[str, Any] | None:
 
 def check_saved_state(output_dir: str, saved: dict[str, Any], task: str) -> None:
     """The state after `task` is the one the run wrote: every file's SHA-256 as recorded in results.json
-    when it was saved (`pipeline.tta.TTARunner._save_state`); checked before anything is loaded from it."""
+    when it was saved (`pipeline.run.loop.TTARunner._save_state`); checked before anything is loaded from it."""
     record = saved.get("state") if isinstance(saved.get("state"), dict) else {}
     root = state_path(output_dir, task).parent
     fix = f"delete {output_dir} to start over"
@@ -103,11 +109,11 @@ def finished_tasks(cfg: RunConfig, record: dict[str, Any], class_names: Sequence
                              f"or delete that folder to start over")
     # Tasks are independent unless continual: replicas finish them in any order, and a resumed sweep runs the
     # rest. A continual run is one sequence: what is done must be its beginning.
-    continual = cfg.tta.continual and cfg.tta.method != "source"
+    continual = cfg.tta.continual and METHODS[cfg.tta.method].adapts
     if continual and tasks != order[:len(tasks)] or not set(tasks) <= set(order):
         raise ValueError(f"{path} holds tasks {tasks}, not {'a beginning' if continual else 'a part'} of this run's "
                          f"{order}: use another --output_dir")
-    if tasks and cfg.tta.continual and len(tasks) < len(order) and cfg.tta.method != "source":
+    if tasks and continual and len(tasks) < len(order):
         if not state_path(cfg.output_dir, tasks[-1]).exists():
             raise ValueError(f"continual run: no saved state after task {tasks[-1]} in "
                              f"{state_path(cfg.output_dir, tasks[-1])}; delete {cfg.output_dir} to start over")

@@ -10,7 +10,7 @@ methods without one), each adapting whole corruption tasks on its own.
   With one replica the tasks run in their order, with no store (continual runs need that order).
 - Replicas never share gradients: DeepSpeed would make the replica axis its data-parallel axis and
   all-reduce gradients (and shard ZeRO state) across it, mixing tasks; each process is made its own
-  data-parallel group instead (`isolate_data_parallel`), so a task's adaptation is what a 1-replica run
+  data-parallel group instead (pipeline/dusa/deepspeed_seam.py: `isolate_data_parallel`), so a task's adaptation is what a 1-replica run
   computes for it, and replicas never wait for one another.
 - The scoring process of every other replica feeds the root through the store (`ReplicaFeed`: steps,
   pictures as PNG, task results as JSON); the root replays them into its W&B run and results files.
@@ -167,15 +167,3 @@ def task_result(event: dict) -> dict:
     result = dict(event["result"])
     result.update(IoU=[restore(v) for v in result["IoU"]], mIoU=restore(result["mIoU"]), aAcc=restore(result["aAcc"]))
     return result
-
-
-def isolate_data_parallel(grid: Any, world: int) -> None:
-    """Make every process its own data-parallel group in DeepSpeed's pipeline grid (before the engine reads
-    it): gradient all-reduce, loss averaging and ZeRO's partitioning then stay within the process, and the
-    replicas (the grid's data axis) stay independent. Called by every process at once: each makes every
-    one-process group, in the same order."""
-    singletons = [dist.new_group(ranks=[r]) for r in range(world)]
-    rank = grid.get_global_rank()
-    grid.data_parallel_size, grid.data_parallel_id = 1, 0
-    grid.dp_group, grid.dp_proc_group = [rank], singletons[rank]
-    grid.dp_groups = [[r] for r in range(world)]

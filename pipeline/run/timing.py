@@ -133,7 +133,7 @@ class Timing:
     def write(self, folder: str | Path, rank: int) -> None:
         if not self.enabled:
             return
-        from pipeline.rundir import write_text_atomic
+        from pipeline.run.folder import write_text_atomic
         folder = Path(folder)
         write_text_atomic(folder / f"timing-rank{rank}.json", json.dumps(self.summary()), folder)
 
@@ -170,17 +170,16 @@ def instrument(engine, recorder: Timing | None = None) -> None:
     recorder = recorder or RECORDER
     if not recorder.enabled:
         return
-    table = dict(engine.engine._INSTRUCTION_MAP)
-    for kind, fn in list(table.items()):
-        name = INSTRUCTIONS.get(kind.__name__)
-        if name is None:
-            continue
+    from pipeline.dusa.deepspeed_seam import wrap_instructions
 
-        def timed(*args, _fn=fn, _name=name, **kwargs):
-            with recorder.phase(_name):
-                return _fn(*args, **kwargs)
-        table[kind] = timed
-    engine.engine._INSTRUCTION_MAP = table
+    def timed(name: str):
+        def wrap(fn):
+            def instruction(*args, **kwargs):
+                with recorder.phase(name):
+                    return fn(*args, **kwargs)
+            return instruction
+        return wrap
+    wrap_instructions(engine.engine, {kind: timed(name) for kind, name in INSTRUCTIONS.items()})
     front = engine.module.front
     if front is not None:
         begin, backward = front.begin_image, front.backward_segmenter

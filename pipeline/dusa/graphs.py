@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from pipeline.run.log import LOG
+
 
 @dataclass
 class _Graphs:
@@ -169,8 +171,8 @@ class GraphedModule:
             except torch.OutOfMemoryError:  # eager needs less memory than a captured pool: run this shape eagerly
                 self._too_large.add(key)
                 self.shapes.drop(key)
-                print(f"no memory for a CUDA graph of {type(self.module).__name__} at input {tuple(x.shape)}: "
-                      f"this shape runs eagerly", flush=True)
+                LOG.info(f"no memory for a CUDA graph of {type(self.module).__name__} at input {tuple(x.shape)}: "
+                         f"this shape runs eagerly")
             except RuntimeError as exc:
                 raise RuntimeError(f"CUDA graph capture of {type(self.module).__name__} failed: {exc}; run with "
                                    f"--pipeline.segmenter_graphs 0 (eager)") from exc

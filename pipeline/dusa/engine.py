@@ -1,7 +1,6 @@
 """The DeepSpeed engine around the DUSA pipeline: config, trainable parameters, one step, reset."""
 from __future__ import annotations
 
-import collections
 import copy
 import functools
 import inspect
@@ -12,18 +11,15 @@ from typing import Any, Callable, NamedTuple, Sequence
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.engine import DeepSpeedEngine
-from deepspeed.runtime.pipe import schedule
-from deepspeed.runtime.pipe.engine import (BACKWARD_GLOBAL_TIMER, BACKWARD_INNER_GLOBAL_TIMER,
-                                           BACKWARD_INNER_MICRO_TIMER, BACKWARD_MICRO_TIMER)
 from torch import nn
 
-from pipeline import timing
-from pipeline.config import TTAConfig
-from pipeline.layers import JointBlock, SD3Embed, SD3Head, SegmenterFront
-from pipeline.low_precision import WorkingWeights, cast_frozen_layers
-from pipeline.reporting import warn_overridden_ds_keys
-from pipeline.windows import WindowDraw, WindowSampler
+from pipeline.dusa import deepspeed_seam as seam
+from pipeline.run import timing
+from pipeline.run.config import TTAConfig
+from pipeline.dusa.layers import JointBlock, SD3Embed, SD3Head, SegmenterFront
+from pipeline.dusa.low_precision import WorkingWeights, cast_frozen_layers
+from pipeline.run.reporting import warn_overridden_ds_keys
+from pipeline.dusa.windows import WindowDraw, WindowSampler
 
 DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0}}
 # The optimizer types of the DeepSpeed JSON, always torch's own: "Adam" is Adam (weight decay as an L2 term,
@@ -170,15 +166,6 @@ class HostSnapshot:
             torch._foreach_copy_(group, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in group]), group)])
 
 
-def check_for_duplicates_in_linear_time(engine, optimizer) -> None:
-    """DeepSpeed's `_check_for_duplicates` (0.19.8) with its outcome and message, without rebuilding every
-    group's id list for every parameter (quadratic: 2.7 s of SD3-medium's start-up on an H200)."""
-    counts = collections.Counter(id(p) for group in optimizer.param_groups for p in group["params"])
-    for name, param in engine.module.named_parameters():
-        assert counts[id(param)] <= 1, (f"Parameter with name: {name} occurs multiple times in optimizer.param_groups. "
-                                        "Make sure it only appears once to prevent undefined behavior.")
-
-
 class StepOutput(NamedTuple):
     """One TTA step: the image's loss (a device tensor, not read back) and, on the stage with the
     segmenter, the scored whole-image logits, each window's candidate classes and its box
@@ -199,19 +186,19 @@ class TTAEngine:
         """`optimizer`: a function of the parameter groups (tests), else the DeepSpeed JSON's optimizer;
         `adaptive_windows`: stage 0 decides each image's window count and tells the other stages;
         `working_weights`: under autocast, the generator's Linear/Conv weights are cast once per step, not
-        per window (pipeline/low_precision.py; False: autocast's own casts, for comparisons)."""
+        per window (pipeline/dusa/low_precision.py; False: autocast's own casts, for comparisons)."""
         params = parameter_groups(module, tta)
         if optimizer is None:
             optimizer = optimizer_factory(ds_config.get("optimizer", DEFAULT_OPTIMIZER))
         ds_config = {k: v for k, v in ds_config.items() if k != "optimizer"}
-        DeepSpeedEngine._check_for_duplicates = check_for_duplicates_in_linear_time
+        seam.linear_duplicate_check()  # DeepSpeed's own is quadratic in the parameters (2.7 s for SD3-medium)
         # Some stage may hold nothing to adapt (e.g. only the segmenter adapts): keep DeepSpeed's
         # optimizer code paths uniform with one frozen dummy; it never receives a gradient.
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=module, model_parameters=params or [nn.Parameter(torch.zeros(1))], config=ds_config,
             optimizer=optimizer)
         timing.mark("deepspeed initialized")
-        if tta.accumulation_steps > 1 and type(self.engine.optimizer).__name__ == "DeepSpeedZeroOptimizer":
+        if tta.accumulation_steps > 1 and seam.uses_zero_reduction(self.engine):
             raise ValueError("tta.accumulation_steps > 1 needs ZeRO stage 0 or bf16 with ZeRO stage 1 (DeepSpeed's "
                              "float32 ZeRO optimizer reduces its gradients away at every image)")
         self.module = module
@@ -223,14 +210,7 @@ class TTAEngine:
         self._label = torch.zeros(1, device=self.engine.device)  # the last stage reads one per micro-batch
         self.working = self._working_weights(module, tta) if working_weights else None
         self._extend_schedule()
-        # DeepSpeed's zero_grad walks named_parameters() after every update (14 ms of host time per step for
-        # the whole model): the same with the list made once.
-        params = list(module.parameters())
-
-        def zero_grad():
-            for p in params:
-                p.grad = None
-        self.engine.zero_grad = zero_grad
+        seam.zero_grad_by_list(self.engine, module.parameters())
         # Initial state of everything that adapts, after DeepSpeed's dtype cast, kept on the host.
         # The working weights' float32 buffer in one host copy; the other adapted parameters one by one.
         held = {id(p) for p in self.working.params} if self.working is not None else set()
@@ -243,7 +223,7 @@ class TTAEngine:
         stored in bf16, and bf16 working copies of the adapted generator's, made once per step. Not with
         activation checkpointing (its recomputed forwards run outside the step's windows)."""
         eng = self.engine
-        if not eng.torch_autocast_enabled() or getattr(eng, "using_bf16_optimizer", False) \
+        if not eng.torch_autocast_enabled() or seam.uses_bf16_optimizer(eng) \
                 or eng.torch_autocast_dtype() != torch.bfloat16 or module.activation_checkpoint_interval:
             return None
         layers = [layer for layer in module.forward_funcs if isinstance(layer, nn.Module)]
@@ -266,7 +246,7 @@ class TTAEngine:
         - with working weights (`_working_weights`), each forward computes with the bf16 copies and each
           backward's gradients are folded into the float32 ones;
         - the gradient reduction is skipped when this process is its data-parallel group alone (always:
-          replicas never share gradients, pipeline/replicas.py), except for DeepSpeed's float32 ZeRO
+          replicas never share gradients, pipeline/run/replicas.py), except for DeepSpeed's float32 ZeRO
           optimizer, whose reduction also fills its own gradient buffers;
         - before the tied-gradient reduction, which follows the backward of the last window: the
           segmenter's one backward of the step (`SegmenterFront.backward_segmenter`);
@@ -276,102 +256,66 @@ class TTAEngine:
           every k-th image and the others keep their gradients.
         """
         engine = self.engine
-        table = dict(engine._INSTRUCTION_MAP)
-        forward_pass = table[schedule.ForwardPass]
-        backward_pass = table[schedule.BackwardPass]
-        reduce_grads = table[schedule.ReduceGrads]
-        reduce_tied_grads = table[schedule.ReduceTiedGrads]
-        optimizer_step = table[schedule.OptimizerStep]
-
         working = self.working
+        run_backward = functools.partial(seam.backward_with_bf16_bookkeeping, engine)
 
-        def forward_with_working_weights(eng, buffer_id):
-            with working.active():
-                return forward_pass(eng, buffer_id)
+        def forward_with_working_weights(forward_pass):
+            def forward(eng, buffer_id):
+                with working.active():
+                    return forward_pass(eng, buffer_id)
+            return forward
 
-        def backward_then_fold(eng, buffer_id):
-            stage_backward(eng, buffer_id)
-            working.fold()
+        def backward_then_fold(backward_pass):
+            stage_backward = seam.one_backward_per_stage(backward_pass, run_backward)
 
-        def stage_backward(eng, buffer_id):
-            # DeepSpeed runs one backward per float output of a stage: every joint block before a stage
-            # boundary would run its backward twice (image and text streams both depend on it). One
-            # autograd pass over all outputs computes the same gradients once.
-            if eng.is_last_stage() or eng.is_pipe_partitioned or eng.is_grad_partitioned:
-                return backward_pass(eng, buffer_id)
-            outputs = eng.pipe_buffers["outputs"][buffer_id]
-            tensors = [t for t in outputs if t.is_floating_point()] if isinstance(outputs, tuple) else [outputs]
-            grads = list(eng.grad_layer) if isinstance(eng.grad_layer, (list, tuple)) else [eng.grad_layer]
-            if len(tensors) != len(grads):
-                raise RuntimeError(f"{len(tensors)} stage outputs but {len(grads)} gradients received")
-            timers = [BACKWARD_MICRO_TIMER, BACKWARD_GLOBAL_TIMER, BACKWARD_INNER_MICRO_TIMER,
-                      BACKWARD_INNER_GLOBAL_TIMER] if eng.wall_clock_breakdown() else []
-            for name in timers:
-                eng.timers(name).start()
-            eng._running_engine_backward = True
-            try:
-                self._backward_with_bf16_bookkeeping(lambda: torch.autograd.backward(tensors, grads) or True)
-            finally:
-                eng._running_engine_backward = False
-            eng.pipe_buffers["output_tensors"][buffer_id] = None
-            eng.pipe_buffers["outputs"][buffer_id] = None
-            for name in timers:
-                eng.timers(name).stop()
+            def backward(eng, buffer_id):
+                stage_backward(eng, buffer_id)
+                working.fold()
+            return backward
 
-        alone = engine.dp_world_size == 1 and type(engine.optimizer).__name__ != "DeepSpeedZeroOptimizer"
+        needed = seam.reduction_needed(engine)
 
-        def reduce_if_shared(eng, *args, **kwargs):
-            # With one process in the group, DeepSpeed still flattens, all-reduces and copies back every
-            # gradient (0.08 s per step for SD3-medium on an H200): nothing to do.
-            return None if alone else reduce_grads(eng, *args, **kwargs)
+        def reduce_if_shared(reduce_grads):
+            def reduce(eng, *args, **kwargs):
+                return reduce_grads(eng, *args, **kwargs) if needed else None
+            return reduce
 
-        def segmenter_backward_then_reduce(eng, *args, **kwargs):
-            front = self.module.front
-            if front is not None:
-                self._backward_with_bf16_bookkeeping(front.backward_segmenter)
-            return reduce_tied_grads(eng, *args, **kwargs)
+        def segmenter_backward_then_reduce(reduce_tied_grads):
+            def reduce(eng, *args, **kwargs):
+                front = self.module.front
+                if front is not None:
+                    run_backward(front.backward_segmenter)
+                return reduce_tied_grads(eng, *args, **kwargs)
+            return reduce
 
-        def guarded_step(eng, *args, **kwargs):
-            bad = torch.zeros(1, device=eng.device)
-            if eng.is_last_stage() and eng.total_loss is not None:
-                bad = (~torch.isfinite(eng.total_loss.detach().float())).float().reshape(1)
-            if eng.is_pipe_parallel:
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=eng.grid.get_pipe_parallel_group())
-            with timing.phase("wait: NaN guard"):
-                self.skipped = bool(bad.item())
-            if self.skipped:  # with accumulation, the images waiting for this update go with it
-                self.discard_accumulated()
-                return None
-            self._accumulated += 1
-            if self._accumulated < self.accumulation_steps:
-                return None  # the gradients stay for the next images
-            self._accumulated = 0
-            if working is None:
-                return optimizer_step(eng, *args, **kwargs)
-            working.release_unused()
-            try:
-                return optimizer_step(eng, *args, **kwargs)
-            finally:
-                working.updated()
+        def guarded_step(optimizer_step):
+            def step(eng, *args, **kwargs):
+                bad = seam.nonfinite_loss_on_any_stage(eng)
+                with timing.phase("wait: NaN guard"):
+                    self.skipped = bool(bad.item())
+                if self.skipped:  # with accumulation, the images waiting for this update go with it
+                    self.discard_accumulated()
+                    return None
+                self._accumulated += 1
+                if self._accumulated < self.accumulation_steps:
+                    return None  # the gradients stay for the next images
+                self._accumulated = 0
+                if working is None:
+                    return optimizer_step(eng, *args, **kwargs)
+                working.release_unused()
+                try:
+                    return optimizer_step(eng, *args, **kwargs)
+                finally:
+                    working.updated()
+            return step
 
-        table[schedule.BackwardPass] = stage_backward if working is None else backward_then_fold
+        hooks = {"BackwardPass": (lambda original: seam.one_backward_per_stage(original, run_backward))
+                 if working is None else backward_then_fold,
+                 "ReduceGrads": reduce_if_shared, "ReduceTiedGrads": segmenter_backward_then_reduce,
+                 "OptimizerStep": guarded_step}
         if working is not None:
-            table[schedule.ForwardPass] = forward_with_working_weights
-        table[schedule.ReduceGrads] = reduce_if_shared
-        table[schedule.ReduceTiedGrads] = segmenter_backward_then_reduce
-        table[schedule.OptimizerStep] = guarded_step
-        engine._INSTRUCTION_MAP = table
-
-    def _backward_with_bf16_bookkeeping(self, backward: Callable[[], bool]) -> None:
-        """A backward outside DeepSpeed's own, with its bookkeeping: the bf16 optimizer adds each backward's
-        low-precision gradients into its float32 ones, so these are cleared first (they hold the previous
-        backward's, already added) and added after (unless DeepSpeed's hooks add them as they come,
-        `immediate_grad_update`). `backward` returns whether it ran."""
-        bf16 = getattr(self.engine, "using_bf16_optimizer", False)
-        if bf16:
-            self.engine.optimizer.clear_lp_grads()
-        if backward() and bf16 and not self.engine._config.bfloat16_config.immediate_grad_update:
-            self.engine.optimizer.update_hp_grads(clear_lp_grads=False)
+            hooks["ForwardPass"] = forward_with_working_weights
+        seam.wrap_instructions(engine, hooks)
 
     def discard_accumulated(self) -> None:
         """Drops the gradients of images that wait for an update (a task's leftovers, a NaN image's group)."""
@@ -379,14 +323,9 @@ class TTAEngine:
         self._drop_gradients()
 
     def _drop_gradients(self) -> None:
-        optimizer = self.engine.optimizer
         if self.working is not None:
             self.working.drop()
-        if getattr(self.engine, "using_bf16_optimizer", False):  # its zero_grad() leaves the float32 gradients
-            optimizer.clear_hp_grads()
-            optimizer.clear_lp_grads()
-        else:
-            optimizer.zero_grad()
+        seam.drop_gradients(self.engine)
 
     @property
     def device(self) -> torch.device:
@@ -442,10 +381,4 @@ class TTAEngine:
         self._initial.restore()
         if self._initial_flat is not None:
             self.working.master.copy_(self._initial_flat, non_blocking=True)
-        wrapper = self.engine.optimizer
-        base = getattr(wrapper, "optimizer", wrapper)  # DeepSpeed's bf16/ZeRO wrappers hold the torch one
-        base.state.clear()
-        if hasattr(wrapper, "refresh_fp32_params"):  # master weights <- the restored bf16 weights
-            wrapper.refresh_fp32_params()
-        if hasattr(wrapper, "_hp_optimizer_states_linked"):
-            wrapper._hp_optimizer_states_linked = False  # relink to the new state on the next step
+        seam.reset_optimizer_state(self.engine)

@@ -1,7 +1,7 @@
 """Checks made before any model loads: config files, the DeepSpeed JSON, model files, window geometry.
 
 Each failure is a ValueError of one line that names the file or option and the fix; the launcher prints
-it as `error: ...` with exit code 2. The domains of the plain options are in `pipeline.config.validate`.
+it as `error: ...` with exit code 2. The domains of the plain options are in `pipeline.run.config.validate`.
 """
 from __future__ import annotations
 
@@ -205,13 +205,13 @@ def check_deepspeed_config(ds: Mapping[str, Any], source: str) -> None:
 
 # ------------------------------------------------------------------------------ cost tables
 def check_cost_table(table: Any, source: str) -> dict:
-    """A per-layer cost table as `bench/bench.py --calibrate` writes it (what `partition.table_costs` reads):
+    """A per-layer cost table as `launch/calibrate.py` writes it (what `partition.table_costs` reads):
     card, signature, segmenter_ms (forward, backward), optimizer_ms and optional state_mib per layer, and per
     class count forward_ms, backward_ms and optional activation_mib per layer; every time and size a finite
     number >= 0 (memory figures: finite; a measured difference may dip below 0). ValueError naming `source`
     otherwise."""
     def refuse(what: str):
-        raise ValueError(f"{source} is not a cost table of bench/bench.py --calibrate ({what}): measure it again "
+        raise ValueError(f"{source} is not a cost table of launch/calibrate.py ({what}): measure it again "
                          f"or use another")
 
     def numbers(value, key: str, length: int | None = None, signed: bool = False) -> int:
@@ -253,7 +253,7 @@ def read_cost_table(path: Path, source: str) -> dict:
         table = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{source} {path} is not valid JSON ({exc.msg} at line {exc.lineno}): cut short or "
-                         f"damaged; measure it again (bench/bench.py --calibrate) or use another") from None
+                         f"damaged; measure it again (launch/calibrate.py) or use another") from None
     return check_cost_table(table, f"{source} {path}")
 
 
@@ -498,26 +498,15 @@ def check_window_size(window_size: int, generator: str) -> None:
                          f"window")
 
 
-def _count(length: int, size: int, stride: int) -> int:
-    return 1 if length <= size else len(range(0, length - size, stride)) + 1
-
-
-def grid_windows(height: int, width: int, size: int, stride: int, short_edge: int | None = None) -> int:
-    """How many windows `pipeline.windows.window_boxes` places on a height x width image after its
-    short edge is resized to `short_edge` (None: `size`), computed without listing them."""
-    from pipeline.windows import resized_size
-    h, w = resized_size(height, width, size if short_edge is None else short_edge)
-    return _count(h, size, stride) * _count(w, size, stride)
-
-
 def check_window_counts(datasets: Mapping[str, Any], size: int, stride: int, cap: int,
                         short_edge: int | None = None) -> int:
     """Every image's window count from its header alone, against the cap; returns the largest count."""
+    from pipeline.dusa.windows import window_count
     largest = 0
     for dataset in {id(d): d for d in datasets.values()}.values():  # a task of several rounds: read once
         for i in range(len(dataset)):
             height, width = dataset.image_size(i)
-            n = grid_windows(height, width, size, stride, short_edge)
+            n = window_count(height, width, size, stride, short_edge)
             if n > cap:
                 raise ValueError(f"image {dataset._images[i]} ({height}x{width}) needs {n} windows of {size} "
                                  f"(stride {stride}) in one step, more than --data.max_windows {cap}: crop it, "

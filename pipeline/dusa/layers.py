@@ -5,7 +5,7 @@
     SD3Embed        patch / timestep+pooled-text / caption embedding of the N class samples
     JointBlock x L  SD3's joint transformer blocks, unchanged
     SD3Head         norm_out, proj_out, unpatchify -> velocity per class sample
-    DusaLoss        the loss of pipeline/loss.py on the last stage
+    DusaLoss        the loss of pipeline/dusa/loss.py on the last stage
 
 The activations tuple after SD3Embed is
     (hidden_states, encoder_hidden_states, temb, logits, classes, mask, target, weight)
@@ -23,15 +23,16 @@ import math
 from typing import NamedTuple, Sequence
 
 import torch
+from einops import rearrange
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pipeline import timing
-from pipeline.graphs import GraphedModule
-from pipeline.loss import (area_k_candidates, area_scores, candidate_statistics, choose_candidates, dusa_loss,
+from pipeline.run import timing
+from pipeline.dusa.graphs import GraphedModule
+from pipeline.dusa.loss import (area_k_candidates, area_scores, candidate_statistics, choose_candidates, dusa_loss,
                            logit_norm)
-from pipeline.windows import (AdaptiveWindows, WindowDraw, WindowSampler, adaptive_boxes, entropy_map, resample_window,
+from pipeline.dusa.windows import (AdaptiveWindows, WindowDraw, WindowSampler, adaptive_boxes, entropy_map, resample_window,
                               float32_math, window_boxes, window_resampler)
 
 _AS_INT = {torch.float32: torch.int32, torch.bfloat16: torch.int16}
@@ -322,9 +323,9 @@ class SD3Head(nn.Module):
     def forward(self, inputs):
         hidden_states, temb, logits, classes, mask, target, weight = unpack(inputs)
         hidden_states = self.proj_out(self.norm_out(hidden_states, temb))
-        n, p, c = hidden_states.shape[0], self.patch_size, self.out_channels
-        h, w = mask.shape[0] // p, mask.shape[1] // p
-        velocity = hidden_states.reshape(n, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(n, c, h * p, w * p)
+        p = self.patch_size  # unpatchify: tokens in rows of patches, each patch p x p x channels
+        velocity = rearrange(hidden_states, "n (h w) (p q c) -> n c (h p) (w q)", h=mask.shape[0] // p, p=p, q=p,
+                             c=self.out_channels)
         return pack(velocity, logits, classes, mask, target, weight)
 
 

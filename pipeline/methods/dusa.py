@@ -1,0 +1,94 @@
+"""`dusa`: DUSA (Li et al., NeurIPS 2024) for segmentation: the segmenter and the SD3 transformer adapt
+together from the diffusion loss, one DeepSpeed pipeline step per image (pipeline/dusa/)."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+import torch.distributed as dist
+
+from pipeline.dusa.windows import draw_windows, window_count
+from pipeline.methods.base import Built, Method, StepResult, parameter_counts
+from pipeline.run import timing
+
+if TYPE_CHECKING:
+    from data.ade20k_c import ADE20KC
+    from pipeline.dusa.engine import TTAEngine
+    from pipeline.run.config import RunConfig
+
+
+class Dusa(Method):
+    """DUSA through the DeepSpeed pipeline (pipeline/dusa/engine.py): stage 0 scores, the others follow."""
+
+    name, pipeline, generator = "dusa", True, True
+
+    def __init__(self, engine: TTAEngine, cfg: RunConfig, class_names: Sequence[str]):
+        self.engine, self.cfg, self.class_names = engine, cfg, list(class_names)
+        self.scoring = engine.module.front is not None
+
+    @classmethod
+    def check(cls, cfg: RunConfig, processes: int) -> None:
+        if not (cfg.tta.update_segmenter or cfg.tta.update_generator):
+            raise ValueError("tta.update_segmenter and tta.update_generator are both false: nothing adapts "
+                             "(use --tta.method source for the unadapted model)")
+        if cfg.tta.learnable_embedding and not cfg.tta.update_generator:
+            raise ValueError("tta.learnable_embedding adapts with the generator: it needs tta.update_generator true")
+
+    @classmethod
+    def build(cls, cfg, class_names, device, ds_config, report, replicas) -> Built:
+        from pipeline.dusa.engine import TTAEngine, precision_of  # DeepSpeed: imported when this method runs
+        from pipeline.dusa.module import build_pipeline
+        precision = precision_of(ds_config)
+        module = build_pipeline(cfg.model, cfg.data, cfg.tta, cfg.pipeline, class_names, stage_report=report,
+                                dtype=torch.bfloat16 if precision == "bf16" else torch.float32, precision=precision,
+                                replicas=replicas.count, ds_config=ds_config,
+                                # the planner's predictions and memory estimate are about GPUs
+                                details=torch.cuda.is_available() or cfg.logging.verbose)
+        timing.mark("weights loaded")
+        engine = TTAEngine(module, ds_config, cfg.tta, adaptive_windows=cfg.data.windows == "adaptive")
+        timing.mark("engine ready")
+        timing.instrument(engine)
+        stage = engine.engine.stage_id
+        counts: list = [(stage, parameter_counts(module, f"stage {stage}"))] * replicas.stages
+        if replicas.stages > 1:  # this replica's stages (the other replicas hold the same)
+            dist.all_gather_object(counts, counts[0], group=replicas.group)
+        method = cls(engine, cfg, class_names)
+        method.prediction = getattr(module, "prediction", None)
+        return Built(method, module.front.segmenter if stage == 0 else None,
+                     [c for _, c in sorted(counts)], f"{replicas.describe()}: dusa")
+
+    def step(self, task: str, item: dict) -> StepResult:
+        from pipeline.run.images import image_seed
+        front, data = self.engine.module.front, self.cfg.data
+        generator = torch.Generator().manual_seed(image_seed(self.cfg.seed, task, item["name"]))
+        latent = (front.encoder.vae.config.latent_channels,) + (data.window_size // front.encoder.downsample,) * 2
+        draw = functools.partial(draw_windows, latent_shape=latent, timestep_range=self.cfg.tta.timestep_range,
+                                 generator=generator)
+        # Adaptive windows are placed by the step's own forward: the front draws for them.
+        out = self.engine.step(item["image"], draw if data.windows == "adaptive" else draw(item["corners"]))
+        notes = [f"window {w + 1} ({side} px at {top}, {left}) candidates: "
+                 + ", ".join(self.class_names[c] for c in classes.tolist())
+                 for w, ((top, left, side), classes) in enumerate(zip(out.windows, out.candidates))]
+        return StepResult(out.logits, out.loss.detach(), self.engine.skipped, notes, len(out.windows))
+
+    def follow(self, task: str, dataset: ADE20KC, index: int) -> bool:
+        data = self.cfg.data  # the window count from the image's header (adaptive: stage 0 sends it)
+        n = None if data.windows == "adaptive" else window_count(*dataset.image_size(index), data.window_size,
+                                                                 data.window_stride, data.short_edge)
+        self.engine.step(None, None if n is None else [None] * n)
+        return self.engine.skipped
+
+    def end_task(self) -> None:
+        self.engine.discard_accumulated()
+
+    def reset(self) -> None:
+        self.engine.reset()
+
+    def save(self, folder: Path, task: str) -> None:  # every stage writes its part (weights + optimizer)
+        self.engine.engine.save_checkpoint(str(folder), tag=task, save_latest=False)
+
+    def load(self, folder: Path, task: str) -> None:
+        self.engine.engine.load_checkpoint(str(folder), tag=task, load_optimizer_states=True,
+                                           load_lr_scheduler_states=False)
