@@ -464,7 +464,9 @@ def run(argv=None, claim: OutputClaim | None = None) -> int:
     found: list = []
     on_rank0(lambda: found.append(prepare(cfg, record, class_names, method, claim)), rank, world, dist)
     datasets, finished = found[0] if found else (None, {})
-    if all_tasks_done(finished, cfg.data.corruptions, world, dist):  # before any model loads
+    from pipeline.run.protocol import task_sequence
+    # Task keys, not corruption names: with rounds or the gradual protocol one corruption is several tasks.
+    if all_tasks_done(finished, [t.key for t in task_sequence(cfg.data)], world, dist):  # before any model loads
         LOG.info(f"every task is already done in {Path(cfg.output_dir) / 'results.json'}: nothing to run "
                  f"(another --output_dir starts a new run)")
         dist.destroy_process_group()

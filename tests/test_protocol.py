@@ -191,3 +191,17 @@ def test_summary_means_per_round_wait_for_undefined_values():
     assert results["rounds"] == [{"round": 1, "tasks": 2, "mIoU": 15.0, "aAcc": 50.0},
                                  {"round": 2, "tasks": 1, "mIoU": None, "aAcc": 50.0}]
     assert "rounds" not in summarize({"fog": {**task, "mIoU": 1.0}}, {"data": {"rounds": 1}}, CITYSCAPES_CLASSES)
+
+
+def test_a_rerun_is_done_only_when_every_task_of_every_round_is(layouts, tmp_path):
+    """launch/tta.py leaves before loading any model when results.json holds every task: with rounds a
+    condition is several tasks, so round 1 alone is not the whole run."""
+    from launch.tta import all_tasks_done
+    cfg = config(layouts, tmp_path, rounds=2)
+    cfg.tta.continual = True
+    keys = [t.key for t in task_sequence(cfg.data)]
+    first = {k: {} for k in keys if k.startswith("r1.")}
+    assert len(keys) == 8 and len(first) == 4
+    assert not all_tasks_done(first, keys, 1, None)
+    assert all_tasks_done({k: {} for k in keys}, keys, 1, None)
+    assert not all_tasks_done({}, keys, 1, None)
