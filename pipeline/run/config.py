@@ -83,12 +83,13 @@ class TTAConfig:
 
     method: MethodName = "dusa"
     """The adaptation method, one file each in pipeline/methods/ (the README's methods: `source`, the unadapted
-    segmenter; `tent`, entropy minimisation of its norm layers; `dusa`, the diffusion loss through the pipeline)."""
+    segmenter; `tent`, entropy minimisation of its norm layers; `dusa`, the diffusion loss through the pipeline;
+    `bn_adapt`, `cotta`, `sar`: the baselines of docs/baselines.md)."""
     continual: bool = False
     """Keep adapting across tasks (no reset of models and optimizer between corruptions)."""
     lr: float = 1e-5
     """Learning rate of every adapted parameter (dusa: the DeepSpeed JSON's optimizer, AdamW by default, whose
-    file must not set one; tent: Adam)."""
+    file must not set one; tent: Adam; cotta and sar have their own, `--cotta.lr` and `--sar.lr`)."""
     lr_segmenter: float | None = None
     """Learning rate of the segmenter's parameters (None: `lr`); dusa and tent."""
     lr_generator: float | None = None
