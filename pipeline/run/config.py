@@ -136,6 +136,9 @@ class TTAConfig:
     before candidate selection (a pixel's top-1 falls to its next class); the scored prediction keeps them."""
     temperature: float = 1.0
     """LogitNorm temperature: p = softmax((l / ||l||) / temperature) over the candidates."""
+    candidate_weights: Literal["softmax", "uniform"] = "softmax"
+    """How the candidates' velocities are weighted: `softmax` (p above: DUSA) or `uniform` (p = 1 / N, an
+    ablation: the segmenter only picks the candidates and gets no gradient, so only the generator adapts)."""
     timestep_range: tuple[float, float] = (0.25, 0.25)
     """Flow-matching time t is drawn uniformly from this range (equal bounds: fixed t)."""
     max_nonfinite: int = 5
