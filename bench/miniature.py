@@ -453,6 +453,8 @@ def grid(tiny: bool) -> list[dict]:
         runs = [dict(method="source", preset="autocast", lr=None, seed=0),
                 dict(method="tent", preset="autocast", lr=1e-4, seed=0),
                 dict(method="dusa", preset="autocast", lr=1e-4, seed=0)]
+        # held-out rates: these wait for bench/select_lr.py (a smoke run of it, with --tiny)
+        runs += [dict(method=method, preset="autocast", lr=SELECTED, seed=0) for method in CANDIDATE_RATES]
     else:
         runs = [dict(method="source", preset=preset, lr=None, seed=0) for preset in PRESETS]
         for lr in LEARNING_RATES:
