@@ -90,8 +90,8 @@ def test_bn_adapt_prior_mixes_the_source_statistics(checkpoint):
 SCALES = [0.5, 1.0, 1.5]
 
 
-def cotta_options(threshold: float) -> CottaOptions:
-    return CottaOptions(lr=1e-3, ema=0.9, restore_probability=0.3, confidence_threshold=threshold, scales=SCALES,
+def cotta_options(threshold: float, scales: list[float] = SCALES) -> CottaOptions:
+    return CottaOptions(lr=1e-3, ema=0.9, restore_probability=0.3, confidence_threshold=threshold, scales=scales,
                         flip=True)
 
 
@@ -132,10 +132,11 @@ def direct_cotta_step(student, teacher, anchor, optimizer, x, o: CottaOptions, s
     return scores
 
 
-def test_cotta_steps_match_a_direct_implementation(checkpoint):
+@pytest.mark.parametrize("scales", [SCALES, [0.75, 1.25]])  # with and without the plain image among the views
+def test_cotta_steps_match_a_direct_implementation(checkpoint, scales):
     x0, x1 = image(0), image(1)
     threshold = median_confidence(load(checkpoint), x0)  # half the pixels confident: both branches are taken
-    o = cotta_options(threshold)
+    o = cotta_options(threshold, scales)
     cotta = CoTTA(load(checkpoint), o)
     student, teacher, anchor = load(checkpoint), load(checkpoint), load(checkpoint)
     optimizer = torch.optim.Adam(student.parameters(), lr=o.lr, betas=(0.9, 0.999))

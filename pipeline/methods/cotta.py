@@ -60,9 +60,10 @@ class CottaOptions:
 
 
 def augmented_probabilities(model: nn.Module, image: torch.Tensor, size: tuple[int, int], scales: list[float],
-                            flip: bool) -> torch.Tensor:
-    """The mean over `scales` (x flips) of `model`'s softmax probabilities, each resized to `size`: [1, C, *size]."""
-    total, count = None, 0
+                            flip: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the mean over `scales` (x flips) of `model`'s softmax probabilities, each resized to `size`: [1, C, *size];
+    the plain image's probabilities, scale 1 unflipped, when that view is among them, else None)."""
+    total, count, plain = None, 0, None
     height, width = image.shape[-2:]
     for scale in scales:
         scaled = image if scale == 1 else F.interpolate(
@@ -73,11 +74,13 @@ def augmented_probabilities(model: nn.Module, image: torch.Tensor, size: tuple[i
             if flipped:
                 logits = logits.flip(-1)
             probs = torch.softmax(logits.float(), dim=1)
+            if scale == 1 and not flipped:
+                plain = probs
             if probs.shape[-2:] != tuple(size):
                 probs = F.interpolate(probs, size=size, mode="bilinear", align_corners=False)
             total = probs if total is None else total + probs
             count += 1
-    return total / count
+    return total / count, plain
 
 
 class CoTTA:
@@ -96,10 +99,11 @@ class CoTTA:
         """The teacher's scores of `image` [1, C, h, w] (steps 1-2 of the module docstring), without gradient."""
         o = self.options
         with torch.no_grad(), autocast(image.device, self.autocast_dtype):
-            plain = torch.softmax(self.teacher(image).float(), dim=1)
-            confident = torch.softmax(self.anchor(image).float(), dim=1).amax(dim=1, keepdim=True) \
-                > o.confidence_threshold
-            averaged = augmented_probabilities(self.teacher, image, tuple(plain.shape[-2:]), o.scales, o.flip)
+            anchor = torch.softmax(self.anchor(image).float(), dim=1)  # the logits' size at scale 1
+            confident = anchor.amax(dim=1, keepdim=True) > o.confidence_threshold
+            averaged, plain = augmented_probabilities(self.teacher, image, tuple(anchor.shape[-2:]), o.scales, o.flip)
+            if plain is None:  # scale 1 is not among the augmentations
+                plain = torch.softmax(self.teacher(image).float(), dim=1)
         return torch.where(confident, plain, averaged)
 
     def step(self, image: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
