@@ -325,7 +325,8 @@ def cmd_sanity(wd: Workdir, args) -> None:
     pieces: LatentEncoder, logit_norm, window_resampler, select_candidates, dusa_loss; t = 0.25 as the
     launcher's default): per window the class-weighted velocity error with the true labels' one-hot weights
     against wrong labels (every class moved to another by a random derangement) and against the source's
-    top-1, and per image the DUSA loss of the source prediction against its pixel error."""
+    top-1, per image the DUSA loss of the source prediction against its pixel error, and per window the
+    candidate-class recall: the share of the window's true classes that the source's candidates hold."""
     from diffusers import SD3Transformer2DModel
 
     from data.ade20k_c import ADE20KC
@@ -371,6 +372,7 @@ def cmd_sanity(wd: Workdir, args) -> None:
                                  size, size // 2)
         errors = {kind: [] for kind in ("true", "other_classes", "swapped", "true_of_swapped", "source_top1")}
         losses, pixel_errors = [], []  # per image
+        recalls, complete = [], []  # per labelled window: true classes among the candidates (share; all of them)
         metric = SegmentationMetric(K)
         for i in range(len(dataset)):
             item = dataset[i]
@@ -400,6 +402,9 @@ def cmd_sanity(wd: Workdir, args) -> None:
                 # themselves (windows with two or more).
                 clamped = ids.clamp(max=K - 1)
                 present = ids[ids != 255].unique()
+                found = torch.isin(present, classes.to(present.device))
+                recalls.append(float(found.float().mean()))
+                complete.append(bool(found.all()))
                 swap = torch.arange(K, device=device)
                 if len(present) > 1:
                     swap[present] = present[derangement(len(present), generator).to(device)]
@@ -425,13 +430,16 @@ def cmd_sanity(wd: Workdir, args) -> None:
             "true_vs_swapped": paired(errors["true_of_swapped"], errors["swapped"]),
             "true_vs_source_top1": paired(errors["true"], errors["source_top1"]),
             "dusa_loss_vs_source_pixel_error": rank_correlation(losses, pixel_errors),
+            "candidate_recall": float(np.mean(recalls)) if recalls else None,
+            "windows_with_every_true_class": float(np.mean(complete)) if complete else None,
             "mean_dusa_loss": float(np.mean(losses)), "mean_source_pixel_error": float(np.mean(pixel_errors))}
         other, swapped = row["true_vs_other_classes"], row["true_vs_swapped"]
         log(f"{task}: source mIoU {row['source_mIoU']:.1f}; velocity error, true labels {other['true']:.4f} / other "
             f"classes {other['wrong']:.4f} (true lower in {100 * other['true_lower']:.0f} % of windows) / swapped "
             f"within the window {swapped.get('wrong', math.nan):.4f} (true lower in "
             f"{100 * swapped.get('true_lower', math.nan):.0f} %); DUSA loss vs source error: Spearman "
-            f"{_fmt(row['dusa_loss_vs_source_pixel_error']['spearman'])}")
+            f"{_fmt(row['dusa_loss_vs_source_pixel_error']['spearman'])}; candidate recall "
+            f"{_fmt(row['candidate_recall'])}")
     within = [r["dusa_loss_vs_source_pixel_error"]["spearman"] for r in report["tasks"].values()]
     within = [v for v in within if v is not None]
     report["summary"] = {
@@ -732,6 +740,11 @@ def summary_lines(records: dict, sanity: dict | None) -> str:
                      f"{_fmt(s['dusa_loss_vs_source_pixel_error_mean_within_tasks'])} within a corruption (mean).")
         lines.append("- Source mIoU per corruption: " + ", ".join(
             f"{task} {row['source_mIoU']:.1f}" for task, row in sanity["tasks"].items()) + ".")
+        if all(row.get("candidate_recall") is not None for row in sanity["tasks"].values()):
+            lines.append("- Candidate-class recall of the source (share of a window's true classes among its "
+                         "candidates; windows holding all of them): " + ", ".join(
+                             f"{task} {row['candidate_recall']:.2f} ({100 * row['windows_with_every_true_class']:.0f} %)"
+                             for task, row in sanity["tasks"].items()) + ".")
     return "\n".join(lines)
 
 
