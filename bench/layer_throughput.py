@@ -24,14 +24,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
-
-from models.architectures import SD3_MEDIUM_TRANSFORMER, SD3_TEXT_TOKENS, SD3_VAE, SEGFORMER_B5  # noqa: E402
+from models.architectures import SD3_MEDIUM_TRANSFORMER, SD3_TEXT_TOKENS, SD3_VAE, SEGFORMER_B5
 
 WINDOW = 512  # the generator's window side (pixels)
 IMAGE = (512, 683)  # SegFormer's whole image, a typical ADE20K size after resizing

@@ -24,6 +24,10 @@ The declared grid (fixed before any adaptation result was seen; nothing else is 
   the continual row: the corruptions in sequence for CONTINUAL_ROUNDS rounds without a reset (--tta.continual
   true --data.rounds 3), for source, tent and dusa at LEARNING_RATES, seed 0, autocast preset (--tiny: dusa);
   everything else is ds_configs/miniature.json (the launcher's defaults, window 256 / stride 128).
+Declared before their results (issue 24), after the rows above, autocast preset, seeds SEEDS:
+  bn_adapt; tent, dusa, cotta and sar at the learning rate that bench/select_lr.py picked on the held-out
+  VALIDATION_CORRUPTIONS among CANDIDATE_RATES (seed 0; <workdir>/selected_lr.json); the DUSA_ABLATIONS at
+  dusa's selected rate. These rows wait (are skipped, and said so) until that selection exists.
 With GPUs every run is `deepspeed --num_gpus G launch/tta.py --config ds_configs/miniature.json ...` (source and
 tent: G one-process replicas sharing the corruptions); several runs share the GPUs at once (`--parallel`).
 """
@@ -48,6 +52,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from data.classes import VALIDATION_CORRUPTIONS  # noqa: E402
 from pipeline.run.folder import free_local_port  # noqa: E402
 from bench.miniature_make import (CLASSES, FULL, TINY, K, Sizes, encode_windows, latent_labels,  # noqa: E402
                                   render_split, sizes_record, train_segmenter, train_transformer, train_vae,
@@ -63,6 +68,22 @@ SEEDS = (0, 1)
 LEARNING_RATES = (1e-5, 1e-4, 1e-3)  # the launcher's default lr and one and two decades above
 PRESETS = {"autocast": "ds_configs/ds_tta.json", "bf16": "ds_configs/ds_tta_bf16.json"}
 CONTINUAL_ROUNDS = 3  # the continual row: whether adaptation holds or collapses over time
+# Held-out learning-rate selection (bench/select_lr.py): imagecorruptions' four validation corruptions
+# (VALIDATION_CORRUPTIONS, from data/classes.py), never a test one; per method a decade either side of its default (tent and dusa: the grid's rates; cotta and sar: their
+# papers' rates, 6e-5 / 8 and 0.001 / 64 x 2).
+CANDIDATE_RATES = {"tent": LEARNING_RATES, "dusa": LEARNING_RATES, "cotta": (7.5e-7, 7.5e-6, 7.5e-5),
+                   "sar": (3.125e-6, 3.125e-5, 3.125e-4)}
+SELECTED = "selected"  # a run's lr: the method's held-out choice, read from <workdir>/selected_lr.json
+# DUSA's ablations: the options of one run each (t = 0.25, the default, is the dusa row itself).
+DUSA_ABLATIONS = {
+    "segmenter only": ["--tta.update_generator", "false"],
+    "segmenter norm only": ["--tta.update_generator", "false", "--tta.norm_only", "true"],
+    "uniform p": ["--tta.candidate_weights", "uniform"],
+    "t 0.1": ["--tta.timestep_range", "[0.1, 0.1]"],
+    "t 0.5": ["--tta.timestep_range", "[0.5, 0.5]"],
+    "topk 5": ["--tta.topk", "5"],
+    "top-5 area 20": ["--tta.candidates", "area_k", "--tta.area_k", "5", "--tta.area_threshold", "20"],
+}
 CONFIG = "ds_configs/miniature.json"
 MINUTES = {"segmenter": 2.0, "vae": 1.5, "transformer": 2.5}  # per part, on one H100
 TINY_MINUTES = 0.2
@@ -135,7 +156,7 @@ def make_train_data(wd: Workdir, workers: int) -> None:
     log(f"train split: {len(images)} images in {time.perf_counter() - start:.1f} s")
 
 
-def make_test_data(wd: Workdir, workers: int) -> None:
+def make_test_data(wd: Workdir, workers: int, corruptions: tuple[str, ...] | None = None) -> None:
     """The clean test split in ADE20K's source layout, then its corruptions by data/make_ade20k_c.py's build()."""
     from PIL import Image
 
@@ -152,9 +173,10 @@ def make_test_data(wd: Workdir, workers: int) -> None:
             Image.fromarray(label).save(wd.clean / "annotations" / "validation" / f"mini_{i + 1:06d}.png")
         write_json(done, {"images": len(images), "class_pixels": np.bincount(labels.ravel(), minlength=K + 1).tolist()})
     start = time.perf_counter()
-    written, _ = build(wd.clean, wd.corrupted, list(wd.corruptions), [SEVERITY], workers=workers, progress=False)
+    corruptions = corruptions or wd.corruptions
+    written, _ = build(wd.clean, wd.corrupted, list(corruptions), [SEVERITY], workers=workers, progress=False)
     if written:
-        log(f"corrupted test split: {written} images ({len(wd.corruptions)} corruptions, severity {SEVERITY}) in "
+        log(f"corrupted test split: {written} images ({len(corruptions)} corruptions, severity {SEVERITY}) in "
             f"{time.perf_counter() - start:.1f} s")
 
 
@@ -311,7 +333,8 @@ def cmd_sanity(wd: Workdir, args) -> None:
     pieces: LatentEncoder, logit_norm, window_resampler, select_candidates, dusa_loss; t = 0.25 as the
     launcher's default): per window the class-weighted velocity error with the true labels' one-hot weights
     against wrong labels (every class moved to another by a random derangement) and against the source's
-    top-1, and per image the DUSA loss of the source prediction against its pixel error."""
+    top-1, per image the DUSA loss of the source prediction against its pixel error, and per window the
+    candidate-class recall: the share of the window's true classes that the source's candidates hold."""
     from diffusers import SD3Transformer2DModel
 
     from data.ade20k_c import ADE20KC
@@ -357,6 +380,7 @@ def cmd_sanity(wd: Workdir, args) -> None:
                                  size, size // 2)
         errors = {kind: [] for kind in ("true", "other_classes", "swapped", "true_of_swapped", "source_top1")}
         losses, pixel_errors = [], []  # per image
+        recalls, complete = [], []  # per labelled window: true classes among the candidates (share; all of them)
         metric = SegmentationMetric(K)
         for i in range(len(dataset)):
             item = dataset[i]
@@ -386,6 +410,9 @@ def cmd_sanity(wd: Workdir, args) -> None:
                 # themselves (windows with two or more).
                 clamped = ids.clamp(max=K - 1)
                 present = ids[ids != 255].unique()
+                found = torch.isin(present, classes.to(present.device))
+                recalls.append(float(found.float().mean()))
+                complete.append(bool(found.all()))
                 swap = torch.arange(K, device=device)
                 if len(present) > 1:
                     swap[present] = present[derangement(len(present), generator).to(device)]
@@ -411,13 +438,16 @@ def cmd_sanity(wd: Workdir, args) -> None:
             "true_vs_swapped": paired(errors["true_of_swapped"], errors["swapped"]),
             "true_vs_source_top1": paired(errors["true"], errors["source_top1"]),
             "dusa_loss_vs_source_pixel_error": rank_correlation(losses, pixel_errors),
+            "candidate_recall": float(np.mean(recalls)) if recalls else None,
+            "windows_with_every_true_class": float(np.mean(complete)) if complete else None,
             "mean_dusa_loss": float(np.mean(losses)), "mean_source_pixel_error": float(np.mean(pixel_errors))}
         other, swapped = row["true_vs_other_classes"], row["true_vs_swapped"]
         log(f"{task}: source mIoU {row['source_mIoU']:.1f}; velocity error, true labels {other['true']:.4f} / other "
             f"classes {other['wrong']:.4f} (true lower in {100 * other['true_lower']:.0f} % of windows) / swapped "
             f"within the window {swapped.get('wrong', math.nan):.4f} (true lower in "
             f"{100 * swapped.get('true_lower', math.nan):.0f} %); DUSA loss vs source error: Spearman "
-            f"{_fmt(row['dusa_loss_vs_source_pixel_error']['spearman'])}")
+            f"{_fmt(row['dusa_loss_vs_source_pixel_error']['spearman'])}; candidate recall "
+            f"{_fmt(row['candidate_recall'])}")
     within = [r["dusa_loss_vs_source_pixel_error"]["spearman"] for r in report["tasks"].values()]
     within = [v for v in within if v is not None]
     report["summary"] = {
@@ -439,12 +469,19 @@ def grid(tiny: bool) -> list[dict]:
         runs = [dict(method="source", preset="autocast", lr=None, seed=0),
                 dict(method="tent", preset="autocast", lr=1e-4, seed=0),
                 dict(method="dusa", preset="autocast", lr=1e-4, seed=0)]
+        # held-out rates: these wait for bench/select_lr.py (a smoke run of it, with --tiny)
+        runs += [dict(method=method, preset="autocast", lr=SELECTED, seed=0) for method in CANDIDATE_RATES]
     else:
         runs = [dict(method="source", preset=preset, lr=None, seed=0) for preset in PRESETS]
         for lr in LEARNING_RATES:
             for method in ("dusa", "tent"):
                 runs += [dict(method=method, preset="autocast", lr=lr, seed=seed) for seed in SEEDS]
         runs += [dict(method="dusa", preset="bf16", lr=lr, seed=seed) for lr in LEARNING_RATES for seed in SEEDS]
+        runs += [dict(method="bn_adapt", preset="autocast", lr=None, seed=seed) for seed in SEEDS]
+        runs += [dict(method=method, preset="autocast", lr=SELECTED, seed=seed) for method in CANDIDATE_RATES
+                 for seed in SEEDS]
+        runs += [dict(method="dusa", preset="autocast", lr=SELECTED, seed=seed, ablation=name)
+                 for name in DUSA_ABLATIONS for seed in SEEDS]
     runs += continual_runs(tiny)
     for run in runs:
         run.setdefault("rounds", 1)
@@ -461,10 +498,17 @@ def continual_runs(tiny: bool) -> list[dict]:
             *(dict(method=method, lr=lr, **rounds) for method in ("tent", "dusa") for lr in LEARNING_RATES)]
 
 
+def lr_text(lr: float) -> str:
+    """A rate in a run's name: one significant digit where that is exact (1e-05), else all of them (7.5e-06)."""
+    return f"{lr:.0e}" if float(f"{lr:.0e}") == lr else f"{lr:g}"
+
+
 def run_name(run: dict) -> str:
-    lr = "" if run["lr"] is None else f"-lr{run['lr']:.0e}"
+    lr = "" if run["lr"] is None else "-lrsel" if run["lr"] == SELECTED else f"-lr{lr_text(run['lr'])}"
+    ablation = f"-{run['ablation'].replace(' ', '_')}" if run.get("ablation") else ""
+    prefix = "select-" if run.get("corruptions") else ""  # a held-out selection run
     rounds = f"-continual{run['rounds']}" if run.get("rounds", 1) > 1 else ""
-    return f"{run['method']}-{run['preset']}{lr}-s{run['seed']}{rounds}"
+    return f"{prefix}{run['method']}{ablation}-{run['preset']}{lr}-s{run['seed']}{rounds}"
 
 
 def expected_tasks(wd: Workdir, run: dict) -> list[str]:
@@ -473,6 +517,33 @@ def expected_tasks(wd: Workdir, run: dict) -> list[str]:
     from pipeline.run.protocol import task_sequence
     data = DataConfig(corruptions=list(wd.corruptions), rounds=run.get("rounds", 1))
     return [task.key for task in task_sequence(data)]
+
+
+def selected_rates(wd: Workdir) -> dict[str, float] | None:
+    """method -> its held-out learning rate (bench/select_lr.py), or None before the selection."""
+    path = wd.root / "selected_lr.json"
+    if not path.is_file():
+        return None
+    return {method: record["selected"] for method, record in json.loads(path.read_text())["methods"].items()}
+
+
+def resolve(run: dict, rates: dict[str, float] | None) -> dict | None:
+    """The run with its held-out rate in place (and its name from it), or None while that rate is not chosen."""
+    if run["lr"] != SELECTED:
+        return run
+    if not rates or run["method"] not in rates:
+        return None
+    run = dict(run, lr=rates[run["method"]])
+    return dict(run, name=run_name(run))
+
+
+def lr_option(method: str) -> str:
+    """The option that sets a method's learning rate: its own section's `lr` (cotta, sar), else `--tta.lr`."""
+    from dataclasses import fields
+
+    from pipeline.methods import METHODS
+    options = METHODS[method].options
+    return f"--{method}.lr" if options is not None and "lr" in {f.name for f in fields(options)} else "--tta.lr"
 
 
 def launch_command(wd: Workdir, run: dict, gpus: int) -> list[str]:
@@ -484,12 +555,16 @@ def launch_command(wd: Workdir, run: dict, gpus: int) -> list[str]:
             "--deepspeed", PRESETS[run["preset"]], "--output_dir", str(wd.runs / run["name"]),
             "--model.segmenter", str(wd.segmenter), "--model.generator", str(wd.generator),
             "--model.class_embeddings", str(wd.cache), "--data.root", str(wd.corrupted),
-            "--data.classes", str(wd.classes), "--data.corruptions", json.dumps(list(wd.corruptions)),
+            "--data.classes", str(wd.classes),
+            "--data.corruptions", json.dumps(list(run.get("corruptions") or wd.corruptions)),
             "--data.severity", str(SEVERITY), "--data.window_size", str(s.window),
             "--data.window_stride", str(s.window // 2), "--logging.progress", "false",
             "--pipeline.num_stages", str(2 if gpus >= 2 else 1)]
+    if run["lr"] == SELECTED:
+        raise MiniatureError(f"{run['name']}: resolve its held-out learning rate first (bench/select_lr.py)")
     if run["lr"] is not None:
-        args += ["--tta.lr", repr(run["lr"])]
+        args += [lr_option(run["method"]), repr(run["lr"])]
+    args += DUSA_ABLATIONS[run["ablation"]] if run.get("ablation") else []
     if run.get("rounds", 1) > 1:  # one sequence: one replica of the method (source adapts nothing: any)
         args += ["--tta.continual", "true", "--data.rounds", str(run["rounds"])]
         if run["method"] != "source":
@@ -504,7 +579,8 @@ def finished(wd: Workdir, run: dict) -> bool:
     path = wd.runs / run["name"] / "results.json"
     if not path.is_file():
         return False
-    return set(json.loads(path.read_text()).get("tasks", {})) >= set(expected_tasks(wd, run))
+    tasks = list(run["corruptions"]) if run.get("corruptions") else expected_tasks(wd, run)
+    return set(json.loads(path.read_text()).get("tasks", {})) >= set(tasks)
 
 
 def cmd_adapt(wd: Workdir, args) -> None:
@@ -514,8 +590,17 @@ def cmd_adapt(wd: Workdir, args) -> None:
     finished corruptions, and the same command resumes them)."""
     need_models(wd)
     make_test_data(wd, args.workers)
+    rates = selected_rates(wd)
+    runs = [resolve(run, rates) for run in grid(wd.tiny)]
+    if None in runs:
+        log(f"adapt: {runs.count(None)} runs at held-out learning rates wait for bench/select_lr.py")
+    run_launches(wd, list({run["name"]: run for run in runs if run is not None}.values()), args)
+
+
+def run_launches(wd: Workdir, runs: list[dict], args) -> None:
+    """Runs these runs through the launcher (what `adapt` does with the grid)."""
     gpus = args.gpus if args.gpus is not None else torch.cuda.device_count()
-    todo = [run for run in grid(wd.tiny) if not finished(wd, run)]
+    todo = [run for run in runs if not finished(wd, run)]
     wd.logs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, WANDB_MODE="disabled")
     if gpus == 0:
@@ -566,8 +651,10 @@ def cmd_adapt(wd: Workdir, args) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ report
-def row_label(run: dict) -> str:
-    label = run["method"] if run["method"] == "source" else f"{run['method']} lr {run['lr']:.0e}"
+def row_label(run: dict, held_out: bool = False) -> str:
+    method = f"{run['method']} {run['ablation']}" if run.get("ablation") else run["method"]
+    label = method if run["lr"] is None else f"{method} lr {lr_text(run['lr'])}"
+    label += " (held-out lr)" if held_out else ""
     return label if run["preset"] == "autocast" else f"{label} (bf16 weights)"
 
 
@@ -575,16 +662,22 @@ def collect(wd: Workdir) -> list[dict]:
     """One row per (method, preset, lr): per corruption and mean, the mean over seeds and their range."""
     from pipeline.run.reporting import read_results
     rows: dict[str, dict] = {}
-    for run in grid(wd.tiny):
+    rates = selected_rates(wd)
+    for declared in grid(wd.tiny):
+        run = resolve(declared, rates)
+        if run is None:
+            continue
         path = wd.runs / run["name"] / "results.json"
         if not path.is_file() or run["rounds"] > 1:  # the continual row: `collect_continual`
             continue
         results = read_results(path)
-        label = row_label(run)
+        label = row_label(run, held_out=declared["lr"] == SELECTED)
         row = rows.setdefault(label, {"label": label, "method": run["method"], "preset": run["preset"],
-                                      "lr": run["lr"], "seeds": {}})
+                                      "lr": run["lr"], "ablation": run.get("ablation"),
+                                      "held_out": declared["lr"] == SELECTED, "seeds": {}})
         tasks = results["tasks"]
         row["seeds"][run["seed"]] = {
+            "IoU": {task: tasks[task]["IoU"] for task in wd.corruptions if task in tasks},
             "mIoU": {task: tasks[task]["mIoU"] for task in wd.corruptions if task in tasks},
             "seconds": sum(t["seconds"] for t in tasks.values()), "images": sum(t["images"] for t in tasks.values())}
     for row in rows.values():
@@ -596,8 +689,44 @@ def collect(wd: Workdir) -> list[dict]:
             row["per_corruption"][task] = {"mean": float(np.mean(values)) if values else None,
                                            "range": float(np.ptp(values)) if values else None, "values": values}
         row["seconds_per_image"] = float(np.mean([s["seconds"] / s["images"] for s in seeds]))
-    order = {"source": 0, "tent": 1, "dusa": 2}
-    return sorted(rows.values(), key=lambda r: (order[r["method"]], r["preset"] != "autocast", r["lr"] or 0))
+        # Per class and corruption, the mean IoU over the seeds that scored the class (None: no seed did).
+        row["class_iou"] = {task: {c: _mean_or_none([s["IoU"][task].get(c) for s in seeds if task in s["IoU"]])
+                                   for c in CLASSES} for task in wd.corruptions}
+    order = {"source": 0, "bn_adapt": 1, "tent": 2, "cotta": 3, "sar": 4, "dusa": 5}
+    return sorted(rows.values(), key=lambda r: (order[r["method"]], r["preset"] != "autocast", r["held_out"],
+                                                r.get("ablation") or "", r["lr"] or 0))
+
+
+def _mean_or_none(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def class_iou_deltas(rows: list[dict], top: int = 3) -> dict[str, dict[str, list]]:
+    """Per held-out row (and bn_adapt) and corruption: the `top` largest per-class IoU gains and losses against
+    the source (autocast), as (class, change) pairs, largest first."""
+    source = next((r for r in rows if r["method"] == "source" and r["preset"] == "autocast"), None)
+    if source is None:
+        return {}
+    out = {}
+    for row in rows:
+        if not (row["held_out"] or row["method"] == "bn_adapt"):
+            continue
+        out[row["label"]] = {}
+        for task, classes in row["class_iou"].items():
+            changes = sorted(((c, v - source["class_iou"][task][c]) for c, v in classes.items()
+                              if v is not None and source["class_iou"][task][c] is not None), key=lambda cv: cv[1])
+            out[row["label"]][task] = {"gains": [[c, round(d, 2)] for c, d in changes[::-1][:top] if d > 0],
+                                       "losses": [[c, round(d, 2)] for c, d in changes[:top] if d < 0]}
+    return out
+
+
+def class_delta_lines(deltas: dict[str, dict[str, dict]]) -> str:
+    """The per-class changes as Markdown lines, one per row and corruption."""
+    lines = [f"- {label}, {task}: " + "; ".join(
+        [", ".join(f"{c} {d:+.1f}" for c, d in change[kind]) or "none" for kind in ("gains", "losses")])
+        for label, tasks in deltas.items() for task, change in tasks.items()]
+    return ("Per-class IoU against the source (gains; losses, at most 3 each):\n" + "\n".join(lines)) if lines else ""
 
 
 def collect_continual(wd: Workdir) -> list[dict]:
@@ -678,6 +807,11 @@ def summary_lines(records: dict, sanity: dict | None) -> str:
                      f"{_fmt(s['dusa_loss_vs_source_pixel_error_mean_within_tasks'])} within a corruption (mean).")
         lines.append("- Source mIoU per corruption: " + ", ".join(
             f"{task} {row['source_mIoU']:.1f}" for task, row in sanity["tasks"].items()) + ".")
+        if all(row.get("candidate_recall") is not None for row in sanity["tasks"].values()):
+            lines.append("- Candidate-class recall of the source (share of a window's true classes among its "
+                         "candidates; windows holding all of them): " + ", ".join(
+                             f"{task} {row['candidate_recall']:.2f} ({100 * row['windows_with_every_true_class']:.0f} %)"
+                             for task, row in sanity["tasks"].items()) + ".")
     return "\n".join(lines)
 
 
@@ -714,10 +848,13 @@ def plot(rows: list[dict], corruptions, path: Path, clean: float | None = None, 
     families = {("source", "autocast"): [(80, 80, 80)], ("source", "bf16"): [(160, 160, 160)],
                 ("tent", "autocast"): [(161, 217, 155), (65, 171, 93), (0, 109, 44)],
                 ("dusa", "autocast"): [(158, 202, 225), (66, 146, 198), (8, 69, 148)],
-                ("dusa", "bf16"): [(253, 174, 107), (241, 105, 19), (166, 54, 3)]}
-    lrs = sorted({r["lr"] for r in rows if r["lr"] is not None})
-    colours = [families[(r["method"], r["preset"])][lrs.index(r["lr"]) % 3 if r["lr"] is not None else 0]
-               for r in rows]
+                ("dusa", "bf16"): [(253, 174, 107), (241, 105, 19), (166, 54, 3)],
+                ("bn_adapt", "autocast"): [(120, 120, 120)], ("cotta", "autocast"): [(188, 128, 189)] * 3,
+                ("sar", "autocast"): [(215, 48, 39)] * 3}
+    lrs_of = {m: sorted({r["lr"] for r in rows if r["method"] == m and r["lr"] is not None}) for m, _ in families}
+    colours = [(60, 60, 160) if r.get("ablation") else families[(r["method"], r["preset"])][
+        min(lrs_of[r["method"]].index(r["lr"]), len(families[(r["method"], r["preset"])]) - 1)
+        if r["lr"] is not None else 0] for r in rows]
     group_w = (width - left - 20) / len(groups)
     bar_w = group_w * 0.8 / max(len(rows), 1)
     for g, task in enumerate(groups):
@@ -759,14 +896,20 @@ def cmd_report(wd: Workdir, args) -> dict:
         table += "\n\n" + continual_table(continual)
     title = (f"miniature benchmark{' --tiny (a CPU smoke run: no quality claim)' if wd.tiny else ''}, severity "
              f"{SEVERITY}; bars: mean over seeds, whiskers: their range")
+    deltas = class_iou_deltas(rows)
+    if deltas:
+        table += "\n\n" + class_delta_lines(deltas)
     walls = {run["name"]: json.loads((wd.logs / f"{run['name']}.wall.json").read_text())["seconds"]
              for run in grid(wd.tiny) if (wd.logs / f"{run['name']}.wall.json").is_file()}
     document = {
         "title": title, "date": date, "tiny": wd.tiny, "classes": list(CLASSES), "corruptions": list(wd.corruptions),
         "severity": SEVERITY, "seeds": list(SEEDS), "learning_rates": list(LEARNING_RATES), "presets": PRESETS,
         "config": CONFIG, "sizes": sizes_record(wd.sizes), "training": records, "sanity": sanity, "rows": rows,
-        "run_wall_seconds": walls, "markdown": table, "continual_rounds": CONTINUAL_ROUNDS,
-        "continual_rows": continual,
+        "validation_corruptions": list(VALIDATION_CORRUPTIONS), "candidate_rates": CANDIDATE_RATES,
+        "selected_lr": selected_rates(wd), "dusa_ablations": DUSA_ABLATIONS,
+        "class_iou_deltas_vs_source": deltas,
+        "run_wall_seconds": walls, "markdown": table,
+        "continual_rounds": CONTINUAL_ROUNDS, "continual_rows": continual,
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
                         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}}
     write_json(out / f"{stem}.json", document)

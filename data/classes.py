@@ -15,6 +15,9 @@ CORRUPTIONS: tuple[str, ...] = (
     "snow", "frost", "fog", "brightness",
     "contrast", "elastic_transform", "pixelate", "jpeg_compression",
 )
+# imagecorruptions' 4 held-out corruptions (`get_corruption_names("validation")`): for choosing hyper-parameters,
+# never for reporting (bench/select_lr.py).
+VALIDATION_CORRUPTIONS: tuple[str, ...] = ("speckle_noise", "gaussian_blur", "spatter", "saturate")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # A name that becomes one component of a path (a task's folders under the data root, `pictures/<task>/`,
 # `state/<task>`): letters, digits, `_`, `-`, `.` and `+`, starting with a letter or digit (no `..`, no

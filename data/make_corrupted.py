@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data.classes import CORRUPTIONS, IMAGE_SUFFIXES  # torch-free, for the workers
+from data.classes import CORRUPTIONS, IMAGE_SUFFIXES, VALIDATION_CORRUPTIONS  # torch-free, for the workers
 
 JPEG_QUALITY = 95
 FORMATS: dict[str, str] = {"jpg": "JPEG", "png": "PNG"}
@@ -240,9 +240,10 @@ def check_ade_root(ade_root: str | Path) -> Path:
 
 
 def check_arguments(corruptions: list[str], severities: list[int], fmt: str) -> None:
-    unknown = [c for c in corruptions if c not in CORRUPTIONS]
+    unknown = [c for c in corruptions if c not in CORRUPTIONS + VALIDATION_CORRUPTIONS]
     if unknown:
-        raise BuildError(f"unknown corruption {', '.join(unknown)}; valid: {' '.join(CORRUPTIONS)}")
+        raise BuildError(f"unknown corruption {', '.join(unknown)}; valid: {' '.join(CORRUPTIONS)} (and, held out "
+                         f"for tuning: {' '.join(VALIDATION_CORRUPTIONS)})")
     bad = [s for s in severities if not 1 <= s <= 5]
     if bad:
         raise BuildError(f"severity must be in 1..5, got {', '.join(map(str, bad))}")
@@ -351,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
                              "annotations/validation) or the Cityscapes root (leftImg8bit/val, gtFine/val)")
     parser.add_argument("--out", required=True, help="output folder (the dataset's corrupted layout)")
     parser.add_argument("--corruptions", nargs="+", default=list(CORRUPTIONS), metavar="NAME",
-                        help="corruptions to build (default: all 15): " + " ".join(CORRUPTIONS))
+                        help="corruptions to build (default: all 15): " + " ".join(CORRUPTIONS)
+                        + "; held out for tuning: " + " ".join(VALIDATION_CORRUPTIONS))
     parser.add_argument("--severities", nargs="+", type=int, default=[5], metavar="S",
                         help="severities in 1..5 (default: 5)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,

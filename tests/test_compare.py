@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.compare import compare_table, load_run, main
+from launch.compare import class_changes, compare_table, load_class_iou, load_run, main
 from pipeline.run.reporting import summarize, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,3 +96,23 @@ def test_a_folder_of_runs_expands_to_its_runs_and_markdown_is_a_paragraph_then_a
     assert all(line.count("|") - line.count("\\|") == 6 for line in lines[2:])  # 5 cells in every row
     assert main([str(runs[0]), str(tmp_path)]) == 0  # a run and a folder of runs together
     assert "(5 runs)" in capsys.readouterr().out
+
+
+def make_class_run(folder: Path, method: str, iou: dict[str, list[float]]) -> Path:
+    tasks = {t: {"mIoU": math.fsum(v) / 2, "aAcc": 50.0, "IoU": v, "images": 2, "seconds": 1.0} for t, v in iou.items()}
+    write_results(summarize(tasks, {"tta": {"method": method}}, CLASSES), folder)
+    return folder
+
+
+def test_per_class_changes_between_two_runs(tmp_path: Path, capsys):
+    before = make_class_run(tmp_path / "src", "source", {"fog": [20.0, 50.0], "snow": [30.0, math.nan]})
+    after = make_class_run(tmp_path / "dusa", "dusa", {"fog": [26.0, 48.0], "snow": [29.0, 10.0], "frost": [1.0, 2.0]})
+    changes = class_changes(load_class_iou(before), load_class_iou(after), top=1)
+    # fog: wall moved most (+6); snow: wall (-1), then sky, scored by the second run only.
+    assert changes == [("fog", [("wall", 20.0, 26.0)]), ("snow", [("wall", 30.0, 29.0), ("sky", None, 10.0)])]
+    assert main([str(before), str(after), "--classes", "2", "--format", "markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "| fog | wall | 20.00 | 26.00 | +6.00 |" in out and "| fog | sky | 50.00 | 48.00 | -2.00 |" in out
+    assert "| snow | sky | - | 10.00 | - |" in out and "frost" not in out.split("IoU % per class")[1]
+    assert main([str(before), str(after), str(after), "--classes", "2"]) == 2
+    assert "compares exactly two runs" in capsys.readouterr().err

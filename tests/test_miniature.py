@@ -121,9 +121,10 @@ def test_the_declared_grid_and_launch_commands(tmp_path):
     runs = mini.grid(tiny=False)
     assert len({r["name"] for r in runs}) == len(runs)
     episodic = [r for r in runs if r["rounds"] == 1]
-    dusa = [r for r in episodic if r["method"] == "dusa"]
+    dusa = [r for r in episodic if r["method"] == "dusa" and r["lr"] != mini.SELECTED]
     assert len(dusa) == len(mini.PRESETS) * len(mini.LEARNING_RATES) * len(mini.SEEDS)
-    assert len([r for r in episodic if r["method"] == "tent"]) == len(mini.LEARNING_RATES) * len(mini.SEEDS)
+    assert len([r for r in episodic if r["method"] == "tent" and r["lr"] != mini.SELECTED]) \
+        == len(mini.LEARNING_RATES) * len(mini.SEEDS)
     assert [r["preset"] for r in episodic if r["method"] == "source"] == list(mini.PRESETS)
     wd = mini.Workdir(tmp_path / "full", tiny=False)
     cmd = mini.launch_command(wd, dusa[0], gpus=2)
@@ -210,6 +211,49 @@ def test_the_report_gives_mean_and_range_over_seeds(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_held_out_rows_wait_for_the_selection_then_report_per_class_changes(tmp_path):
+    wd = mini.Workdir(tmp_path / "full", tiny=False)
+    corruptions = list(wd.corruptions)
+    declared = mini.grid(tiny=False)
+    held_out = [r for r in declared if r["lr"] == mini.SELECTED]
+    assert {r["method"] for r in held_out} == set(mini.CANDIDATE_RATES)
+    assert {r.get("ablation") for r in held_out} == {None, *mini.DUSA_ABLATIONS}
+    assert [r["seed"] for r in declared if r["method"] == "bn_adapt"] == list(mini.SEEDS)
+    assert not set(mini.VALIDATION_CORRUPTIONS) & set(mini.CORRUPTIONS)
+    assert mini.selected_rates(wd) is None and mini.resolve(held_out[0], None) is None
+    with pytest.raises(mini.MiniatureError, match="resolve its held-out learning rate first"):
+        mini.launch_command(wd, held_out[0], gpus=2)
+    mini.write_json(wd.root / "selected_lr.json", {"methods": {"tent": {"selected": 1e-4}, "sar": {"selected": 3.125e-6},
+                                                              "dusa": {"selected": 1e-5}}})
+    rates = mini.selected_rates(wd)
+    tent = mini.resolve(next(r for r in held_out if r["method"] == "tent"), rates)
+    assert tent["name"] == "tent-autocast-lr1e-04-s0"  # the grid's own tent run at that rate: run once
+    sar = mini.resolve(next(r for r in held_out if r["method"] == "sar"), rates)
+    cmd = mini.launch_command(wd, sar, gpus=2)
+    assert sar["name"] == "sar-autocast-lr3.125e-06-s0" and cmd[cmd.index("--sar.lr") + 1] == "3.125e-06"
+    ablation = mini.resolve(next(r for r in held_out if r.get("ablation") == "uniform p"), rates)
+    cmd = mini.launch_command(wd, ablation, gpus=2)
+    assert ablation["name"] == "dusa-uniform_p-autocast-lr1e-05-s0"
+    assert cmd[cmd.index("--tta.candidate_weights") + 1] == "uniform" and "--tta.lr" in cmd
+
+    def fake(run: dict, wall: float) -> None:
+        folder = wd.runs / run["name"]
+        folder.mkdir(parents=True)
+        tasks = {c: {"mIoU": 40.0, "aAcc": 90.0, "IoU": {"sky": wall, "tree": 30.0}, "images": 10, "seconds": 2.0}
+                 for c in corruptions}
+        (folder / "results.json").write_text(json.dumps({"metric_unit": "percent", "tasks": tasks}))
+
+    fake(next(r for r in declared if r["method"] == "source"), 50.0)
+    fake(tent, 55.0)
+    document = mini.cmd_report(wd, type("Args", (), {"out": str(tmp_path / "out")}))
+    labels = [row["label"] for row in document["rows"]]
+    assert labels == ["source", "tent lr 1e-04", "tent lr 1e-04 (held-out lr)"]
+    deltas = document["class_iou_deltas_vs_source"]["tent lr 1e-04 (held-out lr)"][corruptions[0]]
+    assert deltas == {"gains": [["sky", 5.0]], "losses": []}
+    assert document["selected_lr"] == rates
+    assert f"- tent lr 1e-04 (held-out lr), {corruptions[0]}: sky +5.0; none" in document["markdown"]
+
+
 # ------------------------------------------------------------------------------------------------ the --tiny chain
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory) -> Path:
@@ -277,6 +321,8 @@ def test_tiny_training_and_sanity_records(chain):
         assert math.isclose(other["true"], row["true_vs_source_top1"]["true"])  # the same windows
         assert row["true_vs_swapped"]["windows"] <= other["windows"]  # only windows with two classes or more
         assert row["dusa_loss_vs_source_pixel_error"]["n"] == mini.TINY.test_images
+        # Per window, "every true class found" (0 or 1) is at most the share found: so are their means.
+        assert 0 <= row["windows_with_every_true_class"] <= row["candidate_recall"] <= 1
     # A second run finds everything made and skips it.
     before = (chain / "models" / mini.SEGMENTER / "model.safetensors").stat().st_mtime_ns
     assert mini.main(["train", "--tiny", "--workdir", str(chain), "--workers", "1"]) == 0
@@ -295,8 +341,9 @@ def test_tiny_chain_through_the_launcher(chain, tmp_path):
     published = sorted((ROOT / "bench" / "results").iterdir())
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "runs at held-out learning rates wait for bench/select_lr.py" in proc.stdout  # no selection made here
     wd = mini.Workdir(chain, tiny=True)
-    for run in mini.grid(tiny=True):
+    for run in [r for r in mini.grid(tiny=True) if r["lr"] != mini.SELECTED]:
         results = json.loads((chain / "runs" / run["name"] / "results.json").read_text())
         assert list(results["tasks"]) == mini.expected_tasks(wd, run)
         assert all(0 <= task["mIoU"] <= 100 and set(task["IoU"]) == set(CLASSES) for task in results["tasks"].values())

@@ -205,3 +205,18 @@ def test_a_rerun_is_done_only_when_every_task_of_every_round_is(layouts, tmp_pat
     assert not all_tasks_done(first, keys, 1, None)
     assert all_tasks_done({k: {} for k in keys}, keys, 1, None)
     assert not all_tasks_done({}, keys, 1, None)
+
+
+def test_results_written_before_the_newer_options_resume_as_what_they_ran(layouts, tmp_path):
+    """A results.json from before data.dataset / short_edge / gradual and tta.candidate_weights existed has
+    the signature of a run with their defaults (what it ran), not another run's."""
+    record = json.loads(json.dumps(asdict(config(layouts, tmp_path, dataset="cityscapes"))))
+    record["data"].update(dataset="ade20k", short_edge=None, gradual=False)
+    record["deepspeed"] = {}  # the launcher puts the effective DeepSpeed JSON here
+    before = json.loads(json.dumps(record))
+    for key in ("dataset", "short_edge", "gradual"):
+        del before["data"][key]
+    del before["tta"]["candidate_weights"]
+    assert resume_signature(before) == resume_signature(record)
+    record["tta"]["candidate_weights"] = "uniform"
+    assert resume_signature(before) != resume_signature(record)

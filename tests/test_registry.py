@@ -34,7 +34,7 @@ TOY_METHOD = '''
 
 
 def test_the_registry_holds_every_method_file_by_name():
-    assert set(METHODS) == {"source", "tent", "dusa"}
+    assert set(METHODS) == {"source", "tent", "dusa", "bn_adapt", "cotta", "sar"}
     assert all(issubclass(cls, Method) and cls.name == name for name, cls in METHODS.items())
 
 
@@ -53,7 +53,7 @@ def test_a_new_method_file_reaches_the_cli_the_record_and_the_resume_signature(t
         record["deepspeed"] = {{}}  # the launcher puts the effective DeepSpeed JSON here
         help_text = launcher.make_parser().format_help()
         print(json.dumps({{"strength": cfg.toy.strength, "record": record["toy"], "method": record["tta"]["method"],
-                           "signature": resume_signature(record)["toy"], "choices": "{{dusa,source,tent,toy}}" in help_text,
+                           "signature": resume_signature(record)["toy"], "choices": "{{bn_adapt,cotta,dusa,sar,source,tent,toy}}" in help_text,
                            "help": "How strongly the toy adapts." in help_text}}))
     ''')
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)

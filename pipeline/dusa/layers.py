@@ -332,11 +332,12 @@ class SD3Head(nn.Module):
 class DusaLoss:
     """The pipeline's loss_fn: DeepSpeed calls it on the last stage with the head's outputs."""
 
-    def __init__(self, temperature: float = 1.0):
-        self.temperature = temperature
+    def __init__(self, temperature: float = 1.0, uniform: bool = False):
+        self.temperature, self.uniform = temperature, uniform
         self.__name__ = "dusa_loss"  # DeepSpeed prints the loss by this name
 
     def __call__(self, outputs, labels):
         velocity, logits, classes, mask, target, weight = unpack(outputs)
         # DeepSpeed averages the windows' losses: the weight makes that average the image's loss.
-        return weight[0] * dusa_loss(logits, classes, mask.bool(), velocity, target, self.temperature)
+        return weight[0] * dusa_loss(logits, classes, mask.bool(), velocity, target, self.temperature,
+                                     self.uniform)

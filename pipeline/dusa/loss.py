@@ -16,7 +16,7 @@ def logit_norm(logits: torch.Tensor, dim: int = 0) -> torch.Tensor:
 
 
 def dusa_loss(logits: torch.Tensor, classes: torch.Tensor, mask: torch.Tensor, velocity: torch.Tensor,
-              target: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+              target: torch.Tensor, temperature: float = 1.0, uniform: bool = False) -> torch.Tensor:
     """L_w: masked mean squared error between the class-weighted velocity and the flow target.
 
     logits   [C, h, w]     the window's LogitNormed logits at latent resolution (normalised at the
@@ -25,12 +25,15 @@ def dusa_loss(logits: torch.Tensor, classes: torch.Tensor, mask: torch.Tensor, v
     mask     bool [h, w]   pixels that count in the loss
     velocity [N, ch, h, w] the generator's prediction for each candidate class
     target   [ch, h, w]    v = eps - z0
-    p = softmax over the N candidates of logits / temperature (1: the reference's, which has none).
+    p = softmax over the N candidates of logits / temperature (1: the reference's, which has none);
+    `uniform` (an ablation): p = 1 / N, which gives the logits, and so the segmenter, a zero gradient.
     """
     if velocity.shape[0] != classes.shape[0]:
         raise ValueError(f"velocity has {velocity.shape[0]} samples for {classes.shape[0]} classes")
     # The loss is computed in float32 whatever the model dtype (bf16 squares lose too much).
     p = torch.softmax(logits.float()[classes] / temperature, dim=0)  # [N, h, w]
+    if uniform:  # 0 x p keeps the logits in the graph: the pipeline sends a gradient (zero) for every output
+        p = p * 0 + 1 / classes.shape[0]
     v_bar = reduce(rearrange(p, "n h w -> n 1 h w") * velocity.float(), "n ch h w -> ch h w", "sum")
     err = (v_bar - target.float()).square()
     # The mean over unmasked pixels and channels, as a weighted sum: selecting them (err[mask]) would have

@@ -141,8 +141,8 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
                                   estimate=estimate, prediction=prediction):
             stage_report(line)
     timing.mark("partition planned")
-    module = DusaPipeline(layers, bounds, DusaLoss(tta.temperature), pipe.num_stages,
-                          pipe.activation_checkpoint_interval, replicas)
+    loss = DusaLoss(tta.temperature, tta.candidate_weights == "uniform")
+    module = DusaPipeline(layers, bounds, loss, pipe.num_stages, pipe.activation_checkpoint_interval, replicas)
     module.loaded_keys = parts.loaded_keys
     module.prediction = prediction or None
     return module

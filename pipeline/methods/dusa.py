@@ -33,6 +33,9 @@ class Dusa(Method):
         if not (cfg.tta.update_segmenter or cfg.tta.update_generator):
             raise ValueError("tta.update_segmenter and tta.update_generator are both false: nothing adapts "
                              "(use --tta.method source for the unadapted model)")
+        if cfg.tta.candidate_weights == "uniform" and not cfg.tta.update_generator:
+            raise ValueError("tta.candidate_weights uniform gives the segmenter no gradient: it needs "
+                             "tta.update_generator true (else nothing adapts)")
         if cfg.tta.learnable_embedding and not cfg.tta.update_generator:
             raise ValueError("tta.learnable_embedding adapts with the generator: it needs tta.update_generator true")
 

@@ -119,12 +119,13 @@ class TTAConfig:
 
     method: MethodName = "dusa"
     """The adaptation method, one file each in pipeline/methods/ (the README's methods: `source`, the unadapted
-    segmenter; `tent`, entropy minimisation of its norm layers; `dusa`, the diffusion loss through the pipeline)."""
+    segmenter; `tent`, entropy minimisation of its norm layers; `dusa`, the diffusion loss through the pipeline;
+    `bn_adapt`, `cotta`, `sar`: the baselines of docs/baselines.md)."""
     continual: bool = False
     """Keep adapting across tasks (no reset of models and optimizer between corruptions)."""
     lr: float = 1e-5
     """Learning rate of every adapted parameter (dusa: the DeepSpeed JSON's optimizer, AdamW by default, whose
-    file must not set one; tent: Adam)."""
+    file must not set one; tent: Adam; cotta and sar have their own, `--cotta.lr` and `--sar.lr`)."""
     lr_segmenter: float | None = None
     """Learning rate of the segmenter's parameters (None: `lr`); dusa and tent."""
     lr_generator: float | None = None
@@ -171,6 +172,9 @@ class TTAConfig:
     before candidate selection (a pixel's top-1 falls to its next class); the scored prediction keeps them."""
     temperature: float = 1.0
     """LogitNorm temperature: p = softmax((l / ||l||) / temperature) over the candidates."""
+    candidate_weights: Literal["softmax", "uniform"] = "softmax"
+    """How the candidates' velocities are weighted: `softmax` (p above: DUSA) or `uniform` (p = 1 / N, an
+    ablation: the segmenter only picks the candidates and gets no gradient, so only the generator adapts)."""
     timestep_range: tuple[float, float] = (0.25, 0.25)
     """Flow-matching time t is drawn uniformly from this range (equal bounds: fixed t)."""
     max_nonfinite: int = 5

@@ -466,7 +466,8 @@ def startup_summary(cfg: RunConfig, config_files: Sequence[str], processes: str,
     tta = cfg.tta
     method = tta.method
     if METHODS[method].adapts:
-        method += f" (lr {tta.lr:g}, {'continual' if tta.continual else 'reset before each task'})"
+        lr = getattr(getattr(cfg, method, None), "lr", tta.lr)  # a method with its own section's lr (cotta, sar)
+        method += f" (lr {lr:g}, {'continual' if tta.continual else 'reset before each task'})"
     rows = [("method", method), ("segmenter", cfg.model.segmenter)]
     if METHODS[tta.method].generator:
         rows += [("generator", cfg.model.generator), ("class embeddings", cfg.model.class_embeddings)]

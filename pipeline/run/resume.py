@@ -17,6 +17,8 @@ from pipeline.run.protocol import task_sequence
 
 # The data options added with the datasets and protocols, as every run before them had them.
 LEGACY_DATA = {"dataset": "ade20k", "short_edge": None, "gradual": False}
+# The method options added since, likewise (DUSA's p was always the softmax over the candidates).
+LEGACY_TTA = {"candidate_weights": "softmax"}
 
 
 def resume_signature(record: dict[str, Any]) -> dict[str, Any]:
@@ -26,6 +28,8 @@ def resume_signature(record: dict[str, Any]) -> dict[str, Any]:
     data = record["data"]
     for key, before in LEGACY_DATA.items():  # results written before these options existed: what they ran
         data.setdefault(key, before)
+    for key, before in LEGACY_TTA.items():
+        record["tta"].setdefault(key, before)
     # `inputs` (the digests of the files behind these options) is compared apart, to name what changed.
     signature = {"model": {k: v for k, v in record["model"].items() if k != "build_demo_models"},
                  "data": {k: v for k, v in data.items()
