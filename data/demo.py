@@ -126,15 +126,8 @@ def make_demo_dataset(root: str | Path, num_images: int = 4,
     if sizes is not None:
         params["sizes"] = [list(s) for s in sizes]
     marker = root / MARKER
-    try:
-        if json.loads(marker.read_text()) == params:
-            return root
-    except (OSError, ValueError):
-        pass
-    # An unfinished marker first: an interrupted build must not look complete later, yet the folder
-    # stays recognisably the demo's.
-    root.mkdir(parents=True, exist_ok=True)
-    _write_marker(marker, {"unfinished": True})
+    if _built_before(root, marker, params):
+        return root
 
     label_dir = root / "annotations" / "validation"
     image_dirs = {(c, s): root / "images" / "validation" / f"{c}_{s}" for c in corruptions for s in levels}
@@ -203,13 +196,8 @@ def make_demo_street(root: str | Path, dataset: str, tasks: Sequence[str], sever
     params = {"version": _FORMAT_VERSION, "dataset": dataset, "tasks": list(tasks), "severities": list(severities),
               "num_images": num_images, "size": list(size), "seed": seed}
     marker = root / MARKER
-    try:
-        if json.loads(marker.read_text()) == params:
-            return root
-    except (OSError, ValueError):
-        pass
-    root.mkdir(parents=True, exist_ok=True)
-    _write_marker(marker, {"unfinished": True})
+    if _built_before(root, marker, params):
+        return root
     label_id = np.zeros(256, dtype=np.uint8)  # train id -> a label id of it (255 -> 0, "unlabeled")
     for lid, tid in TRAIN_ID_OF_LABEL_ID.items():
         label_id[tid] = lid
@@ -262,6 +250,20 @@ def make_demo_data(dataset: str, root: str | Path, domains: Sequence[str], sever
 def _save(path: Path, pixels: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)
+
+
+def _built_before(root: Path, marker: Path, params: dict) -> bool:
+    """Whether `root` holds a finished build with these parameters; else an unfinished marker is written
+    first, so that an interrupted build never looks complete later, yet the folder stays recognisably the
+    demo's."""
+    try:
+        if json.loads(marker.read_text()) == params:
+            return True
+    except (OSError, ValueError):
+        pass
+    root.mkdir(parents=True, exist_ok=True)
+    _write_marker(marker, {"unfinished": True})
+    return False
 
 
 def _write_marker(marker: Path, content: dict) -> None:
