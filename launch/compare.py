@@ -138,8 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --classes N (N >= 0) compares exactly two runs", file=sys.stderr)
         return 2
     try:
-        runs = [load_run(d) for d in expand_runs(args.run_dirs)]
-        changes = class_changes(*[load_class_iou(d) for d in expand_runs(args.run_dirs)], args.classes) if args.classes else None
+        folders = expand_runs(args.run_dirs)
+        runs = [load_run(d) for d in folders]
+        changes = class_changes(*[load_class_iou(d) for d in folders], args.classes) if args.classes else None
     except (OSError, ValueError) as exc:
         LOG.error(f"error: {exc}")
         return 2

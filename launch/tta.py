@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Test-time adaptation of SegFormer on ADE20K-C: DUSA (SD3 feedback through a DeepSpeed pipeline), Tent or none.
+"""Test-time adaptation of SegFormer on ADE20K-C, Cityscapes-C and ACDC: DUSA (SD3 feedback through a DeepSpeed
+pipeline), or a baseline of the method registry (source, tent, bn_adapt, cotta, sar).
 
     deepspeed --num_gpus 2 launch/tta.py --config ds_configs/tta.json
     deepspeed --num_gpus 2 launch/tta.py --config ds_configs/demo.json --tta.lr 5e-6
