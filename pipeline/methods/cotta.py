@@ -29,14 +29,13 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.methods.base import Built, Method, StepResult, load_segmenter, parameter_counts, working_dtype
-from pipeline.methods.segmenter_state import autocast, check_domains, read_state, refuse_accumulation
+from pipeline.methods.base import Built, StepResult, load_segmenter, parameter_counts, working_dtype
+from pipeline.methods.segmenter_state import AdapterMethod, autocast, check_domains, refuse_accumulation
 
 
 @dataclass
@@ -185,13 +184,14 @@ def memory_refusal(estimate: float, card: str, card_bytes: float | None) -> str 
             f"--data.window_size, or use a larger GPU")
 
 
-class Cotta(Method):
+class Cotta(AdapterMethod):
     """`cotta`: `CoTTA` on one process per replica (student, teacher and anchor on its device)."""
 
     name, options = "cotta", CottaOptions
 
     def __init__(self, cotta: CoTTA, device: torch.device, seed: int):
         self.cotta, self.device, self.seed = cotta, device, seed
+        self.adapter = cotta
 
     @classmethod
     def check(cls, cfg, processes: int) -> None:
@@ -230,12 +230,4 @@ class Cotta(Method):
         scores, loss = self.cotta.step(item["image"].to(self.device), generator)
         return StepResult(scores, loss, self.cotta.skipped, [])
 
-    def reset(self) -> None:
-        self.cotta.reset()
-
-    def save(self, folder: Path, task: str) -> None:
-        torch.save(self.cotta.state_dict(), folder / task)
-
-    def load(self, folder: Path, task: str) -> None:
-        self.cotta.load_state_dict(read_state(folder / task))
 

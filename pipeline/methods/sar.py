@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline.methods.base import Built, Method, StepResult, load_segmenter, parameter_counts, working_dtype
-from pipeline.methods.segmenter_state import (autocast, check_domains, pixel_entropy, read_state,
+from pipeline.methods.base import Built, StepResult, load_segmenter, parameter_counts, working_dtype
+from pipeline.methods.segmenter_state import (AdapterMethod, autocast, check_domains, pixel_entropy,
                                               refuse_accumulation)
 from pipeline.methods.tent import norm_affine_parameters
 
@@ -146,13 +145,14 @@ class SAR:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-class Sar(Method):
+class Sar(AdapterMethod):
     """`sar`: `SAR` on one process per replica."""
 
     name, options = "sar", SarOptions
 
     def __init__(self, sar: SAR, device: torch.device):
         self.sar, self.device = sar, device
+        self.adapter = sar
 
     @classmethod
     def check(cls, cfg, processes: int) -> None:
@@ -182,11 +182,3 @@ class Sar(Method):
             notes.append("entropy average below the threshold: weights back to the source")
         return StepResult(logits, loss, self.sar.skipped, notes)
 
-    def reset(self) -> None:
-        self.sar.reset()
-
-    def save(self, folder: Path, task: str) -> None:
-        torch.save(self.sar.state_dict(), folder / task)
-
-    def load(self, folder: Path, task: str) -> None:
-        self.sar.load_state_dict(read_state(folder / task))

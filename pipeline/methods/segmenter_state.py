@@ -1,11 +1,14 @@
-"""What the segmenter-only baselines (cotta, sar) share: their compute precision and their saved state file
-and the checks of their options (not a method: the registry finds no `Method` here)."""
+"""What the segmenter-only baselines (tent, cotta, sar) share: their compute precision, their saved state file,
+their reset / save / load (`AdapterMethod`, unnamed: the registry does not list it) and the checks of their
+options."""
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
 
 import torch
+
+from pipeline.methods.base import Method
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):
@@ -43,3 +46,19 @@ def check_domains(name: str, values: list) -> None:
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not (number and test(value)):
             raise ValueError(f"--{name}.{option} {value!r} is outside its domain: {domain}")
+
+
+class AdapterMethod(Method):
+    """A method whose whole adapted state is one object, `self.adapter` (with `reset()`, `state_dict()` and
+    `load_state_dict()`): reset, save and load go to it."""
+
+    adapter = None
+
+    def reset(self) -> None:
+        self.adapter.reset()
+
+    def save(self, folder: Path, task: str) -> None:
+        torch.save(self.adapter.state_dict(), folder / task)
+
+    def load(self, folder: Path, task: str) -> None:
+        self.adapter.load_state_dict(read_state(folder / task))

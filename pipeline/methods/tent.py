@@ -10,12 +10,12 @@ off, the same protocol as the DUSA runs; only the affine parameters adapt.
 """
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from pipeline.methods.base import Built, Method, StepResult, load_segmenter, parameter_counts, working_dtype
+from pipeline.methods.base import Built, StepResult, load_segmenter, parameter_counts, working_dtype
+from pipeline.methods.segmenter_state import AdapterMethod
 
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
@@ -98,13 +98,14 @@ class Tent:
         self.discard_accumulated()
 
 
-class TentMethod(Method):
+class TentMethod(AdapterMethod):
     """`tent`: `Tent` on one process per replica."""
 
     name = "tent"
 
     def __init__(self, tent: Tent, device: torch.device):
         self.tent, self.device = tent, device
+        self.adapter = tent
 
     @classmethod
     def build(cls, cfg, class_names, device, ds_config, report, replicas) -> Built:
@@ -121,17 +122,3 @@ class TentMethod(Method):
     def end_task(self) -> None:
         self.tent.discard_accumulated()
 
-    def reset(self) -> None:
-        self.tent.reset()
-
-    def save(self, folder: Path, task: str) -> None:
-        torch.save(self.tent.state_dict(), folder / task)
-
-    def load(self, folder: Path, task: str) -> None:
-        path = folder / task
-        try:
-            state = torch.load(path, weights_only=True)  # tensors and plain containers only
-        except Exception as exc:  # any failure to read it is a damaged file
-            raise ValueError(f"cannot read the saved state {path} ({type(exc).__name__}): "
-                             f"delete the output folder to start over") from exc
-        self.tent.load_state_dict(state)
