@@ -75,7 +75,6 @@ class TTARunner:
         self._done = 0  # images scored so far in the sweep (for its ETA)
         self._nonfinite_run = self._nonfinite_task = 0  # steps with a NaN/inf loss: in a row, in this task
         self._reset_s = 0.0  # the reset before the current task (for --logging.timing)
-        self._predicted_shown = False  # the start-up speed prediction beside the first task's measured one
 
     @property
     def scoring(self) -> bool:
@@ -313,9 +312,9 @@ class TTARunner:
             LOG.info(f"{task}: {self._nonfinite_task} steps had a NaN/inf loss; their updates were skipped")
         LOG.info(f"{task}: mIoU {result['mIoU']:.2f}  aAcc {result['aAcc']:.2f}  "
                  f"({result['images']} images, {result['seconds']:.1f} s)")
-        if self.method.prediction and not self._predicted_shown:
-            self._predicted_shown = True
+        if self.method.prediction:  # once, after the first task: the start-up prediction beside the measured rate
             LOG.info(prediction_line(self.method.prediction, len(dataset), result["seconds"], windows))
+            self.method.prediction = None
         return result
 
     def _timing_task_done(self, task: str, images: int, seconds: float) -> None:
