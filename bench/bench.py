@@ -83,11 +83,13 @@ def pipeline_worker(args) -> None:
     paths = json.loads(args.paths)
     size, stride = window_size(args.tiny)
     data = DataConfig(window_size=size, window_stride=stride)
-    tta = TTAConfig(min_classes=args.classes[0], max_classes=args.classes[0])
+    tta = TTAConfig(min_classes=args.classes[0], max_classes=max(args.classes))  # (the step sets each count)
     pipe = PipelineConfig(num_stages=args.stages, partition=json.loads(args.partition) if args.partition else None,
                           cost_table=args.cost_table)
     if args.segmenter_graphs is not None:
         pipe.segmenter_graphs = args.segmenter_graphs
+    if args.transformer_graphs is not None:
+        pipe.transformer_graphs = args.transformer_graphs
     pipe.compile_blocks = args.compile_blocks
     pipe.attention_backend = args.attention_backend
     ds = load_ds_config(args.ds_config or default_ds_config(args.tiny),
@@ -119,7 +121,7 @@ def pipeline_worker(args) -> None:
             out["graphs"] = {"error": str(exc)}
         say(f"rank {rank}: graph check {json.dumps(out['graphs'])}")
 
-    # Gradients and the parameter update of the first optimizer step (check): strided samples per tensor.
+    # Gradients and the parameter update of the second optimizer step (check): strided samples per tensor.
     captured: dict = {}
     hooks = {}
 
@@ -166,7 +168,8 @@ def pipeline_worker(args) -> None:
         stopper.current = c
         times, busies, optimizer, oom, loss, first = [], [], [], False, None, None
         for i in range(args.warmup + args.steps):
-            captured["armed"] = args.check and c == args.classes[0] and i == 0
+            # (the second image when there is one: its windows replay what the first captured)
+            captured["armed"] = args.check and c == args.classes[0] and i == min(1, args.warmup + args.steps - 1)
             sync()
             t0 = time.perf_counter()
             try:
@@ -196,10 +199,12 @@ def pipeline_worker(args) -> None:
         stopper.save()  # what is measured so far stays if a later class count runs out of memory
         if args.profile and c == args.classes[0] and not oom:
             out["profile"] = profile_steps(one_step, spans, Path(args.workdir) / f"trace-{tag}.json", args.stages)
-    if front is not None and front.graphed is not None:
-        stats = front.graphed.stats
-        out["graph_cache"] = {"calls": stats.calls, "hits": stats.hits, "captures": stats.captures,
-                              "capture_s": stats.capture_seconds, "capture_bytes": stats.capture_bytes}
+    for key, graphed in (("graph_cache", front.graphed if front is not None else None),
+                         ("block_graphs", getattr(module, "block_chain", None))):
+        if graphed is not None:
+            stats = graphed.stats
+            out[key] = {"calls": stats.calls, "hits": stats.hits, "captures": stats.captures,
+                        "capture_s": stats.capture_seconds, "capture_bytes": stats.capture_bytes}
     stopper.save()
 
 
@@ -299,10 +304,11 @@ def main() -> None:
     parser.add_argument("--partition", help="explicit stage boundaries of (a) as JSON (default: planned from costs)")
     parser.add_argument("--cost_table", help="cost table for (a)'s partition (default: pipeline/dusa/costs/ lookup)")
     parser.add_argument("--segmenter_graphs", type=int, help="pipeline.segmenter_graphs of (a) (default: the project's)")
+    parser.add_argument("--transformer_graphs", type=int, help="pipeline.transformer_graphs (default: the project's)")
     parser.add_argument("--variants", nargs="+", default=["single", "pipeline", "naive"])
     parser.add_argument("--pipeline_variants", default="{}",
                         help='more (a) runs as JSON {name: DeepSpeed JSON merged over the default, and optionally '
-                             '"partition": [...], "segmenter_graphs": N}, e.g. '
+                             '"partition": [...], "segmenter_graphs": N, "transformer_graphs": N}, e.g. '
                              '\'{"immediate": {"bf16": {"immediate_grad_update": true}}}\'; engine switches: '
                              '"autocast_casts": true (autocast\'s own per-window casts), "compile_blocks": true')
     parser.add_argument("--ds_config", help="DeepSpeed JSON of (a) and (b) (default: ds_configs/ds_tta.json)")
@@ -407,6 +413,7 @@ def main() -> None:
         override = dict(override)
         partition = override.pop("partition", None)
         graphs = override.pop("segmenter_graphs", None)
+        block_graphs = override.pop("transformer_graphs", None)
         attention = override.pop("attention_backend", None)
         switches = [flag for key, flag in (("autocast_casts", "--autocast_casts"), ("compile_blocks", "--compile_blocks"))
                     if override.pop(key, False)]
@@ -420,6 +427,8 @@ def main() -> None:
             variant_args = [a for a in variant_args if a != "--partition"] + ["--partition", json.dumps(partition)]
         if graphs is not None:
             variant_args += ["--segmenter_graphs", str(graphs)]
+        if block_graphs is not None:
+            variant_args += ["--transformer_graphs", str(block_graphs)]
         if attention is not None:
             variant_args += ["--attention_backend", attention]
         run(launcher() + variant_args + ["--ds_config", str(path), "--name", f"pipeline-{name}"], log, args.timeout)

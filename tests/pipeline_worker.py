@@ -21,7 +21,9 @@ import torch.distributed as dist  # noqa: E402
 from pipeline.dusa.deepspeed_seam import wrap_instructions  # noqa: E402
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad  # noqa: E402
 
+from pipeline.dusa.block_graphs import EagerRecorder  # noqa: E402
 from pipeline.dusa.engine import TTAEngine, load_ds_config  # noqa: E402
+from pipeline.dusa.layers import SD3Head, chain_joint_blocks  # noqa: E402
 from pipeline.dusa.module import build_pipeline  # noqa: E402
 from pipeline.run.log import LOG  # noqa: E402
 from pipeline.dusa.windows import draw_windows  # noqa: E402
@@ -55,6 +57,8 @@ def job_parser() -> argparse.ArgumentParser:
     parser.add_argument("--autocast_casts", action="store_true",
                         help="autocast's own per-window casts instead of the engine's working weights")
     parser.add_argument("--ignore", type=int, nargs="*", default=[], help="tta.ignore_classes")
+    parser.add_argument("--block_graphs", action="store_true",
+                        help="grads: the last stage's joint blocks through the graph chain (re-run on the CPU), 2 steps")
     return parser
 
 
@@ -83,6 +87,9 @@ def run_job(name: str, args: argparse.Namespace, assets: Path, stages: int) -> N
         tta.accumulation_steps = ACCUMULATION
     module = build_pipeline(model, data, tta, pipe, CLASSES, stage_report=LOG.debug)
     out: dict = {}
+    chain = None
+    if args.block_graphs and any(isinstance(f, SD3Head) for f in module.forward_funcs):
+        chain = chain_joint_blocks(module.forward_funcs, 4, len(CLASSES), recorder=EagerRecorder(), capture_after=1)
     forwards = []  # SegFormer forwards actually run on this rank
     if module.front is not None:
         module.front.segmenter.model.register_forward_hook(lambda *_: forwards.append(1))
@@ -93,6 +100,9 @@ def run_job(name: str, args: argparse.Namespace, assets: Path, stages: int) -> N
         tte = TTAEngine(module, ds, tta, optimizer=GradRecorder, working_weights=not args.autocast_casts)
         out["working_weights"] = tte.working is not None
         out["loss"] = float(tte.step(*fixed_windows(assets, seed=0)).loss)
+        if args.block_graphs:  # lr 0: the same step again, now replaying what the first step captured
+            out["loss"] = float(tte.step(*fixed_windows(assets, seed=0)).loss)
+            out["block_graphs"] = None if chain is None else (chain.stats.captures, chain.stats.hits)
         names = {id(p): n for n, p in module.named_parameters()}
         out["grads"] = {names[k]: g for k, g in tte.engine.optimizer.recorded.items()}
         out["trainable"] = sorted(n for n, p in module.named_parameters() if p.requires_grad)

@@ -297,8 +297,17 @@ class JointBlock(nn.Module):
         if self.compiled:
             self.block.compile(backend=compile_backend, dynamic=None)
 
+    chain = None  # a BlockChain (pipeline/dusa/block_graphs.py) that replays this block, and its place in it
+    chain_index = 0
+
     def forward(self, inputs):
         hidden_states, encoder_hidden_states, temb, *rest = unpack(inputs)
+        if self.chain is not None:
+            if self.chain_index == 0:
+                self.chain.begin_window(hidden_states, encoder_hidden_states, temb)
+            out = self.chain.block(self.chain_index, hidden_states, encoder_hidden_states, temb)
+            if out is not None:
+                return pack(*out, temb, *rest)
         if self.compiled:  # before the first call: no graph specialised to the first count
             for t in (hidden_states, encoder_hidden_states, temb):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
@@ -308,6 +317,30 @@ class JointBlock(nn.Module):
         if self.block.context_pre_only:  # the last block returns no text stream
             return pack(hidden_states, temb, *rest)
         return pack(hidden_states, encoder_hidden_states, temb, *rest)
+
+
+def run_joint_block(layer: JointBlock, block, params: dict, hidden_states, encoder_hidden_states, temb):
+    """`layer`'s diffusers block on `params` (name -> tensor): (hidden,), or (hidden, context) when the block
+    keeps a text stream; what pipeline/dusa/block_graphs.py records."""
+    with sdpa_kernel(layer.attention, set_priority=True) if layer.attention else contextlib.nullcontext():
+        encoder_hidden_states, hidden_states = torch.func.functional_call(
+            block, params, (), dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb))
+    return (hidden_states,) if block.context_pre_only else (hidden_states, encoder_hidden_states)
+
+
+def chain_joint_blocks(layers, max_forms: int, max_classes: int, recorder=None, capture_after: int = 2):
+    """Replays `layers`' joint blocks (consecutive, in order) through one BlockChain; returns it (None: none)."""
+    from pipeline.dusa.block_graphs import BlockChain
+    blocks = [layer for layer in layers if isinstance(layer, JointBlock)]
+    if not blocks or max_forms < 1:
+        return None
+    by_block = {id(b.block): b for b in blocks}
+    chain = BlockChain([b.block for b in blocks],
+                       lambda block, params, h, c, t: run_joint_block(by_block[id(block)], block, params, h, c, t),
+                       max_forms, max_classes, capture_after=capture_after, recorder=recorder)
+    for i, b in enumerate(blocks):
+        b.chain, b.chain_index = chain, i
+    return chain
 
 
 class SD3Head(nn.Module):

@@ -20,7 +20,8 @@ from models.segformer import Segmenter
 from pipeline.run import timing
 from pipeline.run.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
 from pipeline.dusa.deepspeed_seam import StagePipelineModule
-from pipeline.dusa.layers import DusaLoss, JointBlock, SD3Embed, SD3Head, SegmenterFront, attention_order
+from pipeline.dusa.layers import (DusaLoss, JointBlock, SD3Embed, SD3Head, SegmenterFront, attention_order,
+                                  chain_joint_blocks)
 from pipeline.dusa.memory import BUDGET
 from pipeline.dusa.partition import (StepCosts, check_partition, default_costs, find_cost_table, model_signature,
                                 plan_partition, table_costs)
@@ -145,6 +146,12 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
     module = DusaPipeline(layers, bounds, loss, pipe.num_stages, pipe.activation_checkpoint_interval, replicas)
     module.loaded_keys = parts.loaded_keys
     module.prediction = prediction or None
+    # The last stage runs one window at a time (forward, then backward): its joint blocks can replay graphs.
+    module.block_chain = None
+    if pipe.transformer_graphs and torch.cuda.is_available() and not pipe.compile_blocks \
+            and not pipe.activation_checkpoint_interval and any(isinstance(f, SD3Head) for f in module.forward_funcs):
+        module.block_chain = chain_joint_blocks(module.forward_funcs, pipe.transformer_graphs,
+                                                min(tta.max_classes, len(class_names)))
     return module
 
 

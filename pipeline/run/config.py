@@ -213,6 +213,11 @@ class PipelineConfig:
     segmenter_graphs: int = 16
     """On a GPU, SegFormer's forward and backward are replayed as CUDA graphs, one per image shape, keeping
     at most this many (the most frequently seen shapes; 0: eager). Images of equal size share one."""
+    transformer_graphs: int = 20
+    """On a GPU, the last stage's SD3 joint blocks are replayed as CUDA graphs, one set per candidate-class
+    count, keeping at most this many counts (the most frequent; 0: eager). The same kernels as eager, with
+    two launches per block instead of hundreds: the step at few classes is bound by kernel launches. Not
+    with compile_blocks or activation checkpointing; earlier stages run eagerly (they hold two windows at once)."""
 
 
 @dataclass
@@ -385,6 +390,7 @@ def validate(cfg: RunConfig, num_classes: int) -> None:
     count("pipeline.num_stages", pipe.num_stages, 1)
     count("pipeline.activation_checkpoint_interval", pipe.activation_checkpoint_interval, 0)
     count("pipeline.segmenter_graphs", pipe.segmenter_graphs, 0)
+    count("pipeline.transformer_graphs", pipe.transformer_graphs, 0)
     count("logging.log_every", log.log_every, 1)
     count("logging.image_every", log.image_every, 0)
     count("seed", cfg.seed, 0, 2**63 - 1)
