@@ -121,7 +121,7 @@ def pipeline_worker(args) -> None:
             out["graphs"] = {"error": str(exc)}
         say(f"rank {rank}: graph check {json.dumps(out['graphs'])}")
 
-    # Gradients and the parameter update of the second optimizer step (check): strided samples per tensor.
+    # Gradients and the parameter update of the first optimizer step (check): strided samples per tensor.
     captured: dict = {}
     hooks = {}
 
@@ -148,6 +148,8 @@ def pipeline_worker(args) -> None:
     wrap_instructions(engine.engine, hooks)
     spans = Spans()
     instrument(engine, spans)
+    if args.check and getattr(module, "block_chain", None) is not None:
+        module.block_chain.shapes.capture_after = 1  # the checked first step replays the joint blocks' graphs
 
     # Stage 0 runs the users' step (pipeline/methods/dusa.py: Dusa.step, the draws seeded per image as in a run);
     # the other stages take their part of it with the same window count.
@@ -168,8 +170,7 @@ def pipeline_worker(args) -> None:
         stopper.current = c
         times, busies, optimizer, oom, loss, first = [], [], [], False, None, None
         for i in range(args.warmup + args.steps):
-            # (the second image when there is one: its windows replay what the first captured)
-            captured["armed"] = args.check and c == args.classes[0] and i == min(1, args.warmup + args.steps - 1)
+            captured["armed"] = args.check and c == args.classes[0] and i == 0
             sync()
             t0 = time.perf_counter()
             try:
@@ -184,7 +185,7 @@ def pipeline_worker(args) -> None:
                            Path(args.workdir) / f"check-{args.name}-rank{rank}.pt")
             step_spans = spans.take()
             busy = sum(step_spans.get(k, 0.0) for k in WORK) - step_spans.get("segmenter backward", 0.0)
-            say(f"rank {rank}: {c} classes, step {i}: {elapsed:.3f} s, busy {busy:.3f} s, "
+            say(f"rank {rank}: {c} classes, step {i}: {elapsed:.3f} s, busy {busy:.3f} s, loss {float(loss) if loss is not None else float('nan'):.6f}, "
                 f"peak {peak_memory_gib() or 0:.1f} GiB")
             if i >= args.warmup:
                 times.append(elapsed)

@@ -40,6 +40,7 @@ class CudaRecorder:
 
     def __init__(self):
         self.pool = None
+        self.side = None  # one side stream for every warm-up (cuBLAS keeps a workspace per stream)
 
     def record(self, fn: Callable[[], None]) -> Callable[[], None]:
         if self.pool is None:
@@ -52,7 +53,9 @@ class CudaRecorder:
 
     def warm_up(self, fn: Callable[[], None]) -> None:
         # On a side stream: lazy initialisation and autotuning stay out of the capture.
-        side = torch.cuda.Stream()
+        if self.side is None:
+            self.side = torch.cuda.Stream()
+        side = self.side
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             fn()

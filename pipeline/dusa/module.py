@@ -150,8 +150,8 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
     module.block_chain = None
     if pipe.transformer_graphs and torch.cuda.is_available() and not pipe.compile_blocks \
             and not pipe.activation_checkpoint_interval and any(isinstance(f, SD3Head) for f in module.forward_funcs):
-        module.block_chain = chain_joint_blocks(module.forward_funcs, pipe.transformer_graphs,
-                                                min(tta.max_classes, len(class_names)))
+        graphed = min(pipe.transformer_graphs, tta.max_classes, len(class_names))  # class counts 1..graphed
+        module.block_chain = chain_joint_blocks(module.forward_funcs, graphed, graphed)
     return module
 
 

@@ -213,11 +213,13 @@ class PipelineConfig:
     segmenter_graphs: int = 16
     """On a GPU, SegFormer's forward and backward are replayed as CUDA graphs, one per image shape, keeping
     at most this many (the most frequently seen shapes; 0: eager). Images of equal size share one."""
-    transformer_graphs: int = 20
-    """On a GPU, the last stage's SD3 joint blocks are replayed as CUDA graphs, one set per candidate-class
-    count, keeping at most this many counts (the most frequent; 0: eager). The same kernels as eager, with
-    two launches per block instead of hundreds: the step at few classes is bound by kernel launches. Not
-    with compile_blocks or activation checkpointing; earlier stages run eagerly (they hold two windows at once)."""
+    transformer_graphs: int = 8
+    """On a GPU, windows of up to this many candidate classes run the last stage's SD3 joint blocks as CUDA
+    graphs, one set per class count (0: eager). The same kernels as eager, two launches per block instead of
+    hundreds: at few classes the step is bound by kernel launches (an H200: 0.26 against 0.43 s per image at
+    2 classes); at many, by the kernels, where the graphs' extra copies and memory cost a little (0.53 against
+    0.51 s at 10). Not with compile_blocks or activation checkpointing; earlier stages of a pipeline run
+    eagerly (they hold two windows at once)."""
 
 
 @dataclass
