@@ -376,13 +376,25 @@ def refused(demo, tmp_path_factory) -> dict:
     each into `<its folder>/runs/out`; and the working folder's listing before and after."""
     folders = {case: tmp_path_factory.mktemp("refused") for case in REFUSED}
     damaged = damaged_model_files(demo, tmp_path_factory.mktemp("damaged"))
-    before = sorted(p.name for p in ROOT.iterdir())
-    runs = refused_runs({**{case: [*one_process_arguments(demo, folders[case] / "runs" / "out"), *overrides]
-                            for case, (overrides, _) in REFUSED.items()},
-                         **{case: [*one_process_arguments(demo, out), *overrides]
-                            for case, (out, overrides) in damaged.items()}}, ENV)
+    # A folder that this process holds, and one whose results.json is a link (see the test of held folders).
+    held, linked = tmp_path_factory.mktemp("held") / "out", tmp_path_factory.mktemp("linked") / "out"
+    linked.mkdir()
+    (linked / "results.json").symlink_to(tmp_path_factory.mktemp("victim") / "victim.json")
+    (linked / "results.json").resolve().write_text("keep me")
+    claim = RunFolder.claim(str(held))
+    try:
+        before = sorted(p.name for p in ROOT.iterdir())
+        runs = refused_runs({**{case: [*one_process_arguments(demo, folders[case] / "runs" / "out"), *overrides]
+                                for case, (overrides, _) in REFUSED.items()},
+                             **{case: [*one_process_arguments(demo, out), *overrides]
+                                for case, (out, overrides) in damaged.items()},
+                             "held folder": [*one_process_arguments(demo, held), "--tta.method", "source"],
+                             "results link": [*one_process_arguments(demo, linked), "--tta.method", "source"]}, ENV)
+        held_listing = sorted(p.name for p in held.iterdir())
+    finally:
+        claim.release()
     return {"runs": runs, "folders": folders, "listing": (before, sorted(p.name for p in ROOT.iterdir())),
-            "damaged": damaged}
+            "damaged": damaged, "held listing": held_listing, "linked": linked}
 
 
 def damaged_model_files(demo: Path, folder: Path) -> dict[str, tuple[Path, list[str]]]:
@@ -431,20 +443,19 @@ def test_damaged_model_files_are_named_before_anything_loads(refused):
 
 
 @pytest.mark.slow
-def test_a_second_run_into_a_held_folder_is_refused_and_links_are_not_followed(demo, tmp_path):
+def test_a_second_run_into_a_held_folder_is_refused_and_links_are_not_followed(demo, refused, tmp_path):
+    # The two refusals ran with the others in one process (the fixture `refused`, while this process held the
+    # folder): a held folder, and a results.json that is a link (read to resume).
+    line = error_line(refused["runs"]["held folder"])
+    assert f"is in use by another run (pid {os.getpid()} on {socket.gethostname()}, started" in line
+    assert refused["held listing"] == [LOCK_NAME]  # nothing written
+    assert "results.json is a link" in error_line(refused["runs"]["results link"])
+    linked = refused["linked"] / "results.json"
+    assert linked.is_symlink() and linked.resolve().read_text() == "keep me"
     out = tmp_path / "out"
-    held = RunFolder.claim(str(out))
-    try:
-        line = error_line(launch(demo, out, "--tta.method", "source"))
-        assert f"is in use by another run (pid {os.getpid()} on {socket.gethostname()}, started" in line
-        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing written
-    finally:
-        held.release()
+    out.mkdir()
     victim = tmp_path / "victim.json"
     victim.write_text("keep me")
-    (out / "results.json").symlink_to(victim)  # read to resume: refused
-    assert "results.json is a link" in error_line(launch(demo, out, "--tta.method", "source"))
-    (out / "results.json").unlink()
     for name in ("config.json", "results.csv"):  # written: replaced, the link's target kept
         (out / name).symlink_to(victim)
     classes = tmp_path / "classes.txt"
