@@ -55,3 +55,14 @@ def refused_runs(cases: dict[str, list[str]], env: dict[str, str]) -> dict:
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {case: SimpleNamespace(**result) for case, result in json.loads(proc.stdout.splitlines()[-1]).items()}
+
+
+class RunsCode:
+    """Pickled, a file that runs code when unpickled (it creates `marker`): planted in a state file, it shows
+    whether the run loaded it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))

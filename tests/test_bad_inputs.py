@@ -69,11 +69,31 @@ CASES = {
 }
 
 
+def refused_inputs(demo: Path, folder: Path) -> dict[str, list[str]]:
+    """The refusals of files made here: class caches for other classes and another model; a data folder with
+    an image without annotation, and one with an unreadable image (the arguments of each case)."""
+    import shutil
+    other = folder / "other-classes.safetensors"
+    save_class_embeddings(other, torch.zeros(2, 85, 32), torch.zeros(2, 32), ["cat", "dog"], str(demo / "sd3"), "{}")
+    model = folder / "other-model.safetensors"
+    save_class_embeddings(model, torch.zeros(150, 85, 32), torch.zeros(150, 32), ADE20K_CLASSES, "sd3.5-large", "{}")
+    noann, unreadable = folder / "noann-data", folder / "unreadable-data"
+    shutil.copytree(demo / "data", noann)
+    (noann / "annotations/validation/ADE_val_00000002.png").unlink()
+    shutil.copytree(demo / "data", unreadable)
+    (unreadable / "images/validation/gaussian_noise_5/ADE_val_00000002.jpg").write_bytes(b"not a jpeg")
+    return {"other": arguments(demo, "other", "--model.class_embeddings", str(other)),
+            "model": arguments(demo, "model", "--model.class_embeddings", str(model)),
+            "noann": arguments(demo, "noann", "--data.root", str(noann)),
+            "unreadable": arguments(demo, "unreadable", "--data.root", str(unreadable), "--tta.method", "source")}
+
+
 @pytest.fixture(scope="module")
-def refused(demo) -> dict:
-    """Every case of CASES as `python launch/tta.py` runs it, all in one process (tests/refusals_worker.py)."""
-    return refused_runs({case: arguments(demo, case.replace(" ", "_"), *overrides)
-                         for case, (overrides, _) in CASES.items()}, ENV)
+def refused(demo, tmp_path_factory) -> dict:
+    """Every case of CASES, and those of `refused_inputs`, as `python launch/tta.py` runs it, all in one process
+    (tests/refusals_worker.py)."""
+    cases = {case: arguments(demo, case.replace(" ", "_"), *overrides) for case, (overrides, _) in CASES.items()}
+    return refused_runs({**cases, **refused_inputs(demo, tmp_path_factory.mktemp("refused-inputs"))}, ENV)
 
 
 @pytest.mark.slow  # a launch/tta.py process
@@ -86,26 +106,16 @@ def test_bad_input_gives_one_clear_line(demo, refused, case):
 
 
 @pytest.mark.slow  # a launch/tta.py process
-def test_a_cache_for_other_classes_or_another_model_is_refused(demo):
-    other = demo / "other-classes.safetensors"
-    save_class_embeddings(other, torch.zeros(2, 85, 32), torch.zeros(2, 32), ["cat", "dog"], str(demo / "sd3"), "{}")
-    assert "was made for 2 other classes" in error_line(launch(demo, "other", "--model.class_embeddings", str(other)))
-    model = demo / "other-model.safetensors"
-    save_class_embeddings(model, torch.zeros(150, 85, 32), torch.zeros(150, 32), ADE20K_CLASSES, "sd3.5-large", "{}")
-    assert "not the run's generator" in error_line(launch(demo, "model", "--model.class_embeddings", str(model)))
+def test_a_cache_for_other_classes_or_another_model_is_refused(refused):
+    assert "was made for 2 other classes" in error_line(refused["other"])
+    assert "not the run's generator" in error_line(refused["model"])
 
 
 @pytest.mark.slow  # a launch/tta.py process
-def test_an_image_without_annotation_and_an_unreadable_image(demo, tmp_path):
-    import shutil
-    data = tmp_path / "data"
-    shutil.copytree(demo / "data", data)
-    (data / "annotations/validation/ADE_val_00000002.png").unlink()
-    line = error_line(launch(demo, "noann", "--data.root", str(data)))
+def test_an_image_without_annotation_and_an_unreadable_image(demo, refused):
+    line = error_line(refused["noann"])
     assert "has no annotation" in line and "ADE_val_00000002" in line
-    shutil.copy(demo / "data/annotations/validation/ADE_val_00000001.png", data / "annotations/validation/ADE_val_00000002.png")
-    (data / "images/validation/gaussian_noise_5/ADE_val_00000002.jpg").write_bytes(b"not a jpeg")
-    line = error_line(launch(demo, "unreadable", "--data.root", str(data), "--tta.method", "source"))
+    line = error_line(refused["unreadable"])
     assert "cannot read image" in line and "ADE_val_00000002.jpg" in line
     # The first task did not finish: no results file may claim it.
     assert not (demo / "unreadable" / "results.json").exists()

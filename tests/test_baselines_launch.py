@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import demo_command
+from tests.helpers import copy_demo_models, demo_command
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # launches DeepSpeed processes
@@ -28,7 +28,8 @@ def launch(tmp: Path, out: str, gpus: int, *overrides: str) -> tuple[dict, str]:
     return json.loads((tmp / out / "results.json").read_text()), proc.stdout + proc.stderr
 
 
-def test_new_methods_run_resume_and_report(tmp_path):
+def test_new_methods_run_resume_and_report(tmp_path, demo_models):
+    copy_demo_models(demo_models, tmp_path / "assets")  # where demo_command points: the runs build no model
     # bn_adapt: two replicas taking tasks from the queue, W&B offline, per-class IoU per task.
     results, output = launch(tmp_path, "bn_adapt", 2, "--tta.method", "bn_adapt", "--bn_adapt.prior", "2")
     assert results["config"]["tta"]["method"] == "bn_adapt" and results["config"]["bn_adapt"] == {"prior": 2.0}

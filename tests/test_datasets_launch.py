@@ -16,7 +16,7 @@ from data.cityscapes import CITYSCAPES_CLASSES
 from data.classes import ADE20K_CLASSES
 from data.demo import make_demo_street
 from models.tiny import ensure_demo_models
-from tests.helpers import free_port
+from tests.helpers import free_port, refused_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
@@ -96,13 +96,9 @@ def test_acdc_continual_rounds_and_a_resume_inside_the_second_round(assets, tmp_
     assert without_seconds(resumed) == without_seconds(whole)
 
 
-def one_process(assets: Path, out: Path, *overrides: str, config: str = "cityscapes_c.json",
-                processes: int = 1) -> str:
-    """The error line of a run that must refuse its input (exit 2, one `error:` line, no traceback)."""
-    cmd = command(assets, config, out, "--data.corruptions", '["fog"]', *overrides, processes=processes)
-    if processes == 1:
-        cmd += ["--pipeline.num_stages", "1", "--pipeline.partition", "null"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+def refusal_line(proc, out: Path) -> str:
+    """The error line of a run that must refuse its input (exit 2, one `error:` line, no traceback, no task in a
+    results file)."""
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -111,17 +107,28 @@ def one_process(assets: Path, out: Path, *overrides: str, config: str = "citysca
     return lines[0]
 
 
-@pytest.mark.slow  # launcher processes, each stopped before any model loads but the last
+@pytest.mark.slow  # a process that runs the one-process refusals, and launcher processes
 def test_bad_input_for_the_datasets_and_protocols_is_one_line(assets, tmp_path):
     # (In-process, with their messages: gradual without continual, a gradual dataset without severities, a
     # label map of unknown ids: test_protocol.py and test_datasets.py.)
-    assert "--data.rounds 0 is outside its domain" in one_process(assets, tmp_path / "a", "--data.rounds", "0")
-    line = one_process(assets, tmp_path / "b", "--model.class_embeddings", str(assets / "ade.safetensors"))
-    assert "was made for the ade20k classes (150), not the run's cityscapes classes (19)" in line
     broken = tmp_path / "broken"
     shutil.copytree(assets / "cityscapes", broken)
     shutil.rmtree(broken / "gtFine" / "val" / "bremen")
-    assert "city bremen: no annotation folder" in one_process(assets, tmp_path / "c", "--data.root", str(broken))
-    line = one_process(assets, tmp_path / "d", "--data.gradual", "true", "--tta.continual", "true",
-                       "--pipeline.num_stages", "1", "--pipeline.partition", "null", processes=2)
+    one_process = {"a": ["--data.rounds", "0"], "b": ["--model.class_embeddings", str(assets / "ade.safetensors")],
+                   "c": ["--data.root", str(broken)]}
+    # `python launch/tta.py` on one stage, each case run by tests/refusals_worker.py in one process.
+    runs = refused_runs({case: [*command(assets, "cityscapes_c.json", tmp_path / case, "--data.corruptions",
+                                         '["fog"]', *overrides, processes=1)[2:],
+                                "--pipeline.num_stages", "1", "--pipeline.partition", "null"]
+                         for case, overrides in one_process.items()}, ENV)
+    assert "--data.rounds 0 is outside its domain" in refusal_line(runs["a"], tmp_path / "a")
+    line = refusal_line(runs["b"], tmp_path / "b")
+    assert "was made for the ade20k classes (150), not the run's cityscapes classes (19)" in line
+    assert "city bremen: no annotation folder" in refusal_line(runs["c"], tmp_path / "c")
+    # Through the launcher: 2 processes of one stage are 2 replicas, which one sequence of tasks cannot use.
+    proc = subprocess.run(command(assets, "cityscapes_c.json", tmp_path / "d", "--data.corruptions", '["fog"]',
+                                  "--data.gradual", "true", "--tta.continual", "true", "--pipeline.num_stages", "1",
+                                  "--pipeline.partition", "null"), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    line = refusal_line(proc, tmp_path / "d")
     assert "data.gradual is one sequence of tasks and cannot be spread over 2 replicas" in line

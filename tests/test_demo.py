@@ -142,6 +142,9 @@ def test_tent_runs_without_a_generator_and_matches_tent_in_one_process(demo_dir)
                              "--model.class_embeddings", str(absent / "classes.safetensors"),
                              "--logging.wandb.enabled", "false")
     assert not absent.exists()  # neither built nor loaded
+    # tent has no pipeline: the 2 processes are 2 replicas taking the tasks from the shared queue (the numbers
+    # below, computed in one process, show that spreading the tasks changes none of them).
+    assert "2 (2 replicas x 1 stage: tent, tasks from a shared queue)" in output
     assert "\nparameters, segmenter " in output and "\ngenerator " not in output  # the start-up summary
     check_outputs(demo_dir / "tent", results)
     # The same numbers from the Tent class here: reset between tasks, the adaptation forward scored.

@@ -26,7 +26,7 @@ from pipeline.run import checks
 from pipeline.run.config import RunConfig, validate
 from pipeline.run.folder import (LOCK_NAME, PeerError, RunFolder, Stopped, file_digests, orphaned_shared_memory,
                              verify_files, write_text_atomic)
-from tests.helpers import demo_models_and_data, free_port, refused_runs
+from tests.helpers import RunsCode, demo_models_and_data, free_port, refused_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 C = len(ADE20K_CLASSES)
@@ -281,14 +281,6 @@ def test_state_digests_refuse_planted_changed_or_missing_files(tmp_path):
         verify_files(tmp_path, ["fog"], {}, "fix")
 
 
-class _RunsCode:
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def test_tent_state_is_loaded_only_as_written(tmp_path):
     """Tent's continual state: saved by a rename with its digest in results.json; a planted pickle
     (here one that would create a file) is refused, one line, before anything is loaded."""
@@ -306,7 +298,7 @@ def test_tent_state_is_loaded_only_as_written(tmp_path):
     write_results({"tasks": {}, "average": {}, "config": {}, "state": record}, tmp_path)
     runner._load_state("fog")
     marker = tmp_path / "code-ran"
-    (tmp_path / "state" / "fog").write_bytes(pickle.dumps(_RunsCode(marker)))
+    (tmp_path / "state" / "fog").write_bytes(pickle.dumps(RunsCode(marker)))
     with pytest.raises(ValueError) as err:
         runner._load_state("fog")
     assert "does not hold the state this run wrote (fog was changed)" in str(err.value) and "\n" not in str(err.value)
@@ -383,10 +375,40 @@ def refused(demo, tmp_path_factory) -> dict:
     """Every case of REFUSED as `python launch/tta.py` runs it, all in one process (tests/refusals_worker.py),
     each into `<its folder>/runs/out`; and the working folder's listing before and after."""
     folders = {case: tmp_path_factory.mktemp("refused") for case in REFUSED}
-    before = sorted(p.name for p in ROOT.iterdir())
-    runs = refused_runs({case: [*one_process_arguments(demo, folders[case] / "runs" / "out"), *overrides]
-                         for case, (overrides, _) in REFUSED.items()}, ENV)
-    return {"runs": runs, "folders": folders, "listing": (before, sorted(p.name for p in ROOT.iterdir()))}
+    damaged = damaged_model_files(demo, tmp_path_factory.mktemp("damaged"))
+    # A folder that this process holds, and one whose results.json is a link (see the test of held folders).
+    held, linked = tmp_path_factory.mktemp("held") / "out", tmp_path_factory.mktemp("linked") / "out"
+    linked.mkdir()
+    (linked / "results.json").symlink_to(tmp_path_factory.mktemp("victim") / "victim.json")
+    (linked / "results.json").resolve().write_text("keep me")
+    claim = RunFolder.claim(str(held))
+    try:
+        before = sorted(p.name for p in ROOT.iterdir())
+        runs = refused_runs({**{case: [*one_process_arguments(demo, folders[case] / "runs" / "out"), *overrides]
+                                for case, (overrides, _) in REFUSED.items()},
+                             **{case: [*one_process_arguments(demo, out), *overrides]
+                                for case, (out, overrides) in damaged.items()},
+                             "held folder": [*one_process_arguments(demo, held), "--tta.method", "source"],
+                             "results link": [*one_process_arguments(demo, linked), "--tta.method", "source"]}, ENV)
+        held_listing = sorted(p.name for p in held.iterdir())
+    finally:
+        claim.release()
+    return {"runs": runs, "folders": folders, "listing": (before, sorted(p.name for p in ROOT.iterdir())),
+            "damaged": damaged, "held listing": held_listing, "linked": linked}
+
+
+def damaged_model_files(demo: Path, folder: Path) -> dict[str, tuple[Path, list[str]]]:
+    """A segmenter whose weights file lost its end, and a class cache of the wrong widths: each case's output
+    folder and options."""
+    import shutil
+    seg = folder / "segformer"
+    shutil.copytree(demo / "segformer", seg)
+    weights = seg / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    wide = folder / "wide.safetensors"
+    save_class_embeddings(wide, torch.zeros(C, 85, 64), torch.zeros(C, 32), ADE20K_CLASSES, str(demo / "sd3"), "{}")
+    return {"damaged segmenter": (folder / "out-segmenter", ["--model.segmenter", str(seg)]),
+            "wide class cache": (folder / "out-wide", ["--model.class_embeddings", str(wide)])}
 
 
 @pytest.mark.slow
@@ -409,36 +431,31 @@ def test_a_mistake_that_every_rank_finds_gives_one_line(demo, tmp_path):
 
 
 @pytest.mark.slow
-def test_damaged_model_files_are_named_before_anything_loads(demo, tmp_path):
-    import shutil
-    seg = tmp_path / "segformer"
-    shutil.copytree(demo / "segformer", seg)
-    weights = seg / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-1000])
-    proc = launch(demo, tmp_path / "out", "--model.segmenter", str(seg))
-    assert f"segmenter weights {weights} is damaged" in error_line(proc)
-    assert "Loading weights" not in proc.stderr and not (tmp_path / "out").exists()
-    wide = tmp_path / "wide.safetensors"
-    save_class_embeddings(wide, torch.zeros(C, 85, 64), torch.zeros(C, 32), ADE20K_CLASSES, str(demo / "sd3"), "{}")
-    line = error_line(launch(demo, tmp_path / "out", "--model.class_embeddings", str(wide)))
-    assert "has widths 64 / 32 but the generator" in line and not (tmp_path / "out").exists()
+def test_damaged_model_files_are_named_before_anything_loads(refused):
+    """(Run with the refusals above, in one process.)"""
+    proc = refused["runs"]["damaged segmenter"]
+    out, (_, segmenter) = refused["damaged"]["damaged segmenter"]
+    assert f"segmenter weights {Path(segmenter) / 'model.safetensors'} is damaged" in error_line(proc)
+    assert "Loading weights" not in proc.stderr and not out.exists()
+    out, _ = refused["damaged"]["wide class cache"]
+    line = error_line(refused["runs"]["wide class cache"])
+    assert "has widths 64 / 32 but the generator" in line and not out.exists()
 
 
 @pytest.mark.slow
-def test_a_second_run_into_a_held_folder_is_refused_and_links_are_not_followed(demo, tmp_path):
+def test_a_second_run_into_a_held_folder_is_refused_and_links_are_not_followed(demo, refused, tmp_path):
+    # The two refusals ran with the others in one process (the fixture `refused`, while this process held the
+    # folder): a held folder, and a results.json that is a link (read to resume).
+    line = error_line(refused["runs"]["held folder"])
+    assert f"is in use by another run (pid {os.getpid()} on {socket.gethostname()}, started" in line
+    assert refused["held listing"] == [LOCK_NAME]  # nothing written
+    assert "results.json is a link" in error_line(refused["runs"]["results link"])
+    linked = refused["linked"] / "results.json"
+    assert linked.is_symlink() and linked.resolve().read_text() == "keep me"
     out = tmp_path / "out"
-    held = RunFolder.claim(str(out))
-    try:
-        line = error_line(launch(demo, out, "--tta.method", "source"))
-        assert f"is in use by another run (pid {os.getpid()} on {socket.gethostname()}, started" in line
-        assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]  # nothing written
-    finally:
-        held.release()
+    out.mkdir()
     victim = tmp_path / "victim.json"
     victim.write_text("keep me")
-    (out / "results.json").symlink_to(victim)  # read to resume: refused
-    assert "results.json is a link" in error_line(launch(demo, out, "--tta.method", "source"))
-    (out / "results.json").unlink()
     for name in ("config.json", "results.csv"):  # written: replaced, the link's target kept
         (out / name).symlink_to(victim)
     classes = tmp_path / "classes.txt"
@@ -458,31 +475,6 @@ def test_a_second_run_into_a_held_folder_is_refused_and_links_are_not_followed(d
     line = error_line(launch(demo, out, "--tta.method", "source", "--data.classes", str(classes)))
     assert "holds results made from other inputs: the class list (data.classes) changed" in line
     assert (out / "results.json").read_bytes() == results_before
-
-
-@pytest.mark.slow
-def test_a_planted_state_file_is_refused_and_the_other_rank_is_quiet(demo, tmp_path):
-    """A continual sweep cut after its first task, a file planted in its DeepSpeed state: the rerun
-    refuses before any model loads, with one line from rank 0, and runs nothing of the file."""
-    out = tmp_path / "out"
-    proc = subprocess.run(launch2(demo, out, "--tta.continual", "true", "--data.corruptions",
-                                  "[gaussian_noise, defocus_blur]", "--data.limit", "1"),
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads((out / "results.json").read_text())
-    assert results["state"]["task"] == "gaussian_noise" and results["state"]["files"]
-    del results["tasks"]["defocus_blur"]  # as if stopped after the first task
-    (out / "results.json").write_text(json.dumps(results))
-    marker = tmp_path / "code-ran"
-    planted = out / "state" / "gaussian_noise" / "layer_03-model_states.pt"
-    planted.write_bytes(pickle.dumps(_RunsCode(marker)))
-    before = sorted(p.name for p in out.rglob("*"))
-    proc = subprocess.run(launch2(demo, out, "--tta.continual", "true", "--data.corruptions",
-                                  "[gaussian_noise, defocus_blur]", "--data.limit", "1"),
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
-    assert "layer_03-model_states.pt was changed); it is not loaded" in error_line(proc)
-    assert "Loading weights" not in proc.stdout + proc.stderr
-    assert not marker.exists() and sorted(p.name for p in out.rglob("*")) == before
 
 
 @pytest.mark.slow

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +15,7 @@ import pytest
 
 from pipeline.run.config import DataConfig
 from pipeline.run.images import task_order
-from tests.helpers import copy_demo_models, demo_command
+from tests.helpers import RunsCode, copy_demo_models, demo_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,13 +86,41 @@ def test_same_config_and_seed_give_identical_results_across_a_kill_and_a_resume(
     assert comparable(out) == comparable(once)
 
 
-@pytest.mark.slow  # a launcher process
+@pytest.mark.slow  # a launch/tta.py process
 def test_a_rerun_with_another_configuration_is_refused(tmp, once):
-    proc = subprocess.run(command(tmp, "once", "--tta.continual", "true", "--tta.lr", "0.5"), cwd=ROOT, env=ENV,
+    # One process (no launcher): the stage split is not part of what a resume compares, so the refusal is the
+    # launched run's, at a fraction of the start-up.
+    cmd = command(tmp, "once", "--tta.continual", "true", "--tta.lr", "0.5")
+    proc = subprocess.run([sys.executable, *cmd[cmd.index("launch/tta.py"):]], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode != 0
     assert "holds results of another configuration (differs in: tta, deepspeed)" in proc.stderr
     assert "Loading weights" not in proc.stderr  # refused before any model loads
+
+
+@pytest.mark.slow  # a launcher process (2 ranks), refused
+def test_a_planted_state_file_is_refused_and_the_other_rank_is_quiet(tmp, once):
+    """The uninterrupted continual sweep cut after its first task, a file planted in its DeepSpeed state: the
+    rerun refuses before any model loads, with one line from rank 0, and runs nothing of the file."""
+    out = tmp / "planted"
+    shutil.copytree(once, out)
+    results = json.loads((out / "results.json").read_text())
+    assert results["state"]["task"] == "gaussian_noise" and results["state"]["files"]
+    del results["tasks"]["defocus_blur"]  # as if stopped after the first task
+    (out / "results.json").write_text(json.dumps(results))
+    marker = tmp / "code-ran"
+    planted = out / "state" / "gaussian_noise" / "layer_03-model_states.pt"
+    planted.write_bytes(pickle.dumps(RunsCode(marker)))
+    before = sorted(p.name for p in out.rglob("*"))
+    proc = subprocess.run(command(tmp, "planted", "--tta.continual", "true"), cwd=ROOT, env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in output, output[-3000:]
+    lines = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, output[-3000:]  # rank 0's; the other rank is quiet
+    assert "layer_03-model_states.pt was changed); it is not loaded" in lines[0]
+    assert "Loading weights" not in output
+    assert not marker.exists() and sorted(p.name for p in out.rglob("*")) == before
 
 
 def test_task_order_is_a_seeded_shuffle_per_task_or_file_order():
