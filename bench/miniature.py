@@ -28,6 +28,12 @@ Declared before their results (issue 24), after the rows above, autocast preset,
   bn_adapt; tent, dusa, cotta and sar at the learning rate that bench/select_lr.py picked on the held-out
   VALIDATION_CORRUPTIONS among CANDIDATE_RATES (seed 0; <workdir>/selected_lr.json); the DUSA_ABLATIONS at
   dusa's selected rate. These rows wait (are skipped, and said so) until that selection exists.
+The analysis (bench/miniature_analysis.py), declared before its results (issue 24): dusa at ANALYSIS_LR against
+  source, autocast preset, per seed (SEEDS), then their mean and spread; per corruption and pooled, the per-class
+  IoU change, DUSA's candidate-class recall and its loss against the pixel error after adaptation (Spearman,
+  Pearson, the error per loss quartile; from each run's images.csv). Rule: a corruption's gain (over 1 mIoU
+  point) is explained when, in every seed, the loss ranks its images by their error (Spearman >= 0.3); the report
+  says whether the gain is explained, partly explained or unexplained.
 With GPUs every run is `deepspeed --num_gpus G launch/tta.py --config ds_configs/miniature.json ...` (source and
 tent: G one-process replicas sharing the corruptions); several runs share the GPUs at once (`--parallel`).
 """
@@ -84,6 +90,13 @@ DUSA_ABLATIONS = {
     "topk 5": ["--tta.topk", "5"],
     "top-5 area 20": ["--tta.candidates", "area_k", "--tta.area_k", "5", "--tta.area_threshold", "20"],
 }
+# The analysis section (bench/miniature_analysis.py), declared before its results: dusa at the launcher's default
+# lr (the row whose gain the README quotes; --tiny: the tiny grid's dusa) against the source, autocast preset.
+ANALYSIS_LR = 1e-5
+TINY_ANALYSIS_LR = 1e-4
+LOSS_QUANTILES = 4
+EXPLAINED_SPEARMAN = 0.3  # a moderate rank correlation at least, in every seed
+GAIN_POINTS = 1.0  # mIoU points over the source for a corruption to count as gaining
 CONFIG = "ds_configs/miniature.json"
 MINUTES = {"segmenter": 2.0, "vae": 1.5, "transformer": 2.5}  # per part, on one H100
 TINY_MINUTES = 0.2
@@ -729,6 +742,43 @@ def class_delta_lines(deltas: dict[str, dict[str, dict]]) -> str:
     return ("Per-class IoU against the source (gains; losses, at most 3 each):\n" + "\n".join(lines)) if lines else ""
 
 
+def analysis_pair(tiny: bool) -> tuple[dict, list[dict]]:
+    """The declared runs of the analysis: the source (autocast) and dusa at its lr, one run per seed."""
+    lr = TINY_ANALYSIS_LR if tiny else ANALYSIS_LR
+    runs = [r for r in grid(tiny) if r["rounds"] == 1 and r["preset"] == "autocast" and not r.get("ablation")]
+    return (next(r for r in runs if r["method"] == "source"),
+            [r for r in runs if r["method"] == "dusa" and r["lr"] == lr])
+
+
+def analysis_section(wd: Workdir) -> dict | None:
+    """The analysis of the finished runs of the declared pair (None: the source or every dusa seed unfinished)."""
+    from bench.miniature_analysis import analyse, read_image_figures
+    from pipeline.run.image_figures import IMAGES_FILE
+    from pipeline.run.reporting import read_results
+
+    def finished_tasks(run: dict) -> dict | None:
+        path = wd.runs / run["name"] / "results.json"
+        tasks = read_results(path)["tasks"] if path.is_file() else {}
+        return tasks if all(task in tasks for task in wd.corruptions) else None
+
+    source_run, dusa_runs = analysis_pair(wd.tiny)
+    source = finished_tasks(source_run)
+    pairs = {}
+    for run in dusa_runs:
+        tasks = finished_tasks(run)
+        if tasks is not None:
+            images = wd.runs / run["name"] / IMAGES_FILE
+            pairs[run["seed"]] = (tasks, read_image_figures(images) if images.is_file() else None)
+    if source is None or not pairs:
+        return None
+    document = analyse(source, pairs, wd.corruptions, CLASSES, LOSS_QUANTILES, EXPLAINED_SPEARMAN, GAIN_POINTS)
+    lr = TINY_ANALYSIS_LR if wd.tiny else ANALYSIS_LR
+    document.update(label=f"dusa lr {lr_text(lr)} against source (autocast preset)", source_run=source_run["name"],
+                    dusa_runs=[run["name"] for run in dusa_runs if run["seed"] in pairs],
+                    unfinished=[run["name"] for run in dusa_runs if run["seed"] not in pairs])
+    return document
+
+
 def collect_continual(wd: Workdir) -> list[dict]:
     """The continual row: per run, each round's mean mIoU over the corruptions (None until the round is whole)."""
     from pipeline.run.reporting import read_results
@@ -899,6 +949,13 @@ def cmd_report(wd: Workdir, args) -> dict:
     deltas = class_iou_deltas(rows)
     if deltas:
         table += "\n\n" + class_delta_lines(deltas)
+    analysis = analysis_section(wd)
+    if analysis is not None:
+        from bench.miniature_analysis import analysis_markdown, plot_analysis
+        table = table.rstrip() + "\n\n" + analysis_markdown(analysis, analysis["label"])
+        scale = " --tiny (a CPU smoke run: no quality claim)" if wd.tiny else ""
+        plot_analysis(analysis, out / f"{stem}-analysis.png",
+                      f"miniature benchmark{scale}, severity {SEVERITY}: analysis of {analysis['label']}")
     walls = {run["name"]: json.loads((wd.logs / f"{run['name']}.wall.json").read_text())["seconds"]
              for run in grid(wd.tiny) if (wd.logs / f"{run['name']}.wall.json").is_file()}
     document = {
@@ -907,7 +964,7 @@ def cmd_report(wd: Workdir, args) -> dict:
         "config": CONFIG, "sizes": sizes_record(wd.sizes), "training": records, "sanity": sanity, "rows": rows,
         "validation_corruptions": list(VALIDATION_CORRUPTIONS), "candidate_rates": CANDIDATE_RATES,
         "selected_lr": selected_rates(wd), "dusa_ablations": DUSA_ABLATIONS,
-        "class_iou_deltas_vs_source": deltas,
+        "class_iou_deltas_vs_source": deltas, "analysis": analysis,
         "run_wall_seconds": walls, "markdown": table,
         "continual_rounds": CONTINUAL_ROUNDS, "continual_rows": continual,
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
@@ -916,7 +973,8 @@ def cmd_report(wd: Workdir, args) -> dict:
     if rows:
         plot(rows, wd.corruptions, out / f"{stem}.png", clean, title)
     print(table)
-    log(f"report: {out / (stem + '.json')}, {out / (stem + '.png')}")
+    log(f"report: {out / (stem + '.json')}, {out / (stem + '.png')}"
+        + (f", {out / (stem + '-analysis.png')}" if analysis is not None else ""))
     return document
 
 
@@ -937,6 +995,7 @@ COMMANDS = {"data": cmd_data, "train": cmd_train, "sanity": cmd_sanity, "adapt":
 def help_epilog() -> str:
     """The docstring after its first paragraph (the description), with the grid's constants as their values."""
     values = {"CORRUPTIONS": ", ".join(CORRUPTIONS), "SEVERITY": str(SEVERITY), "SEEDS": " and ".join(map(str, SEEDS)),
+              "ANALYSIS_LR": f"lr {lr_text(ANALYSIS_LR)}",
               "LEARNING_RATES": ", ".join(f"{lr:.0e}".replace("e-0", "e-") for lr in LEARNING_RATES),
               "PRESETS": ", ".join(f"{name}: {path}" for name, path in PRESETS.items())}
     return re.sub(r"\b(" + "|".join(values) + r")\b", lambda m: values[m[1]], __doc__.split("\n\n", 1)[1])

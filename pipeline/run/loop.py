@@ -150,7 +150,8 @@ class TTARunner:
             rows = result.pop("image_rows", None)
             if rows is not None:  # before results.json names the task finished: a crash between reruns it
                 self.image_rows[task] = rows
-                write_images(self.cfg.output_dir, {t: self.image_rows[t] for t in self.datasets if t in self.image_rows})
+                ordered = {t: self.image_rows[t] for t in self.datasets if t in self.image_rows}  # the run's order
+                write_images(self.cfg.output_dir, ordered)
             self.results[task] = result
             self._write_results()
             if replica:
