@@ -177,6 +177,11 @@ def analyse(source: dict, dusa: dict[int, tuple[dict, list[dict] | None]], corru
     return document
 
 
+HEADLINES = {"explained": "the gain is EXPLAINED", "partly explained": "the gain is PARTLY EXPLAINED",
+             "unexplained": "the gain REMAINS UNEXPLAINED", "nothing to explain": "NO GAIN TO EXPLAIN",
+             "not measured": "NOT MEASURED"}
+
+
 def _cell(s: dict | None, digits: int = 1, sign: bool = False, scale: float = 1.0) -> str:
     if s is None or s["mean"] is None:
         return "–"
@@ -221,7 +226,7 @@ def analysis_markdown(document: dict, label: str) -> str:
     lines += [f"| {c} | " + " | ".join(_cell(tasks[t]["class_IoU_change"][c], sign=True) for t in tasks) + " |"
               for c in classes]
     v = document["verdict"]
-    lines += ["", f"**Verdict: the gain is {v['verdict'].upper()}**: {v['text']}."
+    lines += ["", f"**Verdict: {HEADLINES[v['verdict']]}**: {v['text']}."
               + (f" Rule, fixed before the results: {v['rule']}." if "rule" in v else "")]
     return "\n".join(lines)
 
@@ -241,7 +246,7 @@ def plot_analysis(document: dict, path: Path, title: str) -> None:
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     draw.text((10, 10), title, fill="black", font=font)
-    draw.text((10, 30), f"verdict: the gain is {document['verdict']['verdict']}; x: DUSA loss (scaled per corruption), "
+    draw.text((10, 30), f"verdict: {HEADLINES[document['verdict']['verdict']].lower()}; x: DUSA loss (scaled per corruption), "
                         "y: pixel error % after adaptation (0-100)", fill="black", font=font)
     colours = [(8, 69, 148), (241, 105, 19), (0, 109, 44), (166, 54, 3)]
     for s, seed in enumerate(document["seeds"]):
