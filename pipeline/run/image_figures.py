@@ -25,6 +25,7 @@ import io
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from pipeline.run.folder import write_text_atomic
@@ -43,14 +44,16 @@ def image_counts(prediction: torch.Tensor, label: torch.Tensor, num_classes: int
 def candidate_recall(label: torch.Tensor, candidates: Sequence[torch.Tensor], num_classes: int) -> float | None:
     """The share of the classes present in `label` (a host tensor) that are among the union of `candidates`
     (each window's class ids, host); None without labelled pixels."""
-    flat = label.flatten()
-    present = torch.bincount(flat[(flat >= 0) & (flat < num_classes)].long(), minlength=num_classes) > 0
+    # numpy's bincount: a fraction of a millisecond for a 512 x 683 label, where torch's takes tens on a CPU.
+    # Values outside the classes (255: ignored) fall into the two end bins, which are dropped.
+    values = np.clip(label.numpy().ravel(), -1, num_classes) + 1
+    present = np.bincount(values, minlength=num_classes + 2)[1:num_classes + 1] > 0
     total = int(present.sum())
     if not total:
         return None
-    chosen = torch.zeros(num_classes, dtype=torch.bool)
+    chosen = np.zeros(num_classes, dtype=bool)
     for classes in candidates:
-        chosen[classes.long()] = True
+        chosen[classes.numpy()] = True
     return int((present & chosen).sum()) / total
 
 
