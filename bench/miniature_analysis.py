@@ -239,9 +239,9 @@ def plot_analysis(document: dict, path: Path, title: str) -> None:
     font = ImageFont.load_default(size=14)
     tasks = list(document["tasks"])
     classes = list(next(iter(document["tasks"].values()))["class_IoU_change"]) if tasks else []
-    panel, pad, top = 220, 50, 80
+    panel, pad, top = 220, 50, 100
     cell_h, label_w = 22, 110
-    width = max(pad + len(tasks) * (panel + pad), label_w + 90 * len(tasks) + pad)
+    width = max(pad + len(tasks) * (panel + pad), label_w + 90 * len(tasks) + pad, 1100)  # the title's width
     height = top + panel + 70 + cell_h * (len(classes) + 1) + 60
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
@@ -250,8 +250,8 @@ def plot_analysis(document: dict, path: Path, title: str) -> None:
                         "y: pixel error % after adaptation (0-100)", fill="black", font=font)
     colours = [(8, 69, 148), (241, 105, 19), (0, 109, 44), (166, 54, 3)]
     for s, seed in enumerate(document["seeds"]):
-        draw.ellipse([width - 200 + 90 * s, 14, width - 192 + 90 * s, 22], fill=colours[s % len(colours)])
-        draw.text((width - 186 + 90 * s, 10), f"seed {seed}", fill="black", font=font)
+        draw.ellipse([10 + 90 * s, 54, 18 + 90 * s, 62], fill=colours[s % len(colours)])
+        draw.text((24 + 90 * s, 50), f"seed {seed}", fill="black", font=font)
     for k, task in enumerate(tasks):
         x0, y0 = pad + k * (panel + pad), top + 20
         draw.rectangle([x0, y0, x0 + panel, y0 + panel], outline="black")
