@@ -200,3 +200,12 @@ def check_image_figures(out: Path, results: dict, num_classes: int) -> list[dict
             assert int(r["windows"]) == (windows if dusa else 0)
             assert (0 <= float(r["candidate_recall"]) <= 1) if dusa else r["candidate_recall"] == ""
     return rows
+
+
+def test_a_link_in_place_of_images_csv_is_refused_at_the_start(tmp_path):
+    from pipeline.run.folder import RunFolder
+    (tmp_path / "out").mkdir()
+    (tmp_path / "elsewhere.csv").write_text("task\n")
+    (tmp_path / "out" / IMAGES_FILE).symlink_to(tmp_path / "elsewhere.csv")  # a resume would read it back
+    with pytest.raises(ValueError, match="images.csv is a link"):
+        RunFolder.claim(str(tmp_path / "out"))
