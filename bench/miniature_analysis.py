@@ -68,7 +68,7 @@ def seed_figures(source: dict, dusa: dict, images: list[dict] | None, corruption
     `dusa`: results.json's tasks; `images`: the dusa run's images.csv rows (None: the run has none)."""
     out: dict = {"tasks": {}, "points": {}}  # points: per corruption, every image's (loss, pixel error)
     pooled_loss, pooled_error, binned = [], [], [[] for _ in range(quantiles)]
-    within = []
+    within, all_recalls = [], []
     for task in corruptions:
         iou_s, iou_d = source[task]["IoU"], dusa[task]["IoU"]
         entry = {"mIoU_gain": dusa[task]["mIoU"] - source[task]["mIoU"],
@@ -85,6 +85,7 @@ def seed_figures(source: dict, dusa: dict, images: list[dict] | None, corruption
                 loss_vs_error=correlation(losses, errors),
                 error_by_loss_quantile=[float(np.mean([errors[i] for i in g])) for g in groups] or None)
             out["points"][task] = [[loss, error] for loss, error in zip(losses, errors)]
+            all_recalls += recalls
             pooled_loss += losses
             pooled_error += errors
             for q, g in enumerate(groups):
@@ -96,7 +97,8 @@ def seed_figures(source: dict, dusa: dict, images: list[dict] | None, corruption
         out["loss_vs_error_pooled"] = correlation(pooled_loss, pooled_error)
         out["spearman_mean_within"] = None if None in within else float(np.mean(within))
         out["error_by_loss_quantile"] = [float(np.mean(b)) for b in binned] if all(binned) else None
-        out["candidate_recall"] = _mean([out["tasks"][t]["candidate_recall"] for t in corruptions])
+        out["candidate_recall"] = _mean(all_recalls)  # over every image (the corruptions have as many each)
+        out["all_true_classes"] = _mean([float(v == 1.0) for v in all_recalls])
     return out
 
 
@@ -166,6 +168,7 @@ def analyse(source: dict, dusa: dict[int, tuple[dict, list[dict] | None]], corru
     if measured:
         document["pooled"].update(
             candidate_recall=over(lambda f: f["candidate_recall"]),
+            all_true_classes=over(lambda f: f["all_true_classes"]),
             spearman=over(lambda f: f["loss_vs_error_pooled"]["spearman"]),
             pearson=over(lambda f: f["loss_vs_error_pooled"]["pearson"]),
             spearman_mean_within=over(lambda f: f["spearman_mean_within"]),
@@ -214,7 +217,7 @@ def analysis_markdown(document: dict, label: str) -> str:
             else:
                 flag = "yes" if name in verdict["explained"] else "no" if name in verdict["gaining"] else "no gain"
             lines.append(f"| {name} | {_cell(entry['mIoU_gain'], sign=True)} | {_cell(entry['candidate_recall'], 2)} | "
-                         f"{_cell(entry.get('all_true_classes'), 0, scale=100) if name != 'pooled' else '–'} | "
+                         f"{_cell(entry['all_true_classes'], 0, scale=100)} | "
                          f"{spearman} | {_cell(entry['pearson'], 2)} | {by_q} | {flag} |")
     else:
         lines.append("")
