@@ -29,11 +29,12 @@ Declared before their results (issue 24), after the rows above, autocast preset,
   VALIDATION_CORRUPTIONS among CANDIDATE_RATES (seed 0; <workdir>/selected_lr.json); the DUSA_ABLATIONS at
   dusa's selected rate. These rows wait (are skipped, and said so) until that selection exists.
 The analysis (bench/miniature_analysis.py), declared before its results (issue 24): dusa at ANALYSIS_LR against
-  source, autocast preset, per seed (SEEDS), then their mean and spread; per corruption and pooled, the per-class
-  IoU change, DUSA's candidate-class recall and its loss against the pixel error after adaptation (Spearman,
-  Pearson, the error per loss quartile; from each run's images.csv). Rule: a corruption's gain (over 1 mIoU
-  point) is explained when, in every seed, the loss ranks its images by their error (Spearman >= 0.3); the report
-  says whether the gain is explained, partly explained or unexplained.
+  source, autocast preset, per seed (SEEDS) and per training (`report --retrained W2`: the benchmark trained
+  again with another `train --seed`, each run against its own training's source), then their mean and spread;
+  per corruption and pooled, the per-class IoU change, DUSA's candidate-class recall and its loss against the
+  pixel error after adaptation (Spearman, Pearson, the error per loss quartile; from each run's images.csv). Rule:
+  a corruption's gain (over 1 mIoU point) is explained when, in every run, the loss ranks its images by their
+  error (Spearman >= 0.3); the report says whether the gain is explained, partly explained or unexplained.
 With GPUs every run is `deepspeed --num_gpus G launch/tta.py --config ds_configs/miniature.json ...` (source and
 tent: G one-process replicas sharing the corruptions); several runs share the GPUs at once (`--parallel`).
 """
@@ -245,7 +246,7 @@ def cmd_train(wd: Workdir, args) -> None:
     def save_record(part: str, record: dict) -> None:
         # Merged with the file: another process may have trained another part meanwhile (one part per GPU).
         merged = {**wd.records(), **records}
-        merged[part] = {**record, "device": device_name(device)}
+        merged[part] = {**record, "device": device_name(device), "seed": args.seed}
         merged["sizes"] = sizes_record(s)
         if part == "vae":
             merged.pop("transformer", None)  # trained on the old latents
@@ -750,32 +751,45 @@ def analysis_pair(tiny: bool) -> tuple[dict, list[dict]]:
             [r for r in runs if r["method"] == "dusa" and r["lr"] == lr])
 
 
-def analysis_section(wd: Workdir) -> dict | None:
-    """The analysis of the finished runs of the declared pair (None: the source or every dusa seed unfinished)."""
+def training_label(wd: Workdir) -> str:
+    """A training of the benchmark in a run's label: its `train --seed` (recorded since the analysis), else its
+    workdir's name."""
+    seed = wd.records().get("segmenter", {}).get("seed")
+    return f"training seed {seed}" if seed is not None else f"training {wd.root.name}"
+
+
+def analysis_section(wd: Workdir, retrained: list[Workdir] = ()) -> dict | None:
+    """The analysis of the finished runs of the declared pair in `wd` and in the workdirs of its retrainings
+    (`report --retrained`): each dusa run against its own training's source. None: no pair finished."""
     from bench.miniature_analysis import analyse, read_image_figures
     from pipeline.run.image_figures import IMAGES_FILE
     from pipeline.run.reporting import read_results
 
-    def finished_tasks(run: dict) -> dict | None:
-        path = wd.runs / run["name"] / "results.json"
+    def finished_tasks(w: Workdir, run: dict) -> dict | None:
+        path = w.runs / run["name"] / "results.json"
         tasks = read_results(path)["tasks"] if path.is_file() else {}
-        return tasks if all(task in tasks for task in wd.corruptions) else None
+        return tasks if all(task in tasks for task in w.corruptions) else None
 
     source_run, dusa_runs = analysis_pair(wd.tiny)
-    source = finished_tasks(source_run)
-    pairs = {}
-    for run in dusa_runs:
-        tasks = finished_tasks(run)
-        if tasks is not None:
-            images = wd.runs / run["name"] / IMAGES_FILE
-            pairs[run["seed"]] = (tasks, read_image_figures(images) if images.is_file() else None)
-    if source is None or not pairs:
+    pairs, used, unfinished = {}, [], []
+    for w in [wd, *retrained]:
+        source = finished_tasks(w, source_run)
+        for run in dusa_runs:
+            tasks = finished_tasks(w, run)
+            name = str(w.runs / run["name"])
+            if source is None or tasks is None:
+                unfinished.append(name)
+                continue
+            images = w.runs / run["name"] / IMAGES_FILE
+            label = f"{training_label(w)}, seed {run['seed']}" if retrained else f"seed {run['seed']}"
+            pairs[label] = (source, tasks, read_image_figures(images) if images.is_file() else None)
+            used.append(name)
+    if not pairs:
         return None
-    document = analyse(source, pairs, wd.corruptions, CLASSES, LOSS_QUANTILES, EXPLAINED_SPEARMAN, GAIN_POINTS)
+    document = analyse(pairs, wd.corruptions, CLASSES, LOSS_QUANTILES, EXPLAINED_SPEARMAN, GAIN_POINTS)
     lr = TINY_ANALYSIS_LR if wd.tiny else ANALYSIS_LR
     document.update(label=f"dusa lr {lr_text(lr)} against source (autocast preset)", source_run=source_run["name"],
-                    dusa_runs=[run["name"] for run in dusa_runs if run["seed"] in pairs],
-                    unfinished=[run["name"] for run in dusa_runs if run["seed"] not in pairs])
+                    dusa_runs=used, unfinished=unfinished)
     return document
 
 
@@ -949,7 +963,12 @@ def cmd_report(wd: Workdir, args) -> dict:
     deltas = class_iou_deltas(rows)
     if deltas:
         table += "\n\n" + class_delta_lines(deltas)
-    analysis = analysis_section(wd)
+    retrained = []
+    for root in getattr(args, "retrained", None) or []:
+        if not Path(root).is_dir():
+            raise MiniatureError(f"--retrained {root} is not a folder (a workdir of this benchmark, trained again)")
+        retrained.append(Workdir(root, wd.tiny))
+    analysis = analysis_section(wd, retrained)
     if analysis is not None:
         from bench.miniature_analysis import analysis_markdown, plot_analysis
         table = table.rstrip() + "\n\n" + analysis_markdown(analysis, analysis["label"])
@@ -1025,6 +1044,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None,
                         help="report: folder of the JSON and the PNG (default: <workdir>/report; the published "
                              "results go to bench/results only when named here)")
+    parser.add_argument("--retrained", nargs="+", default=None, metavar="WORKDIR",
+                        help="report: workdirs of this benchmark trained again (`train --seed S`, the same grid run "
+                             "there): the analysis takes their runs too, each against its own training's source")
     parser.add_argument("--until", choices=STEPS, default="report", help="all: the last step to run")
     args = parser.parse_args(argv)
     if args.tiny:

@@ -1,7 +1,8 @@
 """The miniature benchmark's analysis section (`bench/miniature.py report`): why dusa gains over the source.
 
-For one declared pair of runs (bench/miniature.py: ANALYSIS_LR, the source and dusa rows of the grid), per
-training seed of dusa and every corruption:
+For one declared pair of runs (bench/miniature.py: ANALYSIS_LR, the source and dusa rows of the grid), per dusa
+run (each seed of the grid, in each training of the benchmark reported) against its training's source, and every
+corruption:
 
 - the change in mIoU and in every class's IoU, dusa - source (results.json of both runs);
 - DUSA's candidate-class recall (each run's images.csv, pipeline/run/image_figures.py): the mean over the images
@@ -13,9 +14,9 @@ training seed of dusa and every corruption:
   corruptions, the correlation over every image and the mean of the within-corruption ones, and the quantiles
   of the images binned within their corruption (the corruptions shift the loss's level).
 
-Every figure is given per seed, then as the mean over the seeds and half their range (the spread). The verdict
+Every figure is given per run, then as the mean over the runs and half their range (the spread). The verdict
 follows a rule fixed before the results (`verdict`): a corruption's gain is explained by the loss when, in
-every seed, the loss ranks the corruption's images by their error (Spearman >= `min_spearman`).
+every run, the loss ranks the corruption's images by their error (Spearman >= `min_spearman`).
 """
 from __future__ import annotations
 
@@ -56,15 +57,15 @@ def _mean(values) -> float | None:
 
 
 def spread(values: Sequence[float | None]) -> dict:
-    """Over the seeds: the mean, half the range (None with one seed) and the values (None where unmeasured)."""
+    """Over the runs: the mean, half the range (None with one run) and the values (None where unmeasured)."""
     known = [v for v in values if v is not None]
     return {"mean": float(np.mean(known)) if known else None,
             "half_range": float(np.ptp(known)) / 2 if len(known) > 1 else None, "values": list(values)}
 
 
-def seed_figures(source: dict, dusa: dict, images: list[dict] | None, corruptions: Sequence[str],
+def run_figures(source: dict, dusa: dict, images: list[dict] | None, corruptions: Sequence[str],
                  classes: Sequence[str], quantiles: int) -> dict:
-    """One dusa seed against the source: per corruption and pooled (see the module's docstring). `source`,
+    """One dusa run against its source: per corruption and pooled (see the module's docstring). `source`,
     `dusa`: results.json's tasks; `images`: the dusa run's images.csv rows (None: the run has none)."""
     out: dict = {"tasks": {}, "points": {}}  # points: per corruption, every image's (loss, pixel error)
     pooled_loss, pooled_error, binned = [], [], [[] for _ in range(quantiles)]
@@ -103,8 +104,8 @@ def seed_figures(source: dict, dusa: dict, images: list[dict] | None, corruption
 
 
 def verdict(tasks: dict, min_spearman: float, gain_points: float) -> dict:
-    """The declared rule. A corruption gains when dusa - source mIoU > `gain_points` (mean over the seeds); its
-    gain is explained when, in every seed, the loss ranks its images by their error: Spearman >= `min_spearman`
+    """The declared rule. A corruption gains when dusa - source mIoU > `gain_points` (mean over the runs); its
+    gain is explained when, in every run, the loss ranks its images by their error: Spearman >= `min_spearman`
     (unmeasured: not explained). The gain is explained when every gaining corruption's is; partly when some are;
     unexplained when none is."""
     gaining = [t for t, e in tasks.items() if (e["mIoU_gain"]["mean"] or 0) > gain_points]
@@ -122,31 +123,33 @@ def verdict(tasks: dict, min_spearman: float, gain_points: float) -> dict:
         word, text = "unexplained", ("on no corruption where dusa gains does the DUSA loss rank the images by their "
                                      "pixel error")
     return {"verdict": word, "gaining": gaining, "explained": explained,
-            "rule": (f"a corruption gains when dusa - source mIoU is over {gain_points:g} point (mean over the seeds); "
-                     f"its gain is explained when, in every seed, the DUSA loss ranks its images by their pixel error "
+            "rule": (f"a corruption gains when dusa - source mIoU is over {gain_points:g} point (mean over the runs); "
+                     f"its gain is explained when, in every run, the DUSA loss ranks its images by their pixel error "
                      f"after adaptation (Spearman >= {min_spearman:g}); the gain is explained when every gaining "
                      f"corruption's is, partly when some are, unexplained when none is"),
             "text": text}
 
 
-def analyse(source: dict, dusa: dict[int, tuple[dict, list[dict] | None]], corruptions: Sequence[str],
+def analyse(pairs: dict[str, tuple[dict, dict, list[dict] | None]], corruptions: Sequence[str],
             classes: Sequence[str], quantiles: int, min_spearman: float, gain_points: float) -> dict:
-    """The section: per seed (`dusa`: seed -> its results.json tasks and images.csv rows), then over seeds."""
-    seeds = sorted(dusa)
-    per_seed = {s: seed_figures(source, dusa[s][0], dusa[s][1], corruptions, classes, quantiles) for s in seeds}
-    measured = all(dusa[s][1] is not None for s in seeds)
+    """The section: per run (`pairs`: its label -> its source's and its own results.json tasks and its images.csv
+    rows, None without one), then over the runs."""
+    runs = list(pairs)
+    per_run = {r: run_figures(source, dusa, images, corruptions, classes, quantiles)
+               for r, (source, dusa, images) in pairs.items()}
+    measured = all(images is not None for _, _, images in pairs.values())
 
     def over(get) -> dict:
         values = []
-        for s in seeds:
+        for r in runs:
             try:
-                values.append(get(per_seed[s]))
+                values.append(get(per_run[r]))
             except (KeyError, TypeError):
                 values.append(None)
         return spread(values)
 
     def quantile_spread(get) -> list[dict] | None:
-        lists = [get(per_seed[s]) if measured else None for s in seeds]
+        lists = [get(per_run[r]) if measured else None for r in runs]
         if None in lists:
             return None
         return [spread([lst[q] for lst in lists]) for q in range(quantiles)]
@@ -163,7 +166,7 @@ def analyse(source: dict, dusa: dict[int, tuple[dict, list[dict] | None]], corru
                 pearson=over(lambda f: f["tasks"][t]["loss_vs_error"]["pearson"]),
                 images=over(lambda f: f["tasks"][t]["loss_vs_error"]["n"]),
                 error_by_loss_quantile=quantile_spread(lambda f: f["tasks"][t]["error_by_loss_quantile"]))
-    document = {"seeds": seeds, "quantiles": quantiles, "per_seed": per_seed, "tasks": tasks,
+    document = {"runs": runs, "quantiles": quantiles, "per_run": per_run, "tasks": tasks,
                 "pooled": {"mIoU_gain": over(lambda f: f["mIoU_gain"])}}
     if measured:
         document["pooled"].update(
@@ -195,11 +198,11 @@ def _cell(s: dict | None, digits: int = 1, sign: bool = False, scale: float = 1.
 
 def analysis_markdown(document: dict, label: str) -> str:
     """The section as Markdown: a table per corruption and pooled, the per-class changes, the verdict."""
-    seeds = document["seeds"]
+    runs = document["runs"]
     tasks, pooled = document["tasks"], document["pooled"]
-    lines = [f"Analysis (declared before its results): {label}, per seed, then mean ± half range over seed"
-             f"{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}; per image from each run's images.csv "
-             f"(the prediction scored at each step, after adapting on the images before it)."]
+    lines = [f"Analysis (declared before its results): {label}, per run, then mean ± half range over the "
+             f"{len(runs)} run{'s' if len(runs) > 1 else ''} ({'; '.join(runs)}); per image from each run's "
+             f"images.csv (the prediction scored at each step, after adapting on the images before it)."]
     measured = "spearman" in pooled
     if measured:
         q = document["quantiles"]
@@ -235,7 +238,7 @@ def analysis_markdown(document: dict, label: str) -> str:
 
 
 def plot_analysis(document: dict, path: Path, title: str) -> None:
-    """Per corruption, the DUSA loss against the pixel error of every image (one colour per seed; the loss
+    """Per corruption, the DUSA loss against the pixel error of every image (one colour per run; the loss
     scaled to the corruption's range), with its Spearman; below, the per-class IoU change as a coloured grid
     (blue: dusa gains, red: it loses). PIL only."""
     from PIL import Image, ImageDraw, ImageFont
@@ -252,17 +255,17 @@ def plot_analysis(document: dict, path: Path, title: str) -> None:
     draw.text((10, 30), f"verdict: {HEADLINES[document['verdict']['verdict']].lower()}; x: DUSA loss (scaled per corruption), "
                         "y: pixel error % after adaptation (0-100)", fill="black", font=font)
     colours = [(8, 69, 148), (241, 105, 19), (0, 109, 44), (166, 54, 3)]
-    for s, seed in enumerate(document["seeds"]):
-        draw.ellipse([10 + 90 * s, 54, 18 + 90 * s, 62], fill=colours[s % len(colours)])
-        draw.text((24 + 90 * s, 50), f"seed {seed}", fill="black", font=font)
+    for k, run in enumerate(document["runs"]):
+        draw.ellipse([10 + 200 * k, 54, 18 + 200 * k, 62], fill=colours[k % len(colours)])
+        draw.text((24 + 200 * k, 50), run, fill="black", font=font)
     for k, task in enumerate(tasks):
         x0, y0 = pad + k * (panel + pad), top + 20
         draw.rectangle([x0, y0, x0 + panel, y0 + panel], outline="black")
         entry = document["tasks"][task]
         draw.text((x0, y0 - 36), f"{task}: mIoU gain {_cell(entry['mIoU_gain'], sign=True)}", fill="black", font=font)
         draw.text((x0, y0 - 18), f"Spearman {_cell(entry.get('spearman'), 2)}", fill="black", font=font)
-        for s, seed in enumerate(document["seeds"]):
-            figures = document["per_seed"][seed].get("points", {}).get(task) or []
+        for s, run in enumerate(document["runs"]):
+            figures = document["per_run"][run].get("points", {}).get(task) or []
             if not figures:
                 continue
             losses = [p[0] for p in figures]
@@ -272,7 +275,7 @@ def plot_analysis(document: dict, path: Path, title: str) -> None:
                 y = y0 + panel - 4 - (panel - 8) * min(max(error, 0.0), 100.0) / 100
                 draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colours[s % len(colours)])
     y0 = top + panel + 60
-    draw.text((10, y0 - 22), "per-class IoU change, dusa - source (points, mean over seeds)", fill="black", font=font)
+    draw.text((10, y0 - 22), "per-class IoU change, dusa - source (points, mean over the runs)", fill="black", font=font)
     for k, task in enumerate(tasks):
         draw.text((label_w + 90 * k, y0), task, fill="black", font=font)
     for r, c in enumerate(classes):

@@ -21,12 +21,13 @@ def spearman(x, y) -> float:
     return float(np.corrcoef(rankdata(x), rankdata(y))[0, 1])
 
 
-def make_runs(wd: mini.Workdir, with_images: bool = True) -> dict:
+def make_runs(wd: mini.Workdir, with_images: bool = True, offset: float = 0.0, seed: int = 0) -> dict:
     """The source and the two dusa seeds of the declared pair: snow gains and its loss tracks the error in both
     seeds; fog gains but its loss does not rank the errors; the others gain under a point. Returns what was
-    written: per seed, per corruption, (losses, errors, recalls), and the mIoU / IoU of every run."""
+    written: per seed, per corruption, (losses, errors, recalls), and the mIoU / IoU of every run. `offset`: added
+    to every mIoU (another training's level); `seed`: the figures' random numbers."""
     source_run, dusa_runs = mini.analysis_pair(tiny=False)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     gains = {"snow": 20.0, "frost": 0.5, "fog": 6.0, "brightness": -1.0, "contrast": 0.2}
 
     def write(run: dict, miou: dict, iou: dict) -> None:
@@ -39,7 +40,7 @@ def make_runs(wd: mini.Workdir, with_images: bool = True) -> dict:
     written: dict = {"source": {}, "dusa": {}}
     source_iou = {c: {k: float(10 + i) for i, k in enumerate(CLASSES)} for c in wd.corruptions}
     source_iou["snow"]["flower"] = None  # a class in neither map: its change is undefined
-    source_miou = {c: 30.0 + i for i, c in enumerate(wd.corruptions)}
+    source_miou = {c: 30.0 + offset + i for i, c in enumerate(wd.corruptions)}
     write(source_run, source_miou, source_iou)
     written["source"] = (source_miou, source_iou)
     for run in dusa_runs:
@@ -74,8 +75,8 @@ def test_the_analysis_figures_match_a_direct_computation(tmp_path):
     written = make_runs(wd)
     document = mini.cmd_report(wd, type("Args", (), {"out": str(tmp_path / "out")}))
     analysis = document["analysis"]
-    assert analysis["seeds"] == list(mini.SEEDS) and analysis["source_run"] == "source-autocast-s0"
-    assert analysis["dusa_runs"] == [f"dusa-autocast-lr1e-05-s{s}" for s in mini.SEEDS]
+    assert analysis["runs"] == [f"seed {s}" for s in mini.SEEDS] and analysis["source_run"] == "source-autocast-s0"
+    assert analysis["dusa_runs"] == [str(wd.runs / f"dusa-autocast-lr1e-05-s{s}") for s in mini.SEEDS]
     source_miou, source_iou = written["source"]
     for task, entry in analysis["tasks"].items():
         gains = [written["dusa"][s][0][task] - source_miou[task] for s in mini.SEEDS]
@@ -135,3 +136,24 @@ def test_without_images_csv_the_analysis_says_it_is_not_measured(tmp_path):
     assert analysis["verdict"]["verdict"] == "not measured" and "spearman" not in analysis["pooled"]
     assert analysis["tasks"]["snow"]["mIoU_gain"]["mean"] == pytest.approx(20.2)  # results.json alone still gives
     assert "**Verdict: NOT MEASURED**" in document["markdown"]
+
+
+def test_retrained_workdirs_join_the_analysis_each_against_its_own_source(tmp_path, capsys):
+    first, second = mini.Workdir(tmp_path / "a", tiny=False), mini.Workdir(tmp_path / "b", tiny=False)
+    written = [make_runs(first), make_runs(second, offset=5.0, seed=1)]
+    for k, wd in enumerate((first, second)):
+        mini.write_json(wd.training, {"segmenter": {"steps": 1, "seconds": 1.0, "stopped_by": "steps",
+                                                    "device": "cpu", "seed": k}})
+    assert mini.main(["report", "--workdir", str(first.root), "--retrained", str(second.root),
+                      "--out", str(tmp_path / "out")]) == 0
+    analysis = json.loads(next((tmp_path / "out").glob("*-miniature.json")).read_text())["analysis"]
+    assert analysis["runs"] == [f"training seed {k}, seed {s}" for k in (0, 1) for s in mini.SEEDS]
+    snow = analysis["tasks"]["snow"]
+    # Each run against its own training's source: the other training's higher level does not enter the gains.
+    assert snow["mIoU_gain"]["values"] == pytest.approx([20.0, 20.4, 20.0, 20.4])
+    expected = [spearman(*w["dusa"][s][2]["snow"][:2]) for w in written for s in mini.SEEDS]
+    assert snow["spearman"]["values"] == pytest.approx(expected)
+    assert snow["spearman"]["half_range"] == pytest.approx(np.ptp(expected) / 2)
+    assert "over the 4 runs (training seed 0, seed 0; " in capsys.readouterr().out
+    assert mini.main(["report", "--workdir", str(first.root), "--retrained", str(tmp_path / "none")]) == 2
+    assert "--retrained" in capsys.readouterr().err
