@@ -72,7 +72,8 @@ def run_figures(source: dict, dusa: dict, images: list[dict] | None, corruptions
     within, all_recalls = [], []
     for task in corruptions:
         iou_s, iou_d = source[task]["IoU"], dusa[task]["IoU"]
-        entry = {"mIoU_gain": dusa[task]["mIoU"] - source[task]["mIoU"],
+        gain = None if None in (dusa[task]["mIoU"], source[task]["mIoU"]) else dusa[task]["mIoU"] - source[task]["mIoU"]
+        entry = {"mIoU_gain": gain,  # None: mIoU undefined in either run
                  "class_IoU_change": {c: None if iou_s.get(c) is None or iou_d.get(c) is None else iou_d[c] - iou_s[c]
                                       for c in classes}}
         if images is not None:
@@ -93,7 +94,8 @@ def run_figures(source: dict, dusa: dict, images: list[dict] | None, corruptions
                 binned[q] += [errors[i] for i in g]
             within.append(entry["loss_vs_error"]["spearman"])
         out["tasks"][task] = entry
-    out["mIoU_gain"] = float(np.mean([out["tasks"][t]["mIoU_gain"] for t in corruptions]))
+    gains = [out["tasks"][t]["mIoU_gain"] for t in corruptions]
+    out["mIoU_gain"] = None if None in gains else float(np.mean(gains))
     if images is not None:
         out["loss_vs_error_pooled"] = correlation(pooled_loss, pooled_error)
         out["spearman_mean_within"] = None if None in within else float(np.mean(within))
@@ -118,7 +120,8 @@ def verdict(tasks: dict, min_spearman: float, gain_points: float) -> dict:
                                    "dusa gains")
     elif explained:
         word, text = "partly explained", (f"the DUSA loss ranks the images by their pixel error on "
-                                          f"{', '.join(explained)} only, of {', '.join(gaining)}")
+                                          f"{', '.join(explained)} only, of the corruptions where dusa gains "
+                                          f"({', '.join(gaining)})")
     else:
         word, text = "unexplained", ("on no corruption where dusa gains does the DUSA loss rank the images by their "
                                      "pixel error")
@@ -252,7 +255,8 @@ def plot_analysis(document: dict, path: Path, title: str) -> None:
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     draw.text((10, 10), title, fill="black", font=font)
-    draw.text((10, 30), f"verdict: {HEADLINES[document['verdict']['verdict']].lower()}; x: DUSA loss (scaled per corruption), "
+    headline = HEADLINES[document["verdict"]["verdict"]].lower()
+    draw.text((10, 30), f"verdict: {headline}; x: DUSA loss (scaled per corruption), "
                         "y: pixel error % after adaptation (0-100)", fill="black", font=font)
     colours = [(8, 69, 148), (241, 105, 19), (0, 109, 44), (166, 54, 3)]
     for k, run in enumerate(document["runs"]):
@@ -275,7 +279,8 @@ def plot_analysis(document: dict, path: Path, title: str) -> None:
                 y = y0 + panel - 4 - (panel - 8) * min(max(error, 0.0), 100.0) / 100
                 draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colours[s % len(colours)])
     y0 = top + panel + 60
-    draw.text((10, y0 - 22), "per-class IoU change, dusa - source (points, mean over the runs)", fill="black", font=font)
+    draw.text((10, y0 - 22), "per-class IoU change, dusa - source (points, mean over the runs)", fill="black",
+              font=font)
     for k, task in enumerate(tasks):
         draw.text((label_w + 90 * k, y0), task, fill="black", font=font)
     for r, c in enumerate(classes):
