@@ -28,6 +28,13 @@ Declared before their results (issue 24), after the rows above, autocast preset,
   bn_adapt; tent, dusa, cotta and sar at the learning rate that bench/select_lr.py picked on the held-out
   VALIDATION_CORRUPTIONS among CANDIDATE_RATES (seed 0; <workdir>/selected_lr.json); the DUSA_ABLATIONS at
   dusa's selected rate. These rows wait (are skipped, and said so) until that selection exists.
+The analysis (bench/miniature_analysis.py), declared before its results (issue 24): dusa at ANALYSIS_LR against
+  source, autocast preset, per seed (SEEDS) and per training (`report --retrained W2`: the benchmark trained
+  again with another `train --seed`, each run against its own training's source), then their mean and spread;
+  per corruption and pooled, the per-class IoU change, DUSA's candidate-class recall and its loss against the
+  pixel error after adaptation (Spearman, Pearson, the error per loss quartile; from each run's images.csv). Rule:
+  a corruption's gain (over 1 mIoU point) is explained when, in every run, the loss ranks its images by their
+  error (Spearman >= 0.3); the report says whether the gain is explained, partly explained or unexplained.
 With GPUs every run is `deepspeed --num_gpus G launch/tta.py --config ds_configs/miniature.json ...` (source and
 tent: G one-process replicas sharing the corruptions); several runs share the GPUs at once (`--parallel`).
 """
@@ -84,6 +91,13 @@ DUSA_ABLATIONS = {
     "topk 5": ["--tta.topk", "5"],
     "top-5 area 20": ["--tta.candidates", "area_k", "--tta.area_k", "5", "--tta.area_threshold", "20"],
 }
+# The analysis section (bench/miniature_analysis.py), declared before its results: dusa at the launcher's default
+# lr (the row whose gain the README quotes; --tiny: the tiny grid's dusa) against the source, autocast preset.
+ANALYSIS_LR = 1e-5
+TINY_ANALYSIS_LR = 1e-4
+LOSS_QUANTILES = 4
+EXPLAINED_SPEARMAN = 0.3  # a moderate rank correlation at least, in every seed
+GAIN_POINTS = 1.0  # mIoU points over the source for a corruption to count as gaining
 CONFIG = "ds_configs/miniature.json"
 MINUTES = {"segmenter": 2.0, "vae": 1.5, "transformer": 2.5}  # per part, on one H100
 TINY_MINUTES = 0.2
@@ -232,7 +246,7 @@ def cmd_train(wd: Workdir, args) -> None:
     def save_record(part: str, record: dict) -> None:
         # Merged with the file: another process may have trained another part meanwhile (one part per GPU).
         merged = {**wd.records(), **records}
-        merged[part] = {**record, "device": device_name(device)}
+        merged[part] = {**record, "device": device_name(device), "seed": args.seed}
         merged["sizes"] = sizes_record(s)
         if part == "vae":
             merged.pop("transformer", None)  # trained on the old latents
@@ -729,6 +743,56 @@ def class_delta_lines(deltas: dict[str, dict[str, dict]]) -> str:
     return ("Per-class IoU against the source (gains; losses, at most 3 each):\n" + "\n".join(lines)) if lines else ""
 
 
+def analysis_pair(tiny: bool) -> tuple[dict, list[dict]]:
+    """The declared runs of the analysis: the source (autocast) and dusa at its lr, one run per seed."""
+    lr = TINY_ANALYSIS_LR if tiny else ANALYSIS_LR
+    runs = [r for r in grid(tiny) if r["rounds"] == 1 and r["preset"] == "autocast" and not r.get("ablation")]
+    return (next(r for r in runs if r["method"] == "source"),
+            [r for r in runs if r["method"] == "dusa" and r["lr"] == lr])
+
+
+def training_label(wd: Workdir) -> str:
+    """A training of the benchmark in a run's label: its `train --seed` (recorded since the analysis), else its
+    workdir's name."""
+    seed = wd.records().get("segmenter", {}).get("seed")
+    return f"training seed {seed}" if seed is not None else f"training {wd.root.name}"
+
+
+def analysis_section(wd: Workdir, retrained: list[Workdir] = ()) -> dict | None:
+    """The analysis of the finished runs of the declared pair in `wd` and in the workdirs of its retrainings
+    (`report --retrained`): each dusa run against its own training's source. None: no pair finished."""
+    from bench.miniature_analysis import analyse, read_image_figures
+    from pipeline.run.image_figures import IMAGES_FILE
+    from pipeline.run.reporting import read_results
+
+    def finished_tasks(w: Workdir, run: dict) -> dict | None:
+        path = w.runs / run["name"] / "results.json"
+        tasks = read_results(path)["tasks"] if path.is_file() else {}
+        return tasks if all(task in tasks for task in w.corruptions) else None
+
+    source_run, dusa_runs = analysis_pair(wd.tiny)
+    pairs, used, unfinished = {}, [], []
+    for w in [wd, *retrained]:
+        source = finished_tasks(w, source_run)
+        for run in dusa_runs:
+            tasks = finished_tasks(w, run)
+            name = str(w.runs / run["name"])
+            if source is None or tasks is None:
+                unfinished.append(name)
+                continue
+            images = w.runs / run["name"] / IMAGES_FILE
+            label = f"{training_label(w)}, seed {run['seed']}" if retrained else f"seed {run['seed']}"
+            pairs[label] = (source, tasks, read_image_figures(images) if images.is_file() else None)
+            used.append(name)
+    if not pairs:
+        return None
+    document = analyse(pairs, wd.corruptions, CLASSES, LOSS_QUANTILES, EXPLAINED_SPEARMAN, GAIN_POINTS)
+    lr = TINY_ANALYSIS_LR if wd.tiny else ANALYSIS_LR
+    document.update(label=f"dusa lr {lr_text(lr)} against source (autocast preset)", source_run=source_run["name"],
+                    dusa_runs=used, unfinished=unfinished)
+    return document
+
+
 def collect_continual(wd: Workdir) -> list[dict]:
     """The continual row: per run, each round's mean mIoU over the corruptions (None until the round is whole)."""
     from pipeline.run.reporting import read_results
@@ -899,6 +963,18 @@ def cmd_report(wd: Workdir, args) -> dict:
     deltas = class_iou_deltas(rows)
     if deltas:
         table += "\n\n" + class_delta_lines(deltas)
+    retrained = []
+    for root in getattr(args, "retrained", None) or []:
+        if not Path(root).is_dir():
+            raise MiniatureError(f"--retrained {root} is not a folder (a workdir of this benchmark, trained again)")
+        retrained.append(Workdir(root, wd.tiny))
+    analysis = analysis_section(wd, retrained)
+    if analysis is not None:
+        from bench.miniature_analysis import analysis_markdown, plot_analysis
+        table = table.rstrip() + "\n\n" + analysis_markdown(analysis, analysis["label"])
+        scale = " --tiny (a CPU smoke run: no quality claim)" if wd.tiny else ""
+        plot_analysis(analysis, out / f"{stem}-analysis.png",
+                      f"miniature benchmark{scale}, severity {SEVERITY}: analysis of {analysis['label']}")
     walls = {run["name"]: json.loads((wd.logs / f"{run['name']}.wall.json").read_text())["seconds"]
              for run in grid(wd.tiny) if (wd.logs / f"{run['name']}.wall.json").is_file()}
     document = {
@@ -907,7 +983,7 @@ def cmd_report(wd: Workdir, args) -> dict:
         "config": CONFIG, "sizes": sizes_record(wd.sizes), "training": records, "sanity": sanity, "rows": rows,
         "validation_corruptions": list(VALIDATION_CORRUPTIONS), "candidate_rates": CANDIDATE_RATES,
         "selected_lr": selected_rates(wd), "dusa_ablations": DUSA_ABLATIONS,
-        "class_iou_deltas_vs_source": deltas,
+        "class_iou_deltas_vs_source": deltas, "analysis": analysis,
         "run_wall_seconds": walls, "markdown": table,
         "continual_rounds": CONTINUAL_ROUNDS, "continual_rows": continual,
         "environment": {"torch": torch.__version__, "python": platform.python_version(),
@@ -916,7 +992,8 @@ def cmd_report(wd: Workdir, args) -> dict:
     if rows:
         plot(rows, wd.corruptions, out / f"{stem}.png", clean, title)
     print(table)
-    log(f"report: {out / (stem + '.json')}, {out / (stem + '.png')}")
+    log(f"report: {out / (stem + '.json')}, {out / (stem + '.png')}"
+        + (f", {out / (stem + '-analysis.png')}" if analysis is not None else ""))
     return document
 
 
@@ -937,6 +1014,7 @@ COMMANDS = {"data": cmd_data, "train": cmd_train, "sanity": cmd_sanity, "adapt":
 def help_epilog() -> str:
     """The docstring after its first paragraph (the description), with the grid's constants as their values."""
     values = {"CORRUPTIONS": ", ".join(CORRUPTIONS), "SEVERITY": str(SEVERITY), "SEEDS": " and ".join(map(str, SEEDS)),
+              "ANALYSIS_LR": f"lr {lr_text(ANALYSIS_LR)}",
               "LEARNING_RATES": ", ".join(f"{lr:.0e}".replace("e-0", "e-") for lr in LEARNING_RATES),
               "PRESETS": ", ".join(f"{name}: {path}" for name, path in PRESETS.items())}
     return re.sub(r"\b(" + "|".join(values) + r")\b", lambda m: values[m[1]], __doc__.split("\n\n", 1)[1])
@@ -966,6 +1044,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None,
                         help="report: folder of the JSON and the PNG (default: <workdir>/report; the published "
                              "results go to bench/results only when named here)")
+    parser.add_argument("--retrained", nargs="+", default=None, metavar="WORKDIR",
+                        help="report: workdirs of this benchmark trained again (`train --seed S`, the same grid run "
+                             "there): the analysis takes their runs too, each against its own training's source")
     parser.add_argument("--until", choices=STEPS, default="report", help="all: the last step to run")
     args = parser.parse_args(argv)
     if args.tiny:

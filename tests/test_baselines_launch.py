@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.run.image_figures import IMAGES_FILE
 from tests.helpers import copy_demo_models, demo_command
+from tests.test_image_figures import check_image_figures
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # launches DeepSpeed processes
@@ -37,6 +39,7 @@ def test_new_methods_run_resume_and_report(tmp_path, demo_models):
     for task in results["tasks"].values():
         assert math.isfinite(task["mIoU"]) and task["loss"] is None and len(task["IoU"]) == 150
     assert list((tmp_path / "bn_adapt" / "wandb").glob("offline-run-*"))
+    check_image_figures(tmp_path / "bn_adapt", results, 150)  # both replicas' images, in the run's order
 
     for method, options in (("cotta", ["--cotta.scales", "[0.5, 1.0]"]), ("sar", ["--sar.margin", "0.9"])):
         args = ["--tta.method", method, "--tta.continual", "true", "--logging.wandb.enabled", "false", *options]
@@ -44,6 +47,8 @@ def test_new_methods_run_resume_and_report(tmp_path, demo_models):
         assert f"{method} (lr {whole['config'][method]['lr']:g}, continual)" in output
         first, last = list(whole["tasks"])
         assert all(math.isfinite(t["loss"]) for t in whole["tasks"].values())
+        check_image_figures(tmp_path / method, whole, 150)
+        images = (tmp_path / method / IMAGES_FILE).read_text()
         # As a sweep that stopped during its last task leaves it: the state after the first task is on disk,
         # results.json names only that task.
         saved = json.loads((tmp_path / method / "results.json").read_text())
@@ -55,3 +60,4 @@ def test_new_methods_run_resume_and_report(tmp_path, demo_models):
         assert resumed["tasks"][last]["mIoU"] == whole["tasks"][last]["mIoU"]
         assert resumed["tasks"][last]["IoU"] == whole["tasks"][last]["IoU"]
         assert resumed["tasks"][last]["loss"] == whole["tasks"][last]["loss"]
+        assert (tmp_path / method / IMAGES_FILE).read_text() == images  # the last task's rows again, once

@@ -22,6 +22,7 @@ from pipeline.methods.tent import Tent
 from pipeline.run.config import DataConfig
 from pipeline.run.images import PreparedImages, predict, task_order
 from tests.helpers import demo_command
+from tests.test_image_figures import check_image_figures
 
 ROOT = Path(__file__).resolve().parents[1]
 # Starts DeepSpeed launcher processes: minutes on a CPU (`-m 'not slow'` skips them).
@@ -91,6 +92,7 @@ def test_demo_runs_to_the_end_with_finite_miou_per_task(demo_dir):
     assert results["config"]["tta"]["method"] == "dusa"
     assert results["config"]["deepspeed"]["optimizer"]["params"]["lr"] == results["config"]["tta"]["lr"]
     check_outputs(demo_dir / "tta", results)
+    assert {r["candidate_recall"] for r in check_image_figures(demo_dir / "tta", results, len(ADE20K_CLASSES))} != {""}
     # The start-up summary (parameters of both stages); outside a terminal, no bar but a line every log_every (2)
     # images with the rate and the sweep's ETA; on a CPU, no planner predictions or GPU memory estimate; no
     # blank line.

@@ -355,6 +355,14 @@ def test_tiny_chain_through_the_launcher(chain, tmp_path):
     assert document["title"].startswith("miniature benchmark --tiny (a CPU smoke run: no quality claim), severity 3")
     assert [row["label"] for row in document["continual_rows"]] == ["dusa lr 1e-04"]
     assert None not in document["continual_rows"][0]["round_mIoU"]
+    # The analysis section (dusa against source, from their results.json and images.csv) in every output.
+    analysis = document["analysis"]
+    assert analysis["dusa_runs"] == [str(wd.runs / "dusa-autocast-lr1e-04-s0")] and analysis["runs"] == ["seed 0"]
+    assert set(analysis["tasks"]) == set(wd.corruptions)
+    assert analysis["pooled"]["spearman"]["values"][0] is not None and analysis["verdict"]["verdict"] in (
+        "explained", "partly explained", "unexplained", "nothing to explain")
+    assert "Analysis (declared before its results): dusa lr 1e-04 against source" in document["markdown"]
+    assert "**Verdict: " in document["markdown"] and next((chain / "report").glob("*-miniature-tiny-analysis.png"))
 
 
 def test_help_describes_once_with_the_grids_values_and_every_argument(capsys):

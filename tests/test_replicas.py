@@ -21,6 +21,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from pipeline.run.config import RunConfig
+from pipeline.run.image_figures import IMAGES_FILE
 from pipeline.run.replicas import ReplicaFeed, Replicas, layout_error, task_result
 from pipeline.run.resume import finished_tasks
 from tests.helpers import copy_demo_models, demo_command
@@ -73,7 +74,7 @@ def test_the_feed_reaches_rank_0_in_order_with_pictures_and_undefined_values():
     picture = Image.new("RGB", (6, 4), (10, 20, 30))
     feed.log_picture("fog", picture, "caption")
     feed.log_task("fog", {"mIoU": 12.5, "aAcc": 50.0, "IoU": [float("nan"), 25.0], "images": 2, "seconds": 1.0,
-                          "nonfinite_steps": 0, "loss": 0.5})
+                          "nonfinite_steps": 0, "loss": 0.5, "image_rows": [{"task": "fog", "loss": "nan"}]})
     events = list(root.collect())
     assert [(r, e["kind"]) for r, e, _ in events] == [(1, "step"), (1, "picture"), (1, "result")]
     assert events[0][1]["loss"] == 1.25 and events[0][1]["step"] == 0
@@ -81,6 +82,7 @@ def test_the_feed_reaches_rank_0_in_order_with_pictures_and_undefined_values():
     assert got.size == (6, 4) and got.getpixel((0, 0)) == (10, 20, 30) and events[1][1]["caption"] == "caption"
     result = task_result(events[2][1])
     assert math.isnan(result["IoU"][0]) and result["IoU"][1] == 25.0 and result["mIoU"] == 12.5
+    assert result["image_rows"] == [{"task": "fog", "loss": "nan"}]  # images.csv's rows travel with the result
     assert list(root.collect()) == []  # consumed once, and removed from the store
     assert not master.check(["dusa/feed/1/0"])
 
@@ -139,6 +141,7 @@ def test_two_replicas_of_two_stages_give_what_one_pipeline_gives(tmp):
     reference = tasks_of(tmp / "1x2")
     assert list(reference) == TASKS and all(r["loss"] is not None for r in reference.values())
     assert tasks_of(tmp / "2x2") == reference  # losses, IoU per class, mIoU: exactly
+    assert (tmp / "2x2" / IMAGES_FILE).read_text() == (tmp / "1x2" / IMAGES_FILE).read_text()  # every image, in order
     # One W&B run holds every task's steps and pictures, the other replica's included.
     runs = list((tmp / "2x2" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
@@ -186,3 +189,4 @@ def test_a_replica_killed_mid_sweep_and_the_sweep_rerun_by_four_replicas_give_wh
     assert "4 (4 replicas x 1 stage: dusa, tasks from a shared queue)" in rerun.stdout
     assert all(f"{task}: already done" in rerun.stdout for task in kept)
     assert tasks_of(out) == tasks_of(tmp / "1x1")
+    assert (out / IMAGES_FILE).read_text() == (tmp / "1x1" / IMAGES_FILE).read_text()  # no row lost or repeated

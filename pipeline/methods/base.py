@@ -26,6 +26,7 @@ class StepResult(NamedTuple):
     skipped: bool  # the update was skipped for a NaN/inf loss
     notes: list[str]  # lines for the image's picture (e.g. DUSA's windows and their candidates)
     windows: int = 0  # the micro-batches of the image's step (DUSA's windows; 0: the method has none)
+    candidates: list[torch.Tensor] | None = None  # each window's candidate class ids (host; DUSA), for images.csv
 
 
 class Built(NamedTuple):

@@ -74,7 +74,8 @@ class Dusa(Method):
         notes = [f"window {w + 1} ({side} px at {top}, {left}) candidates: "
                  + ", ".join(self.class_names[c] for c in classes.tolist())
                  for w, ((top, left, side), classes) in enumerate(zip(out.windows, out.candidates))]
-        return StepResult(out.logits, out.loss.detach(), self.engine.skipped, notes, len(out.windows))
+        return StepResult(out.logits, out.loss.detach(), self.engine.skipped, notes, len(out.windows),
+                          list(out.candidates))
 
     def follow(self, task: str, dataset: ADE20KC, index: int) -> bool:
         data = self.cfg.data  # the window count from the image's header (adaptive: stage 0 sends it)

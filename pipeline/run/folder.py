@@ -33,7 +33,7 @@ LOCK_NAME = ".dusa-run.lock"
 # What the run writes in its folder besides renamed files: these must be real folders, never links.
 OWN_FOLDERS = ("state", "pictures", "wandb")
 # Read back to resume: a file behind a link would mix in another run's results or W&B run.
-READ_BACK = ("results.json", "wandb_run_id")
+READ_BACK = ("results.json", "wandb_run_id", "images.csv")
 
 
 class PeerError(ValueError):

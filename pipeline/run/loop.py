@@ -23,6 +23,7 @@ from data.datasets import dataset_info
 from data.metrics import SegmentationMetric
 from pipeline.run.config import DataConfig, RunConfig
 from pipeline.run.images import PreparedImages, predict, task_order
+from pipeline.run.image_figures import candidate_recall, image_counts, image_rows, read_images, write_images
 from pipeline.methods import Method
 from pipeline.run import timing
 from pipeline.run.pictures import make_picture, save_picture
@@ -67,6 +68,7 @@ class TTARunner:
         self.logger = logger
         self.config_record = config_record if config_record is not None else asdict(cfg)
         self.results: dict[str, dict] = {}
+        self.image_rows: dict[str, list[dict[str, str]]] = {}  # images.csv's rows by task (rank 0)
         data = cfg.data
         # Every task is listed up front: a missing folder fails now, not hours in, and the sweep's size is known.
         self.datasets = datasets if datasets is not None else open_tasks(data, len(self.class_names))
@@ -98,6 +100,8 @@ class TTARunner:
             names = box[0]
         self._state_record = (saved_results(self.cfg.output_dir) or {}).get("state") if reps.root else None
         order = list(self.datasets)
+        if reps.root:  # the finished tasks' rows; an interrupted task's are written again
+            self.image_rows = read_images(self.cfg.output_dir, names)
         for task in names:
             self._done += len(self.datasets[task])
             if reps.root:
@@ -143,6 +147,11 @@ class TTARunner:
         """A finished task's result: rank 0 records it (saved after every task, so a crash keeps what
         finished and claims nothing else) and logs it; another replica posts it to rank 0."""
         if self.replicas.root:
+            rows = result.pop("image_rows", None)
+            if rows is not None:  # before results.json names the task finished: a crash between reruns it
+                self.image_rows[task] = rows
+                ordered = {t: self.image_rows[t] for t in self.datasets if t in self.image_rows}  # the run's order
+                write_images(self.cfg.output_dir, ordered)
             self.results[task] = result
             self._write_results()
             if replica:
@@ -275,6 +284,9 @@ class TTARunner:
                                 self.method.adapts, self.replicas.count)
         items = iter(loader)
         windows = 0
+        # Per image (images.csv): the counts stay on the device until the task ends; the rest is on the host.
+        counts = torch.zeros(len(order), 2, dtype=torch.long, device=self.device)
+        names, window_counts, recalls = [], [], []
         for step in range(len(order)):
             timer.begin_image(task)
             with timer.phase("data wait"):
@@ -289,6 +301,11 @@ class TTARunner:
             with timer.phase("scoring and metric"):
                 prediction = predict(result.logits, label.shape)
                 metric.update(prediction, label)
+                counts[step] = image_counts(prediction.to(label.device), label, len(self.class_names))
+                names.append(item["name"])
+                window_counts.append(result.windows)
+                recalls.append(None if result.candidates is None else
+                               candidate_recall(item["label"], result.candidates, len(self.class_names)))
             with timer.phase("pictures"):
                 picture = self._picture(task, item, prediction, label, result.notes) \
                     if every and step % every == 0 else None
@@ -302,7 +319,8 @@ class TTARunner:
         self.method.end_task()
         result = metric.compute()
         result.update(images=len(dataset), seconds=time.perf_counter() - start, nonfinite_steps=self._nonfinite_task,
-                      loss=progress.mean_loss)
+                      loss=progress.mean_loss,
+                      image_rows=image_rows(task, names, progress.losses, counts.tolist(), window_counts, recalls))
         if task in self.sequence:
             result.update(self.sequence[task].record())
         self._timing_task_done(task, len(dataset), result["seconds"])

@@ -38,6 +38,7 @@ class TaskProgress:
         self.postfix = {"mIoU": "?", **({"loss": "?"} if with_loss else {}), "sweep ETA": "?"}
         self.pending: list[tuple[int, torch.Tensor | None, tuple[Image.Image, str] | None]] = []
         self.loss_sum, self.loss_count = 0.0, 0  # the task's finite losses, for its mean in the results
+        self.losses: list[float | None] = []  # every step's loss as read back, in step order (images.csv)
 
     @property
     def mean_loss(self) -> float | None:
@@ -65,6 +66,7 @@ class TaskProgress:
         values = iter(torch.stack(losses).float().tolist() if losses else [])
         for k, (step, loss, picture) in enumerate(self.pending):
             value = next(values) if loss is not None else None
+            self.losses.append(value)
             if self.logger:
                 self.logger.log_step(self.task, step, value,
                                      running_miou=running if k == len(self.pending) - 1 else None)
