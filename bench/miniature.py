@@ -76,13 +76,13 @@ CANDIDATE_RATES = {"tent": LEARNING_RATES, "dusa": LEARNING_RATES, "cotta": (7.5
 SELECTED = "selected"  # a run's lr: the method's held-out choice, read from <workdir>/selected_lr.json
 # DUSA's ablations: the options of one run each (t = 0.25, the default, is the dusa row itself).
 DUSA_ABLATIONS = {
-    "segmenter only": ["--tta.update_generator", "false"],
-    "segmenter norm only": ["--tta.update_generator", "false", "--tta.norm_only", "true"],
-    "uniform p": ["--tta.candidate_weights", "uniform"],
-    "t 0.1": ["--tta.timestep_range", "[0.1, 0.1]"],
-    "t 0.5": ["--tta.timestep_range", "[0.5, 0.5]"],
-    "topk 5": ["--tta.topk", "5"],
-    "top-5 area 20": ["--tta.candidates", "area_k", "--tta.area_k", "5", "--tta.area_threshold", "20"],
+    "segmenter only": ["--dusa.update_generator", "false"],
+    "segmenter norm only": ["--dusa.update_generator", "false", "--dusa.norm_only", "true"],
+    "uniform p": ["--dusa.candidate_weights", "uniform"],
+    "t 0.1": ["--dusa.timestep_range", "[0.1, 0.1]"],
+    "t 0.5": ["--dusa.timestep_range", "[0.5, 0.5]"],
+    "topk 5": ["--dusa.topk", "5"],
+    "top-5 area 20": ["--dusa.candidates", "area_k", "--dusa.area_k", "5", "--dusa.area_threshold", "20"],
 }
 CONFIG = "ds_configs/miniature.json"
 MINUTES = {"segmenter": 2.0, "vae": 1.5, "transformer": 2.5}  # per part, on one H100

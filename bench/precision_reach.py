@@ -96,7 +96,7 @@ def worker(args) -> None:
     corners = window_boxes(image.shape[-2], image.shape[-1], 128, 64)
     before = forward_values(module, autocast)
     for step in range(args.steps):  # one image, the same draws every step
-        draws = draw_windows(corners, (16, 16, 16), tta.timestep_range, torch.Generator().manual_seed(0))
+        draws = draw_windows(corners, (16, 16, 16), dusa.timestep_range, torch.Generator().manual_seed(0))
         engine.step(image if module.front is not None else None, draws)
         if step == 0:
             after_one = forward_values(module, autocast)

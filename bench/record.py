@@ -94,7 +94,7 @@ def launcher_run(args, paths: dict, data: Path, gpus: int, stages: int, classes:
            "--model.generator", paths["generator"], "--model.class_embeddings", paths["class_embeddings"],
            "--data.root", str(data), "--data.severity", "3", "--data.corruptions", "[" + ",".join(TASKS[:args.tasks]) + "]",
            "--logging.wandb.enabled", "false", "--logging.progress", "false", "--logging.timing", "true",
-           "--pipeline.num_stages", str(stages), "--tta.max_classes", str(classes), "--tta.min_classes", str(classes),
+           "--pipeline.num_stages", str(stages), "--dusa.max_classes", str(classes), "--dusa.min_classes", str(classes),
            "--output_dir", str(run_dir)]
     cmd += ["--deepspeed", args.ds_config] if args.ds_config else []
     if args.tiny:  # the demo config's own models, data and split are not the benchmark's
@@ -245,7 +245,7 @@ def summarise(args) -> None:
     gpus = max(files) + 1
     # The process start is the launcher's start here: the launcher's own seconds are not in the files.
     out = {"failed": None, "wall_s": None, "started": files[0]["process_start"], "timing": files, "run_dir": str(run_dir)}
-    row = row_from(out, args.card or "unknown", gpus, stages, cfg["tta"]["max_classes"], args.step_s)
+    row = row_from(out, args.card or "unknown", gpus, stages, cfg["dusa"]["max_classes"], args.step_s)
     row.update(run_dir=str(run_dir), command=" ".join(sys.argv))
     print_table([row])
     if args.out:

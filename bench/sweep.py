@@ -73,8 +73,8 @@ def sweep(args, paths: dict, workdir: Path, out: Path, card: str, slug: str, suf
                    "--model.generator", paths["generator"], "--model.class_embeddings", paths["class_embeddings"],
                    "--data.root", str(data), "--data.corruptions", "[" + ",".join(args.sweep_tasks) + "]",
                    "--logging.wandb.enabled", "false", "--logging.progress", "false", "--logging.image_every", "0",
-                   "--pipeline.num_stages", str(stages), "--tta.max_classes", str(classes),
-                   "--tta.min_classes", str(classes), "--output_dir", str(run_dir)]
+                   "--pipeline.num_stages", str(stages), "--dusa.max_classes", str(classes),
+                   "--dusa.min_classes", str(classes), "--output_dir", str(run_dir)]
             cmd += ["--deepspeed", args.ds_config] if args.ds_config else []
             if args.tiny:  # the demo config's own models, data and split are not the sweep's
                 cmd += ["--model.build_demo_models", "false", "--data.build_demo_data", "false",

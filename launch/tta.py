@@ -143,7 +143,7 @@ def quiet_libraries() -> None:
 
 # Failures a user can fix (bad paths, data, config values, numerics): one line, exit code 2.
 USER_ERRORS = (FileNotFoundError, ValueError, OSError, FloatingPointError, NotImplementedError)
-OOM_HELP = ("out of GPU memory: lower --tta.max_classes (the transformer batch per window), set "
+OOM_HELP = ("out of GPU memory: lower --dusa.max_classes (the transformer batch per window), set "
             "--pipeline.activation_checkpoint_interval 1, use bf16 weights (--deepspeed ds_configs/ds_tta_bf16.json), "
             "or spread the model over more GPUs (--pipeline.num_stages with deepspeed --num_gpus)")
 
@@ -342,7 +342,7 @@ def configure(argv=None) -> tuple[RunConfig, dict, list[str], list[str]]:
     class_names = load_class_names(cfg.data.classes)
     validate(cfg, len(class_names))
     for note in cap_class_budget(cfg, len(class_names)):
-        record["tta"].update(max_classes=cfg.tta.max_classes, min_classes=cfg.tta.min_classes)  # as it runs
+        record["tta"].update(max_classes=cfg.dusa.max_classes, min_classes=cfg.dusa.min_classes)  # as it runs
         LOG.warning(note)
     if not cfg.output_dir.strip():
         raise ValueError("--output_dir is empty: name the folder for the results")

@@ -54,7 +54,7 @@ def job_parser() -> argparse.ArgumentParser:
     parser.add_argument("--immediate", action="store_true", help="bf16grads: DeepSpeed's immediate_grad_update")
     parser.add_argument("--autocast_casts", action="store_true",
                         help="autocast's own per-window casts instead of the engine's working weights")
-    parser.add_argument("--ignore", type=int, nargs="*", default=[], help="tta.ignore_classes")
+    parser.add_argument("--ignore", type=int, nargs="*", default=[], help="dusa.ignore_classes")
     return parser
 
 
@@ -73,12 +73,12 @@ def main() -> None:
 def run_job(name: str, args: argparse.Namespace, assets: Path, stages: int) -> None:
     rank = dist.get_rank()
     model, data, tta, pipe = run_configs(assets, stages)
-    tta.ignore_classes = args.ignore
+    dusa.ignore_classes = args.ignore
     if args.mode == "options":  # entropy-weighted adaptive windows and a learnable pooled embedding
         model.segmenter, data.windows = str(assets / SHARP_SEGFORMER), "adaptive"
         for key, value in ADAPTIVE_TEST_RULE._asdict().items():
             setattr(data, f"adaptive_{key}", value)
-        tta.window_weighting, tta.window_tau, tta.learnable_embedding = "entropy", WINDOW_TAU, True
+        dusa.window_weighting, dusa.window_tau, dusa.learnable_embedding = "entropy", WINDOW_TAU, True
     if args.mode == "accumulate":
         tta.accumulation_steps = ACCUMULATION
     module = build_pipeline(model, data, tta, pipe, CLASSES, stage_report=LOG.debug)
@@ -160,7 +160,7 @@ def run_job(name: str, args: argparse.Namespace, assets: Path, stages: int) -> N
         tte = TTAEngine(module, ds, tta, optimizer=GradRecorder, adaptive_windows=True)
         image, _ = fixed_windows(assets, seed=0)
         sampler = functools.partial(draw_windows, latent_shape=(16, WINDOW // 8, WINDOW // 8),
-                                    timestep_range=tta.timestep_range, generator=torch.Generator().manual_seed(0))
+                                    timestep_range=dusa.timestep_range, generator=torch.Generator().manual_seed(0))
         result = tte.step(image, sampler) if module.front is not None else tte.step(None, None)
         out["loss"] = float(result.loss)
         out["windows"] = result.windows
@@ -189,7 +189,7 @@ def run_job(name: str, args: argparse.Namespace, assets: Path, stages: int) -> N
         out["momentum"] = tte.engine.optimizer.param_groups[0]["momentum"]
 
     elif args.mode == "lrs":  # a learning rate per model: the segmenter's 0 keeps it, the generator moves
-        tta.lr_segmenter, tta.lr_generator = 0.0, 2e-3
+        tta.lr_segmenter, dusa.lr_generator = 0.0, 2e-3
         ds = load_ds_config({"bf16": {"enabled": False}, "zero_optimization": {"stage": 0}}, lr=1e-3)
         tte = TTAEngine(module, ds, tta)
         start = {n: p.detach().clone() for n, p in module.named_parameters()}

@@ -24,7 +24,7 @@ EXPECTED = {
 
 def test_every_declared_ablation_parses_to_its_config_and_is_in_the_help(launcher_main, capsys):
     assert set(DUSA_ABLATIONS) == set(EXPECTED)
-    assert tuple(RunConfig().tta.timestep_range) == (0.25, 0.25)  # t = 0.25: the dusa row itself
+    assert tuple(RunConfig().dusa.timestep_range) == (0.25, 0.25)  # t = 0.25: the dusa row itself
     for name, options in DUSA_ABLATIONS.items():
         cfg, _, _ = launcher_main.parse(["--tta.method", "dusa", *options])
         for field, value in EXPECTED[name].items():
@@ -56,6 +56,6 @@ def test_uniform_p_weights_every_candidate_alike_and_gives_the_logits_no_gradien
 
 def test_uniform_p_without_the_generator_is_refused():
     cfg = RunConfig()
-    cfg.tta.candidate_weights, cfg.tta.update_generator = "uniform", False
+    cfg.dusa.candidate_weights, cfg.dusa.update_generator = "uniform", False
     with pytest.raises(ValueError, match="uniform gives the segmenter no gradient"):
         Dusa.check(cfg, 2)

@@ -155,7 +155,7 @@ def test_out_of_memory_names_the_knobs(monkeypatch, capsys):
         launcher.main([])
     assert exc.value.code == 2
     line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
-    assert len(line) == 1 and "--tta.max_classes" in line[0] and "activation_checkpoint_interval" in line[0]
+    assert len(line) == 1 and "--dusa.max_classes" in line[0] and "activation_checkpoint_interval" in line[0]
 
 
 @pytest.mark.parametrize("rank", [0, 1])

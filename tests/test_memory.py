@@ -51,7 +51,7 @@ def real_layers(root: Path, generator: str, cache: str, tta: TTAConfig) -> list[
     layers = [SegmenterFront(Segmenter.from_pretrained(str(root / "segformer")),
                              LatentEncoder.from_pretrained(str(root / generator)), 64, 1, 20, 0),
               SD3Embed(parts.load("pos_embed"), parts.load("time_text_embed"), parts.load("context_embedder"),
-                       prompt, pooled, learnable_pooled=tta.learnable_embedding)]
+                       prompt, pooled, learnable_pooled=dusa.learnable_embedding)]
     layers += [JointBlock(parts.load(f"transformer_blocks.{i}")) for i in range(parts.num_blocks)]
     layers.append(SD3Head(parts.load("norm_out"), parts.load("proj_out"), parts.config["patch_size"],
                           parts.out_channels))
@@ -82,7 +82,7 @@ def test_parameter_counts_equal_the_real_layers(tiny, generator, cache, switches
     offset = counts[1].params - sum(p.numel() for m in (whole.pos_embed, whole.time_text_embed,
                                                          whole.context_embedder) for p in m.parameters())
     assert sum(c.params for c in counts[1:]) == whole.num_parameters() + offset
-    assert offset == (gen["pooled_projection_dim"] if tta.learnable_embedding else 0)
+    assert offset == (gen["pooled_projection_dim"] if dusa.learnable_embedding else 0)
 
 
 def test_published_configs_have_their_published_sizes():

@@ -208,7 +208,7 @@ def test_a_rerun_is_done_only_when_every_task_of_every_round_is(layouts, tmp_pat
 
 
 def test_results_written_before_the_newer_options_resume_as_what_they_ran(layouts, tmp_path):
-    """A results.json from before data.dataset / short_edge / gradual and tta.candidate_weights existed has
+    """A results.json from before data.dataset / short_edge / gradual and dusa.candidate_weights existed has
     the signature of a run with their defaults (what it ran), not another run's."""
     record = json.loads(json.dumps(asdict(config(layouts, tmp_path, dataset="cityscapes"))))
     record["data"].update(dataset="ade20k", short_edge=None, gradual=False)
@@ -216,7 +216,7 @@ def test_results_written_before_the_newer_options_resume_as_what_they_ran(layout
     before = json.loads(json.dumps(record))
     for key in ("dataset", "short_edge", "gradual"):
         del before["data"][key]
-    del before["tta"]["candidate_weights"]
+    del before["dusa"]["candidate_weights"]
     assert resume_signature(before) == resume_signature(record)
-    record["tta"]["candidate_weights"] = "uniform"
+    record["dusa"]["candidate_weights"] = "uniform"
     assert resume_signature(before) != resume_signature(record)

@@ -30,14 +30,14 @@ class Dusa(Method):
 
     @classmethod
     def check(cls, cfg: RunConfig, processes: int) -> None:
-        if not (cfg.tta.update_segmenter or cfg.tta.update_generator):
-            raise ValueError("tta.update_segmenter and tta.update_generator are both false: nothing adapts "
+        if not (cfg.dusa.update_segmenter or cfg.dusa.update_generator):
+            raise ValueError("dusa.update_segmenter and dusa.update_generator are both false: nothing adapts "
                              "(use --tta.method source for the unadapted model)")
-        if cfg.tta.candidate_weights == "uniform" and not cfg.tta.update_generator:
-            raise ValueError("tta.candidate_weights uniform gives the segmenter no gradient: it needs "
-                             "tta.update_generator true (else nothing adapts)")
-        if cfg.tta.learnable_embedding and not cfg.tta.update_generator:
-            raise ValueError("tta.learnable_embedding adapts with the generator: it needs tta.update_generator true")
+        if cfg.dusa.candidate_weights == "uniform" and not cfg.dusa.update_generator:
+            raise ValueError("dusa.candidate_weights uniform gives the segmenter no gradient: it needs "
+                             "dusa.update_generator true (else nothing adapts)")
+        if cfg.dusa.learnable_embedding and not cfg.dusa.update_generator:
+            raise ValueError("dusa.learnable_embedding adapts with the generator: it needs dusa.update_generator true")
 
     @classmethod
     def build(cls, cfg, class_names, device, ds_config, report, replicas) -> Built:
@@ -67,7 +67,7 @@ class Dusa(Method):
         front, data = self.engine.module.front, self.cfg.data
         generator = torch.Generator().manual_seed(image_seed(self.cfg.seed, task, item["name"]))
         latent = (front.encoder.vae.config.latent_channels,) + (data.window_size // front.encoder.downsample,) * 2
-        draw = functools.partial(draw_windows, latent_shape=latent, timestep_range=self.cfg.tta.timestep_range,
+        draw = functools.partial(draw_windows, latent_shape=latent, timestep_range=self.cfg.dusa.timestep_range,
                                  generator=generator)
         # Adaptive windows are placed by the step's own forward: the front draws for them.
         out = self.engine.step(item["image"], draw if data.windows == "adaptive" else draw(item["corners"]))

@@ -366,20 +366,20 @@ def validate(cfg: RunConfig, num_classes: int) -> None:
         if value is not None:
             positive(f"tta.{name}", value, zero=True)  # 0: nothing moves, a valid check against source
     count("tta.accumulation_steps", getattr(tta, "accumulation_steps", 1), 1)
-    positive("tta.window_tau", getattr(tta, "window_tau", 1.0))
-    count("tta.topk", tta.topk, 1, num_classes)
-    count("tta.area_k", tta.area_k, 1, num_classes)
-    positive("tta.area_threshold", tta.area_threshold, zero=True)
-    count("tta.max_classes", tta.max_classes, 1)  # more than the classes: all of them
-    count("tta.min_classes", tta.min_classes, 0, tta.max_classes if isinstance(tta.max_classes, int) else None)
-    positive("tta.temperature", tta.temperature)
-    t = tuple(tta.timestep_range)
-    need(len(t) == 2 and all(_finite(v) for v in t) and 0 <= t[0] <= t[1] <= 1, "tta.timestep_range", list(t),
+    positive("dusa.window_tau", getattr(dusa, "window_tau", 1.0))
+    count("dusa.topk", dusa.topk, 1, num_classes)
+    count("dusa.area_k", dusa.area_k, 1, num_classes)
+    positive("dusa.area_threshold", dusa.area_threshold, zero=True)
+    count("dusa.max_classes", dusa.max_classes, 1)  # more than the classes: all of them
+    count("dusa.min_classes", dusa.min_classes, 0, dusa.max_classes if isinstance(dusa.max_classes, int) else None)
+    positive("dusa.temperature", dusa.temperature)
+    t = tuple(dusa.timestep_range)
+    need(len(t) == 2 and all(_finite(v) for v in t) and 0 <= t[0] <= t[1] <= 1, "dusa.timestep_range", list(t),
          "two flow times 0 <= low <= high <= 1")
     count("tta.max_nonfinite", tta.max_nonfinite, 1)
-    bad = [c for c in tta.ignore_classes if not (isinstance(c, int) and 0 <= c < num_classes)]
-    need(not bad, "tta.ignore_classes", tta.ignore_classes, f"class ids in 0..{num_classes - 1}")
-    need(len(set(tta.ignore_classes)) < num_classes, "tta.ignore_classes", tta.ignore_classes,
+    bad = [c for c in dusa.ignore_classes if not (isinstance(c, int) and 0 <= c < num_classes)]
+    need(not bad, "dusa.ignore_classes", dusa.ignore_classes, f"class ids in 0..{num_classes - 1}")
+    need(len(set(dusa.ignore_classes)) < num_classes, "dusa.ignore_classes", dusa.ignore_classes,
          "at least one class left to choose from")
 
     count("pipeline.num_stages", pipe.num_stages, 1)
@@ -404,7 +404,7 @@ def validate(cfg: RunConfig, num_classes: int) -> None:
 
 
 def cap_class_budget(cfg: RunConfig, num_classes: int) -> list[str]:
-    """A class budget above the class count means every class: `tta.max_classes` (and `min_classes`) are capped
+    """A class budget above the class count means every class: `dusa.max_classes` (and `min_classes`) are capped
     at it, so that memory estimates and plans count the transformer batch that can really occur. Returns one
     warning line per capped option."""
     notes = []
