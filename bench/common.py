@@ -316,7 +316,8 @@ def memory_model(paths: dict, args, card: str, graph_shapes: int = 1):
     """pipeline/dusa/memory.py's model of the benchmark's runs (its activations from the measured cost table of
     these models where there is one), and that table (path, table) or None. `graph_shapes`: image shapes
     whose SegFormer CUDA graphs stay captured (one here; up to pipeline.segmenter_graphs in the launcher)."""
-    from pipeline.run.config import ModelConfig, TTAConfig
+    from pipeline.methods.dusa import DusaOptions
+    from pipeline.run.config import ModelConfig
     from pipeline.dusa.engine import load_ds_config, precision_of
     from pipeline.dusa.memory import build_memory_model, read_configs
     from pipeline.dusa.partition import find_cost_table, model_signature
@@ -326,7 +327,7 @@ def memory_model(paths: dict, args, card: str, graph_shapes: int = 1):
     found = find_cost_table(card, model_signature(generator, segmenter, size, precision_of(ds)))
     if args.cost_table:
         found = Path(args.cost_table), json.loads(Path(args.cost_table).read_text())
-    model = build_memory_model(generator, vae, segmenter, TTAConfig(), ds, size, shape, None, dtype,
+    model = build_memory_model(generator, vae, segmenter, DusaOptions(), ds, size, shape, None, dtype,
                                found[1] if found else None,
                                graph_shapes=graph_shapes if torch.cuda.is_available() else 0,  # graphs: GPU only
                                image=tuple(synthetic_image(args.tiny).shape[-2:]))

@@ -56,6 +56,7 @@ def worker(args) -> None:
     from deepspeed.utils import safe_get_full_grad
 
     from data.classes import ADE20K_CLASSES
+    from pipeline.methods.dusa import DusaOptions
     from pipeline.run.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
     from pipeline.dusa.engine import TTAEngine, is_norm_module, load_ds_config
     from pipeline.dusa.module import build_pipeline
@@ -69,10 +70,10 @@ def worker(args) -> None:
     bf16 = ds.get("bf16", {}).get("enabled", False)
     model = ModelConfig(segmenter=str(work / "segformer"), generator=str(work / "sd3"),
                         class_embeddings=str(work / "classes.safetensors"))
-    data, tta = DataConfig(window_size=128, window_stride=64), TTAConfig(lr=args.lr, max_classes=8)
-    module = build_pipeline(model, data, tta, PipelineConfig(num_stages=2, partition=[0, 4, 7]), ADE20K_CLASSES,
+    data, tta, dusa = DataConfig(window_size=128, window_stride=64), TTAConfig(lr=args.lr), DusaOptions(max_classes=8)
+    module = build_pipeline(model, data, dusa, PipelineConfig(num_stages=2, partition=[0, 4, 7]), ADE20K_CLASSES,
                             stage_report=LOG.debug, dtype=torch.bfloat16 if bf16 else torch.float32)
-    engine = TTAEngine(module, ds, tta)
+    engine = TTAEngine(module, ds, tta, dusa)
     # A normalization layer's own affine parameters (LayerNorm, GroupNorm, BatchNorm, RMSNorm), which autocast
     # computes in float32; not the Linear layers inside SD3's adaptive norms (those run in bf16).
     norm = {f"{o}.{n}" if o else n for o, m in module.named_modules() if is_norm_module(m)

@@ -10,7 +10,7 @@ from pipeline.dusa.loss import dusa_loss
 from pipeline.methods.dusa import Dusa
 from pipeline.run.config import RunConfig
 
-# Each ablation: the command-line options and the config they must give (tta fields).
+# Each ablation: the command-line options and the config they must give (DUSA's own options, `dusa`).
 EXPECTED = {
     "segmenter only": {"update_segmenter": True, "update_generator": False, "norm_only": False},
     "segmenter norm only": {"update_generator": False, "norm_only": True},
@@ -28,7 +28,7 @@ def test_every_declared_ablation_parses_to_its_config_and_is_in_the_help(launche
     for name, options in DUSA_ABLATIONS.items():
         cfg, _, _ = launcher_main.parse(["--tta.method", "dusa", *options])
         for field, value in EXPECTED[name].items():
-            got = getattr(cfg.tta, field)
+            got = getattr(cfg.dusa, field)
             assert (tuple(got) if isinstance(value, tuple) else got) == value, (name, field)
         Dusa.check(cfg, 2)  # each one runs: something adapts
     with pytest.raises(SystemExit):

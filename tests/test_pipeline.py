@@ -124,7 +124,7 @@ def reference_step(assets: Path, seed: int, ignore: list[int] = (), models=None,
     """Loss and gradients of one TTA step, computed directly from the specification. `options`: the
     options test's settings (entropy-weighted adaptive windows, a learnable pooled embedding); `scale`
     multiplies the loss before its backward (gradient accumulation)."""
-    _, _, tta, _ = run_configs(assets)
+    _, _, _, dusa, _ = run_configs(assets)
     segmenter, encoder, transformer, prompt, pooled = models or load_reference_models(
         assets, str(assets / SHARP_SEGFORMER) if options else None)
     image, draws = fixed_windows(assets, seed)

@@ -15,6 +15,7 @@ from torch import nn
 
 from pipeline.dusa import deepspeed_seam as seam
 from pipeline.run import timing
+from pipeline.methods.dusa import DusaOptions
 from pipeline.run.config import TTAConfig
 from pipeline.dusa.layers import JointBlock, SD3Embed, SD3Head, SegmenterFront
 from pipeline.dusa.low_precision import WorkingWeights, cast_frozen_layers
@@ -98,7 +99,7 @@ def is_norm_module(module: nn.Module) -> bool:
     return "Norm" in type(module).__name__
 
 
-def select_trainable(module: nn.Module, tta: TTAConfig) -> list[nn.Parameter]:
+def select_trainable(module: nn.Module, dusa: DusaOptions) -> list[nn.Parameter]:
     """Freezes everything, then unfreezes the adapted parameters of the layers on this rank."""
     module.requires_grad_(False)
     parts: list[nn.Module] = []
@@ -117,12 +118,12 @@ def select_trainable(module: nn.Module, tta: TTAConfig) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def parameter_groups(module: nn.Module, tta: TTAConfig) -> list[dict[str, Any]]:
+def parameter_groups(module: nn.Module, tta: TTAConfig, dusa: DusaOptions) -> list[dict[str, Any]]:
     """The adapted parameters on this rank (`select_trainable`) as optimizer groups: the segmenter's
     with `tta.lr_segmenter`, the generator's with `dusa.lr_generator`, the learnable pooled embedding with
     `dusa.lr_embeddings`, where set (else the optimizer's learning rate, `tta.lr` through
     `load_ds_config`); groups without parameters here are left out."""
-    select_trainable(module, tta)
+    select_trainable(module, dusa)
     segmenter = {id(p) for layer in module.modules() if isinstance(layer, SegmenterFront)
                  for p in layer.segmenter.parameters()}
     embedding = {id(layer.pooled_offset) for layer in module.modules()
@@ -180,14 +181,14 @@ class StepOutput(NamedTuple):
 class TTAEngine:
     """One DeepSpeed PipelineEngine step per image, and the reset of models and optimizer."""
 
-    def __init__(self, module: nn.Module, ds_config: dict[str, Any], tta: TTAConfig,
+    def __init__(self, module: nn.Module, ds_config: dict[str, Any], tta: TTAConfig, dusa: DusaOptions,
                  optimizer: Callable[[Any], torch.optim.Optimizer] | None = None, adaptive_windows: bool = False,
                  working_weights: bool = True):
         """`optimizer`: a function of the parameter groups (tests), else the DeepSpeed JSON's optimizer;
         `adaptive_windows`: stage 0 decides each image's window count and tells the other stages;
         `working_weights`: under autocast, the generator's Linear/Conv weights are cast once per step, not
         per window (pipeline/dusa/low_precision.py; False: autocast's own casts, for comparisons)."""
-        params = parameter_groups(module, tta)
+        params = parameter_groups(module, tta, dusa)
         if optimizer is None:
             optimizer = optimizer_factory(ds_config.get("optimizer", DEFAULT_OPTIMIZER))
         ds_config = {k: v for k, v in ds_config.items() if k != "optimizer"}
