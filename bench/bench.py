@@ -344,7 +344,7 @@ def main() -> None:
 
     wrong = argument_error(args)
     if wrong:
-        print(f"error: {wrong}", file=sys.stderr)
+        LOG.error(f"error: {wrong}")
         sys.exit(2)
     workdir = Path(args.workdir)
     out = Path(args.out) if args.out else workdir / "results"
@@ -445,7 +445,7 @@ def main() -> None:
     measured = [e for e in report["by_classes"].values() for k in ("pipeline_s_per_image", "single_gpu_s_per_image",
                                                                    "naive_split_s_per_image") if e.get(k)]
     if not measured and not any(report["pipeline_variants"].values()):
-        print(f"error: nothing was measured (every variant failed or was left out): see {log}", file=sys.stderr)
+        LOG.error(f"error: nothing was measured (every variant failed or was left out): see {log}")
         sys.exit(1)
     path = out / f"{report['date']}-{slug}{suffix}.json"
     path.write_text(json.dumps(report, indent=2))
@@ -454,7 +454,7 @@ def main() -> None:
         if trace.is_file():
             shutil.copy(trace, out / f"{report['date']}-{slug}-trace-stage{r}.json.gz")
     print_table(report)
-    print(f"written {path}")
+    LOG.info(f"written {path}")
 
 
 VARIANTS = ("single", "pipeline", "naive")

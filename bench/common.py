@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from pipeline.dusa.calibration import IMAGE_SIZE, smooth_random_image, sync  # noqa: F401 (the benchmarks' too)
+from pipeline.run.log import LOG
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,8 @@ def synthetic_image(tiny: bool, size: tuple[int, int] | None = None, seed: int =
 
 
 def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+    """A progress line, timed, through the run's rank-0 logger."""
+    LOG.info(f"[{time.strftime('%H:%M:%S')}] {message}")
 
 
 def peak_memory_gib(device: int | None = None) -> float | None:
@@ -284,7 +286,7 @@ def matmul_tflops() -> float | None:
 def run(cmd: list[str], log: Path, timeout: float, timing: dict | None = None) -> str | None:
     """Runs one variant in its own process group; whatever it leaves running (ranks of a failed launch)
     is killed before the next variant starts, so no variant shares the GPUs with another's leftovers."""
-    print(f"[{time.strftime('%H:%M:%S')}] $", " ".join(cmd), flush=True)
+    say("$ " + " ".join(cmd))
     with open(log, "a") as f:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -301,7 +303,7 @@ def run(cmd: list[str], log: Path, timeout: float, timing: dict | None = None) -
             pass
         proc.wait()
     time.sleep(2)  # the driver releases the killed processes' GPU memory
-    print(f"[{time.strftime('%H:%M:%S')}] " + (f"failed ({failed}); see {log}" if failed else "done"), flush=True)
+    say(f"failed ({failed}); see {log}" if failed else "done")
     return failed or None
 
 

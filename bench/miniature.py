@@ -54,6 +54,7 @@ import torch  # noqa: E402
 
 from data.classes import VALIDATION_CORRUPTIONS  # noqa: E402
 from pipeline.run.folder import free_local_port  # noqa: E402
+from pipeline.run.log import LOG  # noqa: E402
 from bench.miniature_make import (CLASSES, FULL, TINY, K, Sizes, encode_windows, latent_labels,  # noqa: E402
                                   render_split, sizes_record, train_segmenter, train_transformer, train_vae,
                                   write_json)
@@ -132,7 +133,7 @@ class Workdir:
 
 
 def log(message: str) -> None:
-    print(f"[miniature {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    LOG.info(f"[miniature {time.strftime('%H:%M:%S')}] {message}")
 
 
 def default_device() -> torch.device:
@@ -981,7 +982,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as exc:  # MiniatureError, a damaged results file, an unwritable folder
         if os.environ.get("DUSA_TRACEBACK"):
             raise
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        LOG.error(f"error: {' '.join(str(exc).split())}")
         return 2
     return 0
 

@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 from pipeline.run.folder import free_local_port  # noqa: E402
+from pipeline.run.log import LOG  # noqa: E402
 
 PRESETS = ["ds_configs/ds_tta_bf16.json", "ds_configs/ds_tta.json"]
 LOWER_PRECISION_MODULES = ("Linear", "Conv1d", "Conv2d", "Conv3d")  # run in bf16 under autocast
@@ -60,7 +61,6 @@ def worker(args) -> None:
     from pipeline.run.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
     from pipeline.dusa.engine import TTAEngine, is_norm_module, load_ds_config
     from pipeline.dusa.module import build_pipeline
-    from pipeline.run.log import LOG
     from pipeline.dusa.windows import draw_windows, resize_short_edge, window_boxes
 
     deepspeed.init_distributed()
@@ -149,7 +149,7 @@ def main() -> None:
                next((f"--presets {p}: no such DeepSpeed JSON" for p in args.presets if not (ROOT / p).is_file()), None)
                or (f"--workdir {args.workdir} is a file" if args.workdir and Path(args.workdir).is_file() else None))
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
+        LOG.error(f"error: {problem}")
         sys.exit(2)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="precision-reach-"))
     ensure_demo_models(str(work / "segformer"), str(work / "sd3"), str(work / "classes.safetensors"), ADE20K_CLASSES)
@@ -174,7 +174,7 @@ def main() -> None:
     out = Path(args.out or work / "results") / f"{datetime.date.today()}-precision-reach-cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    print(f"written {out}")
+    LOG.info(f"written {out}")
 
 
 if __name__ == "__main__":
