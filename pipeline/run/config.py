@@ -115,7 +115,8 @@ class DataConfig:
 
 @dataclass
 class TTAConfig:
-    """The adaptation method and its hyper-parameters."""
+    """The adaptation method and what every method reads; a method's own options are its section (`--dusa.*`,
+    `--cotta.*`, ...: pipeline/methods/)."""
 
     method: MethodName = "dusa"
     """The adaptation method, one file each in pipeline/methods/ (the README's methods: `source`, the unadapted
