@@ -70,7 +70,7 @@ def pipeline_worker(args) -> None:
     from data.classes import ADE20K_CLASSES
     from pipeline.run.config import DataConfig, ModelConfig, PipelineConfig, RunConfig, TTAConfig
     from pipeline.dusa.engine import TTAEngine, load_ds_config, precision_of
-    from pipeline.methods.dusa import Dusa
+    from pipeline.methods.dusa import Dusa, DusaOptions
     from pipeline.dusa.module import build_pipeline
     from pipeline.run.images import predict
     from pipeline.dusa.windows import window_boxes
@@ -83,7 +83,7 @@ def pipeline_worker(args) -> None:
     paths = json.loads(args.paths)
     size, stride = window_size(args.tiny)
     data = DataConfig(window_size=size, window_stride=stride)
-    tta = TTAConfig(min_classes=args.classes[0], max_classes=max(args.classes))  # (the step sets each count)
+    dusa = DusaOptions(min_classes=args.classes[0], max_classes=max(args.classes))  # (the step sets each count)
     pipe = PipelineConfig(num_stages=args.stages, partition=json.loads(args.partition) if args.partition else None,
                           cost_table=args.cost_table)
     if args.segmenter_graphs is not None:
@@ -98,11 +98,11 @@ def pipeline_worker(args) -> None:
     out: dict = {"stage": rank, "stages": args.stages, "name": args.name, "results": {}}
     stopper = StageStop(Path(args.workdir), args.name, rank, out, Path(args.workdir) / f"{tag}.json")
     try:
-        module = build_pipeline(ModelConfig(**paths), data, tta, pipe, ADE20K_CLASSES,
+        module = build_pipeline(ModelConfig(**paths), data, dusa, pipe, ADE20K_CLASSES,
                                 stage_report=LOG.info,
                                 dtype=torch.bfloat16 if bf16 else torch.float32, precision=precision_of(ds))
         say(f"rank {rank}: stage built")
-        engine = TTAEngine(module, ds, tta, working_weights=not args.autocast_casts)
+        engine = TTAEngine(module, ds, TTAConfig(), dusa, working_weights=not args.autocast_casts)
     except torch.cuda.OutOfMemoryError as exc:
         stopper.fail(None, exc, "loading the stage")
     stage = engine.engine.stage_id
@@ -153,7 +153,7 @@ def pipeline_worker(args) -> None:
 
     # Stage 0 runs the users' step (pipeline/methods/dusa.py: Dusa.step, the draws seeded per image as in a run);
     # the other stages take their part of it with the same window count.
-    method = Dusa(engine, RunConfig(data=data, tta=tta), ADE20K_CLASSES)
+    method = Dusa(engine, RunConfig(data=data, dusa=dusa), ADE20K_CLASSES)
 
     def one_step(i: int):
         if front is None:
@@ -351,7 +351,7 @@ def main() -> None:
 
     wrong = argument_error(args)
     if wrong:
-        print(f"error: {wrong}", file=sys.stderr)
+        LOG.error(f"error: {wrong}")
         sys.exit(2)
     workdir = Path(args.workdir)
     out = Path(args.out) if args.out else workdir / "results"
@@ -455,7 +455,7 @@ def main() -> None:
     measured = [e for e in report["by_classes"].values() for k in ("pipeline_s_per_image", "single_gpu_s_per_image",
                                                                    "naive_split_s_per_image") if e.get(k)]
     if not measured and not any(report["pipeline_variants"].values()):
-        print(f"error: nothing was measured (every variant failed or was left out): see {log}", file=sys.stderr)
+        LOG.error(f"error: nothing was measured (every variant failed or was left out): see {log}")
         sys.exit(1)
     path = out / f"{report['date']}-{slug}{suffix}.json"
     path.write_text(json.dumps(report, indent=2))
@@ -464,7 +464,7 @@ def main() -> None:
         if trace.is_file():
             shutil.copy(trace, out / f"{report['date']}-{slug}-trace-stage{r}.json.gz")
     print_table(report)
-    print(f"written {path}")
+    LOG.info(f"written {path}")
 
 
 VARIANTS = ("single", "pipeline", "naive")

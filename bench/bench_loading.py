@@ -47,6 +47,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.run.log import LOG
+
 ROOT = Path(__file__).resolve().parents[1]
 GIB = 2 ** 30
 INDEX = "diffusion_pytorch_model.safetensors.index.json"
@@ -54,7 +56,7 @@ DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+    LOG.info(f"[{time.strftime('%H:%M:%S')}] {message}")
 
 
 # ----------------------------------------------------------------------------- memory probes (no torch)
@@ -399,14 +401,14 @@ def main() -> None:
             args.mode = args.worker
             args.dtype = args.load_dtype
             result = worker_load(args)
-        print(json.dumps(result), flush=True)
+        print(json.dumps(result), flush=True)  # the worker's answer to its parent, which reads its stdout
         return
     problem = ("--workdir is required" if not args.workdir else
                f"--workdir {args.workdir} is a file, not a folder" if Path(args.workdir).is_file() else
                f"--stages {args.stages} must be >= 1" if min(args.stages) < 1 else
                f"--timeout {args.timeout} must be > 0" if not args.timeout > 0 else None)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
+        LOG.error(f"error: {problem}")
         sys.exit(2)
 
     workdir = Path(args.workdir).resolve()

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from pipeline.dusa.calibration import IMAGE_SIZE, smooth_random_image, sync  # noqa: F401 (the benchmarks' too)
+from pipeline.run.log import LOG
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +55,8 @@ def synthetic_image(tiny: bool, size: tuple[int, int] | None = None, seed: int =
 
 
 def say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+    """A progress line, timed, through the run's rank-0 logger."""
+    LOG.info(f"[{time.strftime('%H:%M:%S')}] {message}")
 
 
 def peak_memory_gib(device: int | None = None) -> float | None:
@@ -284,7 +286,7 @@ def matmul_tflops() -> float | None:
 def run(cmd: list[str], log: Path, timeout: float, timing: dict | None = None) -> str | None:
     """Runs one variant in its own process group; whatever it leaves running (ranks of a failed launch)
     is killed before the next variant starts, so no variant shares the GPUs with another's leftovers."""
-    print(f"[{time.strftime('%H:%M:%S')}] $", " ".join(cmd), flush=True)
+    say("$ " + " ".join(cmd))
     with open(log, "a") as f:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
@@ -301,7 +303,7 @@ def run(cmd: list[str], log: Path, timeout: float, timing: dict | None = None) -
             pass
         proc.wait()
     time.sleep(2)  # the driver releases the killed processes' GPU memory
-    print(f"[{time.strftime('%H:%M:%S')}] " + (f"failed ({failed}); see {log}" if failed else "done"), flush=True)
+    say(f"failed ({failed}); see {log}" if failed else "done")
     return failed or None
 
 
@@ -316,7 +318,8 @@ def memory_model(paths: dict, args, card: str, graph_shapes: int = 1):
     """pipeline/dusa/memory.py's model of the benchmark's runs (its activations from the measured cost table of
     these models where there is one), and that table (path, table) or None. `graph_shapes`: image shapes
     whose SegFormer CUDA graphs stay captured (one here; up to pipeline.segmenter_graphs in the launcher)."""
-    from pipeline.run.config import ModelConfig, TTAConfig
+    from pipeline.methods.dusa import DusaOptions
+    from pipeline.run.config import ModelConfig
     from pipeline.dusa.engine import load_ds_config, precision_of
     from pipeline.dusa.memory import build_memory_model, read_configs
     from pipeline.dusa.partition import find_cost_table, model_signature
@@ -326,7 +329,7 @@ def memory_model(paths: dict, args, card: str, graph_shapes: int = 1):
     found = find_cost_table(card, model_signature(generator, segmenter, size, precision_of(ds)))
     if args.cost_table:
         found = Path(args.cost_table), json.loads(Path(args.cost_table).read_text())
-    model = build_memory_model(generator, vae, segmenter, TTAConfig(), ds, size, shape, None, dtype,
+    model = build_memory_model(generator, vae, segmenter, DusaOptions(), ds, size, shape, None, dtype,
                                found[1] if found else None,
                                graph_shapes=graph_shapes if torch.cuda.is_available() else 0,  # graphs: GPU only
                                image=tuple(synthetic_image(args.tiny).shape[-2:]))

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from pipeline.run.log import LOG
 from models.architectures import SD3_MEDIUM_TRANSFORMER, SD3_TEXT_TOKENS, SD3_VAE, SEGFORMER_B5
 
 WINDOW = 512  # the generator's window side (pixels)
@@ -271,7 +272,7 @@ def main() -> None:
     print("\nattention in bf16 vs float32 math, relative L2 error at 10 classes (out, dq, dk, dv):")
     for backend, errors in precision.items():
         print(f"  {backend}: " + (", ".join(f"{v:.2e}" for v in errors.values()) if isinstance(errors, dict) else errors))
-    print(f"\nsaved {path}")
+    LOG.info(f"\nsaved {path}")
 
 
 if __name__ == "__main__":

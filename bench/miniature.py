@@ -61,6 +61,7 @@ import torch  # noqa: E402
 
 from data.classes import VALIDATION_CORRUPTIONS  # noqa: E402
 from pipeline.run.folder import free_local_port  # noqa: E402
+from pipeline.run.log import LOG  # noqa: E402
 from bench.miniature_make import (CLASSES, FULL, TINY, K, Sizes, encode_windows, latent_labels,  # noqa: E402
                                   render_split, sizes_record, train_segmenter, train_transformer, train_vae,
                                   write_json)
@@ -83,13 +84,13 @@ CANDIDATE_RATES = {"tent": LEARNING_RATES, "dusa": LEARNING_RATES, "cotta": (7.5
 SELECTED = "selected"  # a run's lr: the method's held-out choice, read from <workdir>/selected_lr.json
 # DUSA's ablations: the options of one run each (t = 0.25, the default, is the dusa row itself).
 DUSA_ABLATIONS = {
-    "segmenter only": ["--tta.update_generator", "false"],
-    "segmenter norm only": ["--tta.update_generator", "false", "--tta.norm_only", "true"],
-    "uniform p": ["--tta.candidate_weights", "uniform"],
-    "t 0.1": ["--tta.timestep_range", "[0.1, 0.1]"],
-    "t 0.5": ["--tta.timestep_range", "[0.5, 0.5]"],
-    "topk 5": ["--tta.topk", "5"],
-    "top-5 area 20": ["--tta.candidates", "area_k", "--tta.area_k", "5", "--tta.area_threshold", "20"],
+    "segmenter only": ["--dusa.update_generator", "false"],
+    "segmenter norm only": ["--dusa.update_generator", "false", "--dusa.norm_only", "true"],
+    "uniform p": ["--dusa.candidate_weights", "uniform"],
+    "t 0.1": ["--dusa.timestep_range", "[0.1, 0.1]"],
+    "t 0.5": ["--dusa.timestep_range", "[0.5, 0.5]"],
+    "topk 5": ["--dusa.topk", "5"],
+    "top-5 area 20": ["--dusa.candidates", "area_k", "--dusa.area_k", "5", "--dusa.area_threshold", "20"],
 }
 # The analysis section (bench/miniature_analysis.py), declared before its results: dusa at the launcher's default
 # lr (the row whose gain the README quotes; --tiny: the tiny grid's dusa) against the source, autocast preset.
@@ -146,7 +147,7 @@ class Workdir:
 
 
 def log(message: str) -> None:
-    print(f"[miniature {time.strftime('%H:%M:%S')}] {message}", flush=True)
+    LOG.info(f"[miniature {time.strftime('%H:%M:%S')}] {message}")
 
 
 def default_device() -> torch.device:
@@ -1062,7 +1063,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as exc:  # MiniatureError, a damaged results file, an unwritable folder
         if os.environ.get("DUSA_TRACEBACK"):
             raise
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        LOG.error(f"error: {' '.join(str(exc).split())}")
         return 2
     return 0
 

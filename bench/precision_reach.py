@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 from pipeline.run.folder import free_local_port  # noqa: E402
+from pipeline.run.log import LOG  # noqa: E402
 
 PRESETS = ["ds_configs/ds_tta_bf16.json", "ds_configs/ds_tta.json"]
 LOWER_PRECISION_MODULES = ("Linear", "Conv1d", "Conv2d", "Conv3d")  # run in bf16 under autocast
@@ -56,10 +57,10 @@ def worker(args) -> None:
     from deepspeed.utils import safe_get_full_grad
 
     from data.classes import ADE20K_CLASSES
+    from pipeline.methods.dusa import DusaOptions
     from pipeline.run.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
     from pipeline.dusa.engine import TTAEngine, is_norm_module, load_ds_config
     from pipeline.dusa.module import build_pipeline
-    from pipeline.run.log import LOG
     from pipeline.dusa.windows import draw_windows, resize_short_edge, window_boxes
 
     deepspeed.init_distributed()
@@ -69,10 +70,10 @@ def worker(args) -> None:
     bf16 = ds.get("bf16", {}).get("enabled", False)
     model = ModelConfig(segmenter=str(work / "segformer"), generator=str(work / "sd3"),
                         class_embeddings=str(work / "classes.safetensors"))
-    data, tta = DataConfig(window_size=128, window_stride=64), TTAConfig(lr=args.lr, max_classes=8)
-    module = build_pipeline(model, data, tta, PipelineConfig(num_stages=2, partition=[0, 4, 7]), ADE20K_CLASSES,
+    data, tta, dusa = DataConfig(window_size=128, window_stride=64), TTAConfig(lr=args.lr), DusaOptions(max_classes=8)
+    module = build_pipeline(model, data, dusa, PipelineConfig(num_stages=2, partition=[0, 4, 7]), ADE20K_CLASSES,
                             stage_report=LOG.debug, dtype=torch.bfloat16 if bf16 else torch.float32)
-    engine = TTAEngine(module, ds, tta)
+    engine = TTAEngine(module, ds, tta, dusa)
     # A normalization layer's own affine parameters (LayerNorm, GroupNorm, BatchNorm, RMSNorm), which autocast
     # computes in float32; not the Linear layers inside SD3's adaptive norms (those run in bf16).
     norm = {f"{o}.{n}" if o else n for o, m in module.named_modules() if is_norm_module(m)
@@ -96,7 +97,7 @@ def worker(args) -> None:
     corners = window_boxes(image.shape[-2], image.shape[-1], 128, 64)
     before = forward_values(module, autocast)
     for step in range(args.steps):  # one image, the same draws every step
-        draws = draw_windows(corners, (16, 16, 16), tta.timestep_range, torch.Generator().manual_seed(0))
+        draws = draw_windows(corners, (16, 16, 16), dusa.timestep_range, torch.Generator().manual_seed(0))
         engine.step(image if module.front is not None else None, draws)
         if step == 0:
             after_one = forward_values(module, autocast)
@@ -148,7 +149,7 @@ def main() -> None:
                next((f"--presets {p}: no such DeepSpeed JSON" for p in args.presets if not (ROOT / p).is_file()), None)
                or (f"--workdir {args.workdir} is a file" if args.workdir and Path(args.workdir).is_file() else None))
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
+        LOG.error(f"error: {problem}")
         sys.exit(2)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="precision-reach-"))
     ensure_demo_models(str(work / "segformer"), str(work / "sd3"), str(work / "classes.safetensors"), ADE20K_CLASSES)
@@ -173,7 +174,7 @@ def main() -> None:
     out = Path(args.out or work / "results") / f"{datetime.date.today()}-precision-reach-cpu.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    print(f"written {out}")
+    LOG.info(f"written {out}")
 
 
 if __name__ == "__main__":

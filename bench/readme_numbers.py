@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.run.log import LOG
+
 ROOT = Path(__file__).resolve().parents[1]
 
 METHODS = ("source", "tent", "dusa")
@@ -97,7 +99,7 @@ def main() -> None:
     parser.add_argument("--demo_time", action="store_true", help="time the quickstart's demo as on a fresh clone")
     args = parser.parse_args()
     if not (args.demo or args.tests or args.demo_time):  # README.md, its purpose, is written only when asked
-        print("error: say what to regenerate in README.md: --demo, --tests and/or --demo_time", file=sys.stderr)
+        LOG.error("error: say what to regenerate in README.md: --demo, --tests and/or --demo_time")
         sys.exit(2)
     readme = ROOT / "README.md"
     text = readme.read_text()
@@ -108,7 +110,7 @@ def main() -> None:
     if args.demo_time:
         text = replace_block(text, "demo-time", demo_time())
     readme.write_text(text)
-    print(f"README.md updated ({', '.join(k for k in ('demo', 'tests', 'demo_time') if getattr(args, k))})")
+    LOG.info(f"README.md updated ({', '.join(k for k in ('demo', 'tests', 'demo_time') if getattr(args, k))})")
 
 
 if __name__ == "__main__":

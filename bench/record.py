@@ -32,6 +32,7 @@ from pathlib import Path
 # Run as a script, Python puts bench/ first on the path, where bench.py would stand in for the bench package.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
+from pipeline.run.log import LOG  # noqa: E402
 from pipeline.run.timing import phase_means  # noqa: E402
 from bench.common import IMAGE_SIZE, WORKDIR_MARKER, checkpoints, run, say  # noqa: E402
 from bench.graph_cache import SHAPE_MIX, shape_sequence  # noqa: E402
@@ -94,7 +95,7 @@ def launcher_run(args, paths: dict, data: Path, gpus: int, stages: int, classes:
            "--model.generator", paths["generator"], "--model.class_embeddings", paths["class_embeddings"],
            "--data.root", str(data), "--data.severity", "3", "--data.corruptions", "[" + ",".join(TASKS[:args.tasks]) + "]",
            "--logging.wandb.enabled", "false", "--logging.progress", "false", "--logging.timing", "true",
-           "--pipeline.num_stages", str(stages), "--tta.max_classes", str(classes), "--tta.min_classes", str(classes),
+           "--pipeline.num_stages", str(stages), "--dusa.max_classes", str(classes), "--dusa.min_classes", str(classes),
            "--output_dir", str(run_dir)]
     cmd += ["--deepspeed", args.ds_config] if args.ds_config else []
     if args.tiny:  # the demo config's own models, data and split are not the benchmark's
@@ -237,22 +238,22 @@ def summarise(args) -> None:
     run_dir = Path(args.summarise)
     files = {int(p.stem.rsplit("rank", 1)[1]): json.loads(p.read_text()) for p in run_dir.glob("timing-rank*.json")}
     if not files or not any((run_dir / name).is_file() for name in ("config.json", "results.json")):
-        print(f"error: {run_dir} holds no timing-rank*.json and config.json (run launch/tta.py with --logging.timing "
-              f"true)", file=sys.stderr)
+        LOG.error(f"error: {run_dir} holds no timing-rank*.json and config.json (run launch/tta.py with "
+                  f"--logging.timing true)")
         sys.exit(2)
     cfg = run_config(run_dir)
     stages = cfg["pipeline"]["num_stages"] if cfg["tta"]["method"] == "dusa" else 1
     gpus = max(files) + 1
     # The process start is the launcher's start here: the launcher's own seconds are not in the files.
     out = {"failed": None, "wall_s": None, "started": files[0]["process_start"], "timing": files, "run_dir": str(run_dir)}
-    row = row_from(out, args.card or "unknown", gpus, stages, cfg["tta"]["max_classes"], args.step_s)
+    row = row_from(out, args.card or "unknown", gpus, stages, cfg["dusa"]["max_classes"], args.step_s)
     row.update(run_dir=str(run_dir), command=" ".join(sys.argv))
     print_table([row])
     if args.out:
         path = Path(args.out) / f"{run_dir.name}-record.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps([row], indent=1) + "\n")
-        print(f"written {path}")
+        LOG.info(f"written {path}")
 
 
 def argument_error(args) -> str | None:
@@ -302,7 +303,7 @@ def main() -> None:
         return summarise(args)
     wrong = argument_error(args)
     if wrong:
-        print(f"error: {wrong}", file=sys.stderr)
+        LOG.error(f"error: {wrong}")
         sys.exit(2)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -340,7 +341,7 @@ def main() -> None:
             rows.append(row)
             path.write_text(json.dumps(rows, indent=1) + "\n")  # after every row: a cut-off call keeps its rows
     print_table(rows)
-    print(f"written {path}")
+    LOG.info(f"written {path}")
     if any(r["status"] != "ok" for r in rows):
         sys.exit(1)
 

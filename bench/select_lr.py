@@ -114,7 +114,7 @@ def main(argv=None) -> int:
             mini.log("test corruptions at the chosen rates: " + ", ".join(r["name"] for r in runs)
                      + " (python bench/miniature.py report for the table)")
     except (ValueError, OSError) as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        mini.LOG.error(f"error: {' '.join(str(exc).split())}")
         return 2
     return 0
 

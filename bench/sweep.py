@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from bench.common import (ROOT, run, say, IMAGE_SIZE)
+from pipeline.run.log import LOG
 
 # ----------------------------------------------------------------------------- sweep: which layout finishes first
 def sweep(args, paths: dict, workdir: Path, out: Path, card: str, slug: str, suffix: str, memory, table,
@@ -73,8 +74,8 @@ def sweep(args, paths: dict, workdir: Path, out: Path, card: str, slug: str, suf
                    "--model.generator", paths["generator"], "--model.class_embeddings", paths["class_embeddings"],
                    "--data.root", str(data), "--data.corruptions", "[" + ",".join(args.sweep_tasks) + "]",
                    "--logging.wandb.enabled", "false", "--logging.progress", "false", "--logging.image_every", "0",
-                   "--pipeline.num_stages", str(stages), "--tta.max_classes", str(classes),
-                   "--tta.min_classes", str(classes), "--output_dir", str(run_dir)]
+                   "--pipeline.num_stages", str(stages), "--dusa.max_classes", str(classes),
+                   "--dusa.min_classes", str(classes), "--output_dir", str(run_dir)]
             cmd += ["--deepspeed", args.ds_config] if args.ds_config else []
             if args.tiny:  # the demo config's own models, data and split are not the sweep's
                 cmd += ["--model.build_demo_models", "false", "--data.build_demo_data", "false",
@@ -112,7 +113,7 @@ def sweep(args, paths: dict, workdir: Path, out: Path, card: str, slug: str, suf
             path.write_text(json.dumps(report, indent=2))  # after every launch: a cut-off sweep keeps its rows
     path.write_text(json.dumps(report, indent=2))
     if not any(row["status"] == "ok" for row in report["layouts"]):
-        print(f"error: no layout ran to the end (see the status of each in {path})", file=sys.stderr)
+        LOG.error(f"error: no layout ran to the end (see the status of each in {path})")
         sys.exit(1)
     print(f"\n{card}, {gpus} GPUs, {len(args.sweep_tasks)} tasks x {args.sweep_images} images of {list(size)}")
     predicted = {(p["replicas"], p["stages"]): p["classes"] for p in (report.get("predicted") or {}).get("layouts", [])}
@@ -122,4 +123,4 @@ def sweep(args, paths: dict, workdir: Path, out: Path, card: str, slug: str, suf
         print(f"{row['layout']:>7} {row['classes']:>7} {row.get('images_per_s') or 0:>9.2f} "
               f"{row.get('images_per_s_wall') or 0:>9.2f} {guess or 0:>9.2f} "
               f"{'/'.join(f'{m:.0f}' for m in row.get('estimated_peak_gib', [])):>12}  {row['status']}")
-    print(f"written {path}")
+    LOG.info(f"written {path}")

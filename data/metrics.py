@@ -3,8 +3,13 @@
 The metric is mmseg's `IoUMetric`: one confusion matrix over the task, label 255 ignored, IoU and Acc
 per class from its totals, mIoU the mean over classes with a non-empty union (the others are NaN),
 aAcc the correct share of all non-ignored pixels; every value in percent, as mmseg reports them
-(not rounded here: rounding is for display). The counts are kept on the device; torchmetrics (the
-authors' library: `MulticlassJaccardIndex`, `MulticlassAccuracy`) computes the scores from them.
+(not rounded here: rounding is for display). The counts are kept on the device, as int64. Accuracy comes
+from torchmetrics (the authors' library: `MulticlassAccuracy`, which divides in the dtype of the counts it
+is given: float64 here). IoU does not: torchmetrics' `MulticlassJaccardIndex` (1.9) casts its confusion
+matrix to float32 before dividing (`_jaccard_index_reduce`: `confmat.float()`), which no argument, state
+dtype or `set_dtype` changes, and which puts its mIoU about 1e-8 (relative) off the float64 value. So IoU
+is intersection / union in float64 from the same int64 counts, and mIoU their mean as mmseg takes it
+(`np.nanmean`): equal, bit for bit, to mmseg's computation in float64.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import warnings
 
 import numpy as np
 import torch
-from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+from torchmetrics.classification import MulticlassAccuracy
 
 ADE_NUM_CLASSES = 150
 IGNORE_INDEX = 255
@@ -40,7 +45,7 @@ class SegmentationMetric:
     `update` stays on the device of the first prediction and never reads values back to the
     host, so it does not stall an accelerator stream. Out-of-range predictions are checked at
     once for CPU tensors; on other devices they are counted on the device and reported by
-    `compute()`, which reads the results back anyway and computes them with torchmetrics.
+    `compute()`, which reads the results back anyway (IoU in float64, accuracy through torchmetrics).
     """
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
@@ -109,30 +114,30 @@ class SegmentationMetric:
         confmat = self._hist[: n * n].view(n, n)  # rows: target, cols: prediction
         with warnings.catch_warnings():  # the state is set, not updated: torchmetrics' note about it does not apply
             warnings.filterwarnings("ignore", message=".*was called before the ``update`` method")
-            iou, miou, acc, aacc = [100 * metric.compute() for metric in self._scores(confmat)]
-        union = confmat.sum(0) + confmat.sum(1) - confmat.diag()
-        iou = torch.where(union > 0, iou, math.nan)  # mmseg: undefined, not 0, where a class is in neither map
+            acc, aacc = [100 * metric.compute() for metric in self._accuracies(confmat)]
+        intersection = confmat.diag().double()
+        union = confmat.sum(0).double() + confmat.sum(1).double() - intersection  # integers: exact in float64
+        iou = (intersection / union).cpu().numpy()  # 0 / 0: NaN, mmseg's undefined IoU of a class in neither map
         acc = torch.where(confmat.sum(1) > 0, acc, math.nan)
-        return {"mIoU": float(miou), "aAcc": float(aacc) if bool(confmat.sum() > 0) else math.nan,
-                "IoU": iou.tolist(), "Acc": acc.tolist()}
+        defined = ~np.isnan(iou)
+        return {"mIoU": float(100 * np.nanmean(iou)) if defined.any() else math.nan,
+                "aAcc": float(aacc) if bool(confmat.sum() > 0) else math.nan,
+                "IoU": (100 * iou).tolist(), "Acc": acc.tolist()}
 
-    def _scores(self, confmat: torch.Tensor) -> list:
-        """torchmetrics' metrics (per-class IoU, mIoU, per-class Acc, aAcc) holding these counts as their state.
+    def _accuracies(self, confmat: torch.Tensor) -> list:
+        """torchmetrics' metrics (per-class Acc, aAcc) holding these counts as their state.
 
         The counts are handed over as the metrics' state rather than through `update` (which reads back to the
-        host at every image: boolean indexing of the ignored pixels, `torch.bincount`), and `sync_on_compute`
-        is off: a replica's tasks are its own, so no collective waits on the other replicas. mIoU is the macro
-        average, which leaves out the classes in neither map, as mmseg's mean of the defined IoUs does."""
+        host at every image: boolean indexing of the ignored pixels, `torch.bincount`), as float64 (torchmetrics
+        divides in their dtype), and `sync_on_compute` is off: a replica's tasks are its own, so no collective
+        waits on the other replicas."""
         n = self.num_classes
         tp = confmat.diag()
         fp, fn = confmat.sum(0) - tp, confmat.sum(1) - tp
-        # float64 counts: torchmetrics divides in their dtype (its IoU casts to float32 itself)
         stats = {k: v.double() for k, v in {"tp": tp, "fp": fp, "fn": fn, "tn": confmat.sum() - tp - fp - fn}.items()}
-        metrics = [MulticlassJaccardIndex(n, average="none", sync_on_compute=False, validate_args=False),
-                   MulticlassJaccardIndex(n, average="macro", sync_on_compute=False, validate_args=False),
-                   MulticlassAccuracy(n, average="none", sync_on_compute=False, validate_args=False),
+        metrics = [MulticlassAccuracy(n, average="none", sync_on_compute=False, validate_args=False),
                    MulticlassAccuracy(n, average="micro", sync_on_compute=False, validate_args=False)]
         for metric in metrics:
             metric.to(confmat.device)
-            metric.merge_state({"confmat": confmat} if isinstance(metric, MulticlassJaccardIndex) else stats)
+            metric.merge_state(stats)
         return metrics

@@ -74,7 +74,7 @@ def calibrate(args: argparse.Namespace) -> Path:
     from pipeline.dusa.module import build_pipeline
     from pipeline.dusa.partition import model_signature
     from pipeline.dusa.windows import window_boxes
-    from pipeline.methods.dusa import Dusa
+    from pipeline.methods.dusa import Dusa, DusaOptions
     from pipeline.run.config import DataConfig, ModelConfig, PipelineConfig, RunConfig, TTAConfig
     from pipeline.run.folder import free_local_port
 
@@ -89,13 +89,13 @@ def calibrate(args: argparse.Namespace) -> Path:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     size, stride = (128, 64) if args.tiny else (512, 256)
     data = DataConfig(window_size=size, window_stride=stride)
-    tta = TTAConfig(min_classes=args.classes[0], max_classes=args.classes[0])
+    dusa = DusaOptions(min_classes=args.classes[0], max_classes=args.classes[0])
     ds = load_ds_config(args.deepspeed, lr=1e-5)
     precision = precision_of(ds)
     pipe = PipelineConfig(num_stages=1)  # one stage holds every layer
-    module = build_pipeline(ModelConfig(**paths), data, tta, pipe, ADE20K_CLASSES, stage_report=LOG.debug,
+    module = build_pipeline(ModelConfig(**paths), data, dusa, pipe, ADE20K_CLASSES, stage_report=LOG.debug,
                             dtype=torch.bfloat16 if precision == "bf16" else torch.float32, precision=precision)
-    engine = TTAEngine(module, ds, tta)
+    engine = TTAEngine(module, ds, TTAConfig(), dusa)
     optimizer_s: list[float] = []
 
     def timed_step(step):
@@ -110,7 +110,7 @@ def calibrate(args: argparse.Namespace) -> Path:
     wrap_instructions(engine.engine, {"OptimizerStep": timed_step})
     image = smooth_random_image(*((128, 171) if args.tiny else IMAGE_SIZE))
     corners = window_boxes(image.shape[-2], image.shape[-1], size, stride)
-    method = Dusa(engine, RunConfig(data=data, tta=tta), ADE20K_CLASSES)
+    method = Dusa(engine, RunConfig(data=data, dusa=dusa), ADE20K_CLASSES)
     for i in range(args.warmup + 2):  # the users' step, the optimizer timed in the last two
         method.step("calibrate", {"image": image, "name": f"image{i}", "corners": corners})
     latent = (16, size // 8, size // 8)

@@ -30,8 +30,8 @@ from argparse import ArgumentError  # noqa: E402
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings  # noqa: E402
 
-from pipeline.run.config import (DataConfig, LoggingConfig, ModelConfig, PipelineConfig, RunConfig,  # noqa: E402
-                                 TTAConfig, method_sections)
+from pipeline.run.config import (MOVED_OPTIONS, DataConfig, LoggingConfig, ModelConfig,  # noqa: E402
+                                 PipelineConfig, RunConfig, TTAConfig, method_sections)
 
 # The CLI's sections: the run's groups, then one per method that has options of its own (the registry's).
 GROUPS = {"model": ModelConfig, "data": DataConfig, "tta": TTAConfig, "pipeline": PipelineConfig,
@@ -68,6 +68,11 @@ def parse(argv=None) -> tuple[RunConfig, dict, list[str]]:
         ns = parser.parse_args(argv)
     except ArgumentError as exc:
         message = " ".join(str(exc).split())  # jsonargparse's messages span lines
+        old = (unknown_option(message) or "").removeprefix("--")
+        if old in MOVED_OPTIONS:  # an option that moved to its method's section: its new name, not a guess
+            new = MOVED_OPTIONS[old]
+            raise BadArguments(f"{old} is now {new}: DUSA's own options have their section (--{new} on the command "
+                               f"line, \"{new.partition('.')[0]}\": {{...}} in a config file)") from None
         guess = close_option(message, [s for a in parser._actions for s in a.option_strings if s.startswith("--")])
         raise BadArguments(f"{message} (did you mean {guess}?)" if guess else message) from None
     if printing:
@@ -100,16 +105,22 @@ class BadArguments(ValueError):
     """Arguments or config file keys the parser refuses: every rank finds the same, rank 0 says it."""
 
 
+def unknown_option(message: str) -> str | None:
+    """The option (`--group.name`) that a parser message names as unknown: a command-line option or a config
+    file's key; None when it names none."""
+    found = re.search(r"unrecognized arguments: (--[\w.-]+)", message)
+    if found:
+        return found[1]
+    # a config file's key: "Group 'tta' does not accept option 'x'", "Option 'x' is not accepted"
+    found = re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'|Option '([\w.]+)' is not accepted", message)
+    return found and "--" + (f"{found[1]}.{found[2]}" if found[1] else found[3])
+
+
 def close_option(message: str, known: list[str]) -> str | None:
     """The known option nearest to the one a parser message names as unknown (a command-line option or a
     config file's key), or None. Looked for in its own group first (`--tta.methd`: `--tta.method`), then as
     the same name in another group (`--tta.verbose`: `--logging.verbose`), then anywhere."""
-    found = re.search(r"unrecognized arguments: (--[\w.-]+)", message)
-    name = found and found[1]
-    if found is None:  # a config file's key: "Group 'tta' does not accept option 'x'", "Option 'x' is not accepted"
-        found = re.search(r"Group '([\w.]+)' does not accept option '([\w.]+)'|Option '([\w.]+)' is not accepted",
-                          message)
-        name = found and "--" + (f"{found[1]}.{found[2]}" if found[1] else found[3])
+    name = unknown_option(message)
     if not name:
         return None
     group, _, leaf = name.rpartition(".")
@@ -143,7 +154,7 @@ def quiet_libraries() -> None:
 
 # Failures a user can fix (bad paths, data, config values, numerics): one line, exit code 2.
 USER_ERRORS = (FileNotFoundError, ValueError, OSError, FloatingPointError, NotImplementedError)
-OOM_HELP = ("out of GPU memory: lower --tta.max_classes (the transformer batch per window), set "
+OOM_HELP = ("out of GPU memory: lower --dusa.max_classes (the transformer batch per window), set "
             "--pipeline.activation_checkpoint_interval 1, use bf16 weights (--deepspeed ds_configs/ds_tta_bf16.json), "
             "or spread the model over more GPUs (--pipeline.num_stages with deepspeed --num_gpus)")
 
@@ -342,7 +353,7 @@ def configure(argv=None) -> tuple[RunConfig, dict, list[str], list[str]]:
     class_names = load_class_names(cfg.data.classes)
     validate(cfg, len(class_names))
     for note in cap_class_budget(cfg, len(class_names)):
-        record["tta"].update(max_classes=cfg.tta.max_classes, min_classes=cfg.tta.min_classes)  # as it runs
+        record["dusa"].update(max_classes=cfg.dusa.max_classes, min_classes=cfg.dusa.min_classes)  # as it runs
         LOG.warning(note)
     if not cfg.output_dir.strip():
         raise ValueError("--output_dir is empty: name the folder for the results")

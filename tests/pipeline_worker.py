@@ -56,7 +56,7 @@ def job_parser() -> argparse.ArgumentParser:
     parser.add_argument("--immediate", action="store_true", help="bf16grads: DeepSpeed's immediate_grad_update")
     parser.add_argument("--autocast_casts", action="store_true",
                         help="autocast's own per-window casts instead of the engine's working weights")
-    parser.add_argument("--ignore", type=int, nargs="*", default=[], help="tta.ignore_classes")
+    parser.add_argument("--ignore", type=int, nargs="*", default=[], help="dusa.ignore_classes")
     parser.add_argument("--block_graphs", action="store_true",
                         help="grads: the last stage's joint blocks through the graph chain (re-run on the CPU), 2 steps")
     return parser
@@ -76,16 +76,16 @@ def main() -> None:
 
 def run_job(name: str, args: argparse.Namespace, assets: Path, stages: int) -> None:
     rank = dist.get_rank()
-    model, data, tta, pipe = run_configs(assets, stages)
-    tta.ignore_classes = args.ignore
+    model, data, tta, dusa, pipe = run_configs(assets, stages)
+    dusa.ignore_classes = args.ignore
     if args.mode == "options":  # entropy-weighted adaptive windows and a learnable pooled embedding
         model.segmenter, data.windows = str(assets / SHARP_SEGFORMER), "adaptive"
         for key, value in ADAPTIVE_TEST_RULE._asdict().items():
             setattr(data, f"adaptive_{key}", value)
-        tta.window_weighting, tta.window_tau, tta.learnable_embedding = "entropy", WINDOW_TAU, True
+        dusa.window_weighting, dusa.window_tau, dusa.learnable_embedding = "entropy", WINDOW_TAU, True
     if args.mode == "accumulate":
         tta.accumulation_steps = ACCUMULATION
-    module = build_pipeline(model, data, tta, pipe, CLASSES, stage_report=LOG.debug)
+    module = build_pipeline(model, data, dusa, pipe, CLASSES, stage_report=LOG.debug)
     out: dict = {}
     chain = None
     if args.block_graphs and any(isinstance(f, SD3Head) for f in module.forward_funcs):
@@ -97,7 +97,7 @@ def run_job(name: str, args: argparse.Namespace, assets: Path, stages: int) -> N
     if args.mode == "grads":  # float32, or a preset of ds_configs/ (its optimizer replaced by the recorder)
         ds = load_ds_config(str(ROOT / args.preset) if args.preset else
                             {"bf16": {"enabled": False}, "zero_optimization": {"stage": 0}}, lr=0.0)
-        tte = TTAEngine(module, ds, tta, optimizer=GradRecorder, working_weights=not args.autocast_casts)
+        tte = TTAEngine(module, ds, tta, dusa, optimizer=GradRecorder, working_weights=not args.autocast_casts)
         out["working_weights"] = tte.working is not None
         out["loss"] = float(tte.step(*fixed_windows(assets, seed=0)).loss)
         if args.block_graphs:  # lr 0: the same step again, now replaying what the first step captured
@@ -111,7 +111,7 @@ def run_job(name: str, args: argparse.Namespace, assets: Path, stages: int) -> N
     elif args.mode == "bf16grads":  # the float32 gradients the bf16 optimizer steps with, and its update
         ds = load_ds_config({"bf16": {"enabled": True, "immediate_grad_update": args.immediate},
                              "data_types": {"grad_accum_dtype": "fp32"}, "zero_optimization": {"stage": 1}}, lr=1e-3)
-        tte = TTAEngine(module, ds, tta)
+        tte = TTAEngine(module, ds, tta, dusa)
         names = [n for n, p in module.named_parameters() if p.requires_grad]
 
         def recording_step(eng, *a, optimizer_step, **k):
@@ -129,7 +129,7 @@ def run_job(name: str, args: argparse.Namespace, assets: Path, stages: int) -> N
     elif args.mode == "reset":
         ds = load_ds_config(str(ROOT / args.preset) if args.preset else {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"},
                                             "zero_optimization": {"stage": 1}}, lr=1e-3)
-        tte = TTAEngine(module, ds, tta)
+        tte = TTAEngine(module, ds, tta, dusa)
 
         def masters():  # the float32 weights the optimizer updates (the parameters themselves without bf16)
             flat = getattr(tte.engine.optimizer, "fp32_groups_flat_partition", None)
@@ -154,7 +154,7 @@ def run_job(name: str, args: argparse.Namespace, assets: Path, stages: int) -> N
     elif args.mode == "nan":
         ds = load_ds_config(str(ROOT / args.preset) if args.preset else {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"},
                                             "zero_optimization": {"stage": 1}}, lr=1e-3)
-        tte = TTAEngine(module, ds, tta)
+        tte = TTAEngine(module, ds, tta, dusa)
         before = {n: p.detach().clone() for n, p in module.named_parameters()}
         image, draws = fixed_windows(assets, seed=0)
         image[..., :4, :4] = float("nan")  # a corrupt pixel block: SegFormer's logits go NaN
@@ -167,10 +167,10 @@ def run_job(name: str, args: argparse.Namespace, assets: Path, stages: int) -> N
 
     elif args.mode == "options":
         ds = load_ds_config({"bf16": {"enabled": False}, "zero_optimization": {"stage": 0}}, lr=0.0)
-        tte = TTAEngine(module, ds, tta, optimizer=GradRecorder, adaptive_windows=True)
+        tte = TTAEngine(module, ds, tta, dusa, optimizer=GradRecorder, adaptive_windows=True)
         image, _ = fixed_windows(assets, seed=0)
         sampler = functools.partial(draw_windows, latent_shape=(16, WINDOW // 8, WINDOW // 8),
-                                    timestep_range=tta.timestep_range, generator=torch.Generator().manual_seed(0))
+                                    timestep_range=dusa.timestep_range, generator=torch.Generator().manual_seed(0))
         result = tte.step(image, sampler) if module.front is not None else tte.step(None, None)
         out["loss"] = float(result.loss)
         out["windows"] = result.windows
@@ -183,7 +183,7 @@ def run_job(name: str, args: argparse.Namespace, assets: Path, stages: int) -> N
                      "zero_optimization": {"stage": 1}} if args.bf16 else \
             {"bf16": {"enabled": False}, "zero_optimization": {"stage": 0}}
         ds = load_ds_config({**precision, "optimizer": {"type": "SGD", "params": {}}}, lr=ACCUMULATE_LR)
-        tte = TTAEngine(module, ds, tta)
+        tte = TTAEngine(module, ds, tta, dusa)
 
         def masters():  # the float32 weights the optimizer updates (bf16: its master copies)
             return {n: (safe_get_full_fp32_param(p) if args.bf16 else p).detach().float().clone()
@@ -199,9 +199,9 @@ def run_job(name: str, args: argparse.Namespace, assets: Path, stages: int) -> N
         out["momentum"] = tte.engine.optimizer.param_groups[0]["momentum"]
 
     elif args.mode == "lrs":  # a learning rate per model: the segmenter's 0 keeps it, the generator moves
-        tta.lr_segmenter, tta.lr_generator = 0.0, 2e-3
+        tta.lr_segmenter, dusa.lr_generator = 0.0, 2e-3
         ds = load_ds_config({"bf16": {"enabled": False}, "zero_optimization": {"stage": 0}}, lr=1e-3)
-        tte = TTAEngine(module, ds, tta)
+        tte = TTAEngine(module, ds, tta, dusa)
         start = {n: p.detach().clone() for n, p in module.named_parameters()}
         for _ in range(3):
             tte.step(*fixed_windows(assets, seed=0))
@@ -212,7 +212,7 @@ def run_job(name: str, args: argparse.Namespace, assets: Path, stages: int) -> N
 
     else:  # wiring
         ds = load_ds_config({"bf16": {"enabled": False}, "zero_optimization": {"stage": 0}}, lr=2e-3)
-        tte = TTAEngine(module, ds, tta)
+        tte = TTAEngine(module, ds, tta, dusa)
         start = {n: p.detach().clone() for n, p in module.named_parameters()}
         # The same micro-batches every step: one image, fixed noise, timestep and sampling seed.
         out["losses"] = [float(tte.step(*fixed_windows(assets, seed=0)).loss) for _ in range(20)]

@@ -10,7 +10,7 @@ from pipeline.dusa.loss import dusa_loss
 from pipeline.methods.dusa import Dusa
 from pipeline.run.config import RunConfig
 
-# Each ablation: the command-line options and the config they must give (tta fields).
+# Each ablation: the command-line options and the config they must give (DUSA's own options, `dusa`).
 EXPECTED = {
     "segmenter only": {"update_segmenter": True, "update_generator": False, "norm_only": False},
     "segmenter norm only": {"update_generator": False, "norm_only": True},
@@ -24,11 +24,11 @@ EXPECTED = {
 
 def test_every_declared_ablation_parses_to_its_config_and_is_in_the_help(launcher_main, capsys):
     assert set(DUSA_ABLATIONS) == set(EXPECTED)
-    assert tuple(RunConfig().tta.timestep_range) == (0.25, 0.25)  # t = 0.25: the dusa row itself
+    assert tuple(RunConfig().dusa.timestep_range) == (0.25, 0.25)  # t = 0.25: the dusa row itself
     for name, options in DUSA_ABLATIONS.items():
         cfg, _, _ = launcher_main.parse(["--tta.method", "dusa", *options])
         for field, value in EXPECTED[name].items():
-            got = getattr(cfg.tta, field)
+            got = getattr(cfg.dusa, field)
             assert (tuple(got) if isinstance(value, tuple) else got) == value, (name, field)
         Dusa.check(cfg, 2)  # each one runs: something adapts
     with pytest.raises(SystemExit):
@@ -56,6 +56,6 @@ def test_uniform_p_weights_every_candidate_alike_and_gives_the_logits_no_gradien
 
 def test_uniform_p_without_the_generator_is_refused():
     cfg = RunConfig()
-    cfg.tta.candidate_weights, cfg.tta.update_generator = "uniform", False
+    cfg.dusa.candidate_weights, cfg.dusa.update_generator = "uniform", False
     with pytest.raises(ValueError, match="uniform gives the segmenter no gradient"):
         Dusa.check(cfg, 2)

@@ -2,7 +2,9 @@
 traceback as the message, and no results file claiming a finished task."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -165,7 +167,7 @@ def test_out_of_memory_names_the_knobs(monkeypatch, capsys):
         launcher.main([])
     assert exc.value.code == 2
     line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
-    assert len(line) == 1 and "--tta.max_classes" in line[0] and "activation_checkpoint_interval" in line[0]
+    assert len(line) == 1 and "--dusa.max_classes" in line[0] and "activation_checkpoint_interval" in line[0]
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -193,6 +195,41 @@ def test_a_mistyped_option_gives_one_line_with_a_guess_on_rank_0_alone(monkeypat
     config.write_text('{"tta": {"learning_rate": 1e-5}}')  # a config file's key gets a guess too
     with pytest.raises(launcher.BadArguments, match=r"'learning_rate' \(did you mean --tta\.lr\?\)$"):
         launcher.parse(["--config", str(config)])
+
+
+def test_an_option_that_moved_to_its_method_section_is_refused_with_its_new_name(monkeypatch, capsys, tmp_path):
+    """DUSA's own options left `tta` for `dusa`: an old command line or config file gets one line naming the new
+    spelling (not the parser's dump, nor a guess). The old names come from the move's own table."""
+    import launch.tta as launcher
+    from pipeline.run.config import MOVED_OPTIONS
+    assert len(MOVED_OPTIONS) == 18 and all(new.startswith("dusa.") for new in MOVED_OPTIONS.values())
+    for old, new in MOVED_OPTIONS.items():
+        for argv in ([f"--{old}", "1"], [f"--{old}=1"]):
+            with pytest.raises(launcher.BadArguments) as err:
+                launcher.parse(["--tta.lr", "1e-4", *argv])
+            assert str(err.value) == (f"{old} is now {new}: DUSA's own options have their section (--{new} on the "
+                                      f'command line, "dusa": {{...}} in a config file)')
+    old, new = next((o, n) for o, n in MOVED_OPTIONS.items() if n == "dusa.max_classes")
+    section, _, key = old.partition(".")
+    config = tmp_path / "old.json"  # a config file written before the move
+    config.write_text(json.dumps({section: {"method": "dusa", "lr": 1e-4, key: 8}}))
+    with pytest.raises(launcher.BadArguments, match=rf"^{re.escape(old)} is now {re.escape(new)}: "):
+        launcher.parse(["--config", str(config)])
+
+    def exit_(code):
+        raise SystemExit(code)
+    monkeypatch.setattr(launcher, "run", lambda argv, claim=None: launcher.parse(argv))
+    monkeypatch.setattr(launcher.os, "_exit", exit_)
+    monkeypatch.delenv("DUSA_TRACEBACK", raising=False)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as exc:
+        launcher.main(["--config", str(config)])
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.splitlines()[0].startswith(f"error: {old} is now {new}: ") and len(err.splitlines()) == 2
+    # the new spelling is the option itself
+    cfg, record, _ = launcher.parse([f"--{new}", "8"])
+    assert cfg.dusa.max_classes == 8 and record["dusa"]["max_classes"] == 8 and key not in record[section]
 
 
 @pytest.mark.parametrize("typed,guess", [("--tta.learning_rate", "--tta.lr"), ("--data.windowsize", "--data.window_size"),

@@ -46,7 +46,7 @@ def command(assets: Path, config: str, out: Path, *overrides: str, processes: in
             "--model.segmenter", str(assets / "segformer"), "--model.generator", str(assets / "sd3"),
             "--model.class_embeddings", str(assets / "classes.safetensors"), "--data.root", str(assets / dataset),
             "--data.short_edge", "64", "--data.window_size", "64", "--data.window_stride", "64",
-            "--data.num_workers", "0", "--tta.lr", "1e-4", "--tta.max_classes", "8", "--deepspeed",
+            "--data.num_workers", "0", "--tta.lr", "1e-4", "--dusa.max_classes", "8", "--deepspeed",
             "ds_configs/ds_demo.json", "--pipeline.partition", "[0, 4, 7]", "--logging.wandb.enabled", "false",
             "--logging.image_every", "0", "--logging.progress", "false", *overrides]
 

@@ -87,15 +87,15 @@ def config(**changes) -> RunConfig:
 
 
 BAD_VALUES = {
-    "tta__timestep_range": ((0.5, 1.5), "--tta.timestep_range"),
-    "tta__temperature": (0.0, "--tta.temperature"),
+    "dusa__timestep_range": ((0.5, 1.5), "--dusa.timestep_range"),
+    "dusa__temperature": (0.0, "--dusa.temperature"),
     "tta__lr": (float("nan"), "--tta.lr"),
-    "tta__lr_generator": (-1e-5, "--tta.lr_generator"),
-    "tta__max_classes": (0, "--tta.max_classes"),
-    "tta__min_classes": (30, "--tta.min_classes"),
-    "tta__topk": (151, "--tta.topk"),
+    "dusa__lr_generator": (-1e-5, "--dusa.lr_generator"),
+    "dusa__max_classes": (0, "--dusa.max_classes"),
+    "dusa__min_classes": (30, "--dusa.min_classes"),
+    "dusa__topk": (151, "--dusa.topk"),
     "tta__max_nonfinite": (0, "--tta.max_nonfinite"),
-    "tta__ignore_classes": ([150], "--tta.ignore_classes"),
+    "dusa__ignore_classes": ([150], "--dusa.ignore_classes"),
     "data__window_size": (0, "--data.window_size"),
     "data__window_stride": (600, "--data.window_stride"),
     "data__severity": (6, "--data.severity"),
@@ -115,9 +115,9 @@ def test_a_value_outside_its_domain_is_refused(key):
 
 
 def test_unusual_but_valid_values_are_accepted():
-    for changes in ({"tta__lr": 0.0}, {"tta__timestep_range": (0.0, 0.0)}, {"tta__timestep_range": (1.0, 1.0)},
-                    {"tta__max_classes": 500}, {"tta__min_classes": 20}, {"data__window_stride": 512},
-                    {"tta__ignore_classes": list(range(C - 1))}, {"logging__image_every": 0}):
+    for changes in ({"tta__lr": 0.0}, {"dusa__timestep_range": (0.0, 0.0)}, {"dusa__timestep_range": (1.0, 1.0)},
+                    {"dusa__max_classes": 500}, {"dusa__min_classes": 20}, {"data__window_stride": 512},
+                    {"dusa__ignore_classes": list(range(C - 1))}, {"logging__image_every": 0}):
         validate(config(**changes), C)
 
 
@@ -353,7 +353,7 @@ REFUSED = {  # class: (overrides, what the line says)
     "window of size 0": (["--data.window_size", "0"], "--data.window_size 0 is outside its domain"),
     "too many windows for one image": (["--data.max_windows", "1"], "windows of 128 (stride 64) in one step, more "
                                                                       "than --data.max_windows 1"),
-    "flow time outside [0, 1]": (["--tta.timestep_range", "[0.5, 1.5]"], "--tta.timestep_range"),
+    "flow time outside [0, 1]": (["--dusa.timestep_range", "[0.5, 1.5]"], "--dusa.timestep_range"),
     "ZeRO stage 2": (["--deepspeed", '{"zero_optimization": {"stage": 2}}'], "zero_optimization.stage 2"),
     "duplicate key": (["--deepspeed", '{"bf16": {"enabled": false}, "bf16": {"enabled": true}}'], "twice"),
     "missing checkpoint": (["--model.segmenter", "/nonexistent/segformer"], "/nonexistent/segformer"),
@@ -424,9 +424,9 @@ def test_a_refused_run_prints_one_line_and_writes_nothing(refused, case):
 @pytest.mark.slow
 def test_a_mistake_that_every_rank_finds_gives_one_line(demo, tmp_path):
     """Both ranks refuse the value; rank 0 prints it, rank 1 (stopped by the launcher) nothing."""
-    proc = subprocess.run(launch2(demo, tmp_path / "out", "--tta.temperature", "0"), cwd=ROOT, env=ENV,
+    proc = subprocess.run(launch2(demo, tmp_path / "out", "--dusa.temperature", "0"), cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=600)
-    assert "--tta.temperature 0.0 is outside its domain" in error_line(proc)
+    assert "--dusa.temperature 0.0 is outside its domain" in error_line(proc)
     assert not (tmp_path / "out").exists()
 
 
@@ -537,7 +537,7 @@ def test_sigterm_to_the_launcher_stops_every_rank(demo, tmp_path, target):
 def test_unusual_values_at_the_ends_of_their_domains_run(demo, tmp_path):
     """Flow time exactly 1 (pure noise), learning rate 0, a stride of 1 pixel, one window per image."""
     out = tmp_path / "out"
-    proc = launch(demo, out, "--tta.timestep_range", "[1.0, 1.0]", "--tta.lr", "0", "--data.window_stride", "1",
+    proc = launch(demo, out, "--dusa.timestep_range", "[1.0, 1.0]", "--tta.lr", "0", "--data.window_stride", "1",
                   "--data.max_windows", "64", "--data.corruptions", "[gaussian_noise]", "--data.limit", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((out / "results.json").read_text())["tasks"]["gaussian_noise"]["images"] == 1

@@ -17,7 +17,8 @@ from models.class_embeddings import load_class_embeddings
 from models.sd3 import LatentEncoder, TransformerParts
 from models.segformer import Segmenter
 from models.tiny import make_tiny_class_embeddings, make_tiny_sd3, make_tiny_segformer
-from pipeline.run.config import ModelConfig, TTAConfig
+from pipeline.run.config import ModelConfig
+from pipeline.methods.dusa import DusaOptions
 from pipeline.dusa.engine import select_trainable
 from pipeline.dusa.layers import JointBlock, SD3Embed, SD3Head, SegmenterFront
 from pipeline.dusa.memory import (GIB, KAPPA, KAPPA_QK_RMS, Geometry, LayerCount, MemoryModel, Precision,
@@ -44,31 +45,31 @@ def tiny(tmp_path_factory):
     return root
 
 
-def real_layers(root: Path, generator: str, cache: str, tta: TTAConfig) -> list[torch.nn.Module]:
-    """The pipeline's layers as the stages build them (real loaders, real weights), trainable per `tta`."""
+def real_layers(root: Path, generator: str, cache: str, dusa: DusaOptions) -> list[torch.nn.Module]:
+    """The pipeline's layers as the stages build them (real loaders, real weights), trainable per `dusa`."""
     parts = TransformerParts(str(root / generator))
     prompt, pooled = load_class_embeddings(root / cache, ADE20K_CLASSES, str(root / generator))
     layers = [SegmenterFront(Segmenter.from_pretrained(str(root / "segformer")),
                              LatentEncoder.from_pretrained(str(root / generator)), 64, 1, 20, 0),
               SD3Embed(parts.load("pos_embed"), parts.load("time_text_embed"), parts.load("context_embedder"),
-                       prompt, pooled, learnable_pooled=tta.learnable_embedding)]
+                       prompt, pooled, learnable_pooled=dusa.learnable_embedding)]
     layers += [JointBlock(parts.load(f"transformer_blocks.{i}")) for i in range(parts.num_blocks)]
     layers.append(SD3Head(parts.load("norm_out"), parts.load("proj_out"), parts.config["patch_size"],
                           parts.out_channels))
-    select_trainable(torch.nn.ModuleList(layers), tta)
+    select_trainable(torch.nn.ModuleList(layers), dusa)
     return layers
 
 
 @pytest.mark.parametrize("generator,cache", [("sd3", "classes.safetensors"), ("sd35", "classes35.safetensors")])
 @pytest.mark.parametrize("switches", SWITCHES, ids=lambda s: ",".join(s) or "default")
 def test_parameter_counts_equal_the_real_layers(tiny, generator, cache, switches):
-    tta = TTAConfig(**switches)
+    dusa = DusaOptions(**switches)
     gen, vae, seg, shape, dtype = read_configs(ModelConfig(segmenter=str(tiny / "segformer"),
                                                            generator=str(tiny / generator),
                                                            class_embeddings=str(tiny / cache)))
     assert shape is not None and shape[0] == 150  # from the cache's header, no tensor read
-    counts = layer_counts(gen, vae, seg, tta, shape, gen["pooled_projection_dim"], dtype)
-    layers = real_layers(tiny, generator, cache, tta)
+    counts = layer_counts(gen, vae, seg, dusa, shape, gen["pooled_projection_dim"], dtype)
+    layers = real_layers(tiny, generator, cache, dusa)
     assert len(counts) == len(layers) == gen["num_layers"] + 3
     for count, layer in zip(counts, layers):
         params = list(layer.parameters())
@@ -82,7 +83,7 @@ def test_parameter_counts_equal_the_real_layers(tiny, generator, cache, switches
     offset = counts[1].params - sum(p.numel() for m in (whole.pos_embed, whole.time_text_embed,
                                                          whole.context_embedder) for p in m.parameters())
     assert sum(c.params for c in counts[1:]) == whole.num_parameters() + offset
-    assert offset == (gen["pooled_projection_dim"] if tta.learnable_embedding else 0)
+    assert offset == (gen["pooled_projection_dim"] if dusa.learnable_embedding else 0)
 
 
 def test_published_configs_have_their_published_sizes():
@@ -296,7 +297,7 @@ def test_the_measured_h200_peaks_within_five_percent():
                                                            else "ds_tta_bf16.json")), lr=1e-5)
         table = json.loads((ROOT / "pipeline" / "dusa" / "costs" / f"h200-sd3-medium-segformer-b5-{precision}.json").read_text())
         for source in (table, None):  # the table's activations, and the transformer's dims
-            model = build_memory_model(gen, vae, seg, TTAConfig(), config, 512, (150, 333, 4096), 2048,
+            model = build_memory_model(gen, vae, seg, DusaOptions(), config, 512, (150, 333, 4096), 2048,
                                        table=source, graph_shapes=1, image=(512, 683))
             for bounds, by_classes in runs.items():
                 for classes, peaks in by_classes.items():
@@ -312,12 +313,12 @@ def test_start_up_lines_of_a_run(tiny):
     model = ModelConfig(segmenter=str(tiny / "segformer"), generator=str(tiny / "sd3"),
                         class_embeddings=str(tiny / "classes.safetensors"))
     ds_config = load_ds_config(str(ROOT / "ds_configs" / "ds_demo.json"), lr=1e-4)
-    lines = startup_lines(model, DataConfig(window_size=64, window_stride=32), TTAConfig(max_classes=6),
+    lines = startup_lines(model, DataConfig(window_size=64, window_stride=32), DusaOptions(max_classes=6),
                           PipelineConfig(), ds_config, [0, 3, 6], gpus=2, card="cpu")
     assert lines[0].startswith("memory per GPU, estimated (activations from the transformer's dims")
     assert lines[1].startswith("  stage 0: ") and "(6 classes x 2 windows" in lines[1] and lines[1].endswith(" MiB")
     assert lines[2].startswith("  stage 1: ") and "(6 classes x 1 window," in lines[2]
     assert lines[3].startswith("layout 1 x 2 (no measured cost table")
     missing = ModelConfig(segmenter=str(tiny / "nothing"), generator=str(tiny / "sd3"))
-    assert startup_lines(missing, DataConfig(), TTAConfig(), PipelineConfig(), ds_config, [0, 6], 1,
+    assert startup_lines(missing, DataConfig(), DusaOptions(), PipelineConfig(), ds_config, [0, 6], 1,
                          card="cpu")[0].startswith("memory estimate unavailable (")

@@ -234,7 +234,7 @@ def test_held_out_rows_wait_for_the_selection_then_report_per_class_changes(tmp_
     ablation = mini.resolve(next(r for r in held_out if r.get("ablation") == "uniform p"), rates)
     cmd = mini.launch_command(wd, ablation, gpus=2)
     assert ablation["name"] == "dusa-uniform_p-autocast-lr1e-05-s0"
-    assert cmd[cmd.index("--tta.candidate_weights") + 1] == "uniform" and "--tta.lr" in cmd
+    assert cmd[cmd.index("--dusa.candidate_weights") + 1] == "uniform" and "--tta.lr" in cmd
 
     def fake(run: dict, wall: float) -> None:
         folder = wd.runs / run["name"]

@@ -125,7 +125,7 @@ def reference_step(assets: Path, seed: int, ignore: list[int] = (), models=None,
     """Loss and gradients of one TTA step, computed directly from the specification. `options`: the
     options test's settings (entropy-weighted adaptive windows, a learnable pooled embedding); `scale`
     multiplies the loss before its backward (gradient accumulation)."""
-    _, _, tta, _ = run_configs(assets)
+    _, _, _, dusa, _ = run_configs(assets)
     segmenter, encoder, transformer, prompt, pooled = models or load_reference_models(
         assets, str(assets / SHARP_SEGFORMER) if options else None)
     image, draws = fixed_windows(assets, seed)
@@ -140,7 +140,7 @@ def reference_step(assets: Path, seed: int, ignore: list[int] = (), models=None,
             raw_full = F.interpolate(raw, size=image.shape[-2:], mode="bilinear", align_corners=False)[0]
             boxes = adaptive_windows_by_hand(entropy(raw_full), ADAPTIVE_TEST_RULE)
         assert boxes and any(side != WINDOW for *_, side in boxes), "the test image must get adaptive windows"
-        draws = draw_windows(boxes, (16, WINDOW // 8, WINDOW // 8), tta.timestep_range,
+        draws = draw_windows(boxes, (16, WINDOW // 8, WINDOW // 8), dusa.timestep_range,
                              torch.Generator().manual_seed(seed))
         with torch.no_grad():  # entropy weights of the windows as the generator sees them
             h = torch.stack([entropy(F.interpolate(raw_full[None, :, d.corner[0]:d.corner[0] + d.side,
@@ -161,12 +161,12 @@ def reference_step(assets: Path, seed: int, ignore: list[int] = (), models=None,
         z0 = encoder(window)
         x_t = (1 - d.t) * z0 + d.t * d.noise
         target = (d.noise - z0)[0]
-        classes, mask = select_candidates(small, tta.topk, tta.max_classes, tta.min_classes,
+        classes, mask = select_candidates(small, dusa.topk, dusa.max_classes, dusa.min_classes,
                                           torch.Generator().manual_seed(d.seed))
         n = len(classes)
         velocity = transformer(hidden_states=x_t.expand(n, -1, -1, -1), encoder_hidden_states=prompt[classes],
                                pooled_projections=pooled[classes] + offset, timestep=(1000 * d.t).expand(n)).sample
-        p = torch.softmax(small[classes] / tta.temperature, dim=0)
+        p = torch.softmax(small[classes] / dusa.temperature, dim=0)
         v_bar = (p[:, None] * velocity).sum(0)
         losses.append(weight * ((v_bar - target) ** 2)[mask[None].expand_as(v_bar)].mean())
     loss = torch.stack(losses).mean()
@@ -339,8 +339,8 @@ def test_a_learning_rate_per_model_reaches_the_optimizer(two_stages):
 
 def test_entropy_weighted_adaptive_windows_and_a_learnable_pooled_embedding_equal_the_reference(assets, two_stages):
     """One step with `data.windows adaptive` (windows placed from the step's own forward, the count sent to
-    the other stage, crops resized to the window size), `tta.window_weighting entropy` and
-    `tta.learnable_embedding`, against the specification written out in this file."""
+    the other stage, crops resized to the window size), `dusa.window_weighting entropy` and
+    `dusa.learnable_embedding`, against the specification written out in this file."""
     ranks = two_stages["options"]
     ref_loss, ref_grads, ref_windows = reference_step(assets, seed=0, options=True)
     assert ranks[0]["windows"] == ref_windows and len(ref_windows) == ADAPTIVE_TEST_RULE.max_windows

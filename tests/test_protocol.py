@@ -12,11 +12,11 @@ import torch
 
 from data.cityscapes import CITYSCAPES_CLASSES
 from data.demo import make_demo_street
-from pipeline.run.config import RunConfig, validate
+from pipeline.run.config import MOVED_OPTIONS, RunConfig, validate
 from pipeline.methods import Method, StepResult
 from pipeline.run.protocol import task_sequence
-from pipeline.run.reporting import format_results_table, summarize
-from pipeline.run.resume import resume_signature
+from pipeline.run.reporting import format_results_table, summarize, write_results
+from pipeline.run.resume import finished_tasks, resume_signature
 from pipeline.run.loop import TTARunner
 
 C = len(CITYSCAPES_CLASSES)
@@ -208,15 +208,40 @@ def test_a_rerun_is_done_only_when_every_task_of_every_round_is(layouts, tmp_pat
 
 
 def test_results_written_before_the_newer_options_resume_as_what_they_ran(layouts, tmp_path):
-    """A results.json from before data.dataset / short_edge / gradual and tta.candidate_weights existed has
+    """A results.json from before data.dataset / short_edge / gradual and dusa.candidate_weights existed has
     the signature of a run with their defaults (what it ran), not another run's."""
     record = json.loads(json.dumps(asdict(config(layouts, tmp_path, dataset="cityscapes"))))
     record["data"].update(dataset="ade20k", short_edge=None, gradual=False)
     record["deepspeed"] = {}  # the launcher puts the effective DeepSpeed JSON here
+    record["tta"]["method"] = "dusa"  # its section counts
     before = json.loads(json.dumps(record))
     for key in ("dataset", "short_edge", "gradual"):
         del before["data"][key]
-    del before["tta"]["candidate_weights"]
+    before["tta"].update(before.pop("dusa"))  # then DUSA's options were in `tta`
+    before["tta"].pop("candidate_weights")  # which came later still
     assert resume_signature(before) == resume_signature(record)
-    record["tta"]["candidate_weights"] = "uniform"
+    record["dusa"]["candidate_weights"] = "uniform"
     assert resume_signature(before) != resume_signature(record)
+
+
+@pytest.mark.parametrize("method", ["dusa", "tent"])
+def test_run_folders_written_before_dusa_had_its_own_section_resume_as_what_they_ran(layouts, tmp_path, method):
+    """A results.json whose config holds DUSA's options in `tta` (before `--dusa.*`) resumes the same run, and
+    only that: a changed DUSA option is another dusa run (tent does not read them, so it still resumes)."""
+    cfg = config(layouts, tmp_path)
+    cfg.tta.method = method
+    cfg.dusa.topk, cfg.dusa.max_classes, cfg.dusa.timestep_range = 2, 7, (0.3, 0.3)
+    record = json.loads(json.dumps(asdict(cfg)))
+    record["deepspeed"] = {}
+    before = json.loads(json.dumps(record))
+    before["tta"].update(before.pop("dusa"))
+    assert {old.partition(".")[2] for old in MOVED_OPTIONS} <= set(before["tta"])
+    task = {"mIoU": 10.0, "aAcc": 50.0, "IoU": [1.0] * C, "images": 2, "seconds": 1.0}
+    write_results(summarize({"fog": task}, before, CITYSCAPES_CLASSES), tmp_path)
+    assert list(finished_tasks(cfg, record, CITYSCAPES_CLASSES)) == ["fog"]
+    cfg.dusa.max_classes = record["dusa"]["max_classes"] = 8
+    if method == "tent":
+        assert list(finished_tasks(cfg, record, CITYSCAPES_CLASSES)) == ["fog"]
+    else:
+        with pytest.raises(ValueError, match=r"holds results of another configuration \(differs in: dusa\)"):
+            finished_tasks(cfg, record, CITYSCAPES_CLASSES)

@@ -358,11 +358,11 @@ def test_silent_no_ops_warn_or_are_refused():
     assert checks.check_accumulation(1, {"fog": 1}) is None and checks.check_accumulation(3, {"fog": 3}) is None
     with pytest.raises(ValueError, match="larger than every task \\(at most 3 images\\): no update would ever happen"):
         checks.check_accumulation(4, {"fog": 3, "snow": 2})
-    cfg = config(tta__max_classes=1_000_000, tta__min_classes=500)
+    cfg = config(dusa__max_classes=1_000_000, dusa__min_classes=500)
     validate(cfg, C)
     notes = cap_class_budget(cfg, C)
-    assert cfg.tta.max_classes == C and cfg.tta.min_classes == C and len(notes) == 2
-    assert notes[0] == f"warning: --tta.max_classes 1000000 is more than the {C} classes of data.classes: capped at {C}"
+    assert cfg.dusa.max_classes == C and cfg.dusa.min_classes == C and len(notes) == 2
+    assert notes[0] == f"warning: --dusa.max_classes 1000000 is more than the {C} classes of data.classes: capped at {C}"
     assert cap_class_budget(config(), C) == []
 
 

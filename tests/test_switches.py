@@ -8,6 +8,7 @@ from models.sd3 import LatentEncoder, TransformerParts
 from models.segformer import Segmenter
 from models.tiny import make_tiny_sd3, make_tiny_segformer
 from data.classes import ADE20K_CLASSES
+from pipeline.methods.dusa import DusaOptions
 from pipeline.run.config import TTAConfig
 from pipeline.dusa.engine import is_norm_module, parameter_groups, select_trainable
 from pipeline.dusa.layers import JointBlock, SD3Embed, SD3Head, SegmenterFront
@@ -29,7 +30,7 @@ def layers(tmp_path_factory):
 
 
 def names(module, **switches) -> set[str]:
-    select_trainable(module, TTAConfig(**switches))
+    select_trainable(module, DusaOptions(**switches))
     return {n for n, p in module.named_parameters() if p.requires_grad}
 
 
@@ -54,10 +55,10 @@ def test_switches_select_the_right_parameters(layers):
 
 def test_parameter_groups_carry_each_model_its_learning_rate(layers):
     segmenter = {id(p) for p in layers[0].segmenter.parameters()}
-    groups = parameter_groups(layers, TTAConfig(lr=1e-5, lr_segmenter=3e-6))
+    groups = parameter_groups(layers, TTAConfig(lr=1e-5, lr_segmenter=3e-6), DusaOptions())
     assert groups[0]["lr"] == 3e-6 and "lr" not in groups[1]  # the generator: the optimizer's lr (tta.lr)
     assert all(id(p) in segmenter for p in groups[0]["params"])
     assert not any(id(p) in segmenter for p in groups[1]["params"])
     assert {id(p) for g in groups for p in g["params"]} == {id(p) for p in layers.parameters() if p.requires_grad}
-    only_generator = parameter_groups(layers, TTAConfig(lr_generator=2e-5, update_segmenter=False))
+    only_generator = parameter_groups(layers, TTAConfig(), DusaOptions(lr_generator=2e-5, update_segmenter=False))
     assert [g["lr"] for g in only_generator] == [2e-5]  # a group without parameters is left out

@@ -7,6 +7,7 @@ import torch
 
 from data.classes import ADE20K_CLASSES
 from models.tiny import make_tiny_class_embeddings, make_tiny_sd3, make_tiny_segformer
+from pipeline.methods.dusa import DusaOptions
 from pipeline.run.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
 from models.segformer import Segmenter
 from pipeline.dusa.windows import AdaptiveWindows, WindowDraw, draw_windows, resize_short_edge, window_boxes
@@ -44,14 +45,15 @@ def make_assets(root: Path) -> Path:
 PARTITIONS = {2: [0, 3, NUM_BLOCKS + 3], 4: [0, 2, 3, NUM_BLOCKS + 2, NUM_BLOCKS + 3]}
 
 
-def run_configs(root: Path, num_stages: int = 2) -> tuple[ModelConfig, DataConfig, TTAConfig, PipelineConfig]:
+def run_configs(root: Path, num_stages: int = 2) -> tuple[ModelConfig, DataConfig, TTAConfig, DusaOptions,
+                                                         PipelineConfig]:
     model = ModelConfig(segmenter=str(root / "segformer"), generator=str(root / "sd3"),
                         class_embeddings=str(root / "classes.safetensors"))
     data = DataConfig(root=str(root), window_size=WINDOW, window_stride=STRIDE)
     # topk 2 with a small budget exercises the fill rule; min 3 the sampling rule; t is random.
-    tta = TTAConfig(topk=2, max_classes=6, min_classes=3, temperature=0.7, timestep_range=(0.2, 0.6))
+    dusa = DusaOptions(topk=2, max_classes=6, min_classes=3, temperature=0.7, timestep_range=(0.2, 0.6))
     pipe = PipelineConfig(num_stages=num_stages, partition=PARTITIONS[num_stages])
-    return model, data, tta, pipe
+    return model, data, TTAConfig(), dusa, pipe
 
 
 def fixed_windows(root: Path, seed: int) -> tuple[torch.Tensor, list[WindowDraw]]:

@@ -15,6 +15,7 @@ from torch import nn
 
 from pipeline.dusa import deepspeed_seam as seam
 from pipeline.run import timing
+from pipeline.methods.dusa import DusaOptions
 from pipeline.run.config import TTAConfig
 from pipeline.dusa.layers import JointBlock, SD3Embed, SD3Head, SegmenterFront
 from pipeline.dusa.low_precision import WorkingWeights, cast_frozen_layers
@@ -98,31 +99,31 @@ def is_norm_module(module: nn.Module) -> bool:
     return "Norm" in type(module).__name__
 
 
-def select_trainable(module: nn.Module, tta: TTAConfig) -> list[nn.Parameter]:
+def select_trainable(module: nn.Module, dusa: DusaOptions) -> list[nn.Parameter]:
     """Freezes everything, then unfreezes the adapted parameters of the layers on this rank."""
     module.requires_grad_(False)
     parts: list[nn.Module] = []
     for layer in module.modules():
-        if isinstance(layer, SegmenterFront) and tta.update_segmenter:
+        if isinstance(layer, SegmenterFront) and dusa.update_segmenter:
             parts.append(layer.segmenter)  # never the VAE
-        elif isinstance(layer, (SD3Embed, JointBlock, SD3Head)) and tta.update_generator:
+        elif isinstance(layer, (SD3Embed, JointBlock, SD3Head)) and dusa.update_generator:
             parts.append(layer)  # SD3Embed's class-embedding table is a buffer: fixed
     for part in parts:
-        targets = [m for m in part.modules() if is_norm_module(m)] if tta.norm_only else [part]
+        targets = [m for m in part.modules() if is_norm_module(m)] if dusa.norm_only else [part]
         for m in targets:
             m.requires_grad_(True)
     for layer in module.modules():  # adapted with the generator, norm_only or not
         if isinstance(layer, SD3Embed) and layer.pooled_offset is not None:
-            layer.pooled_offset.requires_grad_(tta.update_generator)
+            layer.pooled_offset.requires_grad_(dusa.update_generator)
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def parameter_groups(module: nn.Module, tta: TTAConfig) -> list[dict[str, Any]]:
+def parameter_groups(module: nn.Module, tta: TTAConfig, dusa: DusaOptions) -> list[dict[str, Any]]:
     """The adapted parameters on this rank (`select_trainable`) as optimizer groups: the segmenter's
-    with `tta.lr_segmenter`, the generator's with `tta.lr_generator`, the learnable pooled embedding with
-    `tta.lr_embeddings`, where set (else the optimizer's learning rate, `tta.lr` through
+    with `tta.lr_segmenter`, the generator's with `dusa.lr_generator`, the learnable pooled embedding with
+    `dusa.lr_embeddings`, where set (else the optimizer's learning rate, `tta.lr` through
     `load_ds_config`); groups without parameters here are left out."""
-    select_trainable(module, tta)
+    select_trainable(module, dusa)
     segmenter = {id(p) for layer in module.modules() if isinstance(layer, SegmenterFront)
                  for p in layer.segmenter.parameters()}
     embedding = {id(layer.pooled_offset) for layer in module.modules()
@@ -130,8 +131,8 @@ def parameter_groups(module: nn.Module, tta: TTAConfig) -> list[dict[str, Any]]:
     trainable = [p for p in module.parameters() if p.requires_grad]
     groups = []
     for params, lr in (([p for p in trainable if id(p) in segmenter], tta.lr_segmenter),
-                       ([p for p in trainable if id(p) not in segmenter | embedding], tta.lr_generator),
-                       ([p for p in trainable if id(p) in embedding], tta.lr_embeddings)):
+                       ([p for p in trainable if id(p) not in segmenter | embedding], dusa.lr_generator),
+                       ([p for p in trainable if id(p) in embedding], dusa.lr_embeddings)):
         if params:
             groups.append({"params": params} if lr is None else {"params": params, "lr": lr})
     return groups
@@ -180,14 +181,14 @@ class StepOutput(NamedTuple):
 class TTAEngine:
     """One DeepSpeed PipelineEngine step per image, and the reset of models and optimizer."""
 
-    def __init__(self, module: nn.Module, ds_config: dict[str, Any], tta: TTAConfig,
+    def __init__(self, module: nn.Module, ds_config: dict[str, Any], tta: TTAConfig, dusa: DusaOptions,
                  optimizer: Callable[[Any], torch.optim.Optimizer] | None = None, adaptive_windows: bool = False,
                  working_weights: bool = True):
         """`optimizer`: a function of the parameter groups (tests), else the DeepSpeed JSON's optimizer;
         `adaptive_windows`: stage 0 decides each image's window count and tells the other stages;
         `working_weights`: under autocast, the generator's Linear/Conv weights are cast once per step, not
         per window (pipeline/dusa/low_precision.py; False: autocast's own casts, for comparisons)."""
-        params = parameter_groups(module, tta)
+        params = parameter_groups(module, tta, dusa)
         if optimizer is None:
             optimizer = optimizer_factory(ds_config.get("optimizer", DEFAULT_OPTIMIZER))
         ds_config = {k: v for k, v in ds_config.items() if k != "optimizer"}
@@ -203,7 +204,7 @@ class TTAEngine:
                              "float32 ZeRO optimizer reduces its gradients away at every image)")
         self.module = module
         self.accumulation_steps = tta.accumulation_steps
-        self.entropy_weights, self.window_tau = tta.window_weighting == "entropy", tta.window_tau
+        self.entropy_weights, self.window_tau = dusa.window_weighting == "entropy", dusa.window_tau
         self.adaptive_windows = adaptive_windows
         self._accumulated = 0  # images whose gradients wait for the next update
         self.skipped = False  # whether the last step's update was skipped (non-finite loss)

@@ -139,11 +139,11 @@ class Geometry:
         return self.image_tokens + self.text_tokens
 
 
-def layer_counts(generator_config: Mapping, vae_config: Mapping, segmenter_config: Mapping, tta: Any,
+def layer_counts(generator_config: Mapping, vae_config: Mapping, segmenter_config: Mapping, dusa: Any,
                  prompt_shape: Sequence[int], pooled_dim: int, cache_dtype: torch.dtype = torch.bfloat16
                  ) -> list[LayerCount]:
     """[SegmenterFront, SD3Embed, JointBlock x L, SD3Head] as the pipeline builds them, on the meta device;
-    trainable as `pipeline.dusa.engine.select_trainable` decides under `tta` (update_segmenter, update_generator,
+    trainable as `pipeline.dusa.engine.select_trainable` decides under `dusa` (update_segmenter, update_generator,
     norm_only, learnable_embedding). `prompt_shape`: the class-embedding cache's [classes, tokens, width]."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
@@ -160,11 +160,11 @@ def layer_counts(generator_config: Mapping, vae_config: Mapping, segmenter_confi
         pooled = torch.empty(prompt_shape[0], pooled_dim, dtype=cache_dtype)
     front = SegmenterFront(Segmenter(segformer), LatentEncoder(vae), 8, 1, 1, 0)
     embed = SD3Embed(transformer.pos_embed, transformer.time_text_embed, transformer.context_embedder, prompt, pooled,
-                     learnable_pooled=getattr(tta, "learnable_embedding", False))
+                     learnable_pooled=getattr(dusa, "learnable_embedding", False))
     blocks = [JointBlock(block) for block in transformer.transformer_blocks]
     head = SD3Head(transformer.norm_out, transformer.proj_out, transformer.config.patch_size, transformer.out_channels)
     layers = [front, embed, *blocks, head]
-    select_trainable(nn.ModuleList(layers), tta)
+    select_trainable(nn.ModuleList(layers), dusa)
     names = ["SegmenterFront", "SD3Embed"] + [f"JointBlock{i}" for i in range(len(blocks))] + ["SD3Head"]
     out = []
     for name, layer in zip(names, layers):
@@ -294,7 +294,7 @@ class MemoryModel:
         return lambda bounds: [s["total"] for s in self.stages(bounds, classes, num_windows)]
 
 
-def build_memory_model(generator_config: Mapping, vae_config: Mapping, segmenter_config: Mapping, tta: Any,
+def build_memory_model(generator_config: Mapping, vae_config: Mapping, segmenter_config: Mapping, dusa: Any,
                        ds_config: Mapping, window_size: int, prompt_shape: Sequence[int] | None = None,
                        pooled_dim: int | None = None, cache_dtype: torch.dtype = torch.bfloat16,
                        table: Mapping | None = None, graph_shapes: int = 0,
@@ -310,7 +310,7 @@ def build_memory_model(generator_config: Mapping, vae_config: Mapping, segmenter
     pooled_dim = int(pooled_dim or generator_config.get("pooled_projection_dim", 2048))
     labels = len(segmenter_config.get("id2label") or {}) or int(segmenter_config.get("num_labels", 150))
     prompt_shape = tuple(prompt_shape or (labels, text_tokens, joint))
-    counts = layer_counts(generator_config, vae_config, segmenter_config, tta, prompt_shape, pooled_dim, cache_dtype)
+    counts = layer_counts(generator_config, vae_config, segmenter_config, dusa, prompt_shape, pooled_dim, cache_dtype)
     down = 2 ** (len(vae_config.get("block_out_channels", (1, 1, 1, 1))) - 1)
     geometry = Geometry(window_size, window_size // down, int(generator_config.get("patch_size", 2)),
                         int(generator_config["num_attention_heads"]) * int(generator_config["attention_head_dim"]),
@@ -498,7 +498,7 @@ def card_memory() -> tuple[str, float | None]:
     return "cpu", None
 
 
-def run_memory_model(model: Any, data: Any, tta: Any, pipe: Any, ds_config: Mapping, card: str | None = None
+def run_memory_model(model: Any, data: Any, dusa: Any, pipe: Any, ds_config: Mapping, card: str | None = None
                      ) -> tuple[MemoryModel, tuple[Path, dict] | None]:
     """The memory model of a DUSA run from its config groups (configs and the cache's header only), with the
     measured cost table of these models (path, table) if there is one (its activations are then used)."""
@@ -513,32 +513,32 @@ def run_memory_model(model: Any, data: Any, tta: Any, pipe: Any, ds_config: Mapp
         from data.datasets import DATASETS
         aspect = DATASETS[data.dataset].aspect if data.dataset in DATASETS else 4 / 3
         image = (data.short_edge, round(data.short_edge * aspect))
-    memory = build_memory_model(generator, vae, segmenter, tta, ds_config, data.window_size, shape, None, dtype,
+    memory = build_memory_model(generator, vae, segmenter, dusa, ds_config, data.window_size, shape, None, dtype,
                                 found[1] if found else None, graphs, image=image,
                                 checkpoint_interval=pipe.activation_checkpoint_interval)
     return memory, found
 
 
-def startup_lines(model: Any, data: Any, tta: Any, pipe: Any, ds_config: Mapping, bounds: Sequence[int],
+def startup_lines(model: Any, data: Any, dusa: Any, pipe: Any, ds_config: Mapping, bounds: Sequence[int],
                   gpus: int, card: str | None = None, card_bytes: float | None = None,
                   estimate: tuple[MemoryModel, tuple[Path, dict] | None] | None = None,
                   prediction: dict | None = None) -> list[str]:
     """The start-up estimate of a DUSA run (rank 0, before weights load): one line per stage at
-    tta.max_classes, and the layout line with the other layouts' predicted images/s where a measured cost
+    dusa.max_classes, and the layout line with the other layouts' predicted images/s where a measured cost
     table for these models exists. `estimate`: `run_memory_model`'s result when the caller has it already;
     `prediction`: filled with this layout's predicted images/s per replica at the cost table's class count
-    nearest tta.max_classes (`this_layout_prediction`), for the line printed after the first task."""
+    nearest dusa.max_classes (`this_layout_prediction`), for the line printed after the first task."""
     from pipeline.dusa.partition import table_costs
     if card is None:
         card, card_bytes = card_memory()
     try:
-        memory, found = estimate or run_memory_model(model, data, tta, pipe, ds_config, card)
+        memory, found = estimate or run_memory_model(model, data, dusa, pipe, ds_config, card)
     except Exception as exc:  # noqa: BLE001 - a start-up print never stops a run
         return [f"memory estimate unavailable ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"]
     graphs = pipe.segmenter_graphs if card != "cpu" else 0
     lines = [f"memory per GPU, estimated ({memory.source}"
              + (f"; SegFormer's CUDA graphs of up to {graphs} image shapes" if graphs else "") + "):"]
-    lines += ["  " + line for line in format_stages(memory.stages(list(bounds), tta.max_classes), card_bytes)]
+    lines += ["  " + line for line in format_stages(memory.stages(list(bounds), dusa.max_classes), card_bytes)]
     stages = len(bounds) - 1
     if found is not None:
         path, table = found
@@ -546,7 +546,7 @@ def startup_lines(model: Any, data: Any, tta: Any, pipe: Any, ds_config: Mapping
         predictions = predict_layouts(costs, gpus, card_bytes, memory)
         lines.append(format_layouts(predictions, (gpus // stages, stages), f"{path.name}, measured on {table['card']}"))
         if prediction is not None:
-            prediction.update(this_layout_prediction(predictions, stages, tta.max_classes, path.name))
+            prediction.update(this_layout_prediction(predictions, stages, dusa.max_classes, path.name))
     else:
         lines.append(f"layout {gpus // stages} x {stages} (no measured cost table for these models: "
                      f"`launch/calibrate.py` measures one on this card, then the other layouts are predicted)")

@@ -18,7 +18,8 @@ from models.class_embeddings import load_class_embeddings
 from models.sd3 import LatentEncoder, TransformerParts
 from models.segformer import Segmenter
 from pipeline.run import timing
-from pipeline.run.config import DataConfig, ModelConfig, PipelineConfig, TTAConfig
+from pipeline.run.config import DataConfig, ModelConfig, PipelineConfig
+from pipeline.methods.dusa import DusaOptions
 from pipeline.dusa.deepspeed_seam import StagePipelineModule
 from pipeline.dusa.layers import (DusaLoss, JointBlock, SD3Embed, SD3Head, SegmenterFront, attention_order,
                                   chain_joint_blocks)
@@ -71,7 +72,7 @@ class DusaPipeline(StagePipelineModule):
         return next((m for m in self.forward_funcs if isinstance(m, SegmenterFront)), None)
 
 
-def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: PipelineConfig,
+def build_pipeline(model: ModelConfig, data: DataConfig, dusa: DusaOptions, pipe: PipelineConfig,
                    class_names: Sequence[str], stage_report: Callable[[str], None] = LOG.info,
                    dtype: torch.dtype = torch.float32, precision: str | None = None,
                    replicas: int = 1, ds_config: dict | None = None, details: bool = True) -> DusaPipeline:
@@ -87,14 +88,14 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
 
     def front():
         return SegmenterFront(Segmenter.from_pretrained(model.segmenter), LatentEncoder.from_pretrained(model.generator),
-                              data.window_size, tta.topk, tta.max_classes, tta.min_classes, pipe.segmenter_graphs,
-                              tta.ignore_classes, tta.area_k if tta.candidates == "area_k" else None,
-                              tta.area_threshold, data.window_stride, adaptive_rule(data))
+                              data.window_size, dusa.topk, dusa.max_classes, dusa.min_classes, pipe.segmenter_graphs,
+                              dusa.ignore_classes, dusa.area_k if dusa.candidates == "area_k" else None,
+                              dusa.area_threshold, data.window_stride, adaptive_rule(data))
 
     def embed():
         prompt, pooled = load_class_embeddings(model.class_embeddings, class_names, model.generator)
         return SD3Embed(parts.load("pos_embed"), parts.load("time_text_embed"), parts.load("context_embedder"),
-                        prompt, pooled, learnable_pooled=tta.learnable_embedding)
+                        prompt, pooled, learnable_pooled=dusa.learnable_embedding)
 
     layers = [_BuiltBy(SegmenterFront, front), _BuiltBy(SD3Embed, embed)]
     backend = "inductor" if pipe.compile_blocks else None
@@ -115,10 +116,10 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
         # 15 % left for the allocator's fragmentation, the CUDA context and NCCL buffers (memory.BUDGET).
         budget = BUDGET * torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
         memory = None
-        if ds_config is not None:  # the estimate at tta.max_classes (parameters, optimizer, activations)
+        if ds_config is not None:  # the estimate at dusa.max_classes (parameters, optimizer, activations)
             from pipeline.dusa.memory import run_memory_model
-            estimate = run_memory_model(model, data, tta, pipe, ds_config)
-            memory = estimate[0].totals(tta.max_classes)
+            estimate = run_memory_model(model, data, dusa, pipe, ds_config)
+            memory = estimate[0].totals(dusa.max_classes)
         bounds, predicted = plan_partition(costs, pipe.num_stages, memory_budget=budget, memory=memory)
         stage_report(f"partition {bounds} from {source}; predicted step {predicted['step']:.3f} "
                      f"(2 windows, {'relative units' if source.startswith('default') else 's'})" if details
@@ -133,16 +134,16 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
             busy = f", predicted busy {predicted['stage_busy'][s]:.3f}"
             if predicted["memory"]:
                 busy += f", memory {predicted['memory'][s] / 2**30:.1f} GiB at " + (
-                    f"{tta.max_classes} classes" if memory else "the most classes measured")
+                    f"{dusa.max_classes} classes" if memory else "the most classes measured")
         stage_report(f"stage {s}: layers {a}-{b - 1} ({names[a]} .. {names[b - 1]}){busy}")
     prediction = {}  # this layout's images/s from the card's cost table, printed again after the first task
     if details and ds_config is not None and int(os.environ.get("RANK", "0")) == 0:  # before any weight loads
         from pipeline.dusa.memory import startup_lines
-        for line in startup_lines(model, data, tta, pipe, ds_config, bounds, gpus=replicas * pipe.num_stages,
+        for line in startup_lines(model, data, dusa, pipe, ds_config, bounds, gpus=replicas * pipe.num_stages,
                                   estimate=estimate, prediction=prediction):
             stage_report(line)
     timing.mark("partition planned")
-    loss = DusaLoss(tta.temperature, tta.candidate_weights == "uniform")
+    loss = DusaLoss(dusa.temperature, dusa.candidate_weights == "uniform")
     module = DusaPipeline(layers, bounds, loss, pipe.num_stages, pipe.activation_checkpoint_interval, replicas)
     module.loaded_keys = parts.loaded_keys
     module.prediction = prediction or None
@@ -150,7 +151,7 @@ def build_pipeline(model: ModelConfig, data: DataConfig, tta: TTAConfig, pipe: P
     module.block_chain = None
     if pipe.transformer_graphs and torch.cuda.is_available() and not pipe.compile_blocks \
             and not pipe.activation_checkpoint_interval and any(isinstance(f, SD3Head) for f in module.forward_funcs):
-        graphed = min(pipe.transformer_graphs, tta.max_classes, len(class_names))  # class counts 1..graphed
+        graphed = min(pipe.transformer_graphs, dusa.max_classes, len(class_names))  # class counts 1..graphed
         module.block_chain = chain_joint_blocks(module.forward_funcs, graphed, graphed)
     return module
 

@@ -115,7 +115,8 @@ class DataConfig:
 
 @dataclass
 class TTAConfig:
-    """The adaptation method and its hyper-parameters."""
+    """The adaptation method and what every method reads; a method's own options are its section (`--dusa.*`,
+    `--cotta.*`, ...: pipeline/methods/)."""
 
     method: MethodName = "dusa"
     """The adaptation method, one file each in pipeline/methods/ (the README's methods: `source`, the unadapted
@@ -128,55 +129,9 @@ class TTAConfig:
     file must not set one; tent: Adam; cotta and sar have their own, `--cotta.lr` and `--sar.lr`)."""
     lr_segmenter: float | None = None
     """Learning rate of the segmenter's parameters (None: `lr`); dusa and tent."""
-    lr_generator: float | None = None
-    """Learning rate of the SD3 transformer's parameters (None: `lr`)."""
-    lr_embeddings: float | None = None
-    """Learning rate of the learnable pooled embedding (`learnable_embedding`; None: `lr`)."""
     accumulation_steps: int = 1
     """Update every this many images, from the sum of their losses divided by it (each image is still scored
     from its own forward, before the update it contributes to); a task's leftover images are discarded."""
-    window_weighting: Literal["uniform", "entropy"] = "uniform"
-    """How the windows' losses make the image's loss: `uniform` (their mean; the reference's ADE20K-C setting)
-    or `entropy` (weights softmax over windows of H / window_tau, H the window's mean pixel entropy of the
-    raw logits' softmax divided by ln C, computed without gradient)."""
-    window_tau: float = 1.0
-    """Temperature of the entropy window weights."""
-    learnable_embedding: bool = False
-    """Add one learnable vector (zeros at the start of every task) to every candidate's pooled text embedding,
-    adapted with the generator at `lr_embeddings` (the reference's option; it does not reset it between tasks)."""
-    update_segmenter: bool = True
-    """Adapt the segmenter (dusa)."""
-    update_generator: bool = True
-    """Adapt the SD3 transformer (dusa)."""
-    norm_only: bool = False
-    """Adapt only normalization layers (LayerNorm/BatchNorm/GroupNorm affine parameters; dusa: tent always does)."""
-    candidates: Literal["topk", "area_k"] = "topk"
-    """Candidate rule: `topk` (the union of every latent pixel's top-k classes, within the class budget; the
-    reference's ADE20K-C setting) or `area_k` (classes whose summed top-`area_k` probabilities exceed
-    `area_threshold`; no budget, no pixel mask)."""
-    topk: int = 1
-    """Candidate classes: the union of every latent pixel's top-k classes."""
-    area_k: int = 5
-    """area_k rule: per latent pixel, the probabilities (softmax of the raw logits over all classes) kept."""
-    area_threshold: float = 15.0
-    """area_k rule: a class is a candidate when its kept probabilities summed over the window exceed this."""
-    max_classes: int = 20
-    """At most this many candidate classes per window (transformer batch size): every top-1 class is kept
-    and the rest of the budget is drawn uniformly from the other candidates."""
-    min_classes: int = 0
-    """At least this many candidate classes per window, the others sampled with probability softmax of
-    the LogitNormed logits summed over the window (0, the reference's setting: no fill; a window whose
-    pixels all vote one class then has one candidate, p = 1, and gives the segmenter no gradient)."""
-    ignore_classes: list[int] = field(default_factory=list)
-    """Class ids (0-based) that are never candidates: their logits are set to -inf at latent resolution
-    before candidate selection (a pixel's top-1 falls to its next class); the scored prediction keeps them."""
-    temperature: float = 1.0
-    """LogitNorm temperature: p = softmax((l / ||l||) / temperature) over the candidates."""
-    candidate_weights: Literal["softmax", "uniform"] = "softmax"
-    """How the candidates' velocities are weighted: `softmax` (p above: DUSA) or `uniform` (p = 1 / N, an
-    ablation: the segmenter only picks the candidates and gets no gradient, so only the generator adapts)."""
-    timestep_range: tuple[float, float] = (0.25, 0.25)
-    """Flow-matching time t is drawn uniformly from this range (equal bounds: fixed t)."""
     max_nonfinite: int = 5
     """Stop when this many steps in a row have a NaN/inf loss (each such step skips its update)."""
 
@@ -299,6 +254,15 @@ if method_sections():  # RunConfig gains one field per section, named after its 
         bases=(RunConfig,), namespace={"__doc__": RunConfig.__doc__, "__module__": __name__})
 
 
+# DUSA's own options lived in `tta` until they got their section `dusa` (issue #22): an old command line or config
+# file is told the new name (launch/tta.py), and resume reads run folders written before as what they ran
+# (pipeline/run/resume.py). Old dotted name -> new.
+MOVED_OPTIONS = {f"tta.{name}": f"dusa.{name}" for name in (
+    "lr_generator", "lr_embeddings", "window_weighting", "window_tau", "learnable_embedding", "update_segmenter",
+    "update_generator", "norm_only", "candidates", "topk", "area_k", "area_threshold", "max_classes", "min_classes",
+    "ignore_classes", "temperature", "candidate_weights", "timestep_range")}
+
+
 # W&B project and entity names become parts of URLs and of W&B's own paths; W&B refuses these characters.
 WANDB_RESERVED = set('/\\#?%:')
 
@@ -331,7 +295,7 @@ def validate(cfg: RunConfig, num_classes: int) -> None:
         need(_finite(value) and (value >= 0 if zero else value > 0), name, value,
              f"a finite number {'>= 0' if zero else '> 0'}")
 
-    data, tta, pipe, log = cfg.data, cfg.tta, cfg.pipeline, cfg.logging
+    data, tta, dusa, pipe, log = cfg.data, cfg.tta, cfg.dusa, cfg.pipeline, cfg.logging
     count("data.severity", data.severity, 1, 5)
     if data.limit is not None:
         count("data.limit", data.limit, 1)
@@ -368,25 +332,25 @@ def validate(cfg: RunConfig, num_classes: int) -> None:
         count("data.adaptive_max_windows", data.adaptive_max_windows, 1, data.max_windows)
         count("data.adaptive_min_windows", data.adaptive_min_windows, 1, data.adaptive_max_windows)
 
-    for name in ("lr", "lr_segmenter", "lr_generator", "lr_embeddings"):
-        value = getattr(tta, name, None)
+    for section, name in (("tta", "lr"), ("tta", "lr_segmenter"), ("dusa", "lr_generator"), ("dusa", "lr_embeddings")):
+        value = getattr(getattr(cfg, section), name, None)
         if value is not None:
-            positive(f"tta.{name}", value, zero=True)  # 0: nothing moves, a valid check against source
+            positive(f"{section}.{name}", value, zero=True)  # 0: nothing moves, a valid check against source
     count("tta.accumulation_steps", getattr(tta, "accumulation_steps", 1), 1)
-    positive("tta.window_tau", getattr(tta, "window_tau", 1.0))
-    count("tta.topk", tta.topk, 1, num_classes)
-    count("tta.area_k", tta.area_k, 1, num_classes)
-    positive("tta.area_threshold", tta.area_threshold, zero=True)
-    count("tta.max_classes", tta.max_classes, 1)  # more than the classes: all of them
-    count("tta.min_classes", tta.min_classes, 0, tta.max_classes if isinstance(tta.max_classes, int) else None)
-    positive("tta.temperature", tta.temperature)
-    t = tuple(tta.timestep_range)
-    need(len(t) == 2 and all(_finite(v) for v in t) and 0 <= t[0] <= t[1] <= 1, "tta.timestep_range", list(t),
+    positive("dusa.window_tau", getattr(dusa, "window_tau", 1.0))
+    count("dusa.topk", dusa.topk, 1, num_classes)
+    count("dusa.area_k", dusa.area_k, 1, num_classes)
+    positive("dusa.area_threshold", dusa.area_threshold, zero=True)
+    count("dusa.max_classes", dusa.max_classes, 1)  # more than the classes: all of them
+    count("dusa.min_classes", dusa.min_classes, 0, dusa.max_classes if isinstance(dusa.max_classes, int) else None)
+    positive("dusa.temperature", dusa.temperature)
+    t = tuple(dusa.timestep_range)
+    need(len(t) == 2 and all(_finite(v) for v in t) and 0 <= t[0] <= t[1] <= 1, "dusa.timestep_range", list(t),
          "two flow times 0 <= low <= high <= 1")
     count("tta.max_nonfinite", tta.max_nonfinite, 1)
-    bad = [c for c in tta.ignore_classes if not (isinstance(c, int) and 0 <= c < num_classes)]
-    need(not bad, "tta.ignore_classes", tta.ignore_classes, f"class ids in 0..{num_classes - 1}")
-    need(len(set(tta.ignore_classes)) < num_classes, "tta.ignore_classes", tta.ignore_classes,
+    bad = [c for c in dusa.ignore_classes if not (isinstance(c, int) and 0 <= c < num_classes)]
+    need(not bad, "dusa.ignore_classes", dusa.ignore_classes, f"class ids in 0..{num_classes - 1}")
+    need(len(set(dusa.ignore_classes)) < num_classes, "dusa.ignore_classes", dusa.ignore_classes,
          "at least one class left to choose from")
 
     count("pipeline.num_stages", pipe.num_stages, 1)
@@ -412,14 +376,14 @@ def validate(cfg: RunConfig, num_classes: int) -> None:
 
 
 def cap_class_budget(cfg: RunConfig, num_classes: int) -> list[str]:
-    """A class budget above the class count means every class: `tta.max_classes` (and `min_classes`) are capped
+    """A class budget above the class count means every class: `dusa.max_classes` (and `min_classes`) are capped
     at it, so that memory estimates and plans count the transformer batch that can really occur. Returns one
     warning line per capped option."""
     notes = []
     for name in ("max_classes", "min_classes"):
-        value = getattr(cfg.tta, name)
+        value = getattr(cfg.dusa, name)
         if value > num_classes:
-            notes.append(f"warning: --tta.{name} {value} is more than the {num_classes} classes of data.classes: "
+            notes.append(f"warning: --dusa.{name} {value} is more than the {num_classes} classes of data.classes: "
                          f"capped at {num_classes}")
-            setattr(cfg.tta, name, num_classes)
+            setattr(cfg.dusa, name, num_classes)
     return notes

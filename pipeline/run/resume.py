@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pipeline.methods import METHODS
-from pipeline.run.config import RunConfig, safe_name
+from pipeline.run.config import MOVED_OPTIONS, RunConfig, safe_name
 from pipeline.run.identity import changed_inputs
 from pipeline.run.reporting import read_results, task_result_problem
 from pipeline.run.folder import verify_files
@@ -17,8 +17,11 @@ from pipeline.run.protocol import task_sequence
 
 # The data options added with the datasets and protocols, as every run before them had them.
 LEGACY_DATA = {"dataset": "ade20k", "short_edge": None, "gradual": False}
-# The method options added since, likewise (DUSA's p was always the softmax over the candidates).
-LEGACY_TTA = {"candidate_weights": "softmax"}
+# DUSA's options added since, likewise (its p was always the softmax over the candidates).
+LEGACY_DUSA = {"candidate_weights": "softmax"}
+# Options that moved to another section (DUSA's, from `tta` to `dusa`): a record written before the move holds
+# them in their old section, as its run read them.
+LEGACY_MOVES = MOVED_OPTIONS
 
 
 def resume_signature(record: dict[str, Any]) -> dict[str, Any]:
@@ -28,8 +31,13 @@ def resume_signature(record: dict[str, Any]) -> dict[str, Any]:
     data = record["data"]
     for key, before in LEGACY_DATA.items():  # results written before these options existed: what they ran
         data.setdefault(key, before)
-    for key, before in LEGACY_TTA.items():
-        record["tta"].setdefault(key, before)
+    for old, new in LEGACY_MOVES.items():
+        (section, key), (new_section, new_key) = old.split("."), new.split(".")
+        if key in record[section]:
+            record.setdefault(new_section, {}).setdefault(new_key, record[section].pop(key))
+    if "dusa" in record:
+        for key, before in LEGACY_DUSA.items():
+            record["dusa"].setdefault(key, before)
     # `inputs` (the digests of the files behind these options) is compared apart, to name what changed.
     signature = {"model": {k: v for k, v in record["model"].items() if k != "build_demo_models"},
                  "data": {k: v for k, v in data.items()
