@@ -13,20 +13,11 @@ Variants, each timed over --steps images after --warmup, per number of candidate
   (b) single:   the same on 1 GPU (1 stage)
   (c) naive:    the old design: the blocks split over 2 GPUs, one busy at a time, float32 weights
                 under bf16 autocast, eager SegFormer once on the full image, torch AdamW
-Options: --check compares loss, gradients and the parameter update of one optimizer step of (a) and
-(b) (same weights and inputs); --profile records two more steps of (a) per stage (torch.profiler
-traces + a table of where each stage's time goes); the partition of (a) is planned from the card's cost
-table (pipeline/dusa/costs/, or --cost_table; launch/calibrate.py measures one); the
-GPU run also checks SegFormer's CUDA graphs against eager and times their capture. Every run records
-pipeline/dusa/memory.py's estimate per stage beside the measured peaks; a stage that runs out of memory ends
-every stage of its launch at once (recorded, with each stage's peak so far). --generator sd3.5-large runs
-random SD3.5-large weights (split by the memory estimate when no cost table exists for it).
---sweep: instead of the variants, the real launcher (launch/tta.py on ds_configs/tta.json) over a synthetic
-sweep, once per layout (replicas x stages) and class count: images/s over the sweep, beside the layouts'
-prediction from the measured cost table.
-Writes <out>/<date>-<card>[-<generator>][-<tag>].json (+ the profile tables; the sweep:
-<date>-<card>-sweep...json; --out defaults to <workdir>/results, `--out bench/results` publishes) and prints a
-table; exits non-zero when nothing was measured.
+--check: loss, gradients and update of one optimizer step of (a) against (b), and of each
+--pipeline_variants run against its base (the joint blocks' graphs replay from that step); --profile:
+torch.profiler traces and where each stage's time goes; --sweep: the real launcher over a synthetic sweep
+per layout and class count. Every run records the memory estimate beside the measured peaks. Details and
+the output files: docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -50,7 +41,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_exte
 import torch  # noqa: E402
 
 
-from bench.common import (WORK, WORKDIR_MARKER, StageStop, Spans, breakdown, checkpoints,  # noqa: E402
+from bench.common import (WORK, WORKDIR_MARKER, argument_error, StageStop, Spans, breakdown, checkpoints,  # noqa: E402
                           default_ds_config, instrument, kernel_summary, matmul_tflops, memory_model, merge,
                           peak_memory_gib, peak_reserved_gib, run, sample, say, sync, synthetic_image, window_size)
 from bench.graph_cache import SHAPE_MIX, graph_cache_simulation  # noqa: E402
@@ -465,49 +456,6 @@ def main() -> None:
             shutil.copy(trace, out / f"{report['date']}-{slug}-trace-stage{r}.json.gz")
     print_table(report)
     LOG.info(f"written {path}")
-
-
-VARIANTS = ("single", "pipeline", "naive")
-
-
-def argument_error(args) -> str | None:
-    """The first argument the benchmark cannot run with, checked before anything is built (None: all fine)."""
-    unknown = [v for v in args.variants if v not in VARIANTS]
-    if unknown:
-        return f"--variants {unknown[0]!r} is not one of {', '.join(VARIANTS)}"
-    for name, low in (("classes", 1), ("steps", 1), ("warmup", 0), ("stages", 1), ("sweep_images", 1)):
-        values = getattr(args, name)
-        if any(v < low for v in (values if isinstance(values, list) else [values])):
-            return f"--{name} {values} must be >= {low}"
-    if not (args.timeout > 0):
-        return f"--timeout {args.timeout} must be > 0"
-    from data.classes import safe_name
-    if args.tag is not None and not safe_name(args.tag):  # it becomes part of the results file's name
-        return f"--tag {args.tag!r} must be letters, digits and _ - . + (it names the results file)"
-    try:
-        partition = json.loads(args.partition) if args.partition else None
-        variants = json.loads(args.pipeline_variants)
-    except json.JSONDecodeError as exc:
-        return f"--partition / --pipeline_variants is not JSON ({exc.msg})"
-    if partition is not None and not (isinstance(partition, list) and len(partition) == args.stages + 1
-                                      and all(isinstance(b, int) and not isinstance(b, bool) for b in partition)
-                                      and partition[0] == 0 and all(a < b for a, b in zip(partition, partition[1:]))):
-        return (f"--partition {args.partition} must be {args.stages + 1} increasing layer indices from 0 "
-                f"(one range per stage of --stages {args.stages})")
-    if not (isinstance(variants, dict) and all(isinstance(v, dict) for v in variants.values())):
-        return "--pipeline_variants must be a JSON object {name: DeepSpeed JSON override}"
-    for option in ("cost_table", "ds_config", "sweep_data"):
-        value = getattr(args, option)
-        if value and not Path(value).exists():
-            return f"--{option} {value} does not exist"
-    workdir = Path(args.workdir)
-    if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())
-                             and not (workdir / WORKDIR_MARKER).is_file()):
-        return (f"--workdir {workdir} is not a folder this tool made (its JSON files would be removed): "
-                f"name a new or empty folder")
-    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
-        return f"--out {args.out} is a file, not a folder"
-    return None
 
 
 if __name__ == "__main__":

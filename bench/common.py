@@ -337,3 +337,46 @@ def memory_model(paths: dict, args, card: str, graph_shapes: int = 1):
 
 
 WORKDIR_MARKER = ".dusa-bench"  # a workdir this tool made: the only kind whose old JSON files it removes
+
+
+VARIANTS = ("single", "pipeline", "naive")
+
+
+def argument_error(args) -> str | None:
+    """The first argument the benchmark cannot run with, checked before anything is built (None: all fine)."""
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        return f"--variants {unknown[0]!r} is not one of {', '.join(VARIANTS)}"
+    for name, low in (("classes", 1), ("steps", 1), ("warmup", 0), ("stages", 1), ("sweep_images", 1)):
+        values = getattr(args, name)
+        if any(v < low for v in (values if isinstance(values, list) else [values])):
+            return f"--{name} {values} must be >= {low}"
+    if not (args.timeout > 0):
+        return f"--timeout {args.timeout} must be > 0"
+    from data.classes import safe_name
+    if args.tag is not None and not safe_name(args.tag):  # it becomes part of the results file's name
+        return f"--tag {args.tag!r} must be letters, digits and _ - . + (it names the results file)"
+    try:
+        partition = json.loads(args.partition) if args.partition else None
+        variants = json.loads(args.pipeline_variants)
+    except json.JSONDecodeError as exc:
+        return f"--partition / --pipeline_variants is not JSON ({exc.msg})"
+    if partition is not None and not (isinstance(partition, list) and len(partition) == args.stages + 1
+                                      and all(isinstance(b, int) and not isinstance(b, bool) for b in partition)
+                                      and partition[0] == 0 and all(a < b for a, b in zip(partition, partition[1:]))):
+        return (f"--partition {args.partition} must be {args.stages + 1} increasing layer indices from 0 "
+                f"(one range per stage of --stages {args.stages})")
+    if not (isinstance(variants, dict) and all(isinstance(v, dict) for v in variants.values())):
+        return "--pipeline_variants must be a JSON object {name: DeepSpeed JSON override}"
+    for option in ("cost_table", "ds_config", "sweep_data"):
+        value = getattr(args, option)
+        if value and not Path(value).exists():
+            return f"--{option} {value} does not exist"
+    workdir = Path(args.workdir)
+    if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())
+                             and not (workdir / WORKDIR_MARKER).is_file()):
+        return (f"--workdir {workdir} is not a folder this tool made (its JSON files would be removed): "
+                f"name a new or empty folder")
+    if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
+        return f"--out {args.out} is a file, not a folder"
+    return None
