@@ -21,7 +21,6 @@ window. A forward out of order raises. The arithmetic is the eager blocks' own (
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -351,16 +350,3 @@ class _Replay(torch.autograd.Function):
         out = [g.detach() if need else None for g, need in zip(form.grad_inputs[index], ctx.inputs_need)]
         views, got = form.grad_params[index]
         return (None, None, None, *out, *copies(tuple(v if g else None for v, g in zip(views, got))))
-
-
-@contextlib.contextmanager
-def no_chain(blocks: Sequence[nn.Module]):
-    """The blocks' forwards eager for a while (e.g. an equality check against the graphs)."""
-    saved = [getattr(b, "chain", None) for b in blocks]
-    for b in blocks:
-        b.chain = None
-    try:
-        yield
-    finally:
-        for b, c in zip(blocks, saved):
-            b.chain = c
