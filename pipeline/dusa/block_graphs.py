@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from pipeline.dusa.graphs import FrequentShapes, GraphStats, copies
+from pipeline.dusa.graphs import FrequentShapes, GraphStats, copies, flat_views
 from pipeline.run.log import LOG
 
 BlockFn = Callable[[nn.Module, dict, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
@@ -120,7 +120,8 @@ class BlockChain:
         self.stats = GraphStats()
         self._too_large: set[tuple] = set()
         self._buffers: dict[str, list[torch.Tensor]] | None = None
-        self._current: tuple[tuple, _Form] | None = None  # this window's form (None: eager)
+        self._current: _Form | None = None  # this window's form (None: eager)
+        self._params_now: list[tuple[torch.Tensor, ...]] = []  # each block's tensors with gradients, this window
         self._next = 0  # the block expected next in this window
         self._temb_seen = 0  # block 0's temb (its data pointer) in this window
 
@@ -129,6 +130,7 @@ class BlockChain:
         """Picks this window's form (a replay, a capture, or eager) from block 0's inputs."""
         self._current, self._next, self._temb_seen = None, 0, 0
         params = [self._params(b) for b in self.blocks]
+        self._params_now = [tuple(ps.values()) for ps in params]
         needs_grad = hidden.requires_grad or context.requires_grad or temb.requires_grad or any(params)
         if not torch.is_grad_enabled() or not needs_grad or hidden.shape[0] > self.max_classes:
             return  # no backward to graph (a frozen generator), or more classes than the buffers hold: eager
@@ -156,7 +158,7 @@ class BlockChain:
         if form is None:
             self.stats.eager += 1
             return
-        self._current = (key, form)
+        self._current = form
 
     def block(self, index: int, hidden: torch.Tensor, context: torch.Tensor, temb: torch.Tensor
               ) -> tuple[torch.Tensor, ...] | None:
@@ -167,9 +169,7 @@ class BlockChain:
             raise RuntimeError(f"joint block {index} ran out of order (expected {self._next}): the graphs need the "
                                "chain's blocks in order, one window at a time")
         self._next += 1
-        _, form = self._current
-        params = tuple(self._params(self.blocks[index]).values())
-        return _Replay.apply(self, form, index, hidden, context, temb, *params)
+        return _Replay.apply(self, self._current, index, hidden, context, temb, *self._params_now[index])
 
     # ------------------------------------------------------------------------------------------- capture
     @staticmethod
@@ -194,17 +194,7 @@ class BlockChain:
                 "grad_context": [rows(context) for _ in range(2)],
                 "grad_temb": [rows(temb) for _ in range(k)],
             }
-            flat = [p for ps in params for p in ps.values()]
-            by_dtype: dict[torch.dtype, int] = {}
-            for p in flat:
-                by_dtype[p.dtype] = by_dtype.get(p.dtype, 0) + p.numel()
-            pools = {d: torch.empty(n, dtype=d, device=hidden.device) for d, n in by_dtype.items()}
-            offsets = dict.fromkeys(by_dtype, 0)
-            views = []
-            for p in flat:
-                views.append(pools[p.dtype][offsets[p.dtype]:offsets[p.dtype] + p.numel()].view(p.shape))
-                offsets[p.dtype] += p.numel()
-            self._buffers["params"] = views
+            self._buffers["params"] = flat_views([p for ps in params for p in ps.values()])
         return self._buffers
 
     def _capture(self, hidden, context, temb, params) -> _Form:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -119,21 +120,28 @@ class _Replay(torch.autograd.Function):
         return (None, None, *copies(graphs.static_grads))
 
 
-def copies(tensors: tuple[torch.Tensor | None, ...]) -> list[torch.Tensor | None]:
-    """Copies of the tensors as views of one new buffer per dtype, made by one multi-tensor copy (hundreds
-    of separate clones would each be a kernel launch)."""
+def flat_views(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Empty tensors shaped like `tensors`, as views of one new buffer per dtype (None stays None)."""
     out: list[torch.Tensor | None] = [None] * len(tensors)
     by_dtype: dict[torch.dtype, list[int]] = {}
     for i, t in enumerate(tensors):
         if t is not None:
             by_dtype.setdefault(t.dtype, []).append(i)
     for dtype, index in by_dtype.items():
-        sources = [tensors[i] for i in index]
-        flat = torch.empty(sum(t.numel() for t in sources), dtype=dtype, device=sources[0].device)
-        views = [v.view(t.shape) for v, t in zip(flat.split([t.numel() for t in sources]), sources)]
-        torch._foreach_copy_(views, sources)
-        for i, v in zip(index, views):
-            out[i] = v
+        sizes = [tensors[i].numel() for i in index]
+        flat = torch.empty(sum(sizes), dtype=dtype, device=tensors[index[0]].device)
+        for i, v in zip(index, flat.split(sizes)):
+            out[i] = v.view(tensors[i].shape)
+    return out
+
+
+def copies(tensors: Sequence[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """Copies of the tensors as views of one new buffer per dtype, made by one multi-tensor copy per dtype
+    (hundreds of separate clones would each be a kernel launch)."""
+    out = flat_views(tensors)
+    pairs = [(o, t) for o, t in zip(out, tensors) if t is not None]
+    for dtype in {t.dtype for _, t in pairs}:
+        torch._foreach_copy_([o for o, t in pairs if t.dtype == dtype], [t for _, t in pairs if t.dtype == dtype])
     return out
 
 
