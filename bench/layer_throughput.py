@@ -110,7 +110,9 @@ def block_rows(config: dict, classes: list[int], device: torch.device, repeats: 
         return lambda h, e, t: block(hidden_states=h, encoder_hidden_states=e, temb=t)
 
     variants = [("joint block", model.transformer_blocks[0]), ("last joint block", model.transformer_blocks[1])]
-    compiled = torch.compile(model.transformer_blocks[0], dynamic=False) if compile_block else None
+    from pipeline.dusa.layers import INDUCTOR_OPTIONS  # as pipeline.compile_blocks compiles them
+    compiled = torch.compile(model.transformer_blocks[0], dynamic=False, options=INDUCTOR_OPTIONS) \
+        if compile_block else None
     for n in classes:
         for name, block in variants:
             run = forward_backward(block_call(block), inputs(n), True, device, block)
@@ -180,9 +182,23 @@ def attention_precision(device: torch.device, n: int, heads: int, tokens: int, h
     return out
 
 
-def model_rows(device: torch.device, repeats: int, tiny: bool) -> list:
+def top_kernels(fn: Callable[[], None], device: torch.device, count: int = 15) -> list:
+    """The `count` kernels (or CPU ops, without a GPU) with the most total time over one run of fn."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    sync(device)
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    with profile(activities=[activity]) as prof:
+        fn()
+        sync(device)
+    key = "device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    return [dict(name=e.key[:120], ms=getattr(e, key) / 1e3, calls=e.count) for e in events[:count]]
+
+
+def model_rows(device: torch.device, repeats: int, tiny: bool, profiles: dict | None = None) -> list:
     """SegFormer-B5 forward + backward on the whole image (float32 weights, autocast), the VAE encoder's
-    forward on one window (bf16, frozen)."""
+    forward on one window (bf16, frozen); with `profiles`, SegFormer's top kernels go there."""
     from diffusers import AutoencoderKL
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
     seg_cfg = dict(SEGFORMER_B5, num_labels=150)
@@ -200,6 +216,8 @@ def model_rows(device: torch.device, repeats: int, tiny: bool) -> list:
         return (torch.randn(1, 3, *image, device=device),)
     run = forward_backward(lambda x: segformer(pixel_values=x).logits, seg_inputs, True, device, segformer)
     rows = [row("SegFormer-B5", None, f"1 x 3 x {image[0]} x {image[1]}", run, device, repeats)]
+    if profiles is not None:
+        profiles["SegFormer-B5 forward + backward"] = top_kernels(run, device)
     x = torch.randn(1, 3, window, window, device=device, dtype=torch.bfloat16)
 
     @torch.no_grad()
@@ -242,6 +260,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed runs per row (the median is kept)")
     parser.add_argument("--tiny", action="store_true", help="tiny widths on the CPU (a dry run of this script)")
     parser.add_argument("--no_compile", action="store_true", help="leave out the torch.compile row")
+    parser.add_argument("--profile", action="store_true", help="also the top kernels of SegFormer's step")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not args.tiny:
@@ -256,13 +275,15 @@ def main() -> None:
     heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
     tokens = 72 if args.tiny else (WINDOW // 16) ** 2 + SD3_TEXT_TOKENS
     precision = attention_precision(device, 10, heads, tokens, head_dim)
-    rows += model_rows(device, args.repeats, args.tiny)
+    profiles: dict | None = {} if args.profile else None
+    rows += model_rows(device, args.repeats, args.tiny, profiles)
     numel = 2_028_328_000 if not args.tiny else 1_600_000  # SD3-medium's transformer + SegFormer-B5 (adapted)
     rows.append(optimizer_row(numel, device, args.repeats))
     date = datetime.date.today().isoformat()
     slug = re.sub(r"[^a-z0-9]+", "-", card.lower().replace("nvidia", "")).strip("-") + ("-tiny" if args.tiny else "")
     report = dict(date=date, card=card, torch=torch.__version__, matmul_bf16_tflops=peak, rows=rows,
                   attention_relative_error_vs_float32_math_at_10_classes=precision,
+                  **({"top_kernels": profiles} if profiles else {}),
                   command="python " + " ".join([f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]]))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{date}-{slug}-layers.json"
@@ -272,6 +293,10 @@ def main() -> None:
     print("\nattention in bf16 vs float32 math, relative L2 error at 10 classes (out, dq, dk, dv):")
     for backend, errors in precision.items():
         print(f"  {backend}: " + (", ".join(f"{v:.2e}" for v in errors.values()) if isinstance(errors, dict) else errors))
+    for name, kernels in (profiles or {}).items():
+        print(f"\n{name}, top kernels by total time (ms, calls):")
+        for k in kernels:
+            print(f"  {k['ms']:8.2f} {k['calls']:5d}  {k['name']}")
     LOG.info(f"\nsaved {path}")
 
 

@@ -88,3 +88,32 @@ def test_a_frozen_chain_runs_eagerly_and_a_block_out_of_order_is_refused(tmp_pat
     layers[1](layers[0](pack(*(t.clone().requires_grad_(True) for t in x))))
     with pytest.raises(RuntimeError, match="replayed again before the backward of the previous one"):
         first.sum().backward()
+
+
+def test_compiled_blocks_run_the_counts_the_chain_does_not_replay(tmp_path):
+    """pipeline.compile_blocks beside the graphs: windows the chain replays use the recorded eager block,
+    the others (a count's first window, counts above max_classes) the compiled forward, and every window
+    computes what the eager blocks compute. The backend here records the graphs dynamo hands it and runs
+    them as they are (the runs use inductor)."""
+    make_tiny_sd3(tmp_path / "sd3", num_layers=2)
+    eager = blocks_of(tmp_path / "sd3", "cpu")
+    compiled_graphs = []
+
+    def recording_backend(gm, example_inputs):
+        compiled_graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    layers = [JointBlock(copy.deepcopy(layer.block), compile_backend=recording_backend) for layer in eager]
+    assert all(layer.compiled for layer in layers)
+    assert [k for k, _ in layers[0].named_parameters()] == [k for k, _ in eager[0].named_parameters()]
+    chain = chain_joint_blocks(layers, max_forms=2, max_classes=3, recorder=EagerRecorder())
+    counts = [2, 2, 2, 5, 5, 2]  # 2: compiled, then captured, then replayed twice; 5: above max_classes, compiled
+    for step, n in enumerate(counts):
+        a, b = window(eager, n, step, "cpu"), window(layers, n, step, "cpu")
+        for i, (x, y) in enumerate(zip([*a[0], *a[1], *a[2]], [*b[0], *b[1], *b[2]])):
+            assert (x is None) == (y is None)
+            if x is not None:
+                torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
+    assert (chain.stats.captures, chain.stats.hits) == (1, 2)
+    assert compiled_graphs, "the windows the chain leaves run through torch.compile"

@@ -281,21 +281,32 @@ def attention_order(first: str) -> list[SDPBackend] | None:
     return [ATTENTION_BACKENDS[first]] + [b for name, b in ATTENTION_BACKENDS.items() if name != first]
 
 
+# torch.compile's inductor options for pipeline.compile_blocks: eager's bf16 roundings kept.
+INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
+
+
 class JointBlock(nn.Module):
     """One SD3 joint transformer block, adapted to tuples; `compile_backend` (e.g. "inductor"): the block runs
     through torch.compile, the class samples' count marked dynamic (every block of the same form shares the
-    compiled code; on an H200 a new count still compiled once more at 10 and at 20 after 2); `attention`:
-    SDPA's backends in the order to try them (`attention_order`; None: torch's own). The backward runs in
-    the backend its forward chose."""
+    compiled code), windows a BlockChain replays excepted; `attention`: SDPA's backends in the order to try
+    them (`attention_order`; None: torch's own). The backward runs in the backend its forward chose."""
 
     def __init__(self, block: nn.Module, compile_backend: str | None = None,
                  attention: list[SDPBackend] | None = None):
         super().__init__()
         self.block = block
-        self.compiled = compile_backend is not None
         self.attention = attention
-        if self.compiled:
-            self.block.compile(backend=compile_backend, dynamic=None)
+        # The compiled forward is kept beside the module (not a submodule: the state dict's names stay), so a
+        # BlockChain can still record the eager block. Inductor rounds to bf16 wherever eager would
+        # (emulate_precision_casts): without it fused intermediates stay float32, another arithmetic than
+        # the reference's.
+        self.compiled_forward = None if compile_backend is None else torch.compile(
+            block.forward, backend=compile_backend, dynamic=None,
+            **({"options": INDUCTOR_OPTIONS} if compile_backend == "inductor" else {}))
+
+    @property
+    def compiled(self) -> bool:
+        return self.compiled_forward is not None
 
     chain = None  # a BlockChain (pipeline/dusa/block_graphs.py) that replays this block, and its place in it
     chain_index = 0
@@ -308,11 +319,13 @@ class JointBlock(nn.Module):
             out = self.chain.block(self.chain_index, hidden_states, encoder_hidden_states, temb)
             if out is not None:
                 return pack(*out, temb, *rest)
+        run = self.block
         if self.compiled:  # before the first call: no graph specialised to the first count
             for t in (hidden_states, encoder_hidden_states, temb):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
+            run = self.compiled_forward
         with sdpa_kernel(self.attention, set_priority=True) if self.attention else contextlib.nullcontext():
-            encoder_hidden_states, hidden_states = self.block(
+            encoder_hidden_states, hidden_states = run(
                 hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb)
         if self.block.context_pre_only:  # the last block returns no text stream
             return pack(hidden_states, temb, *rest)

@@ -149,7 +149,7 @@ def build_pipeline(model: ModelConfig, data: DataConfig, dusa: DusaOptions, pipe
     module.prediction = prediction or None
     # The last stage runs one window at a time (forward, then backward): its joint blocks can replay graphs.
     module.block_chain = None
-    if pipe.transformer_graphs and torch.cuda.is_available() and not pipe.compile_blocks \
+    if pipe.transformer_graphs and torch.cuda.is_available() \
             and not pipe.activation_checkpoint_interval and any(isinstance(f, SD3Head) for f in module.forward_funcs):
         graphed = min(pipe.transformer_graphs, dusa.max_classes, len(class_names))  # class counts 1..graphed
         module.block_chain = chain_joint_blocks(module.forward_funcs, graphed, graphed)
