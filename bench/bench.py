@@ -41,8 +41,8 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_exte
 import torch  # noqa: E402
 
 
-from bench.common import (WORK, WORKDIR_MARKER, argument_error, StageStop, Spans, breakdown, checkpoints,  # noqa: E402
-                          default_ds_config, instrument, kernel_summary, matmul_tflops, memory_model, merge,
+from bench.common import (PIPELINE_SWITCHES, WORK, WORKDIR_MARKER, argument_error, StageStop, Spans,  # noqa: E402
+                          breakdown, checkpoints, default_ds_config, pipeline_switches, instrument, kernel_summary, matmul_tflops, memory_model, merge,
                           peak_memory_gib, peak_reserved_gib, run, sample, say, sync, synthetic_image, window_size)
 from bench.graph_cache import SHAPE_MIX, graph_cache_simulation  # noqa: E402
 from bench.naive import naive_worker  # noqa: E402
@@ -81,8 +81,10 @@ def pipeline_worker(args) -> None:
         pipe.segmenter_graphs = args.segmenter_graphs
     if args.transformer_graphs is not None:
         pipe.transformer_graphs = args.transformer_graphs
-    pipe.compile_blocks = args.compile_blocks
-    pipe.attention_backend = args.attention_backend
+    if args.compile_blocks is not None:
+        pipe.compile_blocks = bool(args.compile_blocks)
+    if args.attention_backend is not None:
+        pipe.attention_backend = args.attention_backend
     ds = load_ds_config(args.ds_config or default_ds_config(args.tiny),
                         lr=1e-5)
     bf16 = ds.get("bf16", {}).get("enabled", False)
@@ -295,14 +297,20 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=2)
     parser.add_argument("--partition", help="explicit stage boundaries of (a) as JSON (default: planned from costs)")
     parser.add_argument("--cost_table", help="cost table for (a)'s partition (default: pipeline/dusa/costs/ lookup)")
-    parser.add_argument("--segmenter_graphs", type=int, help="pipeline.segmenter_graphs of (a) (default: the project's)")
-    parser.add_argument("--transformer_graphs", type=int, help="pipeline.transformer_graphs (default: the project's)")
+    parser.add_argument("--segmenter_graphs", type=int, help="pipeline.segmenter_graphs of (a) and (b) (default: the "
+                                                             "project's)")
+    parser.add_argument("--transformer_graphs", type=int, help="pipeline.transformer_graphs of (a) and (b) (default: "
+                                                               "the project's)")
+    parser.add_argument("--compile_blocks", type=int, choices=[0, 1], help="pipeline.compile_blocks of (a) and (b) "
+                                                                          "(default: the project's)")
+    parser.add_argument("--attention_backend", help="pipeline.attention_backend of (a) and (b) (default: the "
+                                                    "project's)")
     parser.add_argument("--variants", nargs="+", default=["single", "pipeline", "naive"])
     parser.add_argument("--pipeline_variants", default="{}",
                         help='more (a) runs as JSON {name: DeepSpeed JSON merged over the default, and optionally '
                              '"partition": [...], "segmenter_graphs": N, "transformer_graphs": N}, e.g. '
                              '\'{"immediate": {"bf16": {"immediate_grad_update": true}}}\'; engine switches: '
-                             '"autocast_casts": true (autocast\'s own per-window casts), "compile_blocks": true')
+                             '"autocast_casts": true (autocast\'s own per-window casts), "compile_blocks": false (eager blocks)')
     parser.add_argument("--ds_config", help="DeepSpeed JSON of (a) and (b) (default: ds_configs/ds_tta.json)")
     parser.add_argument("--check", action="store_true", help="compare loss, gradients and update of (a) and (b)")
     parser.add_argument("--profile", action="store_true", help="profile two more steps of (a) on every stage")
@@ -330,8 +338,6 @@ def main() -> None:
     parser.add_argument("--name", default="pipeline", help=argparse.SUPPRESS)
     parser.add_argument("--graph_check", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--autocast_casts", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--compile_blocks", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--attention_backend", default="default", help=argparse.SUPPRESS)
     parser.add_argument("--paths", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -370,8 +376,10 @@ def main() -> None:
     tflops = matmul_tflops()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    switches = pipeline_switches(segmenter_graphs=args.segmenter_graphs, transformer_graphs=args.transformer_graphs,
+                                 compile_blocks=args.compile_blocks, attention_backend=args.attention_backend)
     common = ["bench/bench.py", "--workdir", str(workdir), "--paths", json.dumps(paths), "--classes",
-              *map(str, args.classes), "--steps", str(args.steps), "--warmup", str(args.warmup)] + \
+              *map(str, args.classes), "--steps", str(args.steps), "--warmup", str(args.warmup), *switches] + \
              (["--tiny"] if args.tiny else []) + (["--check"] if args.check else []) + \
              (["--inject_oom", args.inject_oom] if args.inject_oom else [])
     card_bytes = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
@@ -404,25 +412,16 @@ def main() -> None:
     for name, override in json.loads(args.pipeline_variants).items():
         override = dict(override)
         partition = override.pop("partition", None)
-        graphs = override.pop("segmenter_graphs", None)
-        block_graphs = override.pop("transformer_graphs", None)
-        attention = override.pop("attention_backend", None)
-        switches = [flag for key, flag in (("autocast_casts", "--autocast_casts"), ("compile_blocks", "--compile_blocks"))
-                    if override.pop(key, False)]
+        switches = ["--autocast_casts"] if override.pop("autocast_casts", False) else []
+        switches += pipeline_switches(**{key: override.pop(key) for key in PIPELINE_SWITCHES if key in override})
         ds = load_ds_config(args.ds_config or default_ds_config(args.tiny),
                             lr=1.0)
         ds["optimizer"]["params"].pop("lr")
         path = workdir / f"ds-{name}.json"
         path.write_text(json.dumps(merge(ds, override)))
-        variant_args = list(pipeline_args) + switches
+        variant_args = list(pipeline_args) + switches  # (argparse keeps an option's last value)
         if partition is not None:
-            variant_args = [a for a in variant_args if a != "--partition"] + ["--partition", json.dumps(partition)]
-        if graphs is not None:
-            variant_args += ["--segmenter_graphs", str(graphs)]
-        if block_graphs is not None:
-            variant_args += ["--transformer_graphs", str(block_graphs)]
-        if attention is not None:
-            variant_args += ["--attention_backend", attention]
+            variant_args += ["--partition", json.dumps(partition)]
         run(launcher() + variant_args + ["--ds_config", str(path), "--name", f"pipeline-{name}"], log, args.timeout)
     if "naive" in args.variants:
         run([sys.executable, *[a for a in common if a != "--check"], "--worker", "naive"], log, args.timeout)

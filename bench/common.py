@@ -380,3 +380,16 @@ def argument_error(args) -> str | None:
     if args.out and Path(args.out).exists() and not Path(args.out).is_dir():
         return f"--out {args.out} is a file, not a folder"
     return None
+
+
+# The pipeline settings bench.py's workers take as options (record.py's --set): name -> how the value is written.
+PIPELINE_SWITCHES = {"segmenter_graphs": str, "transformer_graphs": str, "attention_backend": str,
+                     "compile_blocks": lambda v: str(int(v if isinstance(v, bool) else str(v).lower() in ("1", "true")))}
+
+
+def pipeline_switches(**values) -> list[str]:
+    """bench.py's worker options for pipeline settings (None: the project's default)."""
+    unknown = set(values) - set(PIPELINE_SWITCHES)
+    if unknown:
+        raise ValueError(f"not a pipeline switch of bench.py: {', '.join(sorted(unknown))}")
+    return [a for key, v in values.items() if v is not None for a in (f"--{key}", PIPELINE_SWITCHES[key](v))]

@@ -34,7 +34,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 from pipeline.run.log import LOG  # noqa: E402
 from pipeline.run.timing import phase_means  # noqa: E402
-from bench.common import IMAGE_SIZE, WORKDIR_MARKER, checkpoints, run, say  # noqa: E402
+from bench.common import IMAGE_SIZE, PIPELINE_SWITCHES, WORKDIR_MARKER, checkpoints, pipeline_switches, run, say  # noqa: E402
 from bench.graph_cache import SHAPE_MIX, shape_sequence  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,6 +58,7 @@ def step_benchmark(args, paths: dict, stages: int, classes: int, workdir: Path) 
     cmd = [sys.executable, "bench/bench.py", "--workdir", str(out), "--out", str(out), "--variants", variant,
            "--stages", str(stages), "--classes", str(classes), "--steps", str(args.steps), "--warmup", "3"]
     cmd += (["--tiny"] if args.tiny else []) + (["--ds_config", args.ds_config] if args.ds_config else [])
+    cmd += pipeline_switches(**{key.split(".", 1)[1]: value for key, value in settings(args).items()})
     out.mkdir(parents=True, exist_ok=True)
     (out / WORKDIR_MARKER).touch()  # bench.py's own kind of workdir: it clears its old results there
     for old in out.glob("*.json"):
@@ -98,6 +99,8 @@ def launcher_run(args, paths: dict, data: Path, gpus: int, stages: int, classes:
            "--pipeline.num_stages", str(stages), "--dusa.max_classes", str(classes), "--dusa.min_classes", str(classes),
            "--output_dir", str(run_dir)]
     cmd += ["--deepspeed", args.ds_config] if args.ds_config else []
+    for key, value in settings(args).items():
+        cmd += [f"--{key}", value]
     if args.tiny:  # the demo config's own models, data and split are not the benchmark's
         cmd += ["--model.build_demo_models", "false", "--data.build_demo_data", "false", "--pipeline.partition", "null"]
     timing: dict = {}
@@ -108,6 +111,11 @@ def launcher_run(args, paths: dict, data: Path, gpus: int, stages: int, classes:
     return {"failed": failed, "wall_s": timing.get("wall_s"), "started": started, "timing": files, "run_dir": str(run_dir),
             "results": json.loads(results.read_text()) if results.is_file() else None,
             "log_tail": log.read_text(errors="replace").splitlines()[-20:] if failed and log.is_file() else None}
+
+
+def settings(args) -> dict[str, str]:
+    """--set's pipeline settings (key -> value), for the step benchmark and the launch alike."""
+    return dict(item.split("=", 1) for item in args.set or [])
 
 
 def windows_from_data(run_dir: Path) -> dict[str, list[int]]:
@@ -272,6 +280,11 @@ def argument_error(args) -> str | None:
     if workdir.exists() and (not workdir.is_dir() or any(workdir.iterdir())
                              and not (workdir / WORKDIR_MARKER).is_file()):
         return f"--workdir {workdir} is not a folder this tool made: name a new or empty folder"
+    for item in args.set or []:
+        key = item.split("=", 1)[0]
+        if "=" not in item or not key.startswith("pipeline.") or key.split(".", 1)[1] not in PIPELINE_SWITCHES:
+            return (f"--set {item}: KEY=VALUE with KEY one of "
+                    + ", ".join(f"pipeline.{k}" for k in PIPELINE_SWITCHES))
     if args.tag and not all(c.isalnum() or c in "-_." for c in args.tag):
         return f"--tag {args.tag!r}: letters, digits, '-', '_' and '.' only"
     return None
@@ -292,6 +305,9 @@ def main() -> None:
     parser.add_argument("--no_step", action="store_true", help="skip the step benchmark")
     parser.add_argument("--tiny", action="store_true", help="tiny models: a dry run that fits a CPU")
     parser.add_argument("--tag", help="appended to the results file's name")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="a pipeline setting for the step benchmark and the launch alike, e.g. "
+                             "pipeline.compile_blocks=false (repeatable)")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds allowed to each launch")
     parser.add_argument("--summarise", metavar="RUN_DIR",
                         help="no runs: the record's row of a run folder made with --logging.timing (its timing-rank*.json, "
@@ -336,7 +352,7 @@ def main() -> None:
             port += 1
             out = launcher_run(args, paths, data, replicas * stages, stages, classes, workdir, port)
             row = row_from(out, card, replicas * stages, stages, classes, step_s)
-            row.update(shape_mix=SHAPE_MIX, image_size_of_step=list(IMAGE_SIZE), date=date,
+            row.update(shape_mix=SHAPE_MIX, image_size_of_step=list(IMAGE_SIZE), date=date, settings=settings(args),
                        tasks_images=f"{args.tasks} x {args.images}", command=" ".join(sys.argv))
             rows.append(row)
             path.write_text(json.dumps(rows, indent=1) + "\n")  # after every row: a cut-off call keeps its rows

@@ -288,7 +288,7 @@ INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
 class JointBlock(nn.Module):
     """One SD3 joint transformer block, adapted to tuples; `compile_backend` (e.g. "inductor"): the block runs
     through torch.compile, the class samples' count marked dynamic (every block of the same form shares the
-    compiled code), windows a BlockChain replays excepted; `attention`: SDPA's backends in the order to try
+    compiled code), except for the class counts a BlockChain replays; `attention`: SDPA's backends in the order to try
     them (`attention_order`; None: torch's own). The backward runs in the backend its forward chose."""
 
     def __init__(self, block: nn.Module, compile_backend: str | None = None,
@@ -320,7 +320,10 @@ class JointBlock(nn.Module):
             if out is not None:
                 return pack(*out, temb, *rest)
         run = self.block
-        if self.compiled:  # before the first call: no graph specialised to the first count
+        # Counts a BlockChain may replay run eagerly until it does (a capture records the eager block); the
+        # others compiled.
+        if self.compiled and (self.chain is None or hidden_states.shape[0] > self.chain.max_classes):
+            # before the first call: no graph specialised to the first count
             for t in (hidden_states, encoder_hidden_states, temb):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
             run = self.compiled_forward

@@ -155,11 +155,13 @@ class PipelineConfig:
     pipeline/dusa/costs/ measured on this GPU model for these models, else relative default costs)."""
     activation_checkpoint_interval: int = 0
     """Recompute activations every N layers in backward (0: off; trades time for memory)."""
-    compile_blocks: bool = False
-    """Run the SD3 joint blocks through torch.compile (inductor): fused kernels, fewer launches (about 22 % faster
-    at 10-20 classes on an H200). Not the reference's arithmetic (fused intermediates stay float32 where eager
-    rounds them to bf16; see the README's Performance section), hence off. The first images pay the
-    compilation (per block form; torch's compile cache keeps it on disk for later runs)."""
+    compile_blocks: bool = True
+    """On a GPU, the SD3 joint blocks of windows with more candidate classes than transformer_graphs replays
+    run through torch.compile (inductor; the class count a dynamic dimension; eager's bf16 roundings kept):
+    21-22 % faster and 13-18 % less memory at 10-20 classes on an H200. Not bit for bit the eager blocks (the
+    reference's): the loss within 3e-6, gradients a median 0.6 % apart (docs/authors-settings.md). The
+    first such window compiles them (about 35 s, then 13 s for a new form; torch's compile cache, under
+    /tmp, keeps them for later runs). false: eager blocks."""
     attention_backend: Literal["default", "cudnn", "flash", "efficient", "math"] = "default"
     """SDPA backend tried first by the joint blocks' attention, the others kept as fallbacks ("default": torch's
     own order, flash attention on an H200, as the reference runs). `cudnn`: 1.5x flash's attention speed at
@@ -170,11 +172,11 @@ class PipelineConfig:
     at most this many (the most frequently seen shapes; 0: eager). Images of equal size share one."""
     transformer_graphs: int = 8
     """On a GPU, windows of up to this many candidate classes run the last stage's SD3 joint blocks as CUDA
-    graphs, one set per class count (0: eager). The same kernels as eager, two launches per block instead of
-    hundreds: at few classes the step is bound by kernel launches (an H200: 0.26 against 0.43 s per image at
-    2 classes); at many, by the kernels, where the graphs' extra copies and memory cost a little (0.53 against
-    0.51 s at 10). Not with compile_blocks or activation checkpointing; earlier stages of a pipeline run
-    eagerly (they hold two windows at once)."""
+    graphs, one set per class count (0: none). The same kernels as eager, two launches per block instead of
+    hundreds: at few classes the step is bound by kernel launches (an H200: 0.238 against 0.368 s per image
+    at 2 classes); at many, by the kernels, where the graphs' extra copies and memory cost a little (0.524
+    against 0.508 s at 10). Not with activation checkpointing; earlier stages of a pipeline run without
+    (they hold two windows at once)."""
 
 
 @dataclass
