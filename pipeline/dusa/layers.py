@@ -296,17 +296,23 @@ class JointBlock(nn.Module):
         super().__init__()
         self.block = block
         self.attention = attention
-        # The compiled forward is kept beside the module (not a submodule: the state dict's names stay), so a
-        # BlockChain can still record the eager block. Inductor rounds to bf16 wherever eager would
-        # (emulate_precision_casts): without it fused intermediates stay float32, another arithmetic than
-        # the reference's.
-        self.compiled_forward = None if compile_backend is None else torch.compile(
-            block.forward, backend=compile_backend, dynamic=None,
-            **({"options": INDUCTOR_OPTIONS} if compile_backend == "inductor" else {}))
+        self.compile_backend = compile_backend
+        self._compiled_forward = None
 
     @property
     def compiled(self) -> bool:
-        return self.compiled_forward is not None
+        return self.compile_backend is not None
+
+    def compiled_forward(self, **kwargs):
+        # Kept beside the module (not a submodule: the state dict's names stay), so a BlockChain can still
+        # record the eager block; made at first use (start-up imports no compiler). Inductor rounds to bf16
+        # wherever eager would (emulate_precision_casts): without it fused intermediates stay float32, and the
+        # gradients drift from the reference's far beyond the kernels' own spread.
+        if self._compiled_forward is None:
+            self._compiled_forward = torch.compile(
+                self.block.forward, backend=self.compile_backend, dynamic=None,
+                **({"options": INDUCTOR_OPTIONS} if self.compile_backend == "inductor" else {}))
+        return self._compiled_forward(**kwargs)
 
     chain = None  # a BlockChain (pipeline/dusa/block_graphs.py) that replays this block, and its place in it
     chain_index = 0
