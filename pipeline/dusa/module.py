@@ -98,7 +98,9 @@ def build_pipeline(model: ModelConfig, data: DataConfig, dusa: DusaOptions, pipe
                         prompt, pooled, learnable_pooled=dusa.learnable_embedding)
 
     layers = [_BuiltBy(SegmenterFront, front), _BuiltBy(SD3Embed, embed)]
-    backend = "inductor" if pipe.compile_blocks and torch.cuda.is_available() else None
+    # (not with activation checkpointing: DeepSpeed's recompute through compiled code is untested)
+    backend = "inductor" if pipe.compile_blocks and torch.cuda.is_available() \
+        and not pipe.activation_checkpoint_interval else None
     attention = attention_order(pipe.attention_backend)
     layers += [_BuiltBy(JointBlock, functools.partial(
         lambda i: JointBlock(parts.load(f"transformer_blocks.{i}"), compile_backend=backend, attention=attention), i))
