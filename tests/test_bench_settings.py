@@ -1,0 +1,33 @@
+"""The pipeline settings that bench/bench.py's runs and bench/record.py's --set take (no processes)."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from bench import record
+from bench.common import PIPELINE_SWITCHES, pipeline_switches
+
+
+def test_pipeline_switches_write_the_worker_options_and_refuse_others():
+    assert pipeline_switches(compile_blocks=False, transformer_graphs=0, segmenter_graphs=None) == [
+        "--compile_blocks", "0", "--transformer_graphs", "0"]
+    assert pipeline_switches(compile_blocks="true", attention_backend="flash") == [
+        "--compile_blocks", "1", "--attention_backend", "flash"]
+    assert set(PIPELINE_SWITCHES) == {"segmenter_graphs", "transformer_graphs", "attention_backend", "compile_blocks"}
+    from pipeline.run.config import PipelineConfig
+    assert set(PIPELINE_SWITCHES) <= set(PipelineConfig.__dataclass_fields__)
+    with pytest.raises(ValueError, match="^not a pipeline switch of bench.py: num_stages$"):
+        pipeline_switches(num_stages=2)
+
+
+def test_record_set_takes_pipeline_switches_only(tmp_path):
+    def args(*items):
+        return argparse.Namespace(tasks=3, images=100, steps=4, classes=[10], layouts=["1x1"], data=None,
+                                  workdir=str(tmp_path / "w"), tag=None, set=list(items))
+    assert record.argument_error(args("pipeline.compile_blocks=false", "pipeline.transformer_graphs=0")) is None
+    assert record.settings(args("pipeline.compile_blocks=false")) == {"pipeline.compile_blocks": "false"}
+    expected = ("--set {}: KEY=VALUE with KEY one of pipeline.segmenter_graphs, pipeline.transformer_graphs, "
+                "pipeline.attention_backend, pipeline.compile_blocks")
+    for bad in ("pipeline.num_stages=2", "compile_blocks=false", "pipeline.compile_blocks"):
+        assert record.argument_error(args(bad)) == expected.format(bad)
