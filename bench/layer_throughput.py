@@ -15,6 +15,7 @@ warm-up, and the card's reach is a large bf16 matmul measured in the same run. W
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import re
@@ -231,6 +232,50 @@ def model_rows(device: torch.device, repeats: int, tiny: bool, profiles: dict | 
     return rows
 
 
+def segmenter_attention_agreement(device: torch.device, tiny: bool) -> dict:
+    """SegFormer-B5's parameter gradients on one image (autocast, float32 weights, as the step) under SDPA's
+    default backend order (on an H200 cuDNN takes SegFormer's shapes), with flash first and with cuDNN first,
+    each against float32 weights and math attention: the relative L2 error of all gradients together and its
+    median over tensors. The default is run twice (the second reuses whatever the first left cached)."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+    cfg = dict(SEGFORMER_B5, num_labels=150)
+    image = IMAGE
+    if tiny:
+        cfg.update(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 24, 32], decoder_hidden_size=32)
+        image = (64, 85)
+    torch.manual_seed(0)
+    with torch.device(device):
+        segformer = SegformerForSemanticSegmentation(SegformerConfig(**cfg)).eval()
+        x = torch.randn(1, 3, *image)
+        weight = None  # a fixed random weighting of the logits (made at the first forward: their size)
+    params = [p for p in segformer.parameters() if p.requires_grad]
+
+    def grads(order, autocast):
+        nonlocal weight
+        segformer.zero_grad(set_to_none=True)
+        with sdpa_kernel(order, set_priority=True) if order else contextlib.nullcontext(), \
+                torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+            logits = segformer(pixel_values=x).logits
+        if weight is None:
+            weight = torch.randn(logits.shape, device=device, generator=torch.Generator(device).manual_seed(1))
+        (logits.float() * weight).sum().backward()
+        return [p.grad.float().clone() for p in params]
+    reference = grads([SDPBackend.MATH], False)
+    others = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    orders = {"default": None, "default, again": None, "flash first": others,
+              "cudnn first": [SDPBackend.CUDNN_ATTENTION] + others}
+    out = {}
+    for name, order in orders.items():
+        if device.type == "cpu" and name == "cudnn first":
+            continue
+        got = grads(order, True)
+        total = sum((g - r).square().sum() for g, r in zip(got, reference)).sqrt() / \
+            sum(r.square().sum() for r in reference).sqrt()
+        each = [float((g - r).norm() / r.norm()) for g, r in zip(got, reference) if r.norm() > 0]
+        out[name] = {"all": float(total), "median tensor": statistics.median(each)}
+    return out
+
+
 def optimizer_row(numel: int, device: torch.device, repeats: int) -> dict:
     """Fused AdamW over `numel` float32 parameters in 16 tensors: a memory-bound update, as GB/s."""
     chunks = [torch.zeros(numel // 16, device=device, requires_grad=True) for _ in range(16)]
@@ -279,6 +324,7 @@ def main() -> None:
     heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
     tokens = 72 if args.tiny else (WINDOW // 16) ** 2 + SD3_TEXT_TOKENS
     precision = attention_precision(device, 10, heads, tokens, head_dim)
+    segmenter_agreement = segmenter_attention_agreement(device, args.tiny)
     profiles: dict | None = {} if args.profile else None
     rows += model_rows(device, args.repeats, args.tiny, profiles)
     numel = 2_028_328_000 if not args.tiny else 1_600_000  # SD3-medium's transformer + SegFormer-B5 (adapted)
@@ -287,6 +333,7 @@ def main() -> None:
     slug = re.sub(r"[^a-z0-9]+", "-", card.lower().replace("nvidia", "")).strip("-") + ("-tiny" if args.tiny else "")
     report = dict(date=date, card=card, torch=torch.__version__, matmul_bf16_tflops=peak, rows=rows,
                   attention_relative_error_vs_float32_math_at_10_classes=precision,
+                  segformer_gradients_vs_float32_math=segmenter_agreement,
                   **({"top_kernels": profiles} if profiles else {}),
                   command="python " + " ".join([f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]]))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -297,6 +344,9 @@ def main() -> None:
     print("\nattention in bf16 vs float32 math, relative L2 error at 10 classes (out, dq, dk, dv):")
     for backend, errors in precision.items():
         print(f"  {backend}: " + (", ".join(f"{v:.2e}" for v in errors.values()) if isinstance(errors, dict) else errors))
+    print("\nSegFormer-B5's gradients under autocast vs float32 math, relative L2 error (all, median tensor):")
+    for order, errors in segmenter_agreement.items():
+        print(f"  {order}: " + ", ".join(f"{v:.2e}" for v in errors.values()))
     for name, kernels in (profiles or {}).items():
         print(f"\n{name}, top kernels by total time (ms, calls):")
         for k in kernels:
