@@ -288,8 +288,8 @@ INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
 class JointBlock(nn.Module):
     """One SD3 joint transformer block, adapted to tuples; `compile_backend` (e.g. "inductor"): the block runs
     through torch.compile, the class samples' count marked dynamic (every block of the same form shares the
-    compiled code), except for the class counts a BlockChain replays; `attention`: SDPA's backends in the order to try
-    them (`attention_order`; None: torch's own). The backward runs in the backend its forward chose."""
+    compiled code), except at the class counts a BlockChain replays; `attention`: SDPA's backends in the order
+    to try them (`attention_order`; None: torch's own). The backward runs in the backend its forward chose."""
 
     def __init__(self, block: nn.Module, compile_backend: str | None = None,
                  attention: list[SDPBackend] | None = None):
@@ -327,9 +327,8 @@ class JointBlock(nn.Module):
                 return pack(*out, temb, *rest)
         run = self.block
         # Counts a BlockChain may replay run eagerly until it does (a capture records the eager block); the
-        # others compiled.
+        # others compiled, the count marked dynamic before the first call (no code specialised to one count).
         if self.compiled and (self.chain is None or hidden_states.shape[0] > self.chain.max_classes):
-            # before the first call: no graph specialised to the first count
             for t in (hidden_states, encoder_hidden_states, temb):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
             run = self.compiled_forward

@@ -164,9 +164,10 @@ class PipelineConfig:
     /tmp, keeps them for later runs). Not with activation checkpointing. false: eager blocks."""
     attention_backend: Literal["default", "cudnn", "flash", "efficient", "math"] = "default"
     """SDPA backend tried first by the joint blocks' attention, the others kept as fallbacks ("default": torch's
-    own order, flash attention on an H200, as the reference runs). `cudnn`: 1.5x flash's attention speed at
-    these shapes and an 8 % (10 classes) / 6 % (20) shorter step on an H200, measured; its agreement with float32
-    is printed by bench/layer_throughput.py but was not yet run on a GPU, hence not the default."""
+    own order, flash attention on an H200, as the reference runs). `cudnn`: 1.5x flash's attention speed in
+    isolation, but no shorter step now (0.515 against 0.514 s at 10 classes on an H200); its float32 agreement
+    equals flash's in a fresh process, yet its input gradients came out wrong in a process that had run the
+    same shapes with another gradient layout (docs/benchmarks.md), hence not the default."""
     segmenter_graphs: int = 16
     """On a GPU, SegFormer's forward and backward are replayed as CUDA graphs, one per image shape, keeping
     at most this many (the most frequently seen shapes; 0: eager). Images of equal size share one."""
