@@ -16,12 +16,20 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def test_bench_dry_run_writes_every_field_and_pipeline_equals_single_stage(tmp_path):
+def test_bench_dry_run_writes_every_field_pipeline_equals_single_stage_and_an_oom_ends_every_stage(tmp_path):
+    """One run of the three variants at 4 and 6 classes (one bench.py start for both checks):
+    - at 4 classes (the top level of the report) every field is written and the 2-stage pipeline equals the
+      1-stage run exactly in float32 (--check);
+    - at 6 classes stage 1 of the pipeline runs out of memory (injected: a CPU has no CUDA allocator): stage 0,
+      waiting inside the step, records where it was and ends too, long before the variant's timeout."""
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "bench/bench.py", "--tiny", "--workdir", str(tmp_path / "work"), "--out",
-           str(tmp_path / "out"), "--classes", "4", "--steps", "1", "--warmup", "0", "--check"]
+           str(tmp_path / "out"), "--classes", "4", "6", "--steps", "1", "--warmup", "0", "--check",
+           "--inject_oom", "1:6", "--timeout", "600"]
+    start = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert time.monotonic() - start < 300  # not the pipeline variant's 600 s timeout
     report = json.loads(next((tmp_path / "out").glob("*-cpu-tiny.json")).read_text())
     for key in ("card", "classes", "windows", "pipeline_s_per_image", "single_gpu_s_per_image",
                 "naive_split_s_per_image", "stage_busy_s", "bubble_fraction", "peak_mem_gib", "matmul_tflops",
@@ -35,19 +43,8 @@ def test_bench_dry_run_writes_every_field_and_pipeline_equals_single_stage(tmp_p
     assert check["same_parameters"] and check["tensors_compared"] > 100
     assert check["loss_rel_err"] < 1e-6 and check["grad_rel_err_max"] < 1e-5
 
-
-def test_out_of_memory_on_one_stage_ends_every_stage_promptly(tmp_path):
-    """Stage 1 runs out of memory at the second class count (injected: a CPU has no CUDA allocator): stage 0,
-    waiting inside the step, records where it was and ends too, long before the variant's timeout."""
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "bench/bench.py", "--tiny", "--workdir", str(tmp_path / "work"), "--out",
-           str(tmp_path / "out"), "--variants", "pipeline", "--classes", "4", "6", "--steps", "1", "--warmup", "0",
-           "--inject_oom", "1:6", "--timeout", "600"]
-    start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert time.monotonic() - start < 300  # not the 600 s timeout
-    report = json.loads(next((tmp_path / "out").glob("*-cpu-tiny.json")).read_text())
+    # The out-of-memory stop at 6 classes: only the pipeline's stage 1 failed (the 1-stage and naive runs have no
+    # stage 1), and stage 0 ended with it.
     assert report["stopped"] == [{"rank": 1, "stage": 1, "classes": 6, "where": "step 0",
                                   "error": "injected by --inject_oom (test)"}]
     assert report["by_classes"]["4"]["pipeline_s_per_image"] > 0 and not report["by_classes"]["4"]["pipeline_oom"]
