@@ -92,10 +92,10 @@ def calibrate(args: argparse.Namespace) -> Path:
     dusa = DusaOptions(min_classes=args.classes[0], max_classes=args.classes[0])
     ds = load_ds_config(args.deepspeed, lr=1e-5)
     precision = precision_of(ds)
-    # One stage holds every layer. Layers are timed one by one, each several times in a row: the joint blocks'
-    # CUDA graphs replay a whole window's chain in order, so they stay off here (the table is eager's cost at
-    # the counts they take).
-    pipe = PipelineConfig(num_stages=1, transformer_graphs=0)
+    # One stage holds every layer. Layers are timed one by one, each several times in a row and its backward
+    # with retain_graph: the joint blocks' CUDA graphs (a window's chain, in order) and compiled blocks
+    # (their backward frees its buffers) cannot be timed so; the table holds the eager blocks' costs.
+    pipe = PipelineConfig(num_stages=1, transformer_graphs=0, compile_blocks=False)
     module = build_pipeline(ModelConfig(**paths), data, dusa, pipe, ADE20K_CLASSES, stage_report=LOG.debug,
                             dtype=torch.bfloat16 if precision == "bf16" else torch.float32, precision=precision)
     engine = TTAEngine(module, ds, TTAConfig(), dusa)
