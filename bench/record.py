@@ -4,7 +4,7 @@
     python bench/record.py --workdir /tmp/record                         # on a GPU node: every layout of its GPUs
     python bench/record.py --layouts 1x1 --classes 10 --tag after        # one layout
     python bench/record.py --layouts 1x1 --classes 10 --no_step --set pipeline.compile_blocks=false --tag eager-blocks
-                                                                         # a baseline setting, step and launch alike
+                                                                         # a baseline: the launch with a setting changed
     DS_ACCELERATOR=cpu python bench/record.py --tiny --workdir /tmp/rt    # a dry run on the CPU (tiny models)
 
 For each layout (replicas x stages over the node's GPUs) and class count, in one call:
