@@ -131,3 +131,33 @@ def test_attention_backend_order_and_a_block_that_prefers_one(tmp_path):
         outs.append([*out, *(t.grad for t in leaves), *(p.grad.clone() for p in layer.parameters())])
         layer.zero_grad()
     assert all(torch.equal(x, y) for x, y in zip(*outs))
+
+
+def test_a_block_that_cannot_be_compiled_runs_eagerly_and_the_others_skip_the_attempt(tmp_path, monkeypatch):
+    """A compiler failure (no Triton or C compiler on a node) is said in one warning, and every joint block
+    then computes eagerly what it would have computed, without trying again."""
+    import copy
+    make_tiny_sd3(tmp_path / "sd3", num_layers=2)
+    parts = TransformerParts(str(tmp_path / "sd3"))
+    attempts = []
+
+    def broken_backend(gm, example_inputs):
+        attempts.append(gm)
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(JointBlock, "compile_failure", None)
+    torch._dynamo.reset()
+    blocks = [parts.load(f"transformer_blocks.{i}") for i in range(2)]
+    eager = [JointBlock(copy.deepcopy(b)) for b in blocks]
+    compiled = [JointBlock(copy.deepcopy(b), compile_backend=broken_backend) for b in blocks]
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(3, 64, 16, generator=g), torch.randn(3, 12, 16, generator=g), torch.randn(3, 16, generator=g)]
+    outs = []
+    for layers in (eager, compiled):
+        acts = pack(*x)
+        for layer in layers:
+            acts = layer(acts)
+        outs.append(unpack(acts)[0])
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+    assert JointBlock.compile_failure is not None and "no compiler here" in JointBlock.compile_failure
+    assert len(attempts) == 1 and not compiled[1].compiled

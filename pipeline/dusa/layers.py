@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from pipeline.run import timing
+from pipeline.run.log import LOG
 from pipeline.dusa.graphs import GraphedModule
 from pipeline.dusa.loss import (area_k_candidates, area_scores, candidate_statistics, choose_candidates, dusa_loss,
                            logit_norm)
@@ -299,9 +300,11 @@ class JointBlock(nn.Module):
         self.compile_backend = compile_backend
         self._compiled_forward = None
 
+    compile_failure: str | None = None  # once torch.compile failed for one block, every block runs eagerly
+
     @property
     def compiled(self) -> bool:
-        return self.compile_backend is not None
+        return self.compile_backend is not None and JointBlock.compile_failure is None
 
     def compiled_forward(self, **kwargs):
         # Kept beside the module (not a submodule: the state dict's names stay), so a BlockChain can still
@@ -312,7 +315,14 @@ class JointBlock(nn.Module):
             self._compiled_forward = torch.compile(
                 self.block.forward, backend=self.compile_backend, dynamic=None,
                 **({"options": INDUCTOR_OPTIONS} if self.compile_backend == "inductor" else {}))
-        return self._compiled_forward(**kwargs)
+        try:
+            return self._compiled_forward(**kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:  # e.g. no Triton or C compiler on this node
+            cause = getattr(exc, "inner_exception", None) or exc
+            JointBlock.compile_failure = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
+            LOG.warning(f"warning: the joint blocks could not be compiled ({JointBlock.compile_failure}); they run "
+                        "eagerly (--pipeline.compile_blocks false skips the attempt)")
+            return self.block(**kwargs)
 
     chain = None  # a BlockChain (pipeline/dusa/block_graphs.py) that replays this block, and its place in it
     chain_index = 0
