@@ -161,7 +161,8 @@ class PipelineConfig:
     21-22 % faster and 13-18 % less memory at 10-20 classes on an H200. Not bit for bit the eager blocks (the
     reference's): the loss within 3e-6, gradients a median 0.6 % apart (docs/authors-settings.md). The
     first such window compiles them (about 35 s, then 13 s for a new form; torch's compile cache, under
-    /tmp, keeps them for later runs). Not with activation checkpointing. false: eager blocks."""
+    /tmp, keeps them for later runs); where compiling fails (no Triton or C compiler), one warning and eager
+    blocks. Not with activation checkpointing. false: eager blocks."""
     attention_backend: Literal["default", "cudnn", "flash", "efficient", "math"] = "default"
     """SDPA backend tried first by the joint blocks' attention, the others kept as fallbacks ("default": torch's
     own order, flash attention on an H200, as the reference runs). `cudnn`: 1.5x flash's attention speed in
