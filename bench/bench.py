@@ -42,8 +42,9 @@ import torch  # noqa: E402
 
 
 from bench.common import (PIPELINE_SWITCHES, WORK, WORKDIR_MARKER, argument_error, StageStop, Spans,  # noqa: E402
-                          breakdown, checkpoints, default_ds_config, pipeline_switches, instrument, kernel_summary, matmul_tflops, memory_model, merge,
-                          peak_memory_gib, peak_reserved_gib, run, sample, say, sync, synthetic_image, window_size)
+                          breakdown, checkpoints, default_ds_config, instrument, kernel_summary, matmul_tflops,
+                          memory_model, merge, peak_memory_gib, peak_reserved_gib, pipeline_switches, run, sample,
+                          say, sync, synthetic_image, window_size)
 from bench.graph_cache import SHAPE_MIX, graph_cache_simulation  # noqa: E402
 from bench.naive import naive_worker  # noqa: E402
 from bench.report import collect, print_table  # noqa: E402
@@ -310,7 +311,8 @@ def main() -> None:
                         help='more (a) runs as JSON {name: DeepSpeed JSON merged over the default, and optionally '
                              '"partition": [...], "segmenter_graphs": N, "transformer_graphs": N}, e.g. '
                              '\'{"immediate": {"bf16": {"immediate_grad_update": true}}}\'; engine switches: '
-                             '"autocast_casts": true (autocast\'s own per-window casts), "compile_blocks": false (eager blocks)')
+                             '"autocast_casts": true (autocast\'s own per-window casts), "compile_blocks": false '
+                             '(eager blocks)')
     parser.add_argument("--ds_config", help="DeepSpeed JSON of (a) and (b) (default: ds_configs/ds_tta.json)")
     parser.add_argument("--check", action="store_true", help="compare loss, gradients and update of (a) and (b)")
     parser.add_argument("--profile", action="store_true", help="profile two more steps of (a) on every stage")

@@ -36,7 +36,8 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 
 from pipeline.run.log import LOG  # noqa: E402
 from pipeline.run.timing import phase_means  # noqa: E402
-from bench.common import IMAGE_SIZE, PIPELINE_SWITCHES, WORKDIR_MARKER, checkpoints, pipeline_switches, run, say  # noqa: E402
+from bench.common import (IMAGE_SIZE, PIPELINE_SWITCHES, WORKDIR_MARKER, checkpoints,  # noqa: E402
+                          pipeline_switches, run, say)
 from bench.graph_cache import SHAPE_MIX, shape_sequence  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
