@@ -159,7 +159,8 @@ def attention_precision(device: torch.device, n: int, heads: int, tokens: int, h
     """Each SDPA backend's output and input gradients in bf16 against float32 math on the same inputs:
     relative L2 error (the backends differ only in rounding; the bf16 flash figure is the yardstick). The
     output's gradient is handed back contiguous and, as `<backend> (grad in the output's layout)`, with the
-    output's own strides (cuDNN's backward has been seen to depend on that)."""
+    output's own strides (cuDNN's input gradients came out wrong on an H200 after the same shapes had run
+    with the other layout in the process: the timing rows above hand it the output's layout)."""
     torch.manual_seed(0)
     q, k, v = (torch.randn(n, heads, tokens, head_dim, device=device, dtype=torch.bfloat16) for _ in range(3))
     grad = torch.randn(n, heads, tokens, head_dim, device=device, dtype=torch.bfloat16)
