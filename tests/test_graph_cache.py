@@ -59,3 +59,29 @@ def test_over_a_sweep_the_cache_settles_where_least_recently_used_kept_recapturi
     frequent, lru = simulated["policies"]["frequent16-capture-at-sight-2"], simulated["policies"]["lru16-capture-at-sight-2"]
     assert frequent["captures"] == sum(captures) < lru["captures"] / 3
     assert frequent["segmenter_s_per_image"] < lru["segmenter_s_per_image"]
+
+
+def test_cached_capture_counts_captures_hits_evictions_and_a_capture_out_of_memory():
+    """The bookkeeping both graph caches share (SegFormer's and the joint blocks'): a shape is captured on its
+    second sighting, replayed after, evicted by a more frequent one; a capture that runs out of memory leaves
+    its shape eager for good."""
+    import torch
+    from pipeline.dusa.graphs import FrequentShapes, GraphStats, cached_capture
+    cache, stats, too_large, shapes = {}, GraphStats(), set(), FrequentShapes(2, capture_after=2)
+    made = []
+
+    def capture(key):
+        def run():
+            if key == "big":
+                raise torch.OutOfMemoryError("no room")
+            made.append(key)
+            return f"graphs of {key}"
+        return run
+    keys = ["a"] * 3 + ["big"] * 3 + ["b"] * 2 + ["c"] * 5
+    got = [cached_capture(k, cache, shapes, stats, too_large, capture(k), lambda: "no memory") for k in keys]
+    assert got[:3] == [None, "graphs of a", "graphs of a"] and got[3:6] == [None] * 3
+    assert got[6:8] == [None, "graphs of b"]
+    # c takes the place of b (the least seen held shape) once seen twice more than b
+    assert got[8:] == [None] * 3 + ["graphs of c"] * 2
+    assert made == ["a", "b", "c"] and too_large == {"big"} and sorted(cache) == ["a", "c"]
+    assert (stats.calls, stats.hits, stats.evictions, stats.eager) == (13, 2, 1, 8)

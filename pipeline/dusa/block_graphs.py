@@ -28,8 +28,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from pipeline.dusa.graphs import FrequentShapes, GraphStats, copies, flat_views
-from pipeline.run.log import LOG
+from pipeline.dusa.graphs import FrequentShapes, GraphStats, cached_capture, copies, flat_views
 
 BlockFn = Callable[[nn.Module, dict, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
 
@@ -138,27 +137,11 @@ class BlockChain:
                hidden.requires_grad, context.requires_grad, temb.requires_grad,
                torch.is_autocast_enabled(hidden.device.type), torch.get_autocast_dtype(hidden.device.type),
                tuple(tuple(id(p) for p in ps.values()) for ps in params))
-        self.stats.calls += 1
-        action, evicted = self.shapes.visit(key, capturable=key not in self._too_large)
-        if evicted is not None:
-            del self.forms[evicted]
-            self.stats.evictions += 1
-        form = self.forms.get(key)
-        if form is not None:
-            self.stats.hits += 1
-        elif action == "capture":
-            try:
-                form = self._capture(hidden, context, temb, params)
-            except torch.OutOfMemoryError:  # eager needs less memory than a captured pool
-                self._too_large.add(key)
-                self.shapes.drop(key)
-                LOG.info(f"no memory for CUDA graphs of the joint blocks at {hidden.shape[0]} classes: eager")
-            else:
-                self.forms[key] = form
-        if form is None:
-            self.stats.eager += 1
-            return
-        self._current = form
+        form = cached_capture(key, self.forms, self.shapes, self.stats, self._too_large,
+                              lambda: self._capture(hidden, context, temb, params),
+                              lambda: f"no memory for CUDA graphs of the joint blocks at {hidden.shape[0]} classes: "
+                                      "eager")
+        self._current = form  # (None: this window runs eagerly)
 
     def block(self, index: int, hidden: torch.Tensor, context: torch.Tensor, temb: torch.Tensor
               ) -> tuple[torch.Tensor, ...] | None:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -98,6 +98,33 @@ class FrequentShapes:
         self.held.pop(key, None)
 
 
+def cached_capture(key: tuple, cache: dict, shapes: FrequentShapes, stats: GraphStats, too_large: set,
+                   capture: Callable[[], object], no_memory: Callable[[], str]):
+    """The graphs of `key` from `cache`, captured now when `shapes` says so, or None (run eagerly): the
+    bookkeeping of every graph cache here. A capture that runs out of memory marks `key` too large and logs
+    `no_memory()` (eager needs less memory than a captured pool)."""
+    stats.calls += 1
+    action, evicted = shapes.visit(key, capturable=key not in too_large)
+    if evicted is not None:
+        del cache[evicted]
+        stats.evictions += 1
+    entry = cache.get(key)
+    if entry is not None:
+        stats.hits += 1
+    elif action == "capture":
+        try:
+            entry = capture()
+        except torch.OutOfMemoryError:
+            too_large.add(key)
+            shapes.drop(key)
+            LOG.info(no_memory())
+        else:
+            cache[key] = entry
+    if entry is None:
+        stats.eager += 1
+    return entry
+
+
 class _Replay(torch.autograd.Function):
     @staticmethod
     def forward(ctx, graphs: _Graphs, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
@@ -165,29 +192,19 @@ class GraphedModule:
         params = self._params if torch.is_grad_enabled() else ()
         key = (tuple(x.shape), x.dtype, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"),
                bool(params))
-        self.stats.calls += 1
-        action, evicted = self.shapes.visit(key, capturable=key not in self._too_large)
-        if evicted is not None:
-            del self.cache[evicted]
-            self.stats.evictions += 1
-        graphs = self.cache.get(key)
-        if graphs is not None:
-            self.stats.hits += 1
-        elif action == "capture":
+
+        def capture():
             try:
-                graphs = self._capture(x, params)
-            except torch.OutOfMemoryError:  # eager needs less memory than a captured pool: run this shape eagerly
-                self._too_large.add(key)
-                self.shapes.drop(key)
-                LOG.info(f"no memory for a CUDA graph of {type(self.module).__name__} at input {tuple(x.shape)}: "
-                         f"this shape runs eagerly")
+                return self._capture(x, params)
+            except torch.OutOfMemoryError:
+                raise
             except RuntimeError as exc:
                 raise RuntimeError(f"CUDA graph capture of {type(self.module).__name__} failed: {exc}; run with "
                                    f"--pipeline.segmenter_graphs 0 (eager)") from exc
-            else:
-                self.cache[key] = graphs
+        graphs = cached_capture(key, self.cache, self.shapes, self.stats, self._too_large, capture,
+                                lambda: f"no memory for a CUDA graph of {type(self.module).__name__} at input "
+                                        f"{tuple(x.shape)}: this shape runs eagerly")
         if graphs is None:
-            self.stats.eager += 1
             return self.module(x)
         if graphs.backward is None:
             graphs.static_input.copy_(x)
