@@ -17,7 +17,8 @@ buffers, used in turn), and the parameters' gradients (one buffer per dtype). Th
 
 Contract, which the pipeline's last stage keeps (one window in flight: forward, then backward): a form's
 block is replayed forward at most once before its backward, and the blocks run in chain order in each
-window. A forward out of order raises. The arithmetic is the eager blocks' own (the same kernels).
+window. A forward out of order raises. The arithmetic is the block's own as it runs outside the graphs (the
+same kernels: eager, or compiled with pipeline.compile_blocks).
 """
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ class _Form:
 class BlockChain:
     """Consecutive joint blocks (a stage's) through CUDA graphs per class count.
 
-    `run_block(block, params, hidden, context, temb)` is the eager block: `params` maps parameter names to
+    `run_block(block, params, hidden, context, temb)` is the block as it runs unreplayed: `params` maps parameter names to
     the tensors to compute with (torch.func.functional_call's), and it returns (hidden, context), or (hidden,)
     for a block without a text stream (SD3's last). `max_classes`: the largest class count to graph (larger
     ones run eagerly). Call `begin_window(hidden, context, temb)` at the chain's first block, then `block(i,

@@ -27,6 +27,7 @@ from einops import rearrange
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.utils.stateless import _reparametrize_module
 
 from pipeline.run import timing
 from pipeline.run.log import LOG
@@ -289,7 +290,7 @@ INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
 class JointBlock(nn.Module):
     """One SD3 joint transformer block, adapted to tuples; `compile_backend` (e.g. "inductor"): the block runs
     through torch.compile, the class samples' count marked dynamic (every block of the same form shares the
-    compiled code), except at the class counts a BlockChain replays; `attention`: SDPA's backends in the order
+    compiled code; a BlockChain records the compiled block at the counts it replays); `attention`: SDPA's backends in the order
     to try them (`attention_order`; None: torch's own). The backward runs in the backend its forward chose."""
 
     def __init__(self, block: nn.Module, compile_backend: str | None = None,
@@ -307,10 +308,13 @@ class JointBlock(nn.Module):
         return self.compile_backend is not None and JointBlock.compile_failure is None
 
     def compiled_forward(self, **kwargs):
-        # Kept beside the module (not a submodule: the state dict's names stay), so a BlockChain can still
-        # record the eager block; made at first use (start-up imports no compiler). Inductor rounds to bf16
-        # wherever eager would (emulate_precision_casts): without it fused intermediates stay float32, and the
-        # gradients drift from the reference's far beyond the kernels' own spread.
+        # Kept beside the module (not a submodule: the state dict's names stay); made at first use (start-up
+        # imports no compiler). Inductor rounds to bf16 wherever eager would (emulate_precision_casts): without
+        # it fused intermediates stay float32, and the gradients drift from the reference's far beyond the
+        # kernels' own spread. The class count is marked dynamic before the first call (no code specialised
+        # to one count; 1 is specialised by torch).
+        for name in ("hidden_states", "encoder_hidden_states", "temb"):
+            torch._dynamo.maybe_mark_dynamic(kwargs[name], 0)
         if self._compiled_forward is None:
             self._compiled_forward = torch.compile(
                 self.block.forward, backend=self.compile_backend, dynamic=None,
@@ -335,13 +339,7 @@ class JointBlock(nn.Module):
             out = self.chain.block(self.chain_index, hidden_states, encoder_hidden_states, temb)
             if out is not None:
                 return pack(*out, temb, *rest)
-        run = self.block
-        # Counts a BlockChain may replay run eagerly until it does (a capture records the eager block); the
-        # others compiled, the count marked dynamic before the first call (no code specialised to one count).
-        if self.compiled and (self.chain is None or hidden_states.shape[0] > self.chain.max_classes):
-            for t in (hidden_states, encoder_hidden_states, temb):
-                torch._dynamo.maybe_mark_dynamic(t, 0)
-            run = self.compiled_forward
+        run = self.compiled_forward if self.compiled else self.block  # (a BlockChain records the same)
         with sdpa_kernel(self.attention, set_priority=True) if self.attention else contextlib.nullcontext():
             encoder_hidden_states, hidden_states = run(
                 hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb)
@@ -351,11 +349,15 @@ class JointBlock(nn.Module):
 
 
 def run_joint_block(layer: JointBlock, block, params: dict, hidden_states, encoder_hidden_states, temb):
-    """`layer`'s diffusers block on `params` (name -> tensor): (hidden,), or (hidden, context) when the block
-    keeps a text stream; what pipeline/dusa/block_graphs.py records."""
+    """`layer`'s diffusers block on `params` (name -> tensor), compiled when the layer is: (hidden,), or
+    (hidden, context) when the block keeps a text stream; what pipeline/dusa/block_graphs.py records."""
+    inputs = dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb)
     with sdpa_kernel(layer.attention, set_priority=True) if layer.attention else contextlib.nullcontext():
-        encoder_hidden_states, hidden_states = torch.func.functional_call(
-            block, params, (), dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb))
+        if layer.compiled:  # the parameters swapped in as functional_call does (compiled code takes them as inputs)
+            with _reparametrize_module(block, params):
+                encoder_hidden_states, hidden_states = layer.compiled_forward(**inputs)
+        else:
+            encoder_hidden_states, hidden_states = torch.func.functional_call(block, params, (), inputs)
     return (hidden_states,) if block.context_pre_only else (hidden_states, encoder_hidden_states)
 
 

@@ -156,13 +156,15 @@ class PipelineConfig:
     activation_checkpoint_interval: int = 0
     """Recompute activations every N layers in backward (0: off; trades time for memory)."""
     compile_blocks: bool = True
-    """On a GPU, the SD3 joint blocks of windows with more candidate classes than transformer_graphs replays
-    run through torch.compile (inductor; the class count a dynamic dimension; eager's bf16 roundings kept):
-    21-22 % faster and 13-18 % less memory at 10-20 classes on an H200. Not bit for bit the eager blocks (the
-    reference's): the loss within 3e-6, gradients a median 0.6 % apart (docs/authors-settings.md). The
-    first such window compiles them (about 35 s, then 13 s for a new form; torch's compile cache, under
-    /tmp, keeps them for later runs); where compiling fails (no Triton or C compiler), one warning and eager
-    blocks. Not with activation checkpointing. false: eager blocks."""
+    """On a GPU, the SD3 joint blocks run through torch.compile (inductor; the class count a dynamic dimension;
+    eager's bf16 roundings kept), and the CUDA graphs of up to transformer_graphs classes record the compiled
+    blocks: on an H200 the step is 10 % faster at 2 classes, 16 % at 5, 21-22 % at 10-20 (13-18 % less
+    memory there). Not bit for bit the eager blocks (the reference's): at 10 classes the loss within 3e-6,
+    gradients a median 0.6 % apart; at 2 classes, where any kernel change moves the first step more, within
+    about 2.5 times the spread of eager attention kernels (docs/benchmarks.md). The first window of a new
+    form compiles it (about 35 s, then 13 s; torch's compile cache, under /tmp, keeps them for later runs);
+    where compiling fails (no Triton or C compiler), one warning and eager blocks. Not with activation
+    checkpointing. false: eager blocks."""
     attention_backend: Literal["default", "cudnn", "flash", "efficient", "math"] = "default"
     """SDPA backend tried first by the joint blocks' attention, the others kept as fallbacks ("default": torch's
     own order, flash attention on an H200, as the reference runs). `cudnn`: 1.5x flash's attention speed in
@@ -174,8 +176,8 @@ class PipelineConfig:
     at most this many (the most frequently seen shapes; 0: eager). Images of equal size share one."""
     transformer_graphs: int = 8
     """On a GPU, windows of up to this many candidate classes run the last stage's SD3 joint blocks as CUDA
-    graphs, one set per class count (0: none). The same kernels as eager, two launches per block instead of
-    hundreds: at few classes the step is bound by kernel launches (an H200: 0.238 against 0.368 s per image
+    graphs, one set per class count (0: none). The same kernels as unreplayed (compiled with compile_blocks),
+    two launches per block instead of hundreds: at few classes the step is bound by kernel launches (an H200: 0.238 against 0.368 s per image
     at 2 classes); at many, by the kernels, where the graphs' extra copies and memory cost a little (0.524
     against 0.508 s at 10). Not with activation checkpointing; earlier stages of a pipeline run without
     (they hold two windows at once)."""
