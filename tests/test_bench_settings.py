@@ -31,3 +31,18 @@ def test_record_set_takes_pipeline_switches_only(tmp_path):
                 "pipeline.attention_backend, pipeline.compile_blocks")
     for bad in ("pipeline.num_stages=2", "compile_blocks=false", "pipeline.compile_blocks"):
         assert record.argument_error(args(bad)) == expected.format(bad)
+
+
+def test_segmenter_compile_measures_the_eager_segmenter_and_compares_gradients():
+    """bench/segmenter_compile.py on a CPU (a tiny SegFormer, eager only: compiling is a GPU measurement)."""
+    import torch
+
+    from bench.segmenter_compile import agreement, measure
+    row, grads = measure("eager", torch.device("cpu"), tiny=True, shapes=2, repeats=1)
+    assert set(row) == {"first_s_128x171", "first_s_128x192", "ms_median", "ms_is"} and row["ms_is"] == "wall time"
+    assert all(g is not None for g in grads) and all(torch.isfinite(g).all() for g in grads)
+    assert agreement(grads, grads) == {"grad_rel_median": 0.0, "grad_rel_max": 0.0}
+    shifted = [g * 1.01 for g in grads]
+    shifted[0] = grads[0] + 1.0  # a large error on one tensor: the maximum, not the median
+    result = agreement(shifted, grads)
+    assert result["grad_rel_median"] == pytest.approx(0.01, rel=1e-4) and result["grad_rel_max"] > 0.01
