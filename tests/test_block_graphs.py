@@ -91,7 +91,7 @@ def test_a_frozen_chain_runs_eagerly_and_a_block_out_of_order_is_refused(tmp_pat
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_blocks_are_what_the_chain_records(tmp_path, device):
+def test_compiled_blocks_are_what_the_chain_records(tmp_path, device, capsys, monkeypatch):
     """pipeline.compile_blocks with the graphs: every window runs the compiled forward, at the counts the chain
     replays too (its first window, the capture's runs, and on a CPU the recorder's re-runs; on a GPU real CUDA
     graphs of the compiled code), and every window computes what the eager blocks compute. The backend here
@@ -109,10 +109,12 @@ def test_compiled_blocks_are_what_the_chain_records(tmp_path, device):
         return run
 
     torch._dynamo.reset()
+    monkeypatch.setattr(JointBlock, "compile_announced", False)
     layers = [JointBlock(copy.deepcopy(layer.block), compile_backend=recording_backend) for layer in eager]
     assert all(layer.compiled for layer in layers)
     assert [k for k, _ in layers[0].named_parameters()] == [k for k, _ in eager[0].named_parameters()]
     chain = chain_joint_blocks(layers, max_forms=2, max_classes=3, recorder=EagerRecorder() if device == "cpu" else None)
+    capsys.readouterr()
     counts = [2, 2, 2, 5, 5, 2]  # 2: unreplayed, then captured, then replayed twice; 5: above max_classes
     for step, n in enumerate(counts):
         before = calls[0]
@@ -125,3 +127,7 @@ def test_compiled_blocks_are_what_the_chain_records(tmp_path, device):
                 torch.testing.assert_close(y, x, rtol=1e-5, atol=1e-6)
     assert (chain.stats.captures, chain.stats.hits) == (1, 2)
     assert len(compiled_graphs) <= 6  # the class count is dynamic: no graph per count
+    said = capsys.readouterr().out.splitlines()  # the first window waits for the compiler: said once, up front
+    assert [line for line in said if "compiling" in line] == [
+        "compiling the joint blocks (torch.compile: about 35 s on a first run, seconds from torch's cache under /tmp "
+        "later; --pipeline.compile_blocks false: eager)"]

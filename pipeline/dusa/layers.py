@@ -302,6 +302,7 @@ class JointBlock(nn.Module):
         self._compiled_forward = None
 
     compile_failure: str | None = None  # once torch.compile failed for one block, every block runs eagerly
+    compile_announced = False  # the first compile is said in one line (the first window waits for it)
 
     @property
     def compiled(self) -> bool:
@@ -316,6 +317,10 @@ class JointBlock(nn.Module):
         for name in ("hidden_states", "encoder_hidden_states", "temb"):
             torch._dynamo.maybe_mark_dynamic(kwargs[name], 0)
         if self._compiled_forward is None:
+            if not JointBlock.compile_announced:
+                JointBlock.compile_announced = True
+                LOG.info("compiling the joint blocks (torch.compile: about 35 s on a first run, seconds from torch's "
+                         "cache under /tmp later; --pipeline.compile_blocks false: eager)")
             self._compiled_forward = torch.compile(
                 self.block.forward, backend=self.compile_backend, dynamic=None,
                 **({"options": INDUCTOR_OPTIONS} if self.compile_backend == "inductor" else {}))
