@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import datetime
 import json
 import re
@@ -230,6 +231,19 @@ def model_rows(device: torch.device, repeats: int, tiny: bool, profiles: dict | 
     def encode():
         encoder(x)
     rows.append(row("VAE encoder (forward)", None, f"1 x 3 x {window} x {window}", encode, device, repeats))
+    # The same encoder in channels-last memory (cuDNN's native layout for tensor cores): a candidate for the
+    # step, with its latent's distance from the default layout's.
+    with torch.no_grad():
+        latent = encoder(x).float()
+        last = copy.deepcopy(encoder).to(memory_format=torch.channels_last)
+        x_last = x.contiguous(memory_format=torch.channels_last)
+        relative = float((last(x_last).float() - latent).norm() / latent.norm())
+
+    @torch.no_grad()
+    def encode_last():
+        last(x_last)
+    rows.append(dict(row("VAE encoder (forward), channels-last", None, f"1 x 3 x {window} x {window}", encode_last,
+                         device, repeats), latent_relative_to_default=relative))
     return rows
 
 
@@ -348,6 +362,9 @@ def main() -> None:
     print("\nSegFormer-B5's gradients under autocast vs float32 math, relative L2 error (all, median tensor):")
     for order, errors in segmenter_agreement.items():
         print(f"  {order}: " + ", ".join(f"{v:.2e}" for v in errors.values()))
+    for r in rows:
+        if "latent_relative_to_default" in r:
+            print(f"\n{r['layer']}: latent relative to the default layout's {r['latent_relative_to_default']:.2e}")
     for name, kernels in (profiles or {}).items():
         print(f"\n{name}, top kernels by total time (ms, calls):")
         for k in kernels:
