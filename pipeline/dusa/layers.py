@@ -290,8 +290,9 @@ INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
 class JointBlock(nn.Module):
     """One SD3 joint transformer block, adapted to tuples; `compile_backend` (e.g. "inductor"): the block runs
     through torch.compile, the class samples' count marked dynamic (every block of the same form shares the
-    compiled code; a BlockChain records the compiled block at the counts it replays); `attention`: SDPA's backends in the order
-    to try them (`attention_order`; None: torch's own). The backward runs in the backend its forward chose."""
+    compiled code; a BlockChain records the compiled block at the counts it replays); `attention`: SDPA's
+    backends in the order to try them (`attention_order`; None: torch's own). The backward runs in the
+    backend its forward chose."""
 
     def __init__(self, block: nn.Module, compile_backend: str | None = None,
                  attention: list[SDPBackend] | None = None):
