@@ -10,6 +10,14 @@ import torch
 
 from bench.common import (synthetic_image)
 
+def relative_errors(x: dict, ref: dict) -> dict:
+    """Per tensor name, the relative L2 distance of `x`'s tensor from `ref`'s; analytically-zero ones (attention
+    key biases' gradients: norms under 1e-6 of the largest) left out."""
+    norms = {k: g.norm().item() for k, g in ref.items()}
+    floor = 1e-6 * max(norms.values())
+    return {k: (x[k] - g).norm().item() / norms[k] for k, g in ref.items() if norms[k] > floor}
+
+
 def compare_check(workdir: Path, name: str, reference: str = "single") -> dict | None:
     """Loss, gradients and the first optimizer step's parameter update of run `name` (the pipeline, or a
     variant) against the `reference` run on the same weights and inputs (strided samples of every tensor)."""
@@ -24,11 +32,7 @@ def compare_check(workdir: Path, name: str, reference: str = "single") -> dict |
     if a is None or b is None:
         return None
 
-    def errors(x: dict, ref: dict) -> dict:
-        norms = {k: g.norm().item() for k, g in ref.items()}
-        floor = 1e-6 * max(norms.values())  # analytically-zero gradients (attention key biases) left out
-        return {k: (x[k] - g).norm().item() / norms[k] for k, g in ref.items() if norms[k] > floor}
-    grad_err, update_err = errors(a[1], b[1]), errors(a[2], b[2])
+    grad_err, update_err = relative_errors(a[1], b[1]), relative_errors(a[2], b[2])
     segmenter = [k for k in b[2] if ".segmenter." in k]
     return {"loss_pipeline": a[0], "loss_single": b[0], "loss_rel_err": abs(a[0] - b[0]) / abs(b[0]),
             "grad_rel_err_max": max(grad_err.values()), "grad_rel_err_median": statistics.median(grad_err.values()),

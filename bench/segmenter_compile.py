@@ -71,6 +71,7 @@ def compile_segmenter(segmenter, how: str) -> None:
 
 
 def measure(name: str, device: torch.device, tiny: bool, shapes: int, repeats: int) -> tuple[dict, list]:
+    from bench.layer_throughput import sync as device_sync
     from pipeline.dusa.graphs import GraphedModule
     how, graphed = VARIANTS[name]
     segmenter = make_segmenter(device, tiny)
@@ -79,8 +80,7 @@ def measure(name: str, device: torch.device, tiny: bool, shapes: int, repeats: i
     fn = GraphedModule(segmenter, 8, capture_after=1) if graphed else segmenter
 
     def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        device_sync(device)
 
     def forward_backward(x):
         with torch.autocast(device.type, torch.bfloat16, cache_enabled=False):
@@ -121,10 +121,9 @@ def measure(name: str, device: torch.device, tiny: bool, shapes: int, repeats: i
 
 
 def agreement(grads: list, reference: list) -> dict:
-    pairs = [(g, r) for g, r in zip(grads, reference) if g is not None and r is not None]
-    floor = 1e-6 * max(r.norm() for _, r in pairs)
-    pairs = [(g, r) for g, r in pairs if r.norm() > floor]  # analytically-zero gradients (attention key biases)
-    rel = sorted(float((g - r).norm() / r.norm()) for g, r in pairs)
+    from bench.report import relative_errors
+    both = [i for i, (g, r) in enumerate(zip(grads, reference)) if g is not None and r is not None]
+    rel = sorted(relative_errors({i: grads[i] for i in both}, {i: reference[i] for i in both}).values())
     return {"grad_rel_median": rel[len(rel) // 2], "grad_rel_max": rel[-1]}
 
 

@@ -104,8 +104,9 @@ class BlockChain:
     `run_block(block, params, hidden, context, temb)` is the block as it runs unreplayed: `params` maps
     parameter names to the tensors to compute with (torch.func.functional_call's), and it returns (hidden,
     context), or (hidden,) for a block without a text stream (SD3's last). `max_classes`: the largest class
-    count to graph (larger ones run eagerly). Call `begin_window(hidden, context, temb)` at the chain's first block, then `block(i,
-    ...)` for each block i in order; it returns the block's outputs, or None when this window runs eagerly.
+    count to graph (larger ones run unreplayed). Call `begin_window(hidden, context, temb)` at the chain's
+    first block, then `block(i, ...)` for each block i in order; it returns the block's outputs, or None when
+    this window runs unreplayed.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], run_block: BlockFn, max_forms: int, max_classes: int,

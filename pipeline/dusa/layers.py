@@ -334,6 +334,11 @@ class JointBlock(nn.Module):
                         "eagerly (--pipeline.compile_blocks false skips the attempt)")
             return self.block(**kwargs)
 
+    @property
+    def run(self):
+        """The block's forward as it runs unreplayed (and as a BlockChain records it): compiled, or eager."""
+        return self.compiled_forward if self.compiled else self.block
+
     chain = None  # a BlockChain (pipeline/dusa/block_graphs.py) that replays this block, and its place in it
     chain_index = 0
 
@@ -345,9 +350,8 @@ class JointBlock(nn.Module):
             out = self.chain.block(self.chain_index, hidden_states, encoder_hidden_states, temb)
             if out is not None:
                 return pack(*out, temb, *rest)
-        run = self.compiled_forward if self.compiled else self.block  # (a BlockChain records the same)
         with sdpa_kernel(self.attention, set_priority=True) if self.attention else contextlib.nullcontext():
-            encoder_hidden_states, hidden_states = run(
+            encoder_hidden_states, hidden_states = self.run(
                 hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb)
         if self.block.context_pre_only:  # the last block returns no text stream
             return pack(hidden_states, temb, *rest)
@@ -357,13 +361,11 @@ class JointBlock(nn.Module):
 def run_joint_block(layer: JointBlock, block, params: dict, hidden_states, encoder_hidden_states, temb):
     """`layer`'s diffusers block on `params` (name -> tensor), compiled when the layer is: (hidden,), or
     (hidden, context) when the block keeps a text stream; what pipeline/dusa/block_graphs.py records."""
-    inputs = dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb)
-    with sdpa_kernel(layer.attention, set_priority=True) if layer.attention else contextlib.nullcontext():
-        if layer.compiled:  # the parameters swapped in as functional_call does (compiled code takes them as inputs)
-            with _reparametrize_module(block, params):
-                encoder_hidden_states, hidden_states = layer.compiled_forward(**inputs)
-        else:
-            encoder_hidden_states, hidden_states = torch.func.functional_call(block, params, (), inputs)
+    # The parameters swapped in as torch.func.functional_call does (compiled code takes them as inputs).
+    with sdpa_kernel(layer.attention, set_priority=True) if layer.attention else contextlib.nullcontext(), \
+            _reparametrize_module(block, params):
+        encoder_hidden_states, hidden_states = layer.run(
+            hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb)
     return (hidden_states,) if block.context_pre_only else (hidden_states, encoder_hidden_states)
 
 
