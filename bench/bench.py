@@ -192,8 +192,9 @@ def pipeline_worker(args) -> None:
                                   "peak_mem_gib": peak_memory_gib(), "peak_reserved_gib": peak_reserved_gib(),
                                   "loss": float(loss) if loss is not None else None}
         stopper.save()  # what is measured so far stays if a later class count runs out of memory
-        if args.profile and c == args.classes[0] and not oom:
-            out["profile"] = profile_steps(one_step, spans, Path(args.workdir) / f"trace-{tag}.json", args.stages)
+        if args.profile and not oom:
+            out.setdefault("profile", {})[str(c)] = profile_steps(one_step, spans,
+                                                                  Path(args.workdir) / f"trace-{tag}-{c}.json")
     for key, graphed in (("graph_cache", front.graphed if front is not None else None),
                          ("block_graphs", getattr(module, "block_chain", None))):
         if graphed is not None:
@@ -203,7 +204,7 @@ def pipeline_worker(args) -> None:
     stopper.save()
 
 
-def profile_steps(one_step, spans: Spans, trace: Path, stages: int, steps: int = 2) -> dict:
+def profile_steps(one_step, spans: Spans, trace: Path, steps: int = 2) -> dict:
     """Two more steps under torch.profiler: the trace (gzip) and where this stage's time goes."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
@@ -228,6 +229,8 @@ def profile_steps(one_step, spans: Spans, trace: Path, stages: int, steps: int =
         result["kernels_s_per_step"] = {k: v / steps for k, v in kernels["kernel_s_by_category"].items()}
         result["kernel_busy_s_per_step"] = kernels["kernel_busy_union_s"] / steps
         result["kernels_per_step"] = kernels["kernels"] / steps
+        result["top_kernels_per_step"] = [{**k, "s": k["s"] / steps, "calls": k["calls"] / steps}
+                                          for k in kernels["top_kernels"]]
         say(f"kernels (s/step): busy union {result['kernel_busy_s_per_step']:.4f}, " +
             ", ".join(f"{k} {v:.4f}" for k, v in result["kernels_s_per_step"].items()))
     prof.export_chrome_trace(str(trace))
@@ -451,10 +454,8 @@ def main() -> None:
         sys.exit(1)
     path = out / f"{report['date']}-{slug}{suffix}.json"
     path.write_text(json.dumps(report, indent=2))
-    for r in range(args.stages):
-        trace = workdir / f"trace-pipeline-rank{r}.json.gz"
-        if trace.is_file():
-            shutil.copy(trace, out / f"{report['date']}-{slug}-trace-stage{r}.json.gz")
+    for trace in sorted(workdir.glob("trace-*.json.gz")):  # trace-<variant>-rank<r>-<classes>.json.gz
+        shutil.copy(trace, out / f"{report['date']}-{slug}{suffix}-{trace.name}")
     print_table(report)
     LOG.info(f"written {path}")
 

@@ -235,21 +235,26 @@ def breakdown(spans: dict[str, float], wall: float, steps: int) -> dict[str, flo
     return out
 
 
-def kernel_summary(prof) -> dict:
-    """GPU kernel time per category from a torch.profiler run, and the busy union over all streams."""
+def kernel_summary(prof, top_count: int = 25) -> dict:
+    """GPU kernel time per category from a torch.profiler run, the busy union over all streams, and the
+    `top_count` kernels with the most total time."""
     categories = (("nccl (p2p, all-reduce)", ("nccl",)), ("memcpy / memset", ("memcpy", "memset")),
                   ("optimizer", ("adam", "multi_tensor", "foreach")),
                   ("attention", ("flash", "fmha", "attention", "sdpa", "cudnn")),
                   ("matmul", ("gemm", "cutlass", "sm90", "nvjet", "cublas", "ampere", "xmma")),
                   ("norm", ("norm",)), ("conv", ("conv", "implicit")))
     totals: dict[str, float] = defaultdict(float)
+    by_name: dict[str, list] = defaultdict(lambda: [0.0, 0])
     intervals = []
     for evt in prof.events():
-        if evt.device_type != torch.autograd.DeviceType.CUDA:
+        # (record_function's ranges show on the GPU's timeline too: annotations, not kernels)
+        if evt.device_type != torch.autograd.DeviceType.CUDA or getattr(evt, "is_user_annotation", False):
             continue
         name = evt.name.lower()
         duration = (evt.time_range.end - evt.time_range.start) / 1e6
         intervals.append((evt.time_range.start, evt.time_range.end))
+        by_name[evt.name[:100]][0] += duration
+        by_name[evt.name[:100]][1] += 1
         totals[next((c for c, keys in categories if any(k in name for k in keys)), "other kernels")] += duration
     intervals.sort()
     union, end = 0.0, float("-inf")
@@ -257,7 +262,9 @@ def kernel_summary(prof) -> dict:
         if b > end:
             union += (b - max(a, end)) / 1e6
             end = b
-    return {"kernel_s_by_category": dict(totals), "kernel_busy_union_s": union, "kernels": len(intervals)}
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top_count]
+    return {"kernel_s_by_category": dict(totals), "kernel_busy_union_s": union, "kernels": len(intervals),
+            "top_kernels": [{"name": name, "s": s, "calls": n} for name, (s, n) in top]}
 
 
 def sample(tensor: torch.Tensor, n: int = 4096) -> torch.Tensor:

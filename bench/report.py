@@ -69,11 +69,11 @@ def collect(workdir: Path, args, card: str, tflops, paths: dict, memory=None) ->
               "by_classes": {}}
     if all(pipe):
         report["partition"] = pipe[0].get("partition")
-        report["profile"] = {f"stage{p['stage']}": p["profile"] for p in pipe if "profile" in p}
+        report["profile"] = {f"stage{p['stage']}, {c} classes": prof for p in pipe for c, prof in p.get("profile", {}).items()}
         report["graphs"] = next((p["graphs"] for p in pipe if "graphs" in p), None)
         report["graph_cache_in_run"] = next((p["graph_cache"] for p in pipe if "graph_cache" in p), None)
     if single and "profile" in single:
-        report.setdefault("profile", {})["single"] = single["profile"]
+        report.setdefault("profile", {}).update({f"single, {c} classes": prof for c, prof in single["profile"].items()})
     variants = {}
     for name in json.loads(args.pipeline_variants):
         ranks = [read(f"pipeline-{name}-rank{r}.json") for r in range(args.stages)]

@@ -46,3 +46,20 @@ def test_segmenter_compile_measures_the_eager_segmenter_and_compares_gradients()
     shifted[0] = grads[0] + 1.0  # a large error on one tensor: the maximum, not the median
     result = agreement(shifted, grads)
     assert result["grad_rel_median"] == pytest.approx(0.01, rel=1e-4) and result["grad_rel_max"] > 0.01
+
+
+def test_attention_backends_compares_each_block_form_with_float32():
+    """bench/attention_backends.py on a CPU (tiny widths, eager: cuDNN and compiling are GPU measurements)."""
+    import torch
+
+    from bench.attention_backends import block_gradients
+    from models.architectures import SD3_MEDIUM_TRANSFORMER
+    config = dict(SD3_MEDIUM_TRANSFORMER, sample_size=8, attention_head_dim=8, num_attention_heads=2,
+                  joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=8)
+    out = block_gradients(config, torch.device("cpu"), compile_blocks=False)
+    assert list(out) == ["eager, torch's order", "eager, flash"]
+    for path in out.values():
+        assert [row["form"] for row in path["vs float32 math (relative)"]] == ["last block", "middle block"]
+        for row in path["vs float32 math (relative)"]:  # bf16 autocast against float32: small, not zero
+            assert all(0 < e < 0.05 for e in row["inputs h,e,t"]) and 0 < row["params median"] <= row["params max"] < 0.1
+        assert any("flash_attention" in k for k in path["attention kernels"])

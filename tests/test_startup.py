@@ -1,6 +1,9 @@
 """Start-up pieces of the engine: the initial-weights snapshot and DeepSpeed's duplicate-parameter check."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -33,3 +36,18 @@ def test_the_linear_time_duplicate_check_has_deepspeeds_outcome_and_message():
     with pytest.raises(AssertionError, match="^Parameter with name: 0.weight occurs multiple times in "
                                              "optimizer.param_groups. Make sure it only appears once"):
         check_for_duplicates_in_linear_time(engine, twice)
+
+
+@pytest.mark.parametrize("user, changed, expected", [
+    ("", True, "pinned_use_cuda_host_register:True,pinned_num_register_threads:8"),
+    ("max_split_size_mb:512", True, "max_split_size_mb:512,pinned_use_cuda_host_register:True,"
+                                    "pinned_num_register_threads:8"),
+    ("pinned_num_register_threads:4", False, "pinned_num_register_threads:4")])
+def test_fast_pinned_allocation_keeps_the_users_allocator_settings(user, changed, expected):
+    # In a child process: the allocator's settings are process-wide.
+    code = ("import torch; from pipeline.dusa.engine import fast_pinned_allocation as f; "
+            "print(f(), torch._C._accelerator_getAllocatorSettings())")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "PYTORCH_ALLOC_CONF": user}, capture_output=True,
+                         text=True, check=True).stdout.splitlines()[-1].split()  # (DeepSpeed's import logs first)
+    assert out == [str(changed), expected]

@@ -5,6 +5,7 @@ import copy
 import functools
 import inspect
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -138,12 +139,31 @@ def parameter_groups(module: nn.Module, tta: TTAConfig, dusa: DusaOptions) -> li
     return groups
 
 
+# Page-locked memory as torch's caching host allocator makes it with these settings: the pages mapped by 8
+# threads, then registered with the driver (cudaHostRegister), not one cudaHostAlloc. SD3-medium's 8 GB
+# snapshot: 3.5 s through cudaHostAlloc, 0.9-1.1 s this way on an H200.
+PINNED_SETTINGS = "pinned_use_cuda_host_register:True,pinned_num_register_threads:8"
+
+
+def fast_pinned_allocation() -> bool:
+    """Adds PINNED_SETTINGS to the allocator's settings, unless the user's PYTORCH_ALLOC_CONF (or
+    PYTORCH_CUDA_ALLOC_CONF) already chooses how pinned memory is made. The user's other settings are kept
+    (setting the string again resets the keys it leaves out). Whether it changed them."""
+    user = os.environ.get("PYTORCH_ALLOC_CONF") or os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or ""
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # (torch builds without it: unchanged)
+    if setter is None or "pinned_" in user:
+        return False
+    setter(",".join(filter(None, (user, PINNED_SETTINGS))))
+    return True
+
+
 def host_copy(tensor: torch.Tensor) -> torch.Tensor:
     """A host copy of a device tensor that the host does not wait for: page-locked memory filled by an
     asynchronous copy on the current stream (SD3-medium's 8 GB of float32 weights: 6.4 s through pageable
     memory on an H200). Whatever reads it back is ordered after the copy on the same stream."""
     if tensor.device.type != "cuda":
         return tensor.to("cpu", copy=True)
+    fast_pinned_allocation()
     host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
     host.copy_(tensor, non_blocking=True)
     return host

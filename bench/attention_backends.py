@@ -1,0 +1,136 @@
+#!/usr/bin/env python
+"""Which SDPA backend SD3's joint blocks run with, and whether each path's gradients are right.
+
+    python bench/attention_backends.py --out bench/results     # on one GPU: about a minute
+    python bench/attention_backends.py --tiny --out /tmp/ab    # dry run on the CPU, tiny widths
+
+With `pipeline.attention_backend default` the blocks take torch's own order, which differs between torch
+versions and cards. This reports torch's choice for the blocks' query/key/value at 2 and 10 classes, then runs
+SD3-medium's two block forms (a middle block and the last, text-stream-free one; random weights, 2 classes,
+the last block's backward first as in the step) eager and compiled (as pipeline.compile_blocks compiles them),
+under torch's order, flash and cuDNN, all in one process: cuDNN's backward has been seen to return wrong input
+gradients when one process hands it the output's gradient in two memory layouts for the same shapes. Each
+path's input and parameter gradients are compared with float32 math attention and float32 weights (relative
+L2 error), with the attention kernels it launched. Writes <out>/<date>-<card>-attention-backends.json.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from models.architectures import SD3_MEDIUM_TRANSFORMER, SD3_TEXT_TOKENS
+from pipeline.dusa.layers import INDUCTOR_OPTIONS
+
+LATENT_TOKENS = (512 // 8 // 2) ** 2  # a 512-pixel window's latent, in 2 x 2 patches
+
+
+def sdp_choices(device: torch.device, heads: int, head_dim: int, tokens: int) -> dict:
+    """torch's own backend choice for bf16 query/key/value that need gradients, at 2 and 10 classes, laid out as
+    diffusers' attention makes them (a head view of [n, tokens, heads x dim]) and contiguous."""
+    names = {int(v): k for k, v in SDPBackend.__members__.items()}
+    out = {}
+    for n in (2, 10):
+        for layout in ("BSHD memory (diffusers)", "BHSD contiguous"):
+            def make():
+                if layout.startswith("BSHD"):
+                    x = torch.randn(n, tokens, heads, head_dim, device=device, dtype=torch.bfloat16)
+                    return x.requires_grad_().transpose(1, 2)
+                return torch.randn(n, heads, tokens, head_dim, device=device, dtype=torch.bfloat16, requires_grad=True)
+            out[f"sdp choice, {n} classes, {layout}"] = names.get(int(torch._fused_sdp_choice(make(), make(), make())))
+    return out
+
+
+def block_gradients(config: dict, device: torch.device, compile_blocks: bool, n: int = 2) -> dict:
+    """Each path's gradient errors against float32 math, per block form, and its attention kernels."""
+    from diffusers import SD3Transformer2DModel
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(**dict(config, num_layers=2)).to(device)
+    blocks = list(model.transformer_blocks)[::-1]  # the last block's backward first, as in the step
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    latent = LATENT_TOKENS if device.type == "cuda" else (config["sample_size"] // 2) ** 2
+    text = SD3_TEXT_TOKENS if device.type == "cuda" else 8
+    g = torch.Generator(device=device).manual_seed(1)
+    inputs = (torch.randn(n, latent, width, device=device, generator=g),
+              torch.randn(n, text, width, device=device, generator=g), torch.randn(n, width, device=device, generator=g))
+
+    def run(fns, autocast: bool, order):
+        grads = []
+        for fn, block in zip(fns, blocks):
+            h, e, t = (x.clone().requires_grad_() for x in inputs)
+            with torch.autocast(device.type, torch.bfloat16, enabled=autocast), \
+                    (sdpa_kernel(order) if order else contextlib.nullcontext()):
+                context, hidden = fn(hidden_states=h, encoder_hidden_states=e, temb=t)
+            out = hidden.flatten() if context is None else torch.cat([context.flatten(), hidden.flatten()])
+            weight = torch.linspace(-1, 1, out.numel(), device=device)
+            grads.append(torch.autograd.grad((out.float() * weight).sum(), [h, e, t, *block.parameters()],
+                                             allow_unused=True))
+        return grads
+
+    def compiled():  # a fresh torch.compile wrapper (dynamo's code cache is the blocks' own, though)
+        return [torch.compile(b, dynamic=False, options=INDUCTOR_OPTIONS) for b in blocks]
+
+    variants = {"eager, torch's order": (blocks, None), "eager, flash": (blocks, [SDPBackend.FLASH_ATTENTION])}
+    if compile_blocks:
+        variants = {"compiled, torch's order": (compiled(), None), **variants,
+                    "compiled, flash": (compiled(), [SDPBackend.FLASH_ATTENTION])}
+    if device.type == "cuda":
+        variants["eager, cudnn"] = (blocks, [SDPBackend.CUDNN_ATTENTION])
+    reference = run(blocks, False, [SDPBackend.MATH])
+    out = {}
+    for name, (fns, order) in variants.items():
+        rows = []
+        for form, got, ref in zip(("last block", "middle block"), run(fns, True, order), reference):
+            errors = [float((a.float() - b).norm() / b.norm()) for a, b in zip(got, ref)
+                      if a is not None and b.norm() > 0]
+            params = sorted(errors[3:])
+            rows.append({"form": form, "inputs h,e,t": [round(x, 4) for x in errors[:3]],
+                         "params median": round(params[len(params) // 2], 4), "params max": round(params[-1], 4)})
+        with profile(activities=[ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU]) as prof:
+            run(fns, True, order)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        kernels = sorted({e.name[:70] for e in prof.events()
+                          if any(k in e.name.lower() for k in ("sdpa", "flash", "fmha", "attention"))})
+        out[name] = {"vs float32 math (relative)": rows, "attention kernels": kernels}
+        print(name, json.dumps(out[name]), flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for <date>-<card>-attention-backends.json")
+    parser.add_argument("--tiny", action="store_true", help="tiny widths on the CPU (a dry run of this script)")
+    parser.add_argument("--no_compile", action="store_true", help="leave out the compiled blocks")
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    if device.type == "cpu" and not args.tiny:
+        parser.error("no GPU here: add --tiny for a dry run with tiny widths")
+    config = SD3_MEDIUM_TRANSFORMER if not args.tiny else dict(
+        SD3_MEDIUM_TRANSFORMER, sample_size=16, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
+        caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report = {"date": datetime.date.today().isoformat(), "card": card, "torch": torch.__version__,
+              "cudnn": torch.backends.cudnn.version()}
+    if device.type == "cuda":
+        report.update(sdp_choices(device, config["num_attention_heads"], config["attention_head_dim"],
+                                  LATENT_TOKENS + SD3_TEXT_TOKENS))
+    report["blocks"] = block_gradients(config, device, compile_blocks=not args.no_compile)
+    report["command"] = "python " + " ".join([f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    slug = re.sub(r"[^a-z0-9]+", "-", card.lower().replace("nvidia", "")).strip("-") + ("-tiny" if args.tiny else "")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{report['date']}-{slug}-attention-backends.json"
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
