@@ -167,10 +167,10 @@ class PipelineConfig:
     checkpointing. false: eager blocks."""
     attention_backend: Literal["default", "cudnn", "flash", "efficient", "math"] = "default"
     """SDPA backend tried first by the joint blocks' attention, the others kept as fallbacks ("default": torch's
-    own order, flash attention on an H200, as the reference runs). `cudnn`: 1.5x flash's attention speed in
-    isolation, but no shorter step now (0.515 against 0.514 s at 10 classes on an H200); its float32 agreement
-    equals flash's in a fresh process, yet its input gradients came out wrong in a process that had run the
-    same shapes with another gradient layout (docs/benchmarks.md), hence not the default."""
+    own order, as the reference runs; with torch 2.11 and cuDNN 9.19 on an H200 that is cuDNN's attention,
+    eager and compiled, whose gradients match float32 as closely as flash's, bench/attention_backends.py).
+    `flash`: 1.5x slower than cuDNN in isolation on an H200, 8 % slower in the step at 10 classes. A compiled
+    run keeps the backend it compiled with (docs/benchmarks.md)."""
     segmenter_graphs: int = 16
     """On a GPU, SegFormer's forward and backward are replayed as CUDA graphs, one per image shape, keeping
     at most this many (the most frequently seen shapes; 0: eager). Images of equal size share one."""
