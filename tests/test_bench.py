@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_bench_dry_run_writes_every_field_pipeline_equals_single_stage_and_an_oom_ends_every_stage(tmp_path):
-    """One run of the three variants at 4 and 6 classes (one bench.py start for both checks):
+    """One run of the three variants at 4 and 6 classes (one bench.py start for both checks, profiled):
     - at 4 classes (the top level of the report) every field is written and the 2-stage pipeline equals the
       1-stage run exactly in float32 (--check);
     - at 6 classes stage 1 of the pipeline runs out of memory (injected: a CPU has no CUDA allocator): stage 0,
@@ -25,7 +25,7 @@ def test_bench_dry_run_writes_every_field_pipeline_equals_single_stage_and_an_oo
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "bench/bench.py", "--tiny", "--workdir", str(tmp_path / "work"), "--out",
            str(tmp_path / "out"), "--classes", "4", "6", "--steps", "1", "--warmup", "0", "--check",
-           "--inject_oom", "1:6", "--timeout", "600"]
+           "--inject_oom", "1:6", "--timeout", "600", "--profile"]
     start = time.monotonic()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -53,6 +53,10 @@ def test_bench_dry_run_writes_every_field_pipeline_equals_single_stage_and_an_oo
     assert stage0["results"]["6"]["stopped_by_stage"] == 1
     # The estimate of pipeline/dusa/memory.py sits beside each class count, per stage.
     assert len(report["by_classes"]["4"]["memory_estimate"]["stages"]) == 2
+    # --profile: each stage's profile per class count it finished, with its trace beside the report.
+    assert set(report["profile"]) == {"stage0, 4 classes", "stage1, 4 classes"}
+    assert all(p["breakdown_s_per_step"]["step"] > 0 for p in report["profile"].values())
+    assert len(list((tmp_path / "out").glob("*-trace-pipeline-rank[01]-4.json.gz"))) == 2
 
 
 def test_sweep_dry_run_times_both_layouts_of_the_launcher(tmp_path):
