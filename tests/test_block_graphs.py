@@ -91,13 +91,19 @@ def test_a_frozen_chain_runs_eagerly_and_a_block_out_of_order_is_refused(tmp_pat
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_compiled_blocks_are_what_the_chain_records(tmp_path, device, capsys, monkeypatch):
+@pytest.mark.parametrize("attention", [None, "math"])
+def test_compiled_blocks_are_what_the_chain_records(tmp_path, device, capsys, monkeypatch, attention):
     """pipeline.compile_blocks with the graphs: every window runs the compiled forward, at the counts the chain
     replays too (its first window, the capture's runs, and on a CPU the recorder's re-runs; on a GPU real CUDA
-    graphs of the compiled code), and every window computes what the eager blocks compute. The backend here
-    records the graphs dynamo hands it and runs them as they are (the runs use inductor)."""
+    graphs of the compiled code), and every window computes what the eager blocks compute, under torch's
+    attention order or a chosen one. The backend here records the graphs dynamo hands it and runs them as they
+    are (the runs use inductor)."""
+    from pipeline.dusa.layers import attention_order
     make_tiny_sd3(tmp_path / "sd3", num_layers=2)
     eager = blocks_of(tmp_path / "sd3", device)
+    order = attention_order(attention) if attention else None
+    for layer in eager:
+        layer.attention = order
     compiled_graphs, calls = [], [0]
 
     def recording_backend(gm, example_inputs):
@@ -110,7 +116,8 @@ def test_compiled_blocks_are_what_the_chain_records(tmp_path, device, capsys, mo
 
     torch._dynamo.reset()
     monkeypatch.setattr(JointBlock, "compile_announced", False)
-    layers = [JointBlock(copy.deepcopy(layer.block), compile_backend=recording_backend) for layer in eager]
+    layers = [JointBlock(copy.deepcopy(layer.block), compile_backend=recording_backend, attention=order)
+              for layer in eager]
     assert all(layer.compiled for layer in layers)
     assert [k for k, _ in layers[0].named_parameters()] == [k for k, _ in eager[0].named_parameters()]
     chain = chain_joint_blocks(layers, max_forms=2, max_classes=3, recorder=EagerRecorder() if device == "cpu" else None)

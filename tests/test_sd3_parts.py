@@ -133,6 +133,40 @@ def test_attention_backend_order_and_a_block_that_prefers_one(tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(*outs))
 
 
+def test_a_compiled_block_keeps_its_attention_order_inside_the_compiled_code(tmp_path):
+    """With pipeline.attention_backend set, the order is part of what torch.compile traces (dynamo's guards and
+    the compile caches ignore SDPA's settings around a call); blocks of one form share one compiled graph, and
+    it computes what the eager block under the same order computes. torch's own order compiles the block as is."""
+    import copy
+    from pipeline.dusa.layers import attention_order
+    make_tiny_sd3(tmp_path / "sd3", num_layers=3)
+    parts = TransformerParts(str(tmp_path / "sd3"))
+    blocks = [parts.load(f"transformer_blocks.{i}") for i in range(2)]  # two of the same form
+    g = torch.Generator().manual_seed(0)
+    x = [torch.randn(3, 64, 16, generator=g), torch.randn(3, 12, 16, generator=g), torch.randn(3, 16, generator=g)]
+    for attention, traced in ((attention_order("math"), "_sdpa_kernel"), (None, None)):
+        graphs = []
+
+        def backend(gm, example_inputs):
+            graphs.append(gm.code)
+            return gm.forward
+        torch._dynamo.reset()
+        eager = [JointBlock(copy.deepcopy(b), attention=attention) for b in blocks]
+        compiled = [JointBlock(copy.deepcopy(b), compile_backend=backend, attention=attention) for b in blocks]
+        outs = []
+        for layers in (eager, compiled):
+            acts = pack(*(t.clone().requires_grad_(True) for t in x))  # (as the blocks' outputs: one guard)
+            for layer in layers:
+                acts = layer(acts)
+            outs.append(unpack(acts)[:2])
+        torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
+        assert len(graphs) == 1  # one compile for both blocks
+        if traced:
+            assert traced in graphs[0] and graphs[0].index("'MATH'") < graphs[0].index("scaled_dot_product_attention")
+        else:
+            assert "_sdpa_kernel" not in graphs[0] and "scaled_dot_product_attention" in graphs[0]
+
+
 def test_a_block_that_cannot_be_compiled_runs_eagerly_and_the_others_skip_the_attempt(tmp_path, monkeypatch):
     """A compiler failure (no Triton or C compiler on a node) is said in one warning, and every joint block
     then computes eagerly what it would have computed, without trying again."""

@@ -19,6 +19,7 @@ layer restores it with `unpack(...)`. Genuine integers use other dtypes (int64 c
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import NamedTuple, Sequence
 
@@ -287,6 +288,14 @@ def attention_order(first: str) -> list[SDPBackend] | None:
 INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
 
 
+def block_forward_in_order(order: tuple[SDPBackend, ...], block: nn.Module, **kwargs):
+    """`block`'s forward with SDPA's backends tried in `order`, the order inside what torch.compile traces:
+    dynamo's guards and torch's compile caches do not see SDPA's settings around a compiled call, so code
+    compiled under one setting would run under another (seen on an H200: cuDNN's code kept under `flash`)."""
+    with sdpa_kernel(list(order), set_priority=True):
+        return block(**kwargs)
+
+
 class JointBlock(nn.Module):
     """One SD3 joint transformer block, adapted to tuples; `compile_backend` (e.g. "inductor"): the block runs
     through torch.compile, the class samples' count marked dynamic (every block of the same form shares the
@@ -322,9 +331,12 @@ class JointBlock(nn.Module):
                 JointBlock.compile_announced = True
                 LOG.info("compiling the joint blocks (torch.compile: about 35 s on a first run, seconds from torch's "
                          "cache under /tmp later; --pipeline.compile_blocks false: eager)")
-            self._compiled_forward = torch.compile(
-                self.block.forward, backend=self.compile_backend, dynamic=None,
+            compiled = torch.compile(
+                self.block.forward if self.attention is None else block_forward_in_order,
+                backend=self.compile_backend, dynamic=None,
                 **({"options": INDUCTOR_OPTIONS} if self.compile_backend == "inductor" else {}))
+            self._compiled_forward = compiled if self.attention is None else \
+                functools.partial(compiled, tuple(self.attention), self.block)
         try:
             return self._compiled_forward(**kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as exc:  # e.g. no Triton or C compiler on this node
