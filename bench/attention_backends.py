@@ -7,8 +7,9 @@
 With `pipeline.attention_backend default` the blocks take torch's own order, which differs between torch
 versions and cards. This reports torch's choice for the blocks' query/key/value at 2 and 10 classes, then runs
 SD3-medium's two block forms (a middle block and the last, text-stream-free one; random weights, 2 classes,
-the last block's backward first as in the step) eager and compiled (as pipeline.compile_blocks compiles them),
-under torch's order, flash and cuDNN, all in one process: cuDNN's backward has been seen to return wrong input
+the last block's backward first as in the step) eager and compiled (the step's JointBlock, as
+pipeline.compile_blocks compiles it: inductor, the class count dynamic), under torch's order, flash and cuDNN,
+all in one process: cuDNN's backward has been seen to return wrong input
 gradients when one process hands it the output's gradient in two memory layouts for the same shapes. Each
 path's input and parameter gradients are compared with float32 math attention and float32 weights (relative
 L2 error), with the attention kernels it launched. Writes <out>/<date>-<card>-attention-backends.json.
@@ -27,7 +28,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from models.architectures import SD3_MEDIUM_TRANSFORMER, SD3_TEXT_TOKENS
-from pipeline.dusa.layers import INDUCTOR_OPTIONS
+from pipeline.dusa.layers import JointBlock
 
 LATENT_TOKENS = (512 // 8 // 2) ** 2  # a 512-pixel window's latent, in 2 x 2 patches
 
@@ -62,29 +63,31 @@ def block_gradients(config: dict, device: torch.device, compile_blocks: bool, n:
     inputs = (torch.randn(n, latent, width, device=device, generator=g),
               torch.randn(n, text, width, device=device, generator=g), torch.randn(n, width, device=device, generator=g))
 
-    def run(fns, autocast: bool, order):
+    def run(layers, autocast: bool, order):
         grads = []
-        for fn, block in zip(fns, blocks):
+        for layer, block in zip(layers, blocks):
             h, e, t = (x.clone().requires_grad_() for x in inputs)
+            # As JointBlock.forward runs a block (the order around it too, where it reaches eager blocks only).
             with torch.autocast(device.type, torch.bfloat16, enabled=autocast), \
-                    (sdpa_kernel(order) if order else contextlib.nullcontext()):
-                context, hidden = fn(hidden_states=h, encoder_hidden_states=e, temb=t)
+                    (sdpa_kernel(order, set_priority=True) if order else contextlib.nullcontext()):
+                context, hidden = layer.run(hidden_states=h, encoder_hidden_states=e, temb=t)
             out = hidden.flatten() if context is None else torch.cat([context.flatten(), hidden.flatten()])
             weight = torch.linspace(-1, 1, out.numel(), device=device)
             grads.append(torch.autograd.grad((out.float() * weight).sum(), [h, e, t, *block.parameters()],
                                              allow_unused=True))
         return grads
 
-    def compiled():  # a fresh torch.compile wrapper (dynamo's code cache is the blocks' own, though)
-        return [torch.compile(b, dynamic=False, options=INDUCTOR_OPTIONS) for b in blocks]
+    def layers(order, compiled=False):  # the step's JointBlock, compiled as pipeline.compile_blocks compiles it
+        return [JointBlock(b, compile_backend="inductor" if compiled else None, attention=order) for b in blocks]
 
-    variants = {"eager, torch's order": (blocks, None), "eager, flash": (blocks, [SDPBackend.FLASH_ATTENTION])}
+    flash, cudnn, math = ([getattr(SDPBackend, n)] for n in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "MATH"))
+    variants = {"eager, torch's order": (layers(None), None), "eager, flash": (layers(flash), flash)}
     if compile_blocks:
-        variants = {"compiled, torch's order": (compiled(), None), **variants,
-                    "compiled, flash": (compiled(), [SDPBackend.FLASH_ATTENTION])}
+        variants = {"compiled, torch's order": (layers(None, True), None), **variants,
+                    "compiled, flash": (layers(flash, True), flash)}
     if device.type == "cuda":
-        variants["eager, cudnn"] = (blocks, [SDPBackend.CUDNN_ATTENTION])
-    reference = run(blocks, False, [SDPBackend.MATH])
+        variants["eager, cudnn"] = (layers(cudnn), cudnn)
+    reference = run(layers(math), False, math)
     out = {}
     for name, (fns, order) in variants.items():
         rows = []
