@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import json
-import re
 import sys
 from pathlib import Path
 
-import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
+# Run as a script, Python puts bench/ first on the path, where bench/bench.py would stand in for the package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from models.architectures import SD3_MEDIUM_TRANSFORMER, SD3_TEXT_TOKENS
-from pipeline.dusa.layers import JointBlock
+import torch  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from bench.layer_throughput import device_and_config, result_path  # noqa: E402
+from models.architectures import SD3_TEXT_TOKENS  # noqa: E402
+from pipeline.dusa.layers import JointBlock  # noqa: E402
 
 LATENT_TOKENS = (512 // 8 // 2) ** 2  # a 512-pixel window's latent, in 2 x 2 patches
 
@@ -114,23 +116,15 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny widths on the CPU (a dry run of this script)")
     parser.add_argument("--no_compile", action="store_true", help="leave out the compiled blocks")
     args = parser.parse_args()
-    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    if device.type == "cpu" and not args.tiny:
-        parser.error("no GPU here: add --tiny for a dry run with tiny widths")
-    config = SD3_MEDIUM_TRANSFORMER if not args.tiny else dict(
-        SD3_MEDIUM_TRANSFORMER, sample_size=16, attention_head_dim=16, num_attention_heads=2, joint_attention_dim=64,
-        caption_projection_dim=32, pooled_projection_dim=64, pos_embed_max_size=16)
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    report = {"date": datetime.date.today().isoformat(), "card": card, "torch": torch.__version__,
+    device, config, card = device_and_config(parser, args.tiny)
+    path = result_path(args.out, card, args.tiny, "attention-backends")
+    report = {"date": path.name[:10], "card": card, "torch": torch.__version__,
               "cudnn": torch.backends.cudnn.version()}
     if device.type == "cuda":
         report.update(sdp_choices(device, config["num_attention_heads"], config["attention_head_dim"],
                                   LATENT_TOKENS + SD3_TEXT_TOKENS))
     report["blocks"] = block_gradients(config, device, compile_blocks=not args.no_compile)
     report["command"] = "python " + " ".join([f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]])
-    slug = re.sub(r"[^a-z0-9]+", "-", card.lower().replace("nvidia", "")).strip("-") + ("-tiny" if args.tiny else "")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{report['date']}-{slug}-attention-backends.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"saved {path}")
 

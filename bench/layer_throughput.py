@@ -317,6 +317,25 @@ def markdown(rows: list, peak: float) -> str:
     return "\n".join(lines)
 
 
+def device_and_config(parser: argparse.ArgumentParser, tiny: bool) -> tuple[torch.device, dict, str]:
+    """The device (a GPU; the CPU with --tiny, tiny widths), SD3-medium's transformer config at its widths and
+    the card's name; without a GPU and --tiny, the parser's error line."""
+    device = torch.device("cpu" if tiny or not torch.cuda.is_available() else "cuda")
+    if device.type == "cpu" and not tiny:
+        parser.error("no GPU here: add --tiny for a dry run with tiny widths")
+    config = SD3_MEDIUM_TRANSFORMER if not tiny else dict(
+        SD3_MEDIUM_TRANSFORMER, sample_size=16, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+        caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=32)
+    return device, config, torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def result_path(out: Path, card: str, tiny: bool, kind: str) -> Path:
+    """<out>/<date>-<card>[-tiny]-<kind>.json (the folder made)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", card.lower().replace("nvidia", "")).strip("-") + ("-tiny" if tiny else "")
+    out.mkdir(parents=True, exist_ok=True)
+    return out / f"{datetime.date.today().isoformat()}-{slug}-{kind}.json"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for <date>-<card>-layers.json")
@@ -326,14 +345,8 @@ def main() -> None:
     parser.add_argument("--no_compile", action="store_true", help="leave out the torch.compile row")
     parser.add_argument("--profile", action="store_true", help="also the top kernels of SegFormer's step")
     args = parser.parse_args()
-    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    if device.type == "cpu" and not args.tiny:
-        parser.error("no GPU here: add --tiny for a dry run with tiny widths")
-    config = SD3_MEDIUM_TRANSFORMER if not args.tiny else dict(
-        SD3_MEDIUM_TRANSFORMER, sample_size=16, attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
-        caption_projection_dim=16, pooled_projection_dim=32, pos_embed_max_size=32)
+    device, config, card = device_and_config(parser, args.tiny)
     torch.manual_seed(0)
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = matmul_tflops(device, 256 if args.tiny else 8192)
     rows = block_rows(config, args.classes, device, args.repeats, compile_block=not args.no_compile and not args.tiny)
     heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
@@ -344,15 +357,12 @@ def main() -> None:
     rows += model_rows(device, args.repeats, args.tiny, profiles)
     numel = 2_028_328_000 if not args.tiny else 1_600_000  # SD3-medium's transformer + SegFormer-B5 (adapted)
     rows.append(optimizer_row(numel, device, args.repeats))
-    date = datetime.date.today().isoformat()
-    slug = re.sub(r"[^a-z0-9]+", "-", card.lower().replace("nvidia", "")).strip("-") + ("-tiny" if args.tiny else "")
-    report = dict(date=date, card=card, torch=torch.__version__, matmul_bf16_tflops=peak, rows=rows,
+    path = result_path(args.out, card, args.tiny, "layers")
+    report = dict(date=path.name[:10], card=card, torch=torch.__version__, matmul_bf16_tflops=peak, rows=rows,
                   attention_relative_error_vs_float32_math_at_10_classes=precision,
                   segformer_gradients_vs_float32_math=segmenter_agreement,
                   **({"top_kernels": profiles} if profiles else {}),
                   command="python " + " ".join([f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]]))
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{date}-{slug}-layers.json"
     path.write_text(json.dumps(report, indent=1) + "\n")
     print(f"{card}: bf16 matmul {peak:.0f} TFLOP/s\n")
     print(markdown(rows, peak))
