@@ -153,7 +153,10 @@ def fast_pinned_allocation() -> bool:
     setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)  # (torch builds without it: unchanged)
     if setter is None or "pinned_" in user:
         return False
-    setter(",".join(filter(None, (user, PINNED_SETTINGS))))
+    try:
+        setter(",".join(filter(None, (user, PINNED_SETTINGS))))
+    except RuntimeError:  # a torch that does not know these keys: its default allocation, only slower
+        return False
     return True
 
 
