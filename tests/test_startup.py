@@ -51,3 +51,14 @@ def test_fast_pinned_allocation_keeps_the_users_allocator_settings(user, changed
     out = subprocess.run([sys.executable, "-c", code], env={**env, "PYTORCH_ALLOC_CONF": user}, capture_output=True,
                          text=True, check=True).stdout.splitlines()[-1].split()  # (DeepSpeed's import logs first)
     assert out == [str(changed), expected]
+
+
+def test_fast_pinned_allocation_leaves_a_torch_that_refuses_the_settings_as_it_is(monkeypatch):
+    from pipeline.dusa import engine
+
+    def refuse(settings):
+        raise RuntimeError(f"Unrecognized key in {settings}")
+    monkeypatch.setattr(torch._C, "_accelerator_setAllocatorSettings", refuse)
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    assert engine.fast_pinned_allocation() is False
