@@ -170,9 +170,8 @@ class PipelineConfig:
     own order, as the reference runs; with torch 2.11 and cuDNN 9.19 on an H200 that is cuDNN's attention,
     eager and compiled, whose gradients match float32 as closely as flash's, bench/attention_backends.py).
     `flash`: 1.5x slower than cuDNN in isolation on an H200, 8 % slower in the step at 10 classes with eager
-    blocks, within the step's spread with compiled ones. With
-    compile_blocks a chosen order is traced into the compiled blocks (torch's compile caches do not see SDPA's
-    settings around a call; docs/benchmarks.md)."""
+    blocks, within the step's spread with compiled ones. With compile_blocks a chosen order is traced into the
+    compiled blocks (torch's compile caches do not see SDPA's settings around a call; docs/benchmarks.md)."""
     segmenter_graphs: int = 16
     """On a GPU, SegFormer's forward and backward are replayed as CUDA graphs, one per image shape, keeping
     at most this many (the most frequently seen shapes; 0: eager). Images of equal size share one."""
