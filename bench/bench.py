@@ -318,7 +318,8 @@ def main() -> None:
                              '(eager blocks)')
     parser.add_argument("--ds_config", help="DeepSpeed JSON of (a) and (b) (default: ds_configs/ds_tta.json)")
     parser.add_argument("--check", action="store_true", help="compare loss, gradients and update of (a) and (b)")
-    parser.add_argument("--profile", action="store_true", help="profile two more steps of (a) on every stage")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile two more steps of (a) on every stage at every class count (traces beside the report)")
     parser.add_argument("--tiny", action="store_true", help="tiny models (a dry run that fits a CPU)")
     parser.add_argument("--log", help="worker output (default: <workdir>/bench.log)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed to each variant")
