@@ -9,10 +9,10 @@ versions and cards. This reports torch's choice for the blocks' query/key/value 
 SD3-medium's two block forms (a middle block and the last, text-stream-free one; random weights, 2 classes,
 the last block's backward first as in the step) eager and compiled (the step's JointBlock, as
 pipeline.compile_blocks compiles it: inductor, the class count dynamic), under torch's order, flash and cuDNN,
-all in one process: cuDNN's backward has been seen to return wrong input
-gradients when one process hands it the output's gradient in two memory layouts for the same shapes. Each
-path's input and parameter gradients are compared with float32 math attention and float32 weights (relative
-L2 error), with the attention kernels it launched. Writes <out>/<date>-<card>-attention-backends.json.
+all in one process: cuDNN's backward has been seen to return wrong input gradients when one process hands it
+the output's gradient in two memory layouts for the same shapes. Each path's input and parameter gradients are
+compared with float32 math attention and float32 weights (relative L2 error), with the attention kernels it
+launched. Writes <out>/<date>-<card>-attention-backends.json.
 """
 from __future__ import annotations
 
