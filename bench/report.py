@@ -10,6 +10,7 @@ import torch
 
 from bench.common import (synthetic_image)
 
+
 def relative_errors(x: dict, ref: dict) -> dict:
     """Per tensor name, the relative L2 distance of `x`'s tensor from `ref`'s; analytically-zero ones (attention
     key biases' gradients: norms under 1e-6 of the largest) left out."""

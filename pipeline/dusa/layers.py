@@ -18,7 +18,6 @@ layer restores it with `unpack(...)`. Genuine integers use other dtypes (int64 c
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from typing import NamedTuple, Sequence
@@ -289,9 +288,10 @@ INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
 
 
 def block_forward_in_order(order: tuple[SDPBackend, ...], block: nn.Module, **kwargs):
-    """`block`'s forward with SDPA's backends tried in `order`, the order inside what torch.compile traces:
-    dynamo's guards and torch's compile caches do not see SDPA's settings around a compiled call, so code
-    compiled under one setting would run under another (seen on an H200: cuDNN's code kept under `flash`)."""
+    """`block`'s forward with SDPA's backends tried in `order`, eager or compiled: compiled, the order is inside
+    what torch.compile traces (dynamo's guards and torch's compile caches do not see SDPA's settings around a
+    compiled call, so code compiled under one setting would run under another; seen on an H200: cuDNN's code
+    kept under `flash`)."""
     with sdpa_kernel(list(order), set_priority=True):
         return block(**kwargs)
 
@@ -344,12 +344,17 @@ class JointBlock(nn.Module):
             JointBlock.compile_failure = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
             LOG.warning(f"warning: the joint blocks could not be compiled ({JointBlock.compile_failure}); they run "
                         "eagerly (--pipeline.compile_blocks false skips the attempt)")
-            return self.block(**kwargs)
+            return self.eager_forward(**kwargs)
+
+    def eager_forward(self, **kwargs):
+        return self.block(**kwargs) if self.attention is None else \
+            block_forward_in_order(tuple(self.attention), self.block, **kwargs)
 
     @property
     def run(self):
-        """The block's forward as it runs unreplayed (and as a BlockChain records it): compiled, or eager."""
-        return self.compiled_forward if self.compiled else self.block
+        """The block's forward as it runs unreplayed (and as a BlockChain records it): compiled, or eager; in
+        the chosen attention order either way."""
+        return self.compiled_forward if self.compiled else self.eager_forward
 
     chain = None  # a BlockChain (pipeline/dusa/block_graphs.py) that replays this block, and its place in it
     chain_index = 0
@@ -362,9 +367,8 @@ class JointBlock(nn.Module):
             out = self.chain.block(self.chain_index, hidden_states, encoder_hidden_states, temb)
             if out is not None:
                 return pack(*out, temb, *rest)
-        with sdpa_kernel(self.attention, set_priority=True) if self.attention else contextlib.nullcontext():
-            encoder_hidden_states, hidden_states = self.run(
-                hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb)
+        encoder_hidden_states, hidden_states = self.run(
+            hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb)
         if self.block.context_pre_only:  # the last block returns no text stream
             return pack(hidden_states, temb, *rest)
         return pack(hidden_states, encoder_hidden_states, temb, *rest)
@@ -374,8 +378,7 @@ def run_joint_block(layer: JointBlock, block, params: dict, hidden_states, encod
     """`layer`'s diffusers block on `params` (name -> tensor), compiled when the layer is: (hidden,), or
     (hidden, context) when the block keeps a text stream; what pipeline/dusa/block_graphs.py records."""
     # The parameters swapped in as torch.func.functional_call does (compiled code takes them as inputs).
-    with sdpa_kernel(layer.attention, set_priority=True) if layer.attention else contextlib.nullcontext(), \
-            _reparametrize_module(block, params):
+    with _reparametrize_module(block, params):
         encoder_hidden_states, hidden_states = layer.run(
             hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb)
     return (hidden_states,) if block.context_pre_only else (hidden_states, encoder_hidden_states)
