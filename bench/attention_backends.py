@@ -17,7 +17,6 @@ launched. Writes <out>/<date>-<card>-attention-backends.json.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -26,7 +25,7 @@ from pathlib import Path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.nn.attention import SDPBackend  # noqa: E402
 
 from bench.layer_throughput import device_and_config, result_path  # noqa: E402
 from models.architectures import SD3_TEXT_TOKENS  # noqa: E402
@@ -65,13 +64,11 @@ def block_gradients(config: dict, device: torch.device, compile_blocks: bool, n:
     inputs = (torch.randn(n, latent, width, device=device, generator=g),
               torch.randn(n, text, width, device=device, generator=g), torch.randn(n, width, device=device, generator=g))
 
-    def run(layers, autocast: bool, order):
+    def run(layers, autocast: bool):
         grads = []
         for layer, block in zip(layers, blocks):
             h, e, t = (x.clone().requires_grad_() for x in inputs)
-            # As JointBlock.forward runs a block (the order around it too, where it reaches eager blocks only).
-            with torch.autocast(device.type, torch.bfloat16, enabled=autocast), \
-                    (sdpa_kernel(order, set_priority=True) if order else contextlib.nullcontext()):
+            with torch.autocast(device.type, torch.bfloat16, enabled=autocast):  # as JointBlock.forward runs it
                 context, hidden = layer.run(hidden_states=h, encoder_hidden_states=e, temb=t)
             out = hidden.flatten() if context is None else torch.cat([context.flatten(), hidden.flatten()])
             weight = torch.linspace(-1, 1, out.numel(), device=device)
@@ -83,24 +80,23 @@ def block_gradients(config: dict, device: torch.device, compile_blocks: bool, n:
         return [JointBlock(b, compile_backend="inductor" if compiled else None, attention=order) for b in blocks]
 
     flash, cudnn, math = ([getattr(SDPBackend, n)] for n in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "MATH"))
-    variants = {"eager, torch's order": (layers(None), None), "eager, flash": (layers(flash), flash)}
+    variants = {"eager, torch's order": layers(None), "eager, flash": layers(flash)}
     if compile_blocks:
-        variants = {"compiled, torch's order": (layers(None, True), None), **variants,
-                    "compiled, flash": (layers(flash, True), flash)}
+        variants = {"compiled, torch's order": layers(None, True), **variants, "compiled, flash": layers(flash, True)}
     if device.type == "cuda":
-        variants["eager, cudnn"] = (layers(cudnn), cudnn)
-    reference = run(layers(math), False, math)
+        variants["eager, cudnn"] = layers(cudnn)
+    reference = run(layers(math), False)
     out = {}
-    for name, (fns, order) in variants.items():
+    for name, path in variants.items():
         rows = []
-        for form, got, ref in zip(("last block", "middle block"), run(fns, True, order), reference):
+        for form, got, ref in zip(("last block", "middle block"), run(path, True), reference):
             errors = [float((a.float() - b).norm() / b.norm()) for a, b in zip(got, ref)
                       if a is not None and b.norm() > 0]
             params = sorted(errors[3:])
             rows.append({"form": form, "inputs h,e,t": [round(x, 4) for x in errors[:3]],
                          "params median": round(params[len(params) // 2], 4), "params max": round(params[-1], 4)})
         with profile(activities=[ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU]) as prof:
-            run(fns, True, order)
+            run(path, True)
             if device.type == "cuda":
                 torch.cuda.synchronize()
         kernels = sorted({e.name[:70] for e in prof.events()
