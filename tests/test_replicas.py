@@ -163,10 +163,11 @@ def test_a_replica_killed_mid_sweep_and_the_sweep_rerun_by_four_replicas_give_wh
     launcher = subprocess.Popen(command, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
     try:
-        deadline, victim = time.time() + 600, None
-        while time.time() < deadline and victim is None:  # replica 1 (rank 1), once a first task is done
-            results = out / "results.json"
-            if results.is_file() and json.loads(results.read_text())["tasks"]:
+        # Replica 1 (rank 1), killed once a first task is saved: found while the run starts, so that the kill
+        # follows the first saved task at once (a tiny task takes under a second).
+        deadline, victim, killed = time.time() + 600, None, False
+        while time.time() < deadline and not killed:
+            if victim is None:
                 for child in psutil.Process(launcher.pid).children(recursive=True):
                     try:
                         if child.environ().get("RANK") == "1" and "launch/tta.py" in " ".join(child.cmdline()):
@@ -174,9 +175,12 @@ def test_a_replica_killed_mid_sweep_and_the_sweep_rerun_by_four_replicas_give_wh
                     except psutil.Error:
                         pass
             assert launcher.poll() is None, "the run ended before a replica could be killed"
+            results = out / "results.json"
+            if victim is not None and results.is_file() and json.loads(results.read_text())["tasks"]:
+                victim.send_signal(signal.SIGKILL)
+                killed = True
             time.sleep(0.02)
-        assert victim is not None
-        victim.send_signal(signal.SIGKILL)
+        assert killed
         output, _ = launcher.communicate(timeout=120)
     finally:
         if launcher.poll() is None:
