@@ -84,6 +84,8 @@ def pipeline_worker(args) -> None:
         pipe.transformer_graphs = args.transformer_graphs
     if args.compile_blocks is not None:
         pipe.compile_blocks = bool(args.compile_blocks)
+    if args.compile_vae is not None:
+        pipe.compile_vae = bool(args.compile_vae)
     if args.attention_backend is not None:
         pipe.attention_backend = args.attention_backend
     ds = load_ds_config(args.ds_config or default_ds_config(args.tiny),
@@ -231,6 +233,13 @@ def profile_steps(one_step, spans: Spans, trace: Path, steps: int = 2) -> dict:
         result["kernels_per_step"] = kernels["kernels"] / steps
         result["top_kernels_per_step"] = [{**k, "s": k["s"] / steps, "calls": k["calls"] / steps}
                                           for k in kernels["top_kernels"]]
+        if "idle_s" in kernels:  # where the host was while the GPU waited
+            result["gpu_idle_s_per_step"] = kernels["idle_s"] / steps
+            for kind in ("annotation", "operator"):
+                result[f"gpu_idle_s_per_step_by_host_{kind}"] = {
+                    k: v / steps for k, v in kernels[f"idle_s_by_host_{kind}"].items()}
+                say(f"GPU idle by host {kind} (s/step): " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in list(result[f"gpu_idle_s_per_step_by_host_{kind}"].items())[:8]))
         say(f"kernels (s/step): busy union {result['kernel_busy_s_per_step']:.4f}, " +
             ", ".join(f"{k} {v:.4f}" for k, v in result["kernels_s_per_step"].items()))
     prof.export_chrome_trace(str(trace))
@@ -307,6 +316,8 @@ def main() -> None:
                                                                "the project's)")
     parser.add_argument("--compile_blocks", type=int, choices=[0, 1], help="pipeline.compile_blocks of (a) and (b) "
                                                                           "(default: the project's)")
+    parser.add_argument("--compile_vae", type=int, choices=[0, 1], help="pipeline.compile_vae of (a) and (b) "
+                                                                       "(default: the project's)")
     parser.add_argument("--attention_backend", help="pipeline.attention_backend of (a) and (b) (default: the "
                                                     "project's)")
     parser.add_argument("--variants", nargs="+", default=["single", "pipeline", "naive"])
@@ -315,7 +326,7 @@ def main() -> None:
                              '"partition": [...], "segmenter_graphs": N, "transformer_graphs": N}, e.g. '
                              '\'{"immediate": {"bf16": {"immediate_grad_update": true}}}\'; engine switches: '
                              '"autocast_casts": true (autocast\'s own per-window casts), "compile_blocks": false '
-                             '(eager blocks)')
+                             '(eager blocks), "compile_vae": false (eager VAE encoder)')
     parser.add_argument("--ds_config", help="DeepSpeed JSON of (a) and (b) (default: ds_configs/ds_tta.json)")
     parser.add_argument("--check", action="store_true", help="compare loss, gradients and update of (a) and (b)")
     parser.add_argument("--profile", action="store_true",
@@ -383,7 +394,8 @@ def main() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     switches = pipeline_switches(segmenter_graphs=args.segmenter_graphs, transformer_graphs=args.transformer_graphs,
-                                 compile_blocks=args.compile_blocks, attention_backend=args.attention_backend)
+                                 compile_blocks=args.compile_blocks, compile_vae=args.compile_vae,
+                                 attention_backend=args.attention_backend)
     common = ["bench/bench.py", "--workdir", str(workdir), "--paths", json.dumps(paths), "--classes",
               *map(str, args.classes), "--steps", str(args.steps), "--warmup", str(args.warmup), *switches] + \
              (["--tiny"] if args.tiny else []) + (["--check"] if args.check else []) + \

@@ -257,14 +257,66 @@ def kernel_summary(prof, top_count: int = 25) -> dict:
         by_name[evt.name[:100]][1] += 1
         totals[next((c for c, keys in categories if any(k in name for k in keys)), "other kernels")] += duration
     intervals.sort()
-    union, end = 0.0, float("-inf")
+    busy: list[list[float]] = []  # the union of the kernels' intervals, in order
     for a, b in intervals:
-        if b > end:
-            union += (b - max(a, end)) / 1e6
-            end = b
+        if busy and a <= busy[-1][1]:
+            busy[-1][1] = max(busy[-1][1], b)
+        else:
+            busy.append([a, b])
+    union = sum(b - a for a, b in busy) / 1e6
     top = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top_count]
     return {"kernel_s_by_category": dict(totals), "kernel_busy_union_s": union, "kernels": len(intervals),
-            "top_kernels": [{"name": name, "s": s, "calls": n} for name, (s, n) in top]}
+            "top_kernels": [{"name": name, "s": s, "calls": n} for name, (s, n) in top],
+            **idle_by_host_range(prof, busy, top_count)}
+
+
+def idle_by_host_range(prof, busy: list[list[float]], top_count: int) -> dict:
+    """Where the host was while the GPU had no kernel running: each gap between busy intervals is charged to the
+    innermost range (record_function annotation) and to the innermost host operator that a host thread was in
+    at the gap's middle (of the threads' innermost operators there, the shortest: the autograd engine's thread
+    runs the backward while the main thread waits in it); seconds over the profiled steps, the largest
+    `top_count` of each."""
+    events = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU]
+    if not events or len(busy) < 2:
+        return {}
+    gaps = [(busy[i][1], busy[i + 1][0]) for i in range(len(busy) - 1)]
+    middles = sorted(((a + b) / 2, (b - a) / 1e6) for a, b in gaps)
+    out: dict = {"idle_gaps": len(gaps), "idle_s": sum(b - a for a, b in gaps) / 1e6}
+    annotation = [e for e in events if getattr(e, "is_user_annotation", False)]
+    threads: dict = defaultdict(list)
+    for e in events:
+        if not getattr(e, "is_user_annotation", False):
+            threads[e.thread].append(e)
+    for kind, groups in (("annotation", [annotation]), ("operator", list(threads.values()))):
+        innermost = [("(none)", float("inf"))] * len(middles)
+        for group in groups:
+            for k, found in enumerate(_innermost_at(group, [m for m, _ in middles])):
+                if found is not None and found[1] < innermost[k][1]:
+                    innermost[k] = found
+        charged: dict[str, float] = defaultdict(float)
+        for (name, _), (_, seconds) in zip(innermost, middles):
+            charged[name[:100]] += seconds
+        out[f"idle_s_by_host_{kind}"] = dict(sorted(charged.items(), key=lambda kv: -kv[1])[:top_count])
+    return out
+
+
+def _innermost_at(events: list, times: list[float]) -> list[tuple[str, float] | None]:
+    """For each of the ascending `times`, (name, duration) of the innermost of `events` (ranges of one thread,
+    which nest) that contains it, or None."""
+    ranges = sorted(((e.time_range.start, e.time_range.end, e.name) for e in events), key=lambda r: (r[0], -r[1]))
+    found: list[tuple[str, float] | None] = []
+    open_: list[tuple] = []  # the ranges containing the current time, outermost first: one sweep in time order
+    k = 0
+    for start, end, name in [*ranges, (float("inf"), float("inf"), "")]:
+        while k < len(times) and times[k] < start:
+            while open_ and open_[-1][1] < times[k]:
+                open_.pop()
+            found.append((open_[-1][2], open_[-1][1] - open_[-1][0]) if open_ else None)
+            k += 1
+        while open_ and open_[-1][1] < start:
+            open_.pop()
+        open_.append((start, end, name))
+    return found
 
 
 def sample(tensor: torch.Tensor, n: int = 4096) -> torch.Tensor:
@@ -390,8 +442,12 @@ def argument_error(args) -> str | None:
 
 
 # The pipeline settings bench.py's workers take as options (record.py's --set): name -> how the value is written.
+def _flag(v) -> str:
+    return str(int(v if isinstance(v, bool) else str(v).lower() in ("1", "true")))
+
+
 PIPELINE_SWITCHES = {"segmenter_graphs": str, "transformer_graphs": str, "attention_backend": str,
-                     "compile_blocks": lambda v: str(int(v if isinstance(v, bool) else str(v).lower() in ("1", "true")))}
+                     "compile_blocks": _flag, "compile_vae": _flag}
 
 
 def pipeline_switches(**values) -> list[str]:

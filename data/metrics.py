@@ -3,22 +3,21 @@
 The metric is mmseg's `IoUMetric`: one confusion matrix over the task, label 255 ignored, IoU and Acc
 per class from its totals, mIoU the mean over classes with a non-empty union (the others are NaN),
 aAcc the correct share of all non-ignored pixels; every value in percent, as mmseg reports them
-(not rounded here: rounding is for display). The counts are kept on the device, as int64. Accuracy comes
-from torchmetrics (the authors' library: `MulticlassAccuracy`, which divides in the dtype of the counts it
-is given: float64 here). IoU does not: torchmetrics' `MulticlassJaccardIndex` (1.9) casts its confusion
-matrix to float32 before dividing (`_jaccard_index_reduce`: `confmat.float()`), which no argument, state
-dtype or `set_dtype` changes, and which puts its mIoU about 1e-8 (relative) off the float64 value. So IoU
-is intersection / union in float64 from the same int64 counts, and mIoU their mean as mmseg takes it
-(`np.nanmean`): equal, bit for bit, to mmseg's computation in float64.
+(not rounded here: rounding is for display). The counts are kept on the device, as int64, and every ratio is
+taken in float64 from them: IoU = intersection / union, mIoU their mean as mmseg takes it (`np.nanmean`),
+Acc = correct / labelled per class, aAcc = all correct / all labelled. Each equals mmseg's computation in
+float64 bit for bit, and Acc and aAcc equal those of torchmetrics' `MulticlassAccuracy` (the authors' library)
+given float64 counts (tests/test_metrics.py). torchmetrics itself is not imported here: importing it imports
+every optional library it finds (torchvision among them), 11 s of a run's start-up on an H200 node. Its
+`MulticlassJaccardIndex` (1.9) would not do for IoU anyway: it casts the confusion matrix to float32 before
+dividing, about 1e-8 (relative) off the float64 value.
 """
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
-from torchmetrics.classification import MulticlassAccuracy
 
 ADE_NUM_CLASSES = 150
 IGNORE_INDEX = 255
@@ -45,7 +44,7 @@ class SegmentationMetric:
     `update` stays on the device of the first prediction and never reads values back to the
     host, so it does not stall an accelerator stream. Out-of-range predictions are checked at
     once for CPU tensors; on other devices they are counted on the device and reported by
-    `compute()`, which reads the results back anyway (IoU in float64, accuracy through torchmetrics).
+    `compute()`, which reads the results back anyway (every ratio in float64).
     """
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX) -> None:
@@ -112,32 +111,13 @@ class SegmentationMetric:
             raise ValueError(f"{num_bad} pixels had a prediction outside [0, {n}) or a target "
                              f"that is neither a class nor ignore_index {self.ignore_index}")
         confmat = self._hist[: n * n].view(n, n)  # rows: target, cols: prediction
-        with warnings.catch_warnings():  # the state is set, not updated: torchmetrics' note about it does not apply
-            warnings.filterwarnings("ignore", message=".*was called before the ``update`` method")
-            acc, aacc = [100 * metric.compute() for metric in self._accuracies(confmat)]
-        intersection = confmat.diag().double()
-        union = confmat.sum(0).double() + confmat.sum(1).double() - intersection  # integers: exact in float64
+        intersection = confmat.diag().double()  # integers: exact in float64
+        labelled, predicted = confmat.sum(1).double(), confmat.sum(0).double()
+        union = predicted + labelled - intersection
         iou = (intersection / union).cpu().numpy()  # 0 / 0: NaN, mmseg's undefined IoU of a class in neither map
-        acc = torch.where(confmat.sum(1) > 0, acc, math.nan)
+        acc = (intersection / labelled).cpu().numpy()  # NaN for a class without labelled pixels, as mmseg's
+        total = float(labelled.sum())
         defined = ~np.isnan(iou)
         return {"mIoU": float(100 * np.nanmean(iou)) if defined.any() else math.nan,
-                "aAcc": float(aacc) if bool(confmat.sum() > 0) else math.nan,
-                "IoU": (100 * iou).tolist(), "Acc": acc.tolist()}
-
-    def _accuracies(self, confmat: torch.Tensor) -> list:
-        """torchmetrics' metrics (per-class Acc, aAcc) holding these counts as their state.
-
-        The counts are handed over as the metrics' state rather than through `update` (which reads back to the
-        host at every image: boolean indexing of the ignored pixels, `torch.bincount`), as float64 (torchmetrics
-        divides in their dtype), and `sync_on_compute` is off: a replica's tasks are its own, so no collective
-        waits on the other replicas."""
-        n = self.num_classes
-        tp = confmat.diag()
-        fp, fn = confmat.sum(0) - tp, confmat.sum(1) - tp
-        stats = {k: v.double() for k, v in {"tp": tp, "fp": fp, "fn": fn, "tn": confmat.sum() - tp - fp - fn}.items()}
-        metrics = [MulticlassAccuracy(n, average="none", sync_on_compute=False, validate_args=False),
-                   MulticlassAccuracy(n, average="micro", sync_on_compute=False, validate_args=False)]
-        for metric in metrics:
-            metric.to(confmat.device)
-            metric.merge_state(stats)
-        return metrics
+                "aAcc": 100 * (float(intersection.sum()) / total) if total > 0 else math.nan,
+                "IoU": (100 * iou).tolist(), "Acc": (100 * acc).tolist()}

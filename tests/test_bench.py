@@ -103,3 +103,31 @@ def test_record_dry_run_times_the_launcher_beside_the_step_and_summarises_a_run_
     assert summary.returncode == 0, summary.stderr[-2000:]
     (again,) = json.loads(next((tmp_path / "summary").glob("*.json")).read_text())
     assert again["steady_s_per_image"] == row["steady_s_per_image"] and again["steady_by_windows"] == row["steady_by_windows"]
+
+
+def test_gpu_idle_is_charged_to_the_innermost_host_range_at_each_gap():
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench.common import kernel_summary
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def event(name, start, end, device=cpu, annotation=False, thread=1):
+        return SimpleNamespace(name=name, device_type=device, thread=thread, is_user_annotation=annotation,
+                               time_range=SimpleNamespace(start=start, end=end))
+    # Host (us): OptimizerStep 0-100 holding aten::item 10-40; ForwardPass 100-200 holding aten::copy_ 150-160;
+    # another thread: one range over everything, holding a 7-us op at 151-158.
+    # Kernels: 0-10, 40-90 (overlapping 50-60), 95-150 and 160-170: gaps 10-40, 90-95 and 150-160.
+    events = [event("OptimizerStep", 0, 100, annotation=True), event("aten::item", 10, 40),
+              event("ForwardPass", 100, 200, annotation=True), event("aten::copy_", 150, 160),
+              event("autograd thread", 0, 200, thread=2), event("backward op", 151, 158, thread=2),
+              event("k1", 0, 10, cuda), event("k2", 40, 90, cuda),
+              event("k3", 50, 60, cuda), event("k4", 95, 150, cuda), event("k5", 160, 170, cuda)]
+    summary = kernel_summary(SimpleNamespace(events=lambda: events))
+    assert summary["kernels"] == 5 and summary["kernel_busy_union_s"] == pytest.approx(125e-6)
+    assert summary["idle_gaps"] == 3 and summary["idle_s"] == pytest.approx(45e-6)
+    assert summary["idle_s_by_host_annotation"] == pytest.approx({"OptimizerStep": 35e-6, "ForwardPass": 10e-6})
+    # Of the threads' innermost operators at a gap's middle, the shortest: the other thread's 7-us op at 155.
+    assert summary["idle_s_by_host_operator"] == pytest.approx({"aten::item": 30e-6, "backward op": 10e-6,
+                                                                "autograd thread": 5e-6})

@@ -14,7 +14,8 @@ def test_pipeline_switches_write_the_worker_options_and_refuse_others():
         "--compile_blocks", "0", "--transformer_graphs", "0"]
     assert pipeline_switches(compile_blocks="true", attention_backend="flash") == [
         "--compile_blocks", "1", "--attention_backend", "flash"]
-    assert set(PIPELINE_SWITCHES) == {"segmenter_graphs", "transformer_graphs", "attention_backend", "compile_blocks"}
+    assert set(PIPELINE_SWITCHES) == {"segmenter_graphs", "transformer_graphs", "attention_backend", "compile_blocks",
+                                      "compile_vae"}
     from pipeline.run.config import PipelineConfig
     assert set(PIPELINE_SWITCHES) <= set(PipelineConfig.__dataclass_fields__)
     with pytest.raises(ValueError, match="^not a pipeline switch of bench.py: num_stages$"):
@@ -28,7 +29,7 @@ def test_record_set_takes_pipeline_switches_only(tmp_path):
     assert record.argument_error(args("pipeline.compile_blocks=false", "pipeline.transformer_graphs=0")) is None
     assert record.settings(args("pipeline.compile_blocks=false")) == {"pipeline.compile_blocks": "false"}
     expected = ("--set {}: KEY=VALUE with KEY one of pipeline.segmenter_graphs, pipeline.transformer_graphs, "
-                "pipeline.attention_backend, pipeline.compile_blocks")
+                "pipeline.attention_backend, pipeline.compile_blocks, pipeline.compile_vae")
     for bad in ("pipeline.num_stages=2", "compile_blocks=false", "pipeline.compile_blocks"):
         assert record.argument_error(args(bad)) == expected.format(bad)
 

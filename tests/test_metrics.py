@@ -180,6 +180,37 @@ def test_150_classes_of_a_large_task_equal_the_float64_reference_where_float32_d
     assert float(100 * float32) == pytest.approx(want["mIoU"], rel=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:.*was called before the ``update`` method")  # its state is set
+def test_accuracies_equal_torchmetrics_multiclass_accuracy_on_float64_counts_bit_for_bit():
+    """Acc and aAcc, divided here in float64, are those of torchmetrics' `MulticlassAccuracy` (the authors'
+    library) holding the same counts in float64, bit for bit (a class without labelled pixels: NaN here, where
+    torchmetrics says 0)."""
+    from torchmetrics.classification import MulticlassAccuracy
+    rng = np.random.default_rng(1)
+    num_classes = 150
+    present = rng.permutation(num_classes)[:140]
+    target = rng.choice(present, size=(3, 200, 300))
+    pred = np.where(rng.random(target.shape) < 0.6, target, rng.integers(0, num_classes, size=target.shape))
+    target = np.where(rng.random(target.shape) < 0.05, 255, target)
+    metric = SegmentationMetric(num_classes)
+    for p, t in zip(pred, target):
+        metric.update(torch.from_numpy(p), torch.from_numpy(t))
+    got = metric.compute()
+    confmat = metric._hist[:num_classes ** 2].view(num_classes, num_classes)
+    tp = confmat.diag()
+    fp, fn = confmat.sum(0) - tp, confmat.sum(1) - tp
+    state = {k: v.double() for k, v in {"tp": tp, "fp": fp, "fn": fn, "tn": confmat.sum() - tp - fp - fn}.items()}
+    per_class, overall = [MulticlassAccuracy(num_classes, average=average, sync_on_compute=False, validate_args=False)
+                          for average in ("none", "micro")]
+    for reference in (per_class, overall):
+        reference.merge_state(state)
+    labelled = confmat.sum(1) > 0
+    want = (100 * per_class.compute()).tolist()
+    assert not labelled.all() and all(math.isnan(g) for g, k in zip(got["Acc"], labelled) if not k)
+    assert [g for g, k in zip(got["Acc"], labelled) if k] == [w for w, k in zip(want, labelled) if k]
+    assert got["aAcc"] == float(100 * overall.compute())
+
+
 def test_compute_runs_no_collective(monkeypatch):
     """A replica's scores never wait for the other replicas: compute calls no torch.distributed collective
     even where a process group would exist."""

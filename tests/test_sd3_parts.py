@@ -195,3 +195,51 @@ def test_a_block_that_cannot_be_compiled_runs_eagerly_and_the_others_skip_the_at
     torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
     assert JointBlock.compile_failure is not None and "no compiler here" in JointBlock.compile_failure
     assert len(attempts) == 1 and not compiled[1].compiled
+
+
+def test_the_front_encodes_windows_through_the_compiled_vae_encoder_and_falls_back_to_eager(tmp_path, capsys):
+    """pipeline.compile_vae: the front's VAE encoder runs through torch.compile (here a backend that records what
+    it is given and runs it), compiled once for the window shape, its latent the eager encoder's; a backend that
+    fails is said in one warning, and the encoder runs eagerly from then on."""
+    from models.sd3 import LatentEncoder
+    from models.segformer import Segmenter
+    from models.tiny import make_tiny_segformer
+    from data.classes import ADE20K_CLASSES
+    from pipeline.dusa.layers import SegmenterFront
+    from pipeline.dusa.windows import WindowDraw
+    make_tiny_sd3(tmp_path / "sd3", num_layers=1)
+    make_tiny_segformer(tmp_path / "seg", ADE20K_CLASSES)
+    graphs, attempts = [], []
+
+    def recording(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    def broken(gm, example_inputs):
+        attempts.append(gm)
+        raise RuntimeError("no compiler here")
+
+    image = torch.rand(1, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    latents = {}
+    for backend in (None, recording, broken):
+        torch._dynamo.reset()
+        front = SegmenterFront(Segmenter.from_pretrained(str(tmp_path / "seg")),
+                               LatentEncoder.from_pretrained(str(tmp_path / "sd3")), 64, 1, 3, 0,
+                               compile_encoder=backend)
+        draws = [WindowDraw(corner=(0, left), noise=torch.zeros(1, 16, 8, 8), t=torch.tensor([0.25]), seed=left)
+                 for left in (0, 32)]
+        prepared = front.begin_image(image, draws)
+        with torch.no_grad():
+            latents[backend] = [unpack(front(inputs))[5] for inputs in prepared.inputs]  # target = -z0 here
+        assert not any("compiled" in k for k in front.state_dict())  # the compiled function is kept beside
+    for eager, compiled, fallback in zip(latents[None], latents[recording], latents[broken]):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+        torch.testing.assert_close(fallback, eager, rtol=0, atol=0)
+    assert len(graphs) == 1 and len(attempts) == 1  # one compile for both windows; no second attempt
+    captured = capsys.readouterr()
+    said, warned = captured.out.splitlines(), captured.err.splitlines()
+    assert said.count("compiling the VAE encoder (torch.compile: about 25 s on a first run, seconds from torch's "
+                      "cache under /tmp later; --pipeline.compile_vae false: eager)") == 2
+    assert [line for line in warned if line.startswith("warning")] == [
+        "warning: the VAE encoder could not be compiled (RuntimeError: no compiler here); it runs eagerly "
+        "(--pipeline.compile_vae false skips the attempt)"]

@@ -92,10 +92,14 @@ class SegmenterFront(nn.Module):
     def __init__(self, segmenter: nn.Module, encoder: nn.Module, window_size: int, topk: int,
                  max_classes: int, min_classes: int, max_graphs: int = 0, ignore_classes: Sequence[int] = (),
                  area_k: int | None = None, area_threshold: float = 15.0, window_stride: int | None = None,
-                 adaptive: AdaptiveWindows | None = None):
+                 adaptive: AdaptiveWindows | None = None, compile_encoder: str | None = None):
         super().__init__()
         self.segmenter = segmenter
         self.encoder = encoder
+        # torch.compile's backend for the VAE encoder (None: eager); the compiled function is made at first use
+        # and kept beside the module, not in it (the state dict's names stay).
+        self.compile_encoder = compile_encoder
+        self._compiled_encoder = None
         self.window_size = window_size
         self.window_stride = window_size if window_stride is None else window_stride  # the adaptive fallback
         self.adaptive = adaptive  # None: the windows come from the runner (grid)
@@ -208,11 +212,30 @@ class SegmenterFront(nn.Module):
         window = self._image.index_select(2, pixel_rows).index_select(3, pixel_cols)
         if window.shape[-1] != self.window_size:  # an adaptive window, resized to the generator's size
             window = F.interpolate(window, size=(self.window_size,) * 2, mode="bilinear", align_corners=False)
-        z0 = self.encoder(window)  # float32, no grad
+        z0 = self._encode(window)  # float32, no grad
         noise = noise.float()
         x_t = (1 - t) * z0 + t * noise
         target = (noise - z0)[0]
         return pack(x_t, t * 1000, logits_latent, classes, mask, target, weight)
+
+    def _encode(self, window: torch.Tensor) -> torch.Tensor:
+        """The window's latent from the frozen VAE encoder: compiled (`compile_encoder`: one window shape, its
+        group norms' statistics in fused reductions instead of eager's 32 rows on as many SMs: 4.5 against
+        13.5 ms per 512 x 512 window on an H200, bench/vae_encoder.py), or eager."""
+        if self.compile_encoder is None:
+            return self.encoder(window)
+        if self._compiled_encoder is None:
+            LOG.info("compiling the VAE encoder (torch.compile: about 25 s on a first run, seconds from torch's cache "
+                     "under /tmp later; --pipeline.compile_vae false: eager)")
+            self._compiled_encoder = torch.compile(self.encoder.forward, backend=self.compile_encoder, dynamic=False,
+                                                   **inductor_options(self.compile_encoder))
+        try:
+            return self._compiled_encoder(window)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:  # e.g. no Triton or C compiler on this node
+            LOG.warning(f"warning: the VAE encoder could not be compiled ({compile_failure(exc)}); it runs eagerly "
+                        "(--pipeline.compile_vae false skips the attempt)")
+            self.compile_encoder = self._compiled_encoder = None
+            return self.encoder(window)
 
     def _without_ignored(self, logits: torch.Tensor) -> torch.Tensor:
         """Ignored classes' logits set to -inf along the class dimension (-3): never candidates."""
@@ -283,8 +306,19 @@ def attention_order(first: str) -> list[SDPBackend] | None:
     return [ATTENTION_BACKENDS[first]] + [b for name, b in ATTENTION_BACKENDS.items() if name != first]
 
 
-# torch.compile's inductor options for pipeline.compile_blocks: eager's bf16 roundings kept.
+# torch.compile's inductor options for pipeline.compile_blocks and compile_vae: eager's bf16 roundings kept.
 INDUCTOR_OPTIONS = {"emulate_precision_casts": True}
+
+
+def inductor_options(backend) -> dict:
+    """torch.compile's keyword arguments for `backend`: INDUCTOR_OPTIONS for inductor, none for another."""
+    return {"options": INDUCTOR_OPTIONS} if backend == "inductor" else {}
+
+
+def compile_failure(exc: Exception) -> str:
+    """One line for a failed compile: the compiler's own exception and the first line of its message."""
+    cause = getattr(exc, "inner_exception", None) or exc
+    return f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
 
 
 def block_forward_in_order(order: tuple[SDPBackend, ...], block: nn.Module, **kwargs):
@@ -333,15 +367,13 @@ class JointBlock(nn.Module):
                          "cache under /tmp later; --pipeline.compile_blocks false: eager)")
             compiled = torch.compile(
                 self.block.forward if self.attention is None else block_forward_in_order,
-                backend=self.compile_backend, dynamic=None,
-                **({"options": INDUCTOR_OPTIONS} if self.compile_backend == "inductor" else {}))
+                backend=self.compile_backend, dynamic=None, **inductor_options(self.compile_backend))
             self._compiled_forward = compiled if self.attention is None else \
                 functools.partial(compiled, tuple(self.attention), self.block)
         try:
             return self._compiled_forward(**kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as exc:  # e.g. no Triton or C compiler on this node
-            cause = getattr(exc, "inner_exception", None) or exc
-            JointBlock.compile_failure = f"{type(cause).__name__}: {(str(cause).strip().splitlines() or [''])[0][:200]}"
+            JointBlock.compile_failure = compile_failure(exc)
             LOG.warning(f"warning: the joint blocks could not be compiled ({JointBlock.compile_failure}); they run "
                         "eagerly (--pipeline.compile_blocks false skips the attempt)")
             return self.eager_forward(**kwargs)

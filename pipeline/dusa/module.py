@@ -90,7 +90,8 @@ def build_pipeline(model: ModelConfig, data: DataConfig, dusa: DusaOptions, pipe
         return SegmenterFront(Segmenter.from_pretrained(model.segmenter), LatentEncoder.from_pretrained(model.generator),
                               data.window_size, dusa.topk, dusa.max_classes, dusa.min_classes, pipe.segmenter_graphs,
                               dusa.ignore_classes, dusa.area_k if dusa.candidates == "area_k" else None,
-                              dusa.area_threshold, data.window_stride, adaptive_rule(data))
+                              dusa.area_threshold, data.window_stride, adaptive_rule(data),
+                              compile_encoder="inductor" if pipe.compile_vae and torch.cuda.is_available() else None)
 
     def embed():
         prompt, pooled = load_class_embeddings(model.class_embeddings, class_names, model.generator)

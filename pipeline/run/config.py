@@ -165,6 +165,12 @@ class PipelineConfig:
     form compiles it (about 35 s, then 13 s; torch's compile cache, under /tmp, keeps them for later runs);
     where compiling fails (no Triton or C compiler), one warning and eager blocks. Not with activation
     checkpointing. false: eager blocks."""
+    compile_vae: bool = True
+    """On a GPU, the frozen VAE encoder runs through torch.compile (inductor, one window shape, eager's bf16
+    roundings kept): 4.5 against 13.5 ms per window on an H200, its latent as far from float32 math as eager's
+    (2.0 % relative; 1.6 % from eager's, bf16's rounding: bench/vae_encoder.py). The first window compiles it
+    (about 25 s, then seconds from torch's cache under /tmp); where compiling fails, one warning and eager.
+    false: eager, as the reference."""
     attention_backend: Literal["default", "cudnn", "flash", "efficient", "math"] = "default"
     """SDPA backend tried first by the joint blocks' attention, the others kept as fallbacks ("default": torch's
     own order, as the reference runs; with torch 2.11 and cuDNN 9.19 on an H200 that is cuDNN's attention,
