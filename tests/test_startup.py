@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,3 +63,28 @@ def test_fast_pinned_allocation_leaves_a_torch_that_refuses_the_settings_as_it_i
     monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
     assert engine.fast_pinned_allocation() is False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_DONTFORK) is Linux's")
+def test_the_snapshot_buffer_is_kept_out_of_forked_processes():
+    """Page-locked pages would be copied into every DataLoader worker at fork: the snapshot's whole pages are
+    marked not to be inherited (the kernel's `dc` flag on their mapping), and a fork still works."""
+    from pipeline.dusa.engine import keep_out_of_forks
+    buffer = torch.ones(4 << 20)  # 16 MiB: a mapping of its own
+    assert keep_out_of_forks(buffer)
+    assert not keep_out_of_forks(torch.ones(3))  # no whole page in it: nothing to mark
+    address = buffer.data_ptr() + 2 * os.sysconf("SC_PAGE_SIZE")
+    flags, inside = None, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            low, high = (int(v, 16) for v in head.split("-"))
+            inside = low <= address < high
+        elif line.startswith("VmFlags") and inside:
+            flags = line.split()[1:]
+    assert flags is not None and "dc" in flags
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    assert bool(buffer.eq(1).all())
