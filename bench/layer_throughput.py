@@ -148,6 +148,64 @@ def block_rows(config: dict, classes: list[int], device: torch.device, repeats: 
     return rows
 
 
+def step_block_rows(config: dict, classes: list[int], device: torch.device, repeats: int) -> list:
+    """The joint block as the step runs it unreplayed (pipeline/dusa/layers.py JointBlock, compiled as
+    pipeline.compile_blocks compiles it: inductor, the class count dynamic; bf16 weights under autocast), forward
+    and backward: the device time, and the host's time to issue the same work with the device idle before it
+    (when it exceeds the device time, a chain of such blocks waits on the host)."""
+    from diffusers import SD3Transformer2DModel
+
+    from pipeline.dusa.layers import JointBlock, pack, unpack
+    cfg = dict(config, num_layers=1)
+    with torch.device(device):
+        model = SD3Transformer2DModel(**cfg).to(torch.bfloat16)
+    block = JointBlock(model.transformer_blocks[0], compile_backend="inductor" if device.type == "cuda" else None)
+    width = cfg["num_attention_heads"] * cfg["attention_head_dim"]
+    tokens = (cfg["sample_size"] // 2 if device.type == "cpu" else WINDOW // 8 // cfg["patch_size"]) ** 2
+    text = 8 if device.type == "cpu" else SD3_TEXT_TOKENS
+    rows = []
+    for n in classes:
+        acts = [torch.randn(n, length, width, device=device, dtype=torch.bfloat16, requires_grad=True)
+                for length in (tokens, text)] + [torch.randn(n, width, device=device, dtype=torch.bfloat16,
+                                                             requires_grad=True)]
+        grads: list = []
+
+        def forward():
+            with torch.autocast(device.type, torch.bfloat16, cache_enabled=False):
+                outs = [t for t in unpack(block(pack(*acts))) if t.requires_grad]
+            grads[:] = [torch.ones_like(t) for t in outs]
+            return outs
+
+        def backward(outs):
+            torch.autograd.backward(outs, grads)
+            for p in block.parameters():
+                p.grad = None
+        for _ in range(3):  # compile and warm up
+            backward(forward())
+        host_fwd, host_bwd, dev = [], [], []
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            start = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
+            if start is not None:
+                start.record()
+            outs = forward()
+            t1 = time.perf_counter()
+            backward(outs)
+            t2 = time.perf_counter()
+            if start is not None:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                end.synchronize()
+                dev.append(start.elapsed_time(end))
+            host_fwd.append((t1 - t0) * 1e3)
+            host_bwd.append((t2 - t1) * 1e3)
+        rows.append(dict(layer="joint block as the step compiles it", classes=n,
+                         device_ms=statistics.median(dev) if dev else None,
+                         host_forward_ms=statistics.median(host_fwd), host_backward_ms=statistics.median(host_bwd)))
+    return rows
+
+
 def row(layer: str, classes: int | None, shape: str, run: Callable[[], None], device: torch.device,
         repeats: int) -> dict:
     seconds = timed(run, device, repeats)
@@ -344,9 +402,20 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny widths on the CPU (a dry run of this script)")
     parser.add_argument("--no_compile", action="store_true", help="leave out the torch.compile row")
     parser.add_argument("--profile", action="store_true", help="also the top kernels of SegFormer's step")
+    parser.add_argument("--host", action="store_true", help="only the step's compiled joint block: its device time "
+                                                            "and the host's time to issue it (-block-host.json)")
     args = parser.parse_args()
     device, config, card = device_and_config(parser, args.tiny)
     torch.manual_seed(0)
+    if args.host:
+        rows = step_block_rows(config, args.classes, device, args.repeats)
+        path = result_path(args.out, card, args.tiny, "block-host")
+        path.write_text(json.dumps(dict(date=path.name[:10], card=card, torch=torch.__version__, rows=rows, command=(
+            "python " + " ".join([f"bench/{Path(sys.argv[0]).name}", *sys.argv[1:]]))), indent=1) + "\n")
+        for r in rows:
+            LOG.info(", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+        LOG.info(f"saved {path}")
+        return
     peak = matmul_tflops(device, 256 if args.tiny else 8192)
     rows = block_rows(config, args.classes, device, args.repeats, compile_block=not args.no_compile and not args.tiny)
     heads, head_dim = config["num_attention_heads"], config["attention_head_dim"]
