@@ -62,6 +62,12 @@ def diffusers_embeddings(pipe: StableDiffusion3Pipeline, prompt: str, max_sequen
     return prompt_embeds, pooled
 
 
+def assert_matches(got: torch.Tensor, reference: torch.Tensor, name: str = "") -> None:
+    """Equal to diffusers' embedding up to float32 rounding: the prompts run here in batches, there one at a
+    time, and a batch changes how the matmuls are blocked (seen: 5 ulps apart, 1.2e-6 at values near 2)."""
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 def test_equals_diffusers_encode_prompt(sd3):
     clip_lengths = [len(CLIPTokenizer.from_pretrained(sd3, subfolder="tokenizer")(p).input_ids)
                     for p in make_prompts(TEMPLATE, CLASSES)]
@@ -74,8 +80,8 @@ def test_equals_diffusers_encode_prompt(sd3):
     for i, name in enumerate(CLASSES):
         ref_embeds, ref_pooled = diffusers_embeddings(pipe, TEMPLATE.replace("{}", name), T5_TOKENS)
         assert ref_embeds.shape == (1, 77 + T5_TOKENS, TINY_JOINT_DIM) and ref_pooled.shape == (1, TINY_POOLED_DIM)
-        assert (prompt_embeds[i] - ref_embeds[0]).abs().max() <= 1e-6, name
-        assert (pooled[i] - ref_pooled[0]).abs().max() <= 1e-6, name
+        assert_matches(prompt_embeds[i], ref_embeds[0], name)
+        assert_matches(pooled[i], ref_pooled[0], name)
     # The CLIP tokens are zero-padded from 8 + 16 to the T5 width; distinct prompts give distinct rows.
     assert prompt_embeds[:, :77, 24:].abs().max() == 0 and prompt_embeds[:, 77:].abs().amax(dim=(1, 2)).min() > 0
     assert not torch.equal(prompt_embeds[0], prompt_embeds[1])
@@ -89,8 +95,8 @@ def test_without_t5_gives_zeros_like_diffusers(sd3, tmp_path, capsys):
     pipe = StableDiffusion3Pipeline.from_pretrained(sd3, text_encoder_3=None, tokenizer_3=None)
     for i, name in enumerate(CLASSES[:2]):
         ref_embeds, ref_pooled = diffusers_embeddings(pipe, TEMPLATE.replace("{}", name), 16)
-        assert (prompt_embeds[i] - ref_embeds[0]).abs().max() <= 1e-6
-        assert (pooled[i] - ref_pooled[0]).abs().max() <= 1e-6
+        assert_matches(prompt_embeds[i], ref_embeds[0])
+        assert_matches(pooled[i], ref_pooled[0])
 
 
 def test_encoders_loaded_one_at_a_time(sd3, monkeypatch):
@@ -229,8 +235,8 @@ def test_custom_prompts_are_used_verbatim_and_recorded(sd3, tmp_path):
     pipe = StableDiffusion3Pipeline.from_pretrained(sd3)
     for i, prompt in enumerate([TEMPLATE.replace("{}", "wall"), "a wide blue {sky} over the sea"]):
         ref_embeds, ref_pooled = diffusers_embeddings(pipe, prompt, 10)
-        assert (prompt_embeds[i] - ref_embeds[0]).abs().max() <= 1e-6
-        assert (pooled[i] - ref_pooled[0]).abs().max() <= 1e-6
+        assert_matches(prompt_embeds[i], ref_embeds[0])
+        assert_matches(pooled[i], ref_pooled[0])
 
 
 def test_custom_prompts_for_unknown_classes_are_refused(sd3, tmp_path, capsys):
