@@ -162,12 +162,15 @@ def fast_pinned_allocation() -> bool:
     return True
 
 
+MADV_DONTFORK = 10  # <sys/mman.h> on Linux
+
+
 def keep_out_of_forks(tensor: torch.Tensor) -> bool:
     """Marks the whole pages of a host tensor's memory as not inherited by forked processes (Linux
     `madvise(MADV_DONTFORK)`); whether it did. Pages registered with the driver (cudaHostRegister) are pinned
     for DMA, and Linux copies pinned pages into every child at fork instead of sharing them: the DataLoader's
-    workers, forked anew for every task, each copied SD3-medium's 8 GB snapshot (13-14 s per task with 4
-    workers on an H200 node). The children never read it."""
+    workers, forked anew for every task, each copied SD3-medium's 8 GiB snapshot (3.2-3.7 s per fork, 13-17 s
+    per task with 4 workers on an H200 node; bench/fork_cost.py). The children never read it."""
     if not sys.platform.startswith("linux") or tensor.device.type != "cpu" or not tensor.numel():
         return False
     page = os.sysconf("SC_PAGE_SIZE")
@@ -178,9 +181,6 @@ def keep_out_of_forks(tensor: torch.Tensor) -> bool:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     return libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_DONTFORK) == 0
-
-
-MADV_DONTFORK = 10  # <sys/mman.h> on Linux
 
 
 def host_copy(tensor: torch.Tensor) -> torch.Tensor:
