@@ -156,21 +156,28 @@ def assert_bitwise_equal(got: dict, want: dict) -> None:
         assert all(math.isnan(g) and math.isnan(w) or g == w for g, w in zip(got[key], want[key])), key
 
 
+def large_task(seed: int, num_classes: int, present: int, shape: tuple, correct: float):
+    """A task's metric over images of `shape` whose labels hold `present` of the classes, a `correct` share of
+    the predictions right (the rest uniform over all classes) and 5 % of the pixels ignored: (metric, pred,
+    target)."""
+    rng = np.random.default_rng(seed)
+    target = rng.choice(rng.permutation(num_classes)[:present], size=shape)
+    pred = np.where(rng.random(target.shape) < correct, target, rng.integers(0, num_classes, size=target.shape))
+    target = np.where(rng.random(target.shape) < 0.05, 255, target)
+    metric = SegmentationMetric(num_classes)
+    for p, t in zip(pred, target):
+        metric.update(torch.from_numpy(p), torch.from_numpy(t))
+    return metric, pred, target
+
+
 @pytest.mark.filterwarnings("ignore:.*was called before the ``update`` method")  # its state is set
 def test_150_classes_of_a_large_task_equal_the_float64_reference_where_float32_does_not():
     """ADE20K's 150 classes (a dozen absent), counts far above float32's exact integers' reach in the
     divisions' results: the scores equal the float64 reference bit for bit. torchmetrics' Jaccard index is
     float32 (why IoU is computed here, not by it): its mIoU differs from the reference."""
     from torchmetrics.classification import MulticlassJaccardIndex
-    rng = np.random.default_rng(0)
     num_classes = 150
-    present = rng.permutation(num_classes)[:138]
-    target = rng.choice(present, size=(4, 300, 400))
-    pred = np.where(rng.random(target.shape) < 0.7, target, rng.integers(0, num_classes, size=target.shape))
-    target = np.where(rng.random(target.shape) < 0.05, 255, target)
-    metric = SegmentationMetric(num_classes)
-    for p, t in zip(pred, target):
-        metric.update(torch.from_numpy(p), torch.from_numpy(t))
+    metric, pred, target = large_task(0, num_classes, 138, (4, 300, 400), 0.7)
     got, want = metric.compute(), mmseg_reference(pred.ravel(), target.ravel(), num_classes)
     assert_bitwise_equal(got, want)
     jaccard = MulticlassJaccardIndex(num_classes, average="macro", sync_on_compute=False, validate_args=False)
@@ -186,15 +193,8 @@ def test_accuracies_equal_torchmetrics_multiclass_accuracy_on_float64_counts_bit
     library) holding the same counts in float64, bit for bit (a class without labelled pixels: NaN here, where
     torchmetrics says 0)."""
     from torchmetrics.classification import MulticlassAccuracy
-    rng = np.random.default_rng(1)
     num_classes = 150
-    present = rng.permutation(num_classes)[:140]
-    target = rng.choice(present, size=(3, 200, 300))
-    pred = np.where(rng.random(target.shape) < 0.6, target, rng.integers(0, num_classes, size=target.shape))
-    target = np.where(rng.random(target.shape) < 0.05, 255, target)
-    metric = SegmentationMetric(num_classes)
-    for p, t in zip(pred, target):
-        metric.update(torch.from_numpy(p), torch.from_numpy(t))
+    metric, _, _ = large_task(1, num_classes, 140, (3, 200, 300), 0.6)
     got = metric.compute()
     confmat = metric._hist[:num_classes ** 2].view(num_classes, num_classes)
     tp = confmat.diag()
