@@ -200,7 +200,11 @@ def row_from(run_out: dict, card: str, gpus: int, stages: int, classes: int, ste
             rest = [im for im in f["images"] if im["task"] != f["tasks"][0]["task"]] or f["images"]
             breakdown[f"stage {rank} host_s"] = means("host", rest)
             breakdown[f"stage {rank} device_s"] = means("device", rest)
+    walls = {t["task"]: sum(im["wall_s"] for im in zero["images"] if im["task"] == t["task"]) for t in tasks}
     row.update(images=images, tasks=[{k: t[k] for k in ("task", "images", "seconds")} for t in tasks],
+               # what a task spent outside its images (the loader's start, the metric, the results): invisible in
+               # the per-image figures (forking the loader's workers once cost 13-17 s per task here)
+               task_seconds_outside_images={t["task"]: t["seconds"] - walls[t["task"]] for t in tasks},
                steady_s_per_image=steady, steady_images=len(later),
                mean_s_per_image=statistics.mean(im["wall_s"] for im in zero["images"]),
                task_mean_s_per_image={t["task"]: statistics.mean(im["wall_s"] for im in zero["images"]
@@ -242,6 +246,8 @@ def print_table(rows: list[dict]) -> None:
                 print("   device s/image: " + ", ".join(f"{k} {v:.3f}" for k, v in
                                                         sorted(device.items(), key=lambda x: -x[1]) if v >= 0.002))
             print("   start-up: " + ", ".join(f"{k} {v:.1f}" for k, v in r["startup"].items()))
+            print("   task seconds outside the images: " + ", ".join(
+                f"{k} {v:.1f}" for k, v in r["task_seconds_outside_images"].items()))
 
 
 def summarise(args) -> None:

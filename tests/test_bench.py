@@ -95,6 +95,9 @@ def test_record_dry_run_times_the_launcher_beside_the_step_and_summarises_a_run_
     assert {"data wait", "segmenter forward and candidates", "window forwards", "window backwards", "optimizer",
             "scoring and metric", "wait: candidate classes", "wait: NaN guard"} <= set(host)
     assert sum(v["images"] for v in row["steady_by_windows"].values()) == 3 and row["mean_windows_per_image"] >= 1
+    outside = row["task_seconds_outside_images"]
+    assert list(outside) == [t["task"] for t in row["tasks"]] and all(0 <= v < t["seconds"] for v, t in
+                                                                      zip(outside.values(), row["tasks"]))
     run_dir = tmp_path / "work" / "run-1x1-3"
     timing = json.loads((run_dir / "timing-rank0.json").read_text())
     assert len(timing["images"]) == 9 and all(im["windows"] >= 1 for im in timing["images"])
