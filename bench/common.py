@@ -441,11 +441,11 @@ def argument_error(args) -> str | None:
     return None
 
 
-# The pipeline settings bench.py's workers take as options (record.py's --set): name -> how the value is written.
 def _flag(v) -> str:
     return str(int(v if isinstance(v, bool) else str(v).lower() in ("1", "true")))
 
 
+# The pipeline settings bench.py's workers take as options (record.py's --set): name -> how the value is written.
 PIPELINE_SWITCHES = {"segmenter_graphs": str, "transformer_graphs": str, "attention_backend": str,
                      "compile_blocks": _flag, "compile_vae": _flag}
 
