@@ -134,3 +134,21 @@ def test_gpu_idle_is_charged_to_the_innermost_host_range_at_each_gap():
     # Of the threads' innermost operators at a gap's middle, the shortest: the other thread's 7-us op at 155.
     assert summary["idle_s_by_host_operator"] == pytest.approx({"aten::item": 30e-6, "backward op": 10e-6,
                                                                 "autograd thread": 5e-6})
+
+
+def test_vae_encoder_and_block_host_dry_runs_write_their_rows(tmp_path):
+    """bench/vae_encoder.py and bench/layer_throughput.py --host on tiny widths: every row measured, the latents'
+    distances finite and small, the block's host and device figures (no device time on a CPU)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for cmd in (["bench/vae_encoder.py", "--tiny", "--repeats", "2"],
+                ["bench/layer_throughput.py", "--tiny", "--host", "--classes", "2", "3", "--repeats", "2"]):
+        proc = subprocess.run([sys.executable, *cmd, "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    vae = json.loads(next(tmp_path.glob("*-cpu-tiny-vae-encoder.json")).read_text())
+    assert [r["form"].split(",")[0] for r in vae["rows"]] == ["eager", "eager", "compiled (eager)"]
+    assert all(r["ms_per_window"] > 0 and 0 <= r["latent_vs_float32"] < 0.1 for r in vae["rows"])
+    assert vae["rows"][2]["latent_vs_eager"] == 0.0  # dynamo's eager backend runs eager's kernels
+    host = json.loads(next(tmp_path.glob("*-cpu-tiny-block-host.json")).read_text())
+    assert [r["classes"] for r in host["rows"]] == [2, 3]
+    assert all(r["device_ms"] is None and r["host_forward_ms"] > 0 and r["host_backward_ms"] > 0 for r in host["rows"])
