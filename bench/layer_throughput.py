@@ -261,17 +261,24 @@ def top_kernels(fn: Callable[[], None], device: torch.device, count: int = 15) -
     return [dict(name=e.key[:120], ms=getattr(e, key) / 1e3, calls=e.count) for e in events[:count]]
 
 
+def vae_config(tiny: bool) -> dict:
+    """SD3's VAE config (`AutoencoderKL`'s arguments), at tiny widths for a dry run on the CPU."""
+    config = dict(SD3_VAE)
+    if tiny:
+        config.update(block_out_channels=(8, 8, 16, 16), norm_num_groups=8, layers_per_block=1)
+    return config
+
+
 def model_rows(device: torch.device, repeats: int, tiny: bool, profiles: dict | None = None) -> list:
     """SegFormer-B5 forward + backward on the whole image (float32 weights, autocast), the VAE encoder's
     forward on one window (bf16, frozen); with `profiles`, SegFormer's top kernels go there."""
     from diffusers import AutoencoderKL
     from transformers import SegformerConfig, SegformerForSemanticSegmentation
     seg_cfg = dict(SEGFORMER_B5, num_labels=150)
-    vae_cfg = dict(SD3_VAE)
+    vae_cfg = vae_config(tiny)
     image, window = IMAGE, WINDOW
     if tiny:
         seg_cfg.update(depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 24, 32], decoder_hidden_size=32)
-        vae_cfg.update(block_out_channels=(8, 8, 16, 16), norm_num_groups=8, layers_per_block=1)
         image, window = (64, 85), 64
     with torch.device(device):
         segformer = SegformerForSemanticSegmentation(SegformerConfig(**seg_cfg)).eval()

@@ -26,8 +26,7 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from bench.layer_throughput import result_path  # noqa: E402
-from models.architectures import SD3_VAE  # noqa: E402
+from bench.layer_throughput import device_and_config, result_path, vae_config  # noqa: E402
 from pipeline.dusa.layers import inductor_options  # noqa: E402
 from pipeline.dusa.low_precision import cast_frozen_layers  # noqa: E402
 from pipeline.run.log import LOG  # noqa: E402
@@ -66,14 +65,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20, help="timed calls per row (the median is kept)")
     parser.add_argument("--tiny", action="store_true", help="tiny widths on the CPU (a dry run of this script)")
     args = parser.parse_args()
-    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    if device.type == "cpu" and not args.tiny:
-        parser.error("no GPU here: add --tiny for a dry run with tiny widths")
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    config, side = dict(SD3_VAE), 512
-    if args.tiny:
-        config.update(block_out_channels=(8, 8, 16, 16), norm_num_groups=8, layers_per_block=1)
-        side = 64
+    device, _, card = device_and_config(parser, args.tiny)
+    config, side = vae_config(args.tiny), 64 if args.tiny else 512
     torch.manual_seed(0)
     reference = LatentEncoder(AutoencoderKL(**config)).to(device)
     step_form = LatentEncoder(AutoencoderKL(**config)).to(device)

@@ -187,8 +187,8 @@ class PipelineConfig:
     graphs, one set per class count (0: none). The same kernels as unreplayed (compiled with compile_blocks),
     two launches per block instead of hundreds: at few classes the step is bound by kernel launches (an H200,
     eager blocks: 0.238 against 0.368 s per image at 2 classes); at many, by the kernels, where the graphs'
-    extra copies and memory cost a little (0.524 against 0.508 s at 10). Not with activation checkpointing; earlier stages of a pipeline run without
-    (they hold two windows at once)."""
+    extra copies and memory cost a little (0.524 against 0.508 s at 10). Not with activation checkpointing;
+    earlier stages of a pipeline run without (they hold two windows at once)."""
 
 
 @dataclass
